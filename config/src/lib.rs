@@ -1,0 +1,349 @@
+//! The `portico.toml` schema: what a sysadmin writes, how it is read and how it is checked.
+//!
+//! Reading happens in two steps, and both report *every* problem they find with the file, the
+//! line and the key, so a sysadmin fixes a config in one pass:
+//! 1. [`Config::from_toml`] parses and type-checks (unknown keys are errors: `deny_unknown_fields`);
+//! 2. [`Config::validate`] checks what types cannot say (mounts, targets, conflicts between apps).
+//!
+//! [`Config::load`] does both. Every field documents its default; docs/configuration.md is the
+//! sysadmin-facing version of the same text.
+
+mod error;
+mod units;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use units::{ByteSize, Seconds};
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A whole `portico.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The `[server]` table: listeners and server-wide settings. Default: all defaults.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The `[[app]]` tables: one per mounted application. Default: none (an error at validation).
+    #[serde(default)]
+    pub app: Vec<AppConfig>,
+}
+
+/// The `[server]` table. The nginx module ignores it: nginx's own directives play its part there.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on, as `HOST:PORT` (`[::1]:8000` for IPv6). Default: `["127.0.0.1:8000"]`.
+    #[serde(default = "ServerConfig::default_listen")]
+    pub listen: Vec<String>,
+    /// Threads that run the HTTP side (Pingora's worker threads). Python never runs on them.
+    /// Default: 1.
+    #[serde(default = "ServerConfig::default_threads")]
+    pub threads: usize,
+    /// Where the access log goes: `"-"` for standard output, a file path, or `"off"`.
+    /// Default: `"-"`.
+    #[serde(default = "ServerConfig::default_access_log")]
+    pub access_log: String,
+    /// How long an idle keep-alive connection waits for its next request header. Default: 5 s.
+    #[serde(default = "ServerConfig::default_keepalive_timeout")]
+    pub keepalive_timeout: Seconds,
+    /// How long a connection may take to send a request header. Default: 60 s.
+    #[serde(default = "ServerConfig::default_header_timeout")]
+    pub header_timeout: Seconds,
+    /// On SIGTERM, how long in-flight requests get to finish before the server exits.
+    /// Default: 10 s.
+    #[serde(default = "ServerConfig::default_graceful_timeout")]
+    pub graceful_timeout: Seconds,
+}
+
+impl ServerConfig {
+    fn default_listen() -> Vec<String> {
+        vec!["127.0.0.1:8000".to_owned()]
+    }
+    fn default_threads() -> usize {
+        1
+    }
+    fn default_access_log() -> String {
+        "-".to_owned()
+    }
+    fn default_keepalive_timeout() -> Seconds {
+        Seconds::from_secs(5)
+    }
+    fn default_header_timeout() -> Seconds {
+        Seconds::from_secs(60)
+    }
+    fn default_graceful_timeout() -> Seconds {
+        Seconds::from_secs(10)
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: Self::default_listen(),
+            threads: Self::default_threads(),
+            access_log: Self::default_access_log(),
+            keepalive_timeout: Self::default_keepalive_timeout(),
+            header_timeout: Self::default_header_timeout(),
+            graceful_timeout: Self::default_graceful_timeout(),
+        }
+    }
+}
+
+/// The gateway interface an app speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Interface {
+    /// PEP 3333. The default.
+    #[default]
+    Wsgi,
+    /// ASGI 3.
+    Asgi,
+}
+
+/// Where an app's Python runs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Inside the server's own process, on Python threads of its own. The default.
+    #[default]
+    InProcess,
+    /// In a pool of worker processes that Portico supervises.
+    Pool,
+}
+
+/// One `[[app]]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// A short name for logs and for nginx's `portico_pass`. Required; unique.
+    pub name: String,
+    /// The URL prefix the app is mounted at; it becomes `SCRIPT_NAME`. Default: `"/"`.
+    #[serde(default = "AppConfig::default_mount")]
+    pub mount: String,
+    /// What to call, as `module:callable` (`module` alone means `module:application`). Required.
+    pub target: String,
+    /// `"wsgi"` or `"asgi"`. Default: `"wsgi"`.
+    #[serde(default)]
+    pub interface: Interface,
+    /// `"in-process"` or `"pool"`. Default: `"in-process"`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Directories put in front of `sys.path` before the target is imported. Default: none.
+    #[serde(default)]
+    pub python_path: Vec<PathBuf>,
+    /// A virtualenv whose site-packages the app uses. Default: none (the interpreter's own).
+    #[serde(default)]
+    pub python_home: Option<PathBuf>,
+    /// Working directory to change to before the import. Default: the server's own.
+    #[serde(default)]
+    pub chdir: Option<PathBuf>,
+    /// Python threads that run this app's requests. Default: 4.
+    #[serde(default = "AppConfig::default_threads")]
+    pub threads: usize,
+    /// Largest request body accepted; larger ones get 413. `0` means no limit. Default: `"100M"`.
+    #[serde(default = "AppConfig::default_max_body_size")]
+    pub max_body_size: ByteSize,
+    /// How long the app may take to start its response before the client gets 504.
+    /// `0` means no limit. Default: 60 s.
+    #[serde(default = "AppConfig::default_request_timeout")]
+    pub request_timeout: Seconds,
+    /// Longest pause between two pieces of a request body before the read fails (408).
+    /// Default: 60 s.
+    #[serde(default = "AppConfig::default_body_timeout")]
+    pub body_timeout: Seconds,
+}
+
+impl AppConfig {
+    fn default_mount() -> String {
+        "/".to_owned()
+    }
+    fn default_threads() -> usize {
+        4
+    }
+    fn default_max_body_size() -> ByteSize {
+        ByteSize(100 * 1024 * 1024)
+    }
+    fn default_request_timeout() -> Seconds {
+        Seconds::from_secs(60)
+    }
+    fn default_body_timeout() -> Seconds {
+        Seconds::from_secs(60)
+    }
+
+    /// An app with every optional key at its default.
+    pub fn new(name: &str, target: &str) -> AppConfig {
+        AppConfig {
+            name: name.to_owned(),
+            mount: Self::default_mount(),
+            target: target.to_owned(),
+            interface: Interface::default(),
+            mode: Mode::default(),
+            python_path: Vec::new(),
+            python_home: None,
+            chdir: None,
+            threads: Self::default_threads(),
+            max_body_size: Self::default_max_body_size(),
+            request_timeout: Self::default_request_timeout(),
+            body_timeout: Self::default_body_timeout(),
+        }
+    }
+
+    /// The module and callable names of [`AppConfig::target`].
+    pub fn target_parts(&self) -> (&str, &str) {
+        split_target(&self.target)
+    }
+
+    /// The mount without its trailing slash: `""` for `/`, `"/api"` for `/api/`.
+    pub fn script_name(&self) -> &str {
+        self.mount.trim_end_matches('/')
+    }
+}
+
+/// Splits `module:callable`; a bare module means its `application` attribute, as in mod_wsgi.
+pub fn split_target(target: &str) -> (&str, &str) {
+    match target.split_once(':') {
+        Some((module, callable)) => (module, callable),
+        None => (target, "application"),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Every error names `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}")))
+        })?;
+        let config = Config::from_toml(&text, path)?;
+        config.validate(&text, path)?;
+        Ok(config)
+    }
+
+    /// Parses and type-checks TOML text. `path` is only used in error messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        toml::from_str(text).map_err(|e| ConfigErrors::single(ConfigError::from_toml(e, text, path)))
+    }
+
+    /// Checks what the types cannot, and reports all problems at once. `text` and `path` are
+    /// the file the config came from, so each error can name its line.
+    pub fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigErrors> {
+        let locator = error::Locator::new(text, path);
+        let mut errors = Vec::new();
+        let mut err = |key: String, message: String| errors.push(locator.error(&key, message));
+
+        if self.server.listen.is_empty() {
+            err("server.listen".into(), "needs at least one address".into());
+        }
+        for (i, addr) in self.server.listen.iter().enumerate() {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                err(
+                    format!("server.listen[{i}]"),
+                    format!("`{addr}` is not HOST:PORT with a numeric IP (e.g. 127.0.0.1:8000)"),
+                );
+            }
+        }
+        if self.server.threads == 0 {
+            err("server.threads".into(), "must be at least 1".into());
+        }
+        if self.app.is_empty() {
+            err("app".into(), "no [[app]] table: there is nothing to serve".into());
+        }
+
+        let mut in_process_home: Option<(usize, &Option<PathBuf>)> = None;
+        for (i, app) in self.app.iter().enumerate() {
+            let key = |k: &str| format!("app[{i}].{k}");
+            if app.name.is_empty()
+                || !app
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                err(
+                    key("name"),
+                    format!("`{}` must be non-empty letters, digits, `-`, `_` or `.`", app.name),
+                );
+            }
+            if let Some(j) = self.app[..i].iter().position(|other| other.name == app.name) {
+                err(key("name"), format!("`{}` is also the name of app[{j}]", app.name));
+            }
+            if !app.mount.starts_with('/') {
+                err(key("mount"), format!("`{}` must start with `/`", app.mount));
+            } else if app.mount.contains(['?', '#', '%']) || app.mount.contains("//") {
+                err(
+                    key("mount"),
+                    format!("`{}` must be a plain path prefix (no `?`, `#`, `%` or `//`)", app.mount),
+                );
+            }
+            if let Some(j) = self.app[..i]
+                .iter()
+                .position(|other| other.script_name() == app.script_name())
+            {
+                err(key("mount"), format!("`{}` is also the mount of app[{j}]", app.mount));
+            }
+            let (module, callable) = app.target_parts();
+            if !is_dotted_name(module) || !is_dotted_name(callable) {
+                err(
+                    key("target"),
+                    format!("`{}` is not `module:callable` (e.g. `myproject.wsgi:application`)", app.target),
+                );
+            }
+            if app.threads == 0 {
+                err(key("threads"), "must be at least 1".into());
+            }
+            if app.interface == Interface::Asgi {
+                err(
+                    key("interface"),
+                    "\"asgi\" is not available in this version of Portico yet; use \"wsgi\"".into(),
+                );
+            }
+            if app.mode == Mode::Pool {
+                err(
+                    key("mode"),
+                    "\"pool\" is not available in this version of Portico yet; use \"in-process\"".into(),
+                );
+            }
+            for (k, dir) in app
+                .python_path
+                .iter()
+                .enumerate()
+                .map(|(k, d)| (format!("python_path[{k}]"), d))
+                .chain(app.chdir.iter().map(|d| ("chdir".to_owned(), d)))
+                .chain(app.python_home.iter().map(|d| ("python_home".to_owned(), d)))
+            {
+                if !dir.is_dir() {
+                    err(key(&k), format!("`{}` is not a directory", dir.display()));
+                }
+            }
+            if app.mode == Mode::InProcess {
+                // One interpreter per process: in-process apps must agree on the virtualenv.
+                match in_process_home {
+                    Some((j, home)) if *home != app.python_home => err(
+                        key("python_home"),
+                        format!(
+                            "in-process apps share one interpreter, but app[{j}] uses a different python_home"
+                        ),
+                    ),
+                    None => in_process_home = Some((i, &app.python_home)),
+                    _ => {}
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn is_dotted_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some(c) if c.is_alphabetic() || c == '_')
+                && chars.all(|c| c.is_alphanumeric() || c == '_')
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,79 @@
+use super::*;
+
+fn load(text: &str) -> Result<Config, ConfigErrors> {
+    let path = Path::new("/etc/portico.toml");
+    let config = Config::from_toml(text, path)?;
+    config.validate(text, path)?;
+    Ok(config)
+}
+
+#[test]
+fn minimal_app_gets_documented_defaults() {
+    let c = load("[[app]]\nname = \"hello\"\ntarget = \"hello:app\"\n").unwrap();
+    assert_eq!(c.server.listen, vec!["127.0.0.1:8000"]);
+    assert_eq!(c.server.threads, 1);
+    let app = &c.app[0];
+    assert_eq!(app.mount, "/");
+    assert_eq!(app.script_name(), "");
+    assert_eq!(app.interface, Interface::Wsgi);
+    assert_eq!(app.mode, Mode::InProcess);
+    assert_eq!(app.threads, 4);
+    assert_eq!(app.max_body_size, ByteSize(100 << 20));
+    assert_eq!(app.request_timeout, Seconds::from_secs(60));
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let err = load("[server]\nlisten = [\"127.0.0.1:1\"]\nthreds = 2\n").unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("/etc/portico.toml:3:"), "{text}");
+    assert!(text.contains("threds"), "{text}");
+}
+
+#[test]
+fn wrong_type_is_located() {
+    let err = load("[[app]]\nname = \"a\"\ntarget = \"a:b\"\nthreads = \"many\"\n").unwrap_err();
+    assert!(err.to_string().starts_with("/etc/portico.toml:4:"), "{err}");
+}
+
+#[test]
+fn validate_reports_every_problem_at_once_with_lines() {
+    let text = "[server]\nlisten = [\"nowhere\"]\n\n[[app]]\nname = \"a\"\nmount = \"api\"\ntarget = \"x y\"\n\n[[app]]\nname = \"a\"\ntarget = \"ok:app\"\nthreads = 0\n";
+    let errors = load(text).unwrap_err().0;
+    let found: Vec<(Option<usize>, Option<&str>)> =
+        errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+    assert!(found.contains(&(Some(2), Some("server.listen[0]"))), "{found:?}");
+    assert!(found.contains(&(Some(6), Some("app[0].mount"))), "{found:?}");
+    assert!(found.contains(&(Some(7), Some("app[0].target"))), "{found:?}");
+    assert!(found.contains(&(Some(10), Some("app[1].name"))), "{found:?}");
+    assert!(found.contains(&(Some(12), Some("app[1].threads"))), "{found:?}");
+}
+
+#[test]
+fn same_mount_twice_is_an_error() {
+    let err = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nmount=\"/x/\"\n[[app]]\nname=\"b\"\ntarget=\"b\"\nmount=\"/x\"\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("app[1].mount"), "{err}");
+}
+
+#[test]
+fn no_app_is_an_error() {
+    let err = load("[server]\n").unwrap_err();
+    assert!(err.to_string().contains("nothing to serve"), "{err}");
+}
+
+#[test]
+fn sizes_and_durations_parse_as_sysadmins_write_them() {
+    let c = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nmax_body_size=\"512K\"\nrequest_timeout=\"1.5s\"\nbody_timeout=\"2m\"\n").unwrap();
+    assert_eq!(c.app[0].max_body_size, ByteSize(512 * 1024));
+    assert_eq!(c.app[0].request_timeout.0, std::time::Duration::from_millis(1500));
+    assert_eq!(c.app[0].body_timeout, Seconds::from_secs(120));
+    let err = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nmax_body_size=\"lots\"\n").unwrap_err();
+    assert!(err.to_string().contains("`lots` is not a size"), "{err}");
+}
+
+#[test]
+fn bare_module_target_means_application() {
+    assert_eq!(split_target("mysite.wsgi"), ("mysite.wsgi", "application"));
+    assert_eq!(split_target("app:create_app"), ("app", "create_app"));
+}

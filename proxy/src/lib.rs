@@ -1,0 +1,169 @@
+//! Portico's Pingora host.
+//!
+//! [`PorticoProxy`] is a [`ProxyHttp`] that answers every request from the Python apps of a
+//! [`Dispatcher`]; put it in a Pingora server of your own with
+//! [`pingora::proxy::http_proxy_service`], or run the `portico` binary, which does exactly that.
+//! To mix Portico into a proxy of your own, call [`Portico::serve`] from your
+//! `request_filter`: it answers the requests that fall under an app's mount and leaves the
+//! others to you.
+//!
+//! Python never runs on Pingora's threads: a request is handed to the app's own Python
+//! threads and the response comes back as events (see `portico_core::exchange`).
+
+pub mod access_log;
+mod serve;
+
+use access_log::AccessLog;
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use portico_core::Dispatcher;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use serve::Served;
+
+/// The apps of one server and how requests to them are served. Cheap to clone.
+#[derive(Clone)]
+pub struct Portico {
+    dispatcher: Arc<Dispatcher>,
+    access_log: AccessLog,
+    keepalive_timeout: Duration,
+}
+
+impl Portico {
+    /// Serves the apps of `dispatcher`, logging to `access_log`; idle keep-alive connections
+    /// wait `keepalive_timeout` for their next request.
+    pub fn new(dispatcher: Arc<Dispatcher>, access_log: AccessLog, keepalive_timeout: Duration) -> Portico {
+        Portico {
+            dispatcher,
+            access_log,
+            keepalive_timeout,
+        }
+    }
+
+    /// The dispatcher behind this host.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Serves `session` if an app is mounted at its path.
+    ///
+    /// Returns `Ok(None)` without touching the session when no mount matches, so the caller
+    /// can serve the request another way. Otherwise the response (the app's, or an error
+    /// status) has been written when it returns `Ok(Some(_))`. `Err` means the response could
+    /// not be completed (client gone, or an app failed after its head was sent): the
+    /// connection must not be reused.
+    pub async fn serve(&self, session: &mut Session) -> pingora::Result<Option<Served>> {
+        serve::serve(self, session).await
+    }
+}
+
+/// Per-request state of [`PorticoProxy`].
+#[derive(Default)]
+pub struct RequestCtx {
+    served: Option<Served>,
+}
+
+/// A [`ProxyHttp`] that serves every request from Portico's apps and proxies nothing:
+/// paths under no mount get 404.
+pub struct PorticoProxy {
+    portico: Portico,
+}
+
+impl PorticoProxy {
+    /// Wraps a [`Portico`].
+    pub fn new(portico: Portico) -> PorticoProxy {
+        PorticoProxy { portico }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for PorticoProxy {
+    type CTX = RequestCtx;
+
+    /// Runs once per request, before anything else: a fresh, empty context.
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// Runs after the request header is read. Portico answers every request here and returns
+    /// `Ok(true)` ("response sent"), so Pingora never looks for an upstream. The default
+    /// (Pingora's) returns `Ok(false)`.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // HTTP/1.1 pipelining (RFC 9112 section 9.3): bytes of the next request read along
+        // with this one's body are kept for it, not treated as garbage.
+        session.as_downstream_mut().set_pipelining_enabled(true);
+        match self.portico.serve(session).await? {
+            Some(served) => ctx.served = Some(served),
+            None => {
+                serve::respond_error(session, &portico_core::DispatchError::NoRoute).await?;
+                ctx.served = Some(Served::default());
+            }
+        }
+        Ok(true)
+    }
+
+    /// Never called: `request_filter` answers every request. Errors if it ever is.
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        Error::e_explain(ErrorType::InternalError, "portico has no upstream")
+    }
+
+    /// Runs when `request_filter` failed. Once a response head went out, the only honest
+    /// thing left is to close the connection so the client sees the response is cut short;
+    /// before that, Pingora's default (an error status) applies. Never reuses the connection.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut RequestCtx) -> FailToProxy {
+        let code = if session.response_written().is_some() {
+            0
+        } else {
+            match e.etype() {
+                ErrorType::HTTPStatus(code) => *code,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
+                _ => 500,
+            }
+        };
+        if code > 0 {
+            let _ = session.respond_error(code).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Client disconnects are normal life for a server, not errors worth a log line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        matches!(
+            e.etype(),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+        )
+    }
+
+    /// Runs last for every request, also failed ones: writes the access-log line.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut RequestCtx) {
+        if !self.portico.access_log.enabled() {
+            return;
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or_else(|| "-".to_owned(), |a| a.ip().to_string());
+        let protocol = match req.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            _ => "HTTP/1.1",
+        };
+        self.portico.access_log.log(&access_log::Entry {
+            client: &client,
+            method: req.method.as_str(),
+            target: req.raw_path(),
+            protocol,
+            status,
+            bytes: session.body_bytes_sent(),
+            referer: req.headers.get("referer").map(|v| v.as_bytes()),
+            user_agent: req.headers.get("user-agent").map(|v| v.as_bytes()),
+        });
+    }
+}

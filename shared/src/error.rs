@@ -1,0 +1,88 @@
+//! The core's error types. [`DispatchError::status`] is the one place where an error becomes
+//! an HTTP status; hosts never pick a status for an error themselves.
+
+use std::fmt;
+
+/// Why a request could not be answered by its app the normal way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DispatchError {
+    /// No app is mounted at the request's path.
+    NoRoute,
+    /// The request is malformed in a way the host did not catch.
+    BadRequest(String),
+    /// The request body is larger than the app's `max_body_size`.
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The client paused sending its body longer than `body_timeout`.
+    BodyTimeout,
+    /// The app's queue is full: every thread is busy and the backlog is at its limit.
+    Overloaded,
+    /// The app did not start its response within `request_timeout`.
+    AppTimeout,
+    /// The app raised (its traceback is already in the log).
+    AppRaised(String),
+    /// The app broke the gateway protocol: a bad status or header, a `str` body, etc.
+    /// The message is already in the log.
+    BadResponse(String),
+}
+
+impl DispatchError {
+    /// The HTTP status the client gets for this error (RFC 9110, section 15).
+    pub fn status(&self) -> u16 {
+        match self {
+            DispatchError::NoRoute => 404,
+            DispatchError::BadRequest(_) => 400,
+            DispatchError::BodyTimeout => 408,
+            DispatchError::BodyTooLarge { .. } => 413,
+            DispatchError::AppRaised(_) | DispatchError::BadResponse(_) => 500,
+            DispatchError::Overloaded => 503,
+            DispatchError::AppTimeout => 504,
+        }
+    }
+
+    /// Extra response headers that go with the status (`Retry-After` for 503).
+    pub fn extra_headers(&self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            DispatchError::Overloaded => &[("retry-after", "1")],
+            _ => &[],
+        }
+    }
+}
+
+impl fmt::Display for DispatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DispatchError::NoRoute => write!(f, "no app is mounted at this path"),
+            DispatchError::BadRequest(why) => write!(f, "bad request: {why}"),
+            DispatchError::BodyTooLarge { limit } => {
+                write!(f, "request body larger than max_body_size ({limit} bytes)")
+            }
+            DispatchError::BodyTimeout => write!(f, "timed out reading the request body"),
+            DispatchError::Overloaded => write!(f, "the app's request queue is full"),
+            DispatchError::AppTimeout => write!(f, "the app did not respond within request_timeout"),
+            DispatchError::AppRaised(why) => write!(f, "the app raised: {why}"),
+            DispatchError::BadResponse(why) => write!(f, "invalid response from the app: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for DispatchError {}
+
+/// An app that could not be loaded: the interpreter, the virtualenv, the import or the callable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The app's name from the config.
+    pub app: String,
+    /// What went wrong; for an import error, the Python traceback.
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "app `{}` cannot be loaded: {}", self.app, self.message)
+    }
+}
+
+impl std::error::Error for LoadError {}

@@ -1,0 +1,29 @@
+//! Portico's dispatch core: everything between "a host has parsed an HTTP request" and "the
+//! host writes the response", with no Pingora or nginx type in it.
+//!
+//! Layers, from the wire inwards:
+//! - [`model`]: the host-neutral request head and response head, and the checks that keep an
+//!   app's response head off the wire when it is not valid HTTP;
+//! - [`exchange`]: the conversation between a host (async, never runs Python) and an app
+//!   thread (runs Python, may block): [`exchange::AppEvent`]s out, request body pieces in;
+//! - [`router`]: which app serves a path, and the `SCRIPT_NAME`/`PATH_INFO` split;
+//! - [`python`]: the interpreter, app loading, and the gateway adapters (WSGI, PEP 3333) that
+//!   run on Python threads of their own;
+//! - [`Dispatcher`]: the one entry point a host calls.
+//!
+//! A host drives one request like this: [`Dispatcher::route`] picks the app, [`App::submit`]
+//! queues the request to its Python threads and returns an [`exchange::Exchange`], and the
+//! host loops over its events, answering [`exchange::AppEvent::NeedBody`] with body pieces and
+//! writing everything else to the client. Errors become HTTP statuses in one place:
+//! [`DispatchError::status`].
+
+pub mod error;
+pub mod exchange;
+pub mod model;
+pub mod python;
+pub mod router;
+
+mod dispatcher;
+
+pub use dispatcher::{App, Dispatcher, HostInfo};
+pub use error::{DispatchError, LoadError};

@@ -1,0 +1,219 @@
+//! The host-neutral request and response heads.
+//!
+//! A host fills a [`RequestHead`] from whatever its HTTP parser produced; an adapter turns an
+//! app's status line and header list into a [`ResponseHead`] through [`ResponseHead::new`],
+//! which refuses anything that is not valid HTTP (RFC 9110 section 5), so no app header
+//! reaches the wire unchecked.
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+
+/// The HTTP version a request arrived over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.0.
+    Http10,
+    /// HTTP/1.1.
+    Http11,
+    /// HTTP/2.
+    Http2,
+}
+
+impl HttpVersion {
+    /// `SERVER_PROTOCOL` as CGI (RFC 3875 section 4.1.16) and PEP 3333 spell it.
+    pub fn server_protocol(self) -> &'static str {
+        match self {
+            HttpVersion::Http10 => "HTTP/1.0",
+            HttpVersion::Http11 => "HTTP/1.1",
+            HttpVersion::Http2 => "HTTP/2",
+        }
+    }
+
+    /// The version as ASGI's `http_version` spells it: `"1.0"`, `"1.1"` or `"2"`.
+    pub fn short(self) -> &'static str {
+        match self {
+            HttpVersion::Http10 => "1.0",
+            HttpVersion::Http11 => "1.1",
+            HttpVersion::Http2 => "2",
+        }
+    }
+}
+
+/// How much request body follows the head, as the host's framing says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body at all: the adapter answers reads without asking the host.
+    Empty,
+    /// `Content-Length` bytes.
+    Known(u64),
+    /// Chunked (HTTP/1.1) or a stream without a length (HTTP/2).
+    Unknown,
+}
+
+/// A request head, owned, with nothing borrowed from the host.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    /// The method, as sent (`GET`).
+    pub method: String,
+    /// The path as sent, still percent-encoded, without the query.
+    pub raw_path: Bytes,
+    /// The query string without `?`, as sent.
+    pub query: Bytes,
+    /// Which protocol the request came over.
+    pub version: HttpVersion,
+    /// Header fields in arrival order, names lowercased, repeated fields kept apart.
+    pub headers: Vec<(Bytes, Bytes)>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The peer's address, when the transport has one.
+    pub client: Option<SocketAddr>,
+    /// The local address the request arrived on.
+    pub server: Option<SocketAddr>,
+    /// What the framing says about the body.
+    pub body: BodyLength,
+}
+
+impl RequestHead {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.as_ref() == name.as_bytes())
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// A response head that has passed the checks of [`ResponseHead::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Status code, 200-999 (no interim 1xx as a final status).
+    pub status: u16,
+    /// The reason phrase the app gave, if any.
+    pub reason: String,
+    /// Header fields, in the app's order, hop-by-hop ones removed.
+    pub headers: Vec<(Bytes, Bytes)>,
+}
+
+/// Connection-specific fields an app must not set (PEP 3333 "Other HTTP Features";
+/// RFC 9110 section 7.6.1): the server owns framing and connection management.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl ResponseHead {
+    /// Checks a status line (`"200 OK"`) and header list as a gateway app gave them.
+    /// Hop-by-hop headers are dropped (they are the server's), and each drop is logged.
+    pub fn new(status_line: &str, headers: Vec<(Bytes, Bytes)>) -> Result<ResponseHead, String> {
+        let (code, reason) = status_line.split_once(' ').unwrap_or((status_line, ""));
+        let status = code
+            .parse::<u16>()
+            .ok()
+            .filter(|s| code.len() == 3 && (200..=999).contains(s))
+            .ok_or_else(|| format!("invalid status {status_line:?}: want \"NNN Reason\" with NNN 200-999"))?;
+        if !reason.bytes().all(|b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80) {
+            return Err(format!("invalid reason phrase in status {status_line:?}"));
+        }
+        let mut kept = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            check_header(&name, &value)?;
+            let lower = name.to_ascii_lowercase();
+            if HOP_BY_HOP.iter().any(|h| h.as_bytes() == lower.as_slice()) {
+                log::warn!(
+                    "dropped hop-by-hop response header {:?} set by the app",
+                    String::from_utf8_lossy(&name)
+                );
+                continue;
+            }
+            kept.push((name, value));
+        }
+        Ok(ResponseHead {
+            status,
+            reason: reason.to_owned(),
+            headers: kept,
+        })
+    }
+
+    /// Whether the app set `Content-Length`.
+    pub fn has_content_length(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
+    }
+}
+
+/// RFC 9110 section 5.1 (field names are tokens) and 5.5 (values: no CR, LF, NUL or other
+/// controls but HTAB). This is what stops response splitting.
+pub fn check_header(name: &[u8], value: &[u8]) -> Result<(), String> {
+    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        return Err(format!(
+            "invalid response header name {:?}",
+            String::from_utf8_lossy(name)
+        ));
+    }
+    if !value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80)
+    {
+        return Err(format!(
+            "invalid byte in the value of response header {:?}",
+            String::from_utf8_lossy(name)
+        ));
+    }
+    Ok(())
+}
+
+/// `tchar` of RFC 9110 section 5.6.2.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: &str, v: &str) -> (Bytes, Bytes) {
+        (Bytes::copy_from_slice(n.as_bytes()), Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    #[test]
+    fn valid_head_keeps_order_and_drops_hop_by_hop() {
+        let head = ResponseHead::new(
+            "201 Created",
+            vec![h("X-A", "1"), h("Connection", "close"), h("Set-Cookie", "a=b")],
+        )
+        .unwrap();
+        assert_eq!(head.status, 201);
+        assert_eq!(head.reason, "Created");
+        assert_eq!(head.headers, vec![h("X-A", "1"), h("Set-Cookie", "a=b")]);
+    }
+
+    #[test]
+    fn splitting_and_bad_status_are_refused() {
+        assert!(ResponseHead::new("200 OK", vec![h("X", "a\r\nSet-Cookie: evil=1")]).is_err());
+        assert!(ResponseHead::new("200 OK", vec![h("X", "a\nb")]).is_err());
+        assert!(ResponseHead::new("200 OK", vec![h("X", "a\0b")]).is_err());
+        assert!(ResponseHead::new("200 OK", vec![h("Bad Name", "v")]).is_err());
+        assert!(ResponseHead::new("200 OK", vec![h("", "v")]).is_err());
+        assert!(ResponseHead::new("OK", vec![]).is_err());
+        assert!(ResponseHead::new("2000 OK", vec![]).is_err());
+        assert!(ResponseHead::new("100 Continue", vec![]).is_err());
+        assert!(ResponseHead::new("200 O\rK", vec![]).is_err());
+        assert!(ResponseHead::new("200", vec![]).is_ok());
+    }
+}

@@ -1,0 +1,129 @@
+//! The embedded interpreter: starting it, activating a virtualenv, importing apps, and the
+//! Python threads that run them.
+//!
+//! Rules learned the hard way (see the team's python-embedding facts): Python never runs on a
+//! host thread; app threads hold the GIL while they have work and release it whenever they
+//! wait (for a job, a body piece, or room in the response channel); a Rust lock is never
+//! waited on with the GIL held.
+
+pub(crate) mod threads;
+pub(crate) mod wsgi;
+
+use crate::error::LoadError;
+use portico_config::AppConfig;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use std::path::Path;
+use std::sync::Once;
+
+/// Starts the interpreter once per process and activates `python_home` if given. Later calls
+/// do nothing. Must run after any fork the host does (daemonizing, nginx workers).
+pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), LoadError> {
+    static START: Once = Once::new();
+    START.call_once(|| {
+        // `initialize` leaves the GIL released, so any thread can attach afterwards.
+        Python::initialize();
+    });
+    Python::attach(|py| -> PyResult<Result<(), String>> {
+        let sys = py.import("sys")?;
+        if !sys.hasattr("argv")? {
+            sys.setattr("argv", vec!["portico"])?;
+        }
+        let Some(home) = python_home else {
+            return Ok(Ok(()));
+        };
+        let version: (u8, u8) = (
+            sys.getattr("version_info")?.getattr("major")?.extract()?,
+            sys.getattr("version_info")?.getattr("minor")?.extract()?,
+        );
+        let site_packages = home.join(format!("lib/python{}.{}/site-packages", version.0, version.1));
+        if !site_packages.is_dir() {
+            return Ok(Err(format!(
+                "python_home {} has no lib/python{}.{}/site-packages: is it a virtualenv made with Python {}.{} (the one Portico embeds)?",
+                home.display(),
+                version.0,
+                version.1,
+                version.0,
+                version.1
+            )));
+        }
+        // What a virtualenv's own interpreter does at start-up (and virtualenv's
+        // activate_this): its site-packages go first and sys.prefix names it.
+        let path = sys.getattr("path")?.cast_into::<PyList>()?;
+        let before = path.len();
+        py.import("site")?
+            .call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))?;
+        let added: Vec<Bound<'_, PyAny>> = path.iter().skip(before).collect();
+        for (i, entry) in added.iter().enumerate() {
+            path.call_method1("remove", (entry,))?;
+            path.insert(i, entry)?;
+        }
+        sys.setattr("prefix", home.to_string_lossy().as_ref())?;
+        sys.setattr("exec_prefix", home.to_string_lossy().as_ref())?;
+        Ok(Ok(()))
+    })
+    .map_err(|e| Python::attach(|py| format_exception(py, &e)))
+    .and_then(|r| r)
+    .map_err(|message| LoadError {
+        app: app.to_owned(),
+        message,
+    })
+}
+
+/// Imports an app's module (after its `chdir` and `python_path`) and returns its callable.
+pub(crate) fn load_callable(py: Python<'_>, config: &AppConfig) -> Result<Py<PyAny>, LoadError> {
+    let fail = |message: String| LoadError {
+        app: config.name.clone(),
+        message,
+    };
+    if let Some(dir) = &config.chdir {
+        std::env::set_current_dir(dir)
+            .map_err(|e| fail(format!("cannot change directory to {}: {e}", dir.display())))?;
+    }
+    let (module_name, callable_name) = config.target_parts();
+    let load = || -> PyResult<Result<Py<PyAny>, String>> {
+        let path = py.import("sys")?.getattr("path")?.cast_into::<PyList>()?;
+        for (i, dir) in config.python_path.iter().enumerate() {
+            let dir = dir.to_string_lossy();
+            if !path.contains(dir.as_ref())? {
+                path.insert(i, dir.as_ref())?;
+            }
+        }
+        if config.python_path.is_empty() && config.chdir.is_some() && !path.contains("")? {
+            // With only a working directory given, import from it, as gunicorn's --chdir does.
+            path.insert(0, "")?;
+        }
+        let module = py.import(module_name)?;
+        let Ok(callable) = module.getattr(callable_name) else {
+            return Ok(Err(format!(
+                "module `{module_name}` has no attribute `{callable_name}`"
+            )));
+        };
+        if !callable.is_callable() {
+            return Ok(Err(format!(
+                "`{module_name}:{callable_name}` is a {}, not a callable",
+                callable.get_type().name()?
+            )));
+        }
+        Ok(Ok(callable.unbind()))
+    };
+    match load() {
+        Ok(result) => result.map_err(fail),
+        Err(e) => Err(fail(format!(
+            "importing `{module_name}` failed:\n{}",
+            format_exception(py, &e)
+        ))),
+    }
+}
+
+/// A Python exception with its traceback, as `traceback.format_exception` prints it.
+pub(crate) fn format_exception(py: Python<'_>, err: &PyErr) -> String {
+    let formatted = py.import("traceback").and_then(|tb| {
+        tb.call_method1("format_exception", (err.value(py),))?
+            .extract::<Vec<String>>()
+    });
+    match formatted {
+        Ok(lines) => lines.concat().trim_end().to_owned(),
+        Err(_) => err.to_string(),
+    }
+}

@@ -1,0 +1,84 @@
+//! The Python threads of one app: a bounded job queue and `threads` OS threads draining it.
+
+use crate::exchange::Responder;
+use crate::model::RequestHead;
+use crate::router::Route;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use pyo3::prelude::*;
+use std::sync::Arc;
+
+/// One request, handed from a host thread to a Python thread.
+pub(crate) struct Job {
+    pub(crate) head: RequestHead,
+    pub(crate) route: Route,
+    pub(crate) responder: Responder,
+}
+
+/// What runs a job on a Python thread.
+pub(crate) trait Runner: Send + Sync + 'static {
+    fn run(&self, py: Python<'_>, job: Job);
+}
+
+/// The queue in front of an app's threads.
+pub(crate) struct ThreadPool {
+    jobs: Sender<Job>,
+}
+
+impl ThreadPool {
+    /// Starts `threads` Python threads named after the app.
+    pub(crate) fn start(
+        name: &str,
+        threads: usize,
+        backlog: usize,
+        runner: Arc<dyn Runner>,
+    ) -> std::io::Result<ThreadPool> {
+        let (jobs, queue) = crossbeam_channel::bounded(backlog);
+        for i in 0..threads {
+            let queue = queue.clone();
+            let runner = runner.clone();
+            std::thread::Builder::new()
+                .name(format!("py-{name}-{i}"))
+                .spawn(move || thread_main(queue, runner))?;
+        }
+        Ok(ThreadPool { jobs })
+    }
+
+    /// Queues a job; gives it back when the backlog is full.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+        })
+    }
+}
+
+fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
+    block_signals();
+    Python::attach(|py| loop {
+        // Stay attached while work is queued; release the GIL only to wait.
+        let job = match queue.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Empty) => match py.detach(|| queue.recv()) {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+            Err(TryRecvError::Disconnected) => return,
+        };
+        if job.responder.host_gone() {
+            // Timed out or abandoned while queued: the app never sees it.
+            continue;
+        }
+        runner.run(py, job);
+    });
+}
+
+/// Signals belong to the host's own thread (nginx's master/worker signals, Pingora's
+/// shutdown): Python threads must never be the one the kernel picks to deliver them.
+fn block_signals() {
+    // SAFETY: `set` is a plain C struct that sigfillset fully initialises before use, and
+    // pthread_sigmask only changes the calling thread's own mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
