@@ -119,7 +119,10 @@ pub(crate) fn load_callable(py: Python<'_>, config: &AppConfig) -> Result<Py<PyA
 /// A Python exception with its traceback, as `traceback.format_exception` prints it.
 pub(crate) fn format_exception(py: Python<'_>, err: &PyErr) -> String {
     let formatted = py.import("traceback").and_then(|tb| {
-        tb.call_method1("format_exception", (err.value(py),))?
+        tb.call_method1(
+            "format_exception",
+            (err.get_type(py), err.value(py), err.traceback(py)),
+        )?
             .extract::<Vec<String>>()
     });
     match formatted {

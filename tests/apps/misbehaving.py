@@ -1,0 +1,77 @@
+"""Fixture WSGI app that breaks the rules on purpose; not wrapped in the validator, which
+would catch the mistakes before the server could."""
+
+import sys
+import threading
+
+BLOCK = threading.Event()
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/raise":
+        raise ValueError("the app fails on purpose")
+    if path == "/raise-in-iter":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            yield b"partial;"
+            raise ValueError("fails while streaming")
+        return body()
+    if path == "/crlf-header":
+        start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: stolen=1")])
+        return [b"should never be seen"]
+    if path == "/crlf-swallowed":
+        # The app catches the refusal and carries on: the response must still be a 500.
+        try:
+            start_response("200 OK", [("X-Evil", "a\nb")])
+        except ValueError:
+            pass
+        return [b"should never be seen"]
+    if path == "/bad-status":
+        start_response("twohundred", [])
+        return [b"should never be seen"]
+    if path == "/str-body":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return ["a str is not bytes"]
+    if path == "/no-start-response":
+        return [b"forgot start_response"]
+    if path == "/exc-info-after-send":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            yield b"sent;"
+            try:
+                raise RuntimeError("too late")
+            except RuntimeError:
+                start_response("500 Oops", [], sys.exc_info())
+            yield b"never"
+        return body()
+    if path == "/block":
+        BLOCK.wait(3)  # stuck for longer than request_timeout, then free again
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"unblocked"]
+    if path == "/unblock":
+        BLOCK.set()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+    if path == "/stderr":
+        print("a line for wsgi.errors", file=environ["wsgi.errors"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"logged"]
+    if path == "/file":
+        # Unwrapped, so the server sees its own file_wrapper and can send the descriptor.
+        f = open(environ["QUERY_STRING"], "rb")
+        f.seek(10)
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/file-like":
+        import io
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"from a BytesIO" * 1000), 100)
+    if path == "/slow-read":
+        data = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"read %d" % len(data)]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"misbehaving app: " + environ["SCRIPT_NAME"].encode() + b"|" + path.encode()]

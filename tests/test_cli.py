@@ -1,0 +1,81 @@
+"""The command line and portico.toml: clear errors, the right exit codes, nothing bound."""
+
+import socket
+
+from conftest import APPS, Server, app_table, free_port
+
+
+def test_check_accepts_a_valid_config(run_portico, tmp_path):
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(app_table("a", "validated:application"))
+    result = run_portico("check", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 app(s))" in result.stdout
+
+
+def test_config_errors_name_file_line_and_key_all_at_once(run_portico, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[server]\nlisten = ["nowhere"]\n\n[[app]]\nname = "a"\ntarget = "no colon here"\n'
+                   'mount = "relative"\n')
+    for command in ("check", "serve"):
+        result = run_portico(command, "--config", str(cfg))
+        assert result.returncode == 64
+        assert f"{cfg}:2: server.listen[0]: `nowhere` is not HOST:PORT" in result.stderr
+        assert f"{cfg}:6: app[0].target" in result.stderr
+        assert f"{cfg}:7: app[0].mount" in result.stderr
+
+
+def test_unknown_key_is_an_error(run_portico, tmp_path):
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text(app_table("a", "validated:application") + "thread = 3\n")
+    result = run_portico("check", "--config", str(cfg))
+    assert result.returncode == 64
+    assert f"{cfg}:6" in result.stderr and "unknown field `thread`" in result.stderr
+
+
+def test_import_error_shows_traceback_and_binds_nothing(tmp_path):
+    port = free_port()
+    server = Server(["%s" % __import__("conftest").BINARY, "run", "broken_import:app",
+                     "--python-path", str(APPS), "--bind", f"127.0.0.1:{port}"], tmp_path, port)
+    assert server.proc.wait(30) == 70
+    err = server.stderr()
+    assert "app `app` cannot be loaded" in err
+    assert "Traceback (most recent call last)" in err
+    assert "ModuleNotFoundError: No module named 'this_module_does_not_exist'" in err
+    assert "listening" not in err
+
+
+def test_missing_callable(run_portico):
+    result = run_portico("run", "validated:nothing_here", "--python-path", str(APPS),
+                         "--bind", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 70
+    assert "module `validated` has no attribute `nothing_here`" in result.stderr
+
+
+def test_port_in_use(run_portico):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_portico("run", "validated:application", "--python-path", str(APPS),
+                             "--bind", f"127.0.0.1:{port}")
+    assert result.returncode == 71
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_run_flags_are_validated_by_name(run_portico):
+    result = run_portico("run", "validated:application", "--threads", "0", "--bind", "x")
+    assert result.returncode == 64
+    assert "--threads: must be at least 1" in result.stderr
+    assert "--bind: `x` is not HOST:PORT" in result.stderr
+
+
+def test_run_serves_an_app(tmp_path):
+    port = free_port()
+    server = Server([str(__import__("conftest").BINARY), "run", "validated:application",
+                     "--python-path", str(APPS), "--bind", f"127.0.0.1:{port}"], tmp_path, port)
+    try:
+        server.wait_ready()
+        assert server.get("/hello")[2] == b"Hello, world!"
+    finally:
+        server.stop()

@@ -1,0 +1,131 @@
+"""What users see when things go wrong: apps that raise or break the protocol, limits,
+timeouts, and a blocked app that must not stall anything else."""
+
+import socket
+import threading
+
+import pytest
+
+from conftest import app_table, read_all, wait_until
+
+
+@pytest.fixture
+def server(portico):
+    return portico(
+        app_table("bad", "misbehaving:application", mount="/bad", threads=1,
+                  max_body_size="1K", request_timeout="1s", body_timeout="1s"),
+        app_table("good", "validated:application", mount="/", threads=2),
+    )
+
+
+def test_app_that_raises_gets_500_with_traceback_and_thread_lives_on(server):
+    status, _, body = server.get("/bad/raise")
+    assert status == 500
+    assert b"the app fails on purpose" not in body  # no traceback leaks to the client
+    server.wait_for_log("ValueError: the app fails on purpose")
+    assert "Traceback (most recent call last)" in server.log()
+    # The app's only thread is still there.
+    assert server.get("/bad/ok")[0] == 200
+
+
+def test_raise_while_streaming_cuts_the_response(server):
+    data = server.raw(b"GET /bad/raise-in-iter HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"partial;" in data
+    # No terminating zero-length chunk: the client can tell the body is incomplete.
+    assert not data.endswith(b"0\r\n\r\n")
+    server.wait_for_log("fails while streaming")
+
+
+@pytest.mark.parametrize("path", ["/bad/crlf-header", "/bad/crlf-swallowed"])
+def test_header_with_crlf_never_reaches_the_wire(server, path):
+    data = server.raw(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 500")
+    assert b"stolen" not in data and b"X-Evil" not in data and b"should never be seen" not in data
+    server.wait_for_log("invalid byte in the value of response header")
+
+
+def test_invalid_status_is_500(server):
+    status, _, body = server.get("/bad/bad-status")
+    assert status == 500 and b"never" not in body
+    server.wait_for_log("invalid status")
+
+
+def test_str_body_is_500(server):
+    assert server.get("/bad/str-body")[0] == 500
+    server.wait_for_log("not bytes")
+
+
+def test_missing_start_response_is_500(server):
+    assert server.get("/bad/no-start-response")[0] == 500
+    server.wait_for_log("without calling start_response")
+
+
+def test_exc_info_after_headers_sent_aborts(server):
+    data = server.raw(b"GET /bad/exc-info-after-send HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200") and b"sent;" in data and b"never" not in data
+    assert not data.endswith(b"0\r\n\r\n")
+    server.wait_for_log("RuntimeError: too late")
+
+
+def test_wsgi_errors_goes_to_the_log(server):
+    assert server.get("/bad/stderr")[2] == b"logged"
+    server.wait_for_log("a line for wsgi.errors")
+
+
+def test_body_over_limit_is_413(server):
+    status, _, _ = server.request("POST", "/bad/slow-read", body=b"x" * 2000)
+    assert status == 413
+    # Chunked, so the size is only known while reading.
+    wire = b"400\r\n" + b"y" * 1024 + b"\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n0\r\n\r\n"
+    data = server.raw(b"POST /bad/slow-read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + wire)
+    assert data.startswith(b"HTTP/1.1 413")
+
+
+def test_stalled_body_is_408(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /bad/slow-read HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly some")
+        data = read_all(s)
+    assert data.startswith(b"HTTP/1.1 408")
+
+
+def test_blocked_app_times_out_with_504_and_stalls_nothing_else(server):
+    results = {}
+
+    def blocked():
+        results["blocked"] = server.get("/bad/block")[0]
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    # While the bad app's only thread is stuck, the other app answers at once, many times.
+    for _ in range(20):
+        assert server.get("/hello")[2] == b"Hello, world!"
+    t.join(10)
+    assert results["blocked"] == 504
+    # Once the stuck call returns, its thread serves again.
+    wait_until(lambda: server.get("/bad/ok")[0] == 200, what="bad app recovers")
+
+
+def test_unmounted_path_is_404(portico):
+    server = portico(app_table("only", "validated:application", mount="/only"))
+    assert server.get("/elsewhere")[0] == 404
+    assert server.get("/onlyx")[0] == 404
+
+
+def test_mounts_split_script_name_and_path_info(server):
+    status, _, body = server.get("/bad/deep/path")
+    assert body == b"misbehaving app: /bad|/deep/path"
+    status, _, body = server.get("/bad")
+    assert body == b"misbehaving app: /bad|"
+
+
+def test_access_log_combined_format(server):
+    server.get("/hello", headers={"User-Agent": "tester/1.0", "Referer": "http://r/"})
+    server.wait_for_log('"GET /hello HTTP/1.1" 200 13 "http://r/" "tester/1.0"')
+    assert "listening on http://127.0.0.1:%d" % server.port in server.log()
+    assert "mounted app `bad` at /bad" in server.log()
+
+
+def test_malformed_request_is_400(server):
+    data = server.raw(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400")
