@@ -221,7 +221,8 @@ impl Config {
 
     /// Parses and type-checks TOML text. `path` is only used in error messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-        toml::from_str(text).map_err(|e| ConfigErrors::single(ConfigError::from_toml(e, text, path)))
+        toml::from_str(text)
+            .map_err(|e| ConfigErrors::single(ConfigError::from_toml(e, text, path)))
     }
 
     /// Checks what the types cannot, and reports all problems at once. `text` and `path` are
@@ -246,7 +247,10 @@ impl Config {
             err("server.threads".into(), "must be at least 1".into());
         }
         if self.app.is_empty() {
-            err("app".into(), "no [[app]] table: there is nothing to serve".into());
+            err(
+                "app".into(),
+                "no [[app]] table: there is nothing to serve".into(),
+            );
         }
 
         let mut in_process_home: Option<(usize, &Option<PathBuf>)> = None;
@@ -260,31 +264,49 @@ impl Config {
             {
                 err(
                     key("name"),
-                    format!("`{}` must be non-empty letters, digits, `-`, `_` or `.`", app.name),
+                    format!(
+                        "`{}` must be non-empty letters, digits, `-`, `_` or `.`",
+                        app.name
+                    ),
                 );
             }
-            if let Some(j) = self.app[..i].iter().position(|other| other.name == app.name) {
-                err(key("name"), format!("`{}` is also the name of app[{j}]", app.name));
+            if let Some(j) = self.app[..i]
+                .iter()
+                .position(|other| other.name == app.name)
+            {
+                err(
+                    key("name"),
+                    format!("`{}` is also the name of app[{j}]", app.name),
+                );
             }
             if !app.mount.starts_with('/') {
                 err(key("mount"), format!("`{}` must start with `/`", app.mount));
             } else if app.mount.contains(['?', '#', '%']) || app.mount.contains("//") {
                 err(
                     key("mount"),
-                    format!("`{}` must be a plain path prefix (no `?`, `#`, `%` or `//`)", app.mount),
+                    format!(
+                        "`{}` must be a plain path prefix (no `?`, `#`, `%` or `//`)",
+                        app.mount
+                    ),
                 );
             }
             if let Some(j) = self.app[..i]
                 .iter()
                 .position(|other| other.script_name() == app.script_name())
             {
-                err(key("mount"), format!("`{}` is also the mount of app[{j}]", app.mount));
+                err(
+                    key("mount"),
+                    format!("`{}` is also the mount of app[{j}]", app.mount),
+                );
             }
             let (module, callable) = app.target_parts();
             if !is_dotted_name(module) || !is_dotted_name(callable) {
                 err(
                     key("target"),
-                    format!("`{}` is not `module:callable` (e.g. `myproject.wsgi:application`)", app.target),
+                    format!(
+                        "`{}` is not `module:callable` (e.g. `myproject.wsgi:application`)",
+                        app.target
+                    ),
                 );
             }
             if app.threads == 0 {
@@ -299,7 +321,8 @@ impl Config {
             if app.mode == Mode::Pool {
                 err(
                     key("mode"),
-                    "\"pool\" is not available in this version of Portico yet; use \"in-process\"".into(),
+                    "\"pool\" is not available in this version of Portico yet; use \"in-process\""
+                        .into(),
                 );
             }
             for (k, dir) in app
@@ -308,7 +331,11 @@ impl Config {
                 .enumerate()
                 .map(|(k, d)| (format!("python_path[{k}]"), d))
                 .chain(app.chdir.iter().map(|d| ("chdir".to_owned(), d)))
-                .chain(app.python_home.iter().map(|d| ("python_home".to_owned(), d)))
+                .chain(
+                    app.python_home
+                        .iter()
+                        .map(|d| ("python_home".to_owned(), d)),
+                )
             {
                 if !dir.is_dir() {
                     err(key(&k), format!("`{}` is not a directory", dir.display()));

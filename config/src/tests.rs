@@ -42,11 +42,26 @@ fn validate_reports_every_problem_at_once_with_lines() {
     let errors = load(text).unwrap_err().0;
     let found: Vec<(Option<usize>, Option<&str>)> =
         errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
-    assert!(found.contains(&(Some(2), Some("server.listen[0]"))), "{found:?}");
-    assert!(found.contains(&(Some(6), Some("app[0].mount"))), "{found:?}");
-    assert!(found.contains(&(Some(7), Some("app[0].target"))), "{found:?}");
-    assert!(found.contains(&(Some(10), Some("app[1].name"))), "{found:?}");
-    assert!(found.contains(&(Some(12), Some("app[1].threads"))), "{found:?}");
+    assert!(
+        found.contains(&(Some(2), Some("server.listen[0]"))),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(Some(6), Some("app[0].mount"))),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(Some(7), Some("app[0].target"))),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(Some(10), Some("app[1].name"))),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(Some(12), Some("app[1].threads"))),
+        "{found:?}"
+    );
 }
 
 #[test]
@@ -66,7 +81,10 @@ fn no_app_is_an_error() {
 fn sizes_and_durations_parse_as_sysadmins_write_them() {
     let c = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nmax_body_size=\"512K\"\nrequest_timeout=\"1.5s\"\nbody_timeout=\"2m\"\n").unwrap();
     assert_eq!(c.app[0].max_body_size, ByteSize(512 * 1024));
-    assert_eq!(c.app[0].request_timeout.0, std::time::Duration::from_millis(1500));
+    assert_eq!(
+        c.app[0].request_timeout.0,
+        std::time::Duration::from_millis(1500)
+    );
     assert_eq!(c.app[0].body_timeout, Seconds::from_secs(120));
     let err = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nmax_body_size=\"lots\"\n").unwrap_err();
     assert!(err.to_string().contains("`lots` is not a size"), "{err}");

@@ -38,9 +38,13 @@ impl<'de> Deserialize<'de> for ByteSize {
         match NumberOrString::deserialize(d)? {
             NumberOrString::Int(n) if n >= 0 => Ok(ByteSize(n as u64)),
             NumberOrString::Str(s) => parse_size(&s).map(ByteSize).ok_or_else(|| {
-                D::Error::custom(format!("`{s}` is not a size (e.g. 1048576, \"512K\", \"10M\", \"1G\")"))
+                D::Error::custom(format!(
+                    "`{s}` is not a size (e.g. 1048576, \"512K\", \"10M\", \"1G\")"
+                ))
             }),
-            _ => Err(D::Error::custom("a size is a non-negative integer or a string such as \"10M\"")),
+            _ => Err(D::Error::custom(
+                "a size is a non-negative integer or a string such as \"10M\"",
+            )),
         }
     }
 }
@@ -55,7 +59,9 @@ impl<'de> Deserialize<'de> for Seconds {
         };
         match NumberOrString::deserialize(d)? {
             NumberOrString::Int(n) if n >= 0 => Ok(Seconds::from_secs(n as u64)),
-            NumberOrString::Float(f) if f >= 0.0 && f.is_finite() => Ok(Seconds(Duration::from_secs_f64(f))),
+            NumberOrString::Float(f) if f >= 0.0 && f.is_finite() => {
+                Ok(Seconds(Duration::from_secs_f64(f)))
+            }
             NumberOrString::Str(s) => parse_duration(&s).map(Seconds).ok_or_else(|| bad(&s)),
             NumberOrString::Int(n) => Err(bad(&n.to_string())),
             NumberOrString::Float(f) => Err(bad(&f.to_string())),

@@ -34,7 +34,11 @@ pub struct Portico {
 impl Portico {
     /// Serves the apps of `dispatcher`, logging to `access_log`; idle keep-alive connections
     /// wait `keepalive_timeout` for their next request.
-    pub fn new(dispatcher: Arc<Dispatcher>, access_log: AccessLog, keepalive_timeout: Duration) -> Portico {
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        access_log: AccessLog,
+        keepalive_timeout: Duration,
+    ) -> Portico {
         Portico {
             dispatcher,
             access_log,
@@ -105,14 +109,23 @@ impl ProxyHttp for PorticoProxy {
     }
 
     /// Never called: `request_filter` answers every request. Errors if it ever is.
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         Error::e_explain(ErrorType::InternalError, "portico has no upstream")
     }
 
     /// Runs when `request_filter` failed. Once a response head went out, the only honest
     /// thing left is to close the connection so the client sees the response is cut short;
     /// before that, Pingora's default (an error status) applies. Never reuses the connection.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = if session.response_written().is_some() {
             0
         } else {

@@ -21,7 +21,11 @@ const EXIT_APP: u8 = 70;
 const EXIT_BIND: u8 = 71;
 
 #[derive(Parser)]
-#[command(name = "portico", version, about = "Serve Python WSGI apps from Pingora, in-process")]
+#[command(
+    name = "portico",
+    version,
+    about = "Serve Python WSGI apps from Pingora, in-process"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -151,22 +155,27 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
         ("app[0].python_path", "--python-path"),
         ("app[0].python_home", "--python-home"),
     ];
-    config.validate("", Path::new("portico run")).map_err(|errors| {
-        ConfigErrors(
-            errors
-                .0
-                .into_iter()
-                .map(|e| {
-                    let key = e.key.as_deref().unwrap_or_default();
-                    let flag = FLAGS
-                        .iter()
-                        .find(|(k, _)| key.starts_with(k))
-                        .map_or(key, |(_, flag)| flag);
-                    ConfigError::file(Path::new("portico run"), format!("{flag}: {}", e.message))
-                })
-                .collect(),
-        )
-    })?;
+    config
+        .validate("", Path::new("portico run"))
+        .map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .0
+                    .into_iter()
+                    .map(|e| {
+                        let key = e.key.as_deref().unwrap_or_default();
+                        let flag = FLAGS
+                            .iter()
+                            .find(|(k, _)| key.starts_with(k))
+                            .map_or(key, |(_, flag)| flag);
+                        ConfigError::file(
+                            Path::new("portico run"),
+                            format!("{flag}: {}", e.message),
+                        )
+                    })
+                    .collect(),
+            )
+        })?;
     Ok(config)
 }
 

@@ -57,7 +57,10 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Op
 
 /// The request target without its query.
 fn path_of(target: &[u8]) -> &[u8] {
-    let end = target.iter().position(|&b| b == b'?').unwrap_or(target.len());
+    let end = target
+        .iter()
+        .position(|&b| b == b'?')
+        .unwrap_or(target.len());
     let path = &target[..end];
     // An absolute-form target (RFC 9112 section 3.2.2): keep the path part only.
     if let Some(rest) = path
@@ -112,9 +115,7 @@ fn request_head(session: &mut Session) -> RequestHead {
                 )
             })
             .collect(),
-        tls: session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some()),
+        tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
         client: session.client_addr().and_then(|a| a.as_inet()).copied(),
         server: session.server_addr().and_then(|a| a.as_inet()).copied(),
         body,
@@ -185,7 +186,9 @@ impl<'a> Transfer<'a> {
     }
 
     async fn run(mut self, mut exchange: Exchange) -> Result<()> {
-        let deadline = self.request_timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = self
+            .request_timeout
+            .map(|t| tokio::time::Instant::now() + t);
         loop {
             let event = match deadline {
                 Some(deadline) if !self.head_sent => {
@@ -242,7 +245,12 @@ impl<'a> Transfer<'a> {
         }
         if std::mem::take(&mut self.expect_continue) {
             // RFC 9110 section 10.1.1: the app is reading, so the client may send.
-            if let Err(e) = self.session.as_downstream_mut().write_continue_response().await {
+            if let Err(e) = self
+                .session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await
+            {
                 return self.body_failed(DispatchError::BadRequest(e.to_string()));
             }
         }
@@ -303,7 +311,9 @@ impl<'a> Transfer<'a> {
             resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
         self.head_sent = true;
-        self.session.write_response_header(Box::new(resp), end).await
+        self.session
+            .write_response_header(Box::new(resp), end)
+            .await
     }
 
     async fn write_body(&mut self, chunk: Bytes, end: bool) -> Result<()> {
@@ -339,7 +349,9 @@ impl<'a> Transfer<'a> {
             }
             buf.truncate(n);
             left -= n as u64;
-            self.session.write_response_body(Some(Bytes::from(buf)), false).await?;
+            self.session
+                .write_response_body(Some(Bytes::from(buf)), false)
+                .await?;
         }
         Ok(())
     }

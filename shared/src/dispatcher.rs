@@ -39,14 +39,16 @@ impl App {
     /// response; [`DispatchError::Overloaded`] means the backlog is full.
     pub fn submit(&self, head: RequestHead, route: Route) -> Result<Exchange, DispatchError> {
         let (exchange, responder) = exchange::channel();
-        self.threads
-            .submit(Job {
-                head,
-                route,
-                responder,
-            })
-            .map_err(|_| DispatchError::Overloaded)?;
-        Ok(exchange)
+        let queued = self.threads.submit(Job {
+            head,
+            route,
+            responder,
+        });
+        if queued {
+            Ok(exchange)
+        } else {
+            Err(DispatchError::Overloaded)
+        }
     }
 }
 
@@ -95,7 +97,12 @@ impl Dispatcher {
                 threads,
             });
         }
-        let router = Router::new(configs.iter().enumerate().map(|(i, c)| (c.mount.as_str(), i)));
+        let router = Router::new(
+            configs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.mount.as_str(), i)),
+        );
         Ok(Dispatcher { apps, router })
     }
 

@@ -61,7 +61,9 @@ impl fmt::Display for DispatchError {
             }
             DispatchError::BodyTimeout => write!(f, "timed out reading the request body"),
             DispatchError::Overloaded => write!(f, "the app's request queue is full"),
-            DispatchError::AppTimeout => write!(f, "the app did not respond within request_timeout"),
+            DispatchError::AppTimeout => {
+                write!(f, "the app did not respond within request_timeout")
+            }
             DispatchError::AppRaised(why) => write!(f, "the app raised: {why}"),
             DispatchError::BadResponse(why) => write!(f, "invalid response from the app: {why}"),
         }

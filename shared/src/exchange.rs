@@ -138,9 +138,11 @@ impl Responder {
     /// Waits for the host's answer to a [`AppEvent::NeedBody`]. Same rules as
     /// [`Responder::send_blocking`].
     pub fn recv_body_blocking(&self) -> BodyPiece {
-        self.body.recv().unwrap_or(BodyPiece::Failed(DispatchError::BadRequest(
-            "the client went away".into(),
-        )))
+        self.body
+            .recv()
+            .unwrap_or(BodyPiece::Failed(DispatchError::BadRequest(
+                "the client went away".into(),
+            )))
     }
 
     /// Whether the host has stopped listening (client gone, request timed out).

@@ -125,8 +125,13 @@ impl ResponseHead {
             .parse::<u16>()
             .ok()
             .filter(|s| code.len() == 3 && (200..=999).contains(s))
-            .ok_or_else(|| format!("invalid status {status_line:?}: want \"NNN Reason\" with NNN 200-999"))?;
-        if !reason.bytes().all(|b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80) {
+            .ok_or_else(|| {
+                format!("invalid status {status_line:?}: want \"NNN Reason\" with NNN 200-999")
+            })?;
+        if !reason
+            .bytes()
+            .all(|b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80)
+        {
             return Err(format!("invalid reason phrase in status {status_line:?}"));
         }
         let mut kept = Vec::with_capacity(headers.len());
@@ -188,14 +193,21 @@ mod tests {
     use super::*;
 
     fn h(n: &str, v: &str) -> (Bytes, Bytes) {
-        (Bytes::copy_from_slice(n.as_bytes()), Bytes::copy_from_slice(v.as_bytes()))
+        (
+            Bytes::copy_from_slice(n.as_bytes()),
+            Bytes::copy_from_slice(v.as_bytes()),
+        )
     }
 
     #[test]
     fn valid_head_keeps_order_and_drops_hop_by_hop() {
         let head = ResponseHead::new(
             "201 Created",
-            vec![h("X-A", "1"), h("Connection", "close"), h("Set-Cookie", "a=b")],
+            vec![
+                h("X-A", "1"),
+                h("Connection", "close"),
+                h("Set-Cookie", "a=b"),
+            ],
         )
         .unwrap();
         assert_eq!(head.status, 201);

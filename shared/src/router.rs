@@ -30,7 +30,7 @@ impl Router {
             .into_iter()
             .map(|(m, i)| (m.trim_end_matches('/').to_owned(), i))
             .collect();
-        mounts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        mounts.sort_by_key(|(mount, _)| std::cmp::Reverse(mount.len()));
         Router { mounts }
     }
 
@@ -61,7 +61,11 @@ mod tests {
         let r = Router::new([("/", 0), ("/api/", 1), ("/api/v2", 2)]);
         let route = |p: &str| {
             let r = r.route(p.as_bytes()).unwrap();
-            (r.app, r.script_name, String::from_utf8(r.path_info).unwrap())
+            (
+                r.app,
+                r.script_name,
+                String::from_utf8(r.path_info).unwrap(),
+            )
         };
         assert_eq!(route("/api/x"), (1, "/api".into(), "/x".into()));
         assert_eq!(route("/api"), (1, "/api".into(), "".into()));

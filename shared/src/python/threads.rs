@@ -43,11 +43,12 @@ impl ThreadPool {
         Ok(ThreadPool { jobs })
     }
 
-    /// Queues a job; gives it back when the backlog is full.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-        })
+    /// Queues a job; `false` when the backlog is full (or the threads are gone).
+    pub(crate) fn submit(&self, job: Job) -> bool {
+        match self.jobs.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
     }
 }
 

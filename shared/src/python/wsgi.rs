@@ -12,9 +12,9 @@ use crate::exchange::{AppEvent, BodyPiece, FileBody, Responder};
 use crate::model::{BodyLength, RequestHead, ResponseHead};
 use bytes::Bytes;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use pyo3::intern;
 use std::os::fd::FromRawFd;
 
 /// A loaded WSGI app and what every request's environ shares.
@@ -126,7 +126,12 @@ impl Runner for WsgiRunner {
     fn run(&self, py: Python<'_>, job: Job) {
         let responder = job.responder.clone();
         let outcome = Bound::new(py, Input::new(responder.clone(), job.head.body))
-            .and_then(|input| Ok((input, Bound::new(py, StartResponse::new(responder.clone()))?)))
+            .and_then(|input| {
+                Ok((
+                    input,
+                    Bound::new(py, StartResponse::new(responder.clone()))?,
+                ))
+            })
             .map_err(AppFailure::Raised)
             .and_then(|(input, start)| {
                 let outcome = self.call_app(py, &job, &input, &start);
@@ -373,7 +378,9 @@ impl StartResponse {
     fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let chunk = body_bytes(data).map_err(to_pyerr)?;
         if self.head.is_none() && !self.sent {
-            return Err(PyAssertionError::new_err("write() called before start_response"));
+            return Err(PyAssertionError::new_err(
+                "write() called before start_response",
+            ));
         }
         let chunk = Bytes::copy_from_slice(chunk);
         self.ensure_head_sent(py).map_err(to_pyerr)?;
@@ -390,22 +397,24 @@ impl StartResponse {
 
 /// PEP 3333: `response_headers` is a list of `(header_name, header_value)` tuples of str.
 fn parse_headers(headers: &Bound<'_, PyAny>) -> PyResult<Vec<(Bytes, Bytes)>> {
-    let list = headers
-        .cast::<PyList>()
-        .map_err(|_| PyTypeError::new_err("response headers must be a list of (name, value) tuples"))?;
+    let list = headers.cast::<PyList>().map_err(|_| {
+        PyTypeError::new_err("response headers must be a list of (name, value) tuples")
+    })?;
     let mut out = Vec::with_capacity(list.len());
     for item in list.iter() {
-        let pair = item
-            .cast::<PyTuple>()
-            .map_err(|_| PyTypeError::new_err("each response header must be a (name, value) tuple"))?;
+        let pair = item.cast::<PyTuple>().map_err(|_| {
+            PyTypeError::new_err("each response header must be a (name, value) tuple")
+        })?;
         if pair.len() != 2 {
-            return Err(PyTypeError::new_err("each response header must be a (name, value) tuple"));
+            return Err(PyTypeError::new_err(
+                "each response header must be a (name, value) tuple",
+            ));
         }
         let field = |i: usize| -> PyResult<Bytes> {
             let s = pair.get_item(i)?;
-            let s = s
-                .cast::<PyString>()
-                .map_err(|_| PyTypeError::new_err("response header names and values must be str"))?;
+            let s = s.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err("response header names and values must be str")
+            })?;
             // PEP 3333: header strings are latin-1 ("native strings").
             latin1_bytes(s.to_str()?)
         };
@@ -600,7 +609,8 @@ impl ErrorStream {
     }
 
     fn flush(&self) {
-        let rest: String = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let rest: String =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if !rest.is_empty() {
             self.emit(&rest);
         }
@@ -767,13 +777,22 @@ mod tests {
     use bytes::Bytes;
 
     fn h(n: &'static str, v: &'static str) -> (Bytes, Bytes) {
-        (Bytes::from_static(n.as_bytes()), Bytes::from_static(v.as_bytes()))
+        (
+            Bytes::from_static(n.as_bytes()),
+            Bytes::from_static(v.as_bytes()),
+        )
     }
 
     #[test]
     fn underscore_headers_cannot_pose_as_dashed_ones() {
-        let env = cgi_headers(&[h("x-forwarded-for", "1.2.3.4"), h("x_forwarded_for", "6.6.6.6")]);
-        assert_eq!(env, vec![(b"HTTP_X_FORWARDED_FOR".to_vec(), b"1.2.3.4".to_vec())]);
+        let env = cgi_headers(&[
+            h("x-forwarded-for", "1.2.3.4"),
+            h("x_forwarded_for", "6.6.6.6"),
+        ]);
+        assert_eq!(
+            env,
+            vec![(b"HTTP_X_FORWARDED_FOR".to_vec(), b"1.2.3.4".to_vec())]
+        );
     }
 
     #[test]
