@@ -129,3 +129,13 @@ def test_access_log_combined_format(server):
 def test_malformed_request_is_400(server):
     data = server.raw(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400")
+
+
+def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(portico):
+    server = portico(app_table("v", "validated:application"), server_extra='keepalive_timeout = "1s"')
+    with socket.create_connection(("127.0.0.1", server.port), timeout=8) as s:
+        s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        # read_all returns only once the server closes the idle connection (or the socket
+        # timeout fails the test).
+        data = read_all(s)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"Hello, world!")

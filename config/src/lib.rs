@@ -44,12 +44,11 @@ pub struct ServerConfig {
     /// Default: `"-"`.
     #[serde(default = "ServerConfig::default_access_log")]
     pub access_log: String,
-    /// How long an idle keep-alive connection waits for its next request header. Default: 5 s.
+    /// How long an idle keep-alive connection waits for its next request header; also the
+    /// limit for receiving that header. (The first request on a new connection has Pingora's
+    /// fixed 60 s.) Default: 5 s.
     #[serde(default = "ServerConfig::default_keepalive_timeout")]
     pub keepalive_timeout: Seconds,
-    /// How long a connection may take to send a request header. Default: 60 s.
-    #[serde(default = "ServerConfig::default_header_timeout")]
-    pub header_timeout: Seconds,
     /// On SIGTERM, how long in-flight requests get to finish before the server exits.
     /// Default: 10 s.
     #[serde(default = "ServerConfig::default_graceful_timeout")]
@@ -69,9 +68,6 @@ impl ServerConfig {
     fn default_keepalive_timeout() -> Seconds {
         Seconds::from_secs(5)
     }
-    fn default_header_timeout() -> Seconds {
-        Seconds::from_secs(60)
-    }
     fn default_graceful_timeout() -> Seconds {
         Seconds::from_secs(10)
     }
@@ -84,7 +80,6 @@ impl Default for ServerConfig {
             threads: Self::default_threads(),
             access_log: Self::default_access_log(),
             keepalive_timeout: Self::default_keepalive_timeout(),
-            header_timeout: Self::default_header_timeout(),
             graceful_timeout: Self::default_graceful_timeout(),
         }
     }
@@ -129,7 +124,8 @@ pub struct AppConfig {
     /// `"in-process"` or `"pool"`. Default: `"in-process"`.
     #[serde(default)]
     pub mode: Mode,
-    /// Directories put in front of `sys.path` before the target is imported. Default: none.
+    /// Directories put in front of `sys.path` before the target is imported; relative ones are
+    /// relative to the config file. Default: none.
     #[serde(default)]
     pub python_path: Vec<PathBuf>,
     /// A virtualenv whose site-packages the app uses. Default: none (the interpreter's own).
@@ -214,9 +210,27 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}")))
         })?;
-        let config = Config::from_toml(&text, path)?;
+        let mut config = Config::from_toml(&text, path)?;
+        if let Some(dir) = path.parent() {
+            config.resolve_paths(dir);
+        }
         config.validate(&text, path)?;
         Ok(config)
+    }
+
+    /// Makes relative `python_path`, `python_home` and `chdir` entries relative to `base`
+    /// (the config file's directory), so a config means the same from any working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for app in &mut self.app {
+            app.python_path.iter_mut().for_each(resolve);
+            app.python_home.iter_mut().for_each(resolve);
+            app.chdir.iter_mut().for_each(resolve);
+        }
     }
 
     /// Parses and type-checks TOML text. `path` is only used in error messages.

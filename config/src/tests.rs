@@ -95,3 +95,30 @@ fn bare_module_target_means_application() {
     assert_eq!(split_target("mysite.wsgi"), ("mysite.wsgi", "application"));
     assert_eq!(split_target("app:create_app"), ("app", "create_app"));
 }
+
+#[test]
+fn shipped_examples_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
+}
+
+#[test]
+fn relative_paths_are_relative_to_the_config_file() {
+    let mut c = load("[[app]]\nname=\"a\"\ntarget=\"a\"\n").unwrap();
+    c.app[0].python_path = vec!["apps".into(), "/abs".into()];
+    c.app[0].chdir = Some("work".into());
+    c.resolve_paths(Path::new("/etc/portico"));
+    assert_eq!(
+        c.app[0].python_path,
+        vec![PathBuf::from("/etc/portico/apps"), PathBuf::from("/abs")]
+    );
+    assert_eq!(c.app[0].chdir, Some(PathBuf::from("/etc/portico/work")));
+}
