@@ -57,7 +57,8 @@ PYO3_PYTHON="$PY" cargo build --release --workspace --locked
 echo "$PY" > target/release/.portico-python
 
 if [ $want_tests = 1 ]; then
-  if [ ! -x .venv/bin/python ] || [ "$(.venv/bin/python -c 'import sys; print(sys._base_executable)' 2>/dev/null)" != "$PY" ]; then
+  venv_base="$(.venv/bin/python -c 'import sys; print(sys._base_executable)' 2>/dev/null || true)"
+  if [ -z "$venv_base" ] || [ "$(readlink -f "$venv_base")" != "$(readlink -f "$PY")" ]; then
     log "creating .venv"
     rm -rf .venv
     "$PY" -m venv .venv

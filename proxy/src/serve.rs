@@ -23,6 +23,11 @@ pub struct Served {
 /// Largest piece of a file read at once for `wsgi.file_wrapper`.
 const FILE_CHUNK: usize = 64 * 1024;
 
+/// Bodies with a `Content-Length` up to this size are read before the app is called, so it
+/// gets them whole without a round trip per piece (nginx buffers small bodies the same way).
+/// Larger and chunked bodies stream to the app as it reads.
+const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
+
 pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Option<Served>> {
     let raw_path = path_of(session.req_header().raw_path());
     let Some((app, route)) = portico.dispatcher.route(raw_path) else {
@@ -44,14 +49,23 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Op
             return Ok(Some(served));
         }
     }
-    let exchange = match app.submit(head, route) {
-        Ok(exchange) => exchange,
-        Err(e) => {
-            respond_error(session, &e).await?;
-            return Ok(Some(served));
+    let mut transfer = Transfer::new(app, session);
+    let body = match head.body {
+        BodyLength::Known(len) if len <= BUFFERED_BODY_LIMIT && !transfer.expect_continue => {
+            match transfer.read_small_body().await {
+                Ok(body) => Some(body),
+                Err(e) => {
+                    transfer.fail(e).await?;
+                    return Ok(Some(served));
+                }
+            }
         }
+        _ => None,
     };
-    Transfer::new(app, session).run(exchange).await?;
+    match app.submit(head, route, body) {
+        Ok(exchange) => transfer.run(exchange).await?,
+        Err(e) => transfer.fail(e).await?,
+    }
     Ok(Some(served))
 }
 
@@ -237,6 +251,20 @@ impl<'a> Transfer<'a> {
         let e = self.body_error.take().unwrap_or(e);
         self.head_sent = true;
         respond_error(self.session, &e).await
+    }
+
+    /// Reads a whole small body (see [`BUFFERED_BODY_LIMIT`]).
+    async fn read_small_body(&mut self) -> Result<Bytes, DispatchError> {
+        let mut pieces = Vec::new();
+        loop {
+            match self.read_body_piece().await {
+                BodyPiece::Data(data) => pieces.push(data),
+                // Usually the whole body comes in one piece, which needs no copy.
+                BodyPiece::End if pieces.len() == 1 => return Ok(pieces.remove(0)),
+                BodyPiece::End => return Ok(Bytes::from(pieces.concat())),
+                BodyPiece::Failed(e) => return Err(e),
+            }
+        }
     }
 
     async fn read_body_piece(&mut self) -> BodyPiece {

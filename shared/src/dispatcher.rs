@@ -1,6 +1,7 @@
 //! The one entry point a host uses: load the apps, route a request, submit it.
 
 use crate::error::{DispatchError, LoadError};
+use bytes::Bytes;
 use crate::exchange::{self, Exchange};
 use crate::model::RequestHead;
 use crate::python::threads::{Job, ThreadPool};
@@ -37,12 +38,22 @@ impl App {
 
     /// Queues a request for the app's Python threads. The returned [`Exchange`] yields the
     /// response; [`DispatchError::Overloaded`] means the backlog is full.
-    pub fn submit(&self, head: RequestHead, route: Route) -> Result<Exchange, DispatchError> {
+    ///
+    /// `body` is the whole request body when the host chose to read a small one before
+    /// submitting (saving the app a round trip per piece); `None` means the app pulls the body
+    /// through [`crate::exchange::AppEvent::NeedBody`].
+    pub fn submit(
+        &self,
+        head: RequestHead,
+        route: Route,
+        body: Option<Bytes>,
+    ) -> Result<Exchange, DispatchError> {
         let (exchange, responder) = exchange::channel();
         let queued = self.threads.submit(Job {
             head,
             route,
             responder,
+            body,
         });
         if queued {
             Ok(exchange)

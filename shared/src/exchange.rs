@@ -7,15 +7,18 @@
 //! read nothing (backpressure), `Expect: 100-continue` is answered only when the app first
 //! reads (as mod_wsgi does), and the host needs only one mutable borrow of its session.
 //!
-//! Response events flow through a small bounded channel: when the client is slow the app
-//! thread blocks in its send, so a response is never buffered without bound.
+//! Response events queue in a small bounded mailbox: when the client is slow the app thread
+//! blocks in its send, so a response is never buffered without bound. Both halves share one
+//! allocation per request.
 
 use crate::error::DispatchError;
 use crate::model::ResponseHead;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
-/// Response events in flight at once per request; beyond this the app thread waits.
+/// Response events queued at once per request; beyond this the app thread waits.
 const EVENT_CAPACITY: usize = 4;
 
 /// What the app thread tells the host, in order.
@@ -62,36 +65,89 @@ pub enum BodyPiece {
     Failed(DispatchError),
 }
 
-/// The host's half of a request in flight.
+/// The host's half of a request in flight. Dropping it tells the app side the host is gone.
 pub struct Exchange {
-    events: mpsc::Receiver<AppEvent>,
-    body: crossbeam_channel::Sender<BodyPiece>,
+    shared: Arc<Shared>,
 }
 
-/// The app thread's half of a request in flight.
+/// The app thread's half of a request in flight. Cheap to clone; when the last clone is
+/// dropped the host sees the end of the events.
 #[derive(Clone)]
 pub struct Responder {
-    events: mpsc::Sender<AppEvent>,
-    body: crossbeam_channel::Receiver<BodyPiece>,
+    half: Arc<AppHalf>,
 }
 
 /// The host has gone away (the client disconnected or the request timed out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostGone;
 
+/// One request's mailbox, in a single allocation: a few queued events, the body piece being
+/// handed over, and who is waiting. The lock is held for a push or a pop only, never across
+/// a wait, an await or Python code.
+struct Shared {
+    state: Mutex<State>,
+    /// The app thread waits here for room in `events` or for a body piece.
+    app_wakeup: Condvar,
+}
+
+struct State {
+    events: VecDeque<AppEvent>,
+    body: Option<BodyPiece>,
+    host_waker: Option<Waker>,
+    host_gone: bool,
+    app_gone: bool,
+}
+
+/// Marks the app side gone when the last [`Responder`] clone drops.
+struct AppHalf {
+    shared: Arc<Shared>,
+}
+
+impl Drop for AppHalf {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.app_gone = true;
+            state.host_waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.shared.lock().host_gone = true;
+        self.shared.app_wakeup.notify_all();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: every update is one field.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A connected pair of halves.
 pub fn channel() -> (Exchange, Responder) {
-    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
-    // Pull-based: at most one piece is ever outstanding.
-    let (body_tx, body_rx) = crossbeam_channel::bounded(1);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            events: VecDeque::with_capacity(EVENT_CAPACITY),
+            body: None,
+            host_waker: None,
+            host_gone: false,
+            app_gone: false,
+        }),
+        app_wakeup: Condvar::new(),
+    });
     (
         Exchange {
-            events: events_rx,
-            body: body_tx,
+            shared: shared.clone(),
         },
         Responder {
-            events: events_tx,
-            body: body_rx,
+            half: Arc::new(AppHalf { shared }),
         },
     )
 }
@@ -100,53 +156,160 @@ impl Exchange {
     /// The next event; `None` when the app thread dropped its half without [`AppEvent::End`]
     /// (which the host treats like [`AppEvent::Failed`]).
     pub async fn next(&mut self) -> Option<AppEvent> {
-        self.events.recv().await
+        std::future::poll_fn(|cx| match self.poll_event(Some(cx.waker())) {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        })
+        .await
     }
 
     /// Like [`Exchange::next`] for hosts that poll instead of awaiting (nginx): `None` when no
     /// event is ready, `Some(None)` when the app side is gone.
     pub fn try_next(&mut self) -> Option<Option<AppEvent>> {
-        match self.events.try_recv() {
-            Ok(event) => Some(Some(event)),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+        self.poll_event(None)
+    }
+
+    fn poll_event(&self, waker: Option<&Waker>) -> Option<Option<AppEvent>> {
+        let mut state = self.shared.lock();
+        if let Some(event) = state.events.pop_front() {
+            let was_full = state.events.len() + 1 == EVENT_CAPACITY;
+            drop(state);
+            if was_full {
+                self.shared.app_wakeup.notify_all();
+            }
+            return Some(Some(event));
         }
+        if state.app_gone {
+            return Some(None);
+        }
+        if let Some(waker) = waker {
+            match &state.host_waker {
+                Some(current) if current.will_wake(waker) => {}
+                _ => state.host_waker = Some(waker.clone()),
+            }
+        }
+        None
     }
 
     /// Answers a [`AppEvent::NeedBody`]. Never blocks: only one piece is ever outstanding.
     pub fn send_body(&self, piece: BodyPiece) {
-        // The app side may be gone already; then nobody wants the piece.
-        let _ = self.body.try_send(piece);
+        self.shared.lock().body = Some(piece);
+        self.shared.app_wakeup.notify_all();
     }
 }
 
 impl Responder {
-    /// Sends an event without waiting; gives the event back when the channel is full.
-    pub fn try_send(&self, event: AppEvent) -> Result<(), Result<AppEvent, HostGone>> {
-        self.events.try_send(event).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(event) => Ok(event),
-            mpsc::error::TrySendError::Closed(_) => Err(HostGone),
-        })
+    fn shared(&self) -> &Shared {
+        &self.half.shared
     }
 
-    /// Sends an event, waiting while the channel is full. Blocks the calling thread: call it
-    /// only with the GIL released, and never from inside an async runtime.
-    pub fn send_blocking(&self, event: AppEvent) -> Result<(), HostGone> {
-        self.events.blocking_send(event).map_err(|_| HostGone)
+    /// Sends an event without waiting; gives the event back when the mailbox is full.
+    pub fn try_send(&self, event: AppEvent) -> Result<(), Result<AppEvent, HostGone>> {
+        let mut state = self.shared().lock();
+        if state.host_gone {
+            return Err(Err(HostGone));
+        }
+        if state.events.len() >= EVENT_CAPACITY {
+            return Err(Ok(event));
+        }
+        state.events.push_back(event);
+        let waker = state.host_waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Sends an event, waiting while the mailbox is full. Blocks the calling thread: call it
+    /// only with the GIL released.
+    pub fn send_blocking(&self, mut event: AppEvent) -> Result<(), HostGone> {
+        loop {
+            match self.try_send(event) {
+                Ok(()) => return Ok(()),
+                Err(Err(gone)) => return Err(gone),
+                Err(Ok(back)) => event = back,
+            }
+            let state = self.shared().lock();
+            if state.events.len() >= EVENT_CAPACITY && !state.host_gone {
+                drop(
+                    self.shared()
+                        .app_wakeup
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+            }
+        }
     }
 
     /// Waits for the host's answer to a [`AppEvent::NeedBody`]. Same rules as
     /// [`Responder::send_blocking`].
     pub fn recv_body_blocking(&self) -> BodyPiece {
-        self.body
-            .recv()
-            .unwrap_or(BodyPiece::Failed(DispatchError::BadRequest(
-                "the client went away".into(),
-            )))
+        let mut state = self.shared().lock();
+        loop {
+            if let Some(piece) = state.body.take() {
+                return piece;
+            }
+            if state.host_gone {
+                return BodyPiece::Failed(DispatchError::BadRequest("the client went away".into()));
+            }
+            state = self
+                .shared()
+                .app_wakeup
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Whether the host has stopped listening (client gone, request timed out).
     pub fn host_gone(&self) -> bool {
-        self.events.is_closed()
+        self.shared().lock().host_gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_flow_in_order_and_end_when_the_app_side_drops() {
+        let (mut host, app) = channel();
+        app.try_send(AppEvent::Body(Bytes::from_static(b"a"))).unwrap();
+        app.try_send(AppEvent::End).unwrap();
+        assert!(matches!(host.try_next(), Some(Some(AppEvent::Body(b))) if b == "a"));
+        assert!(matches!(host.try_next(), Some(Some(AppEvent::End))));
+        assert!(host.try_next().is_none());
+        drop(app);
+        assert!(matches!(host.try_next(), Some(None)));
+    }
+
+    #[test]
+    fn full_mailbox_blocks_the_app_until_the_host_reads() {
+        let (mut host, app) = channel();
+        for _ in 0..EVENT_CAPACITY {
+            app.try_send(AppEvent::NeedBody).unwrap();
+        }
+        assert!(matches!(app.try_send(AppEvent::End), Err(Ok(AppEvent::End))));
+        let sender = std::thread::spawn(move || app.send_blocking(AppEvent::End));
+        while host.try_next().is_none() {}
+        sender.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn host_drop_releases_a_waiting_app() {
+        let (host, app) = channel();
+        let reader = std::thread::spawn(move || app.recv_body_blocking());
+        drop(host);
+        assert!(matches!(reader.join().unwrap(), BodyPiece::Failed(_)));
+    }
+
+    #[test]
+    fn body_piece_reaches_the_app() {
+        let (host, app) = channel();
+        host.send_body(BodyPiece::Data(Bytes::from_static(b"xyz")));
+        assert!(matches!(app.recv_body_blocking(), BodyPiece::Data(b) if b == "xyz"));
+        assert!(!app.host_gone());
+        drop(host);
+        assert!(app.host_gone());
     }
 }

@@ -3,6 +3,7 @@
 use crate::exchange::Responder;
 use crate::model::RequestHead;
 use crate::router::Route;
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use pyo3::prelude::*;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ pub(crate) struct Job {
     pub(crate) head: RequestHead,
     pub(crate) route: Route,
     pub(crate) responder: Responder,
+    /// The whole request body, when the host read it before submitting.
+    pub(crate) body: Option<Bytes>,
 }
 
 /// What runs a job on a Python thread.
@@ -58,9 +61,9 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
         // Stay attached while work is queued; release the GIL only to wait.
         let job = match queue.try_recv() {
             Ok(job) => job,
-            Err(TryRecvError::Empty) => match py.detach(|| queue.recv()) {
-                Ok(job) => job,
-                Err(_) => return,
+            Err(TryRecvError::Empty) => match py.detach(|| wait_for_job(&queue)) {
+                Some(job) => job,
+                None => return,
             },
             Err(TryRecvError::Disconnected) => return,
         };
@@ -70,6 +73,22 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
         }
         runner.run(py, job);
     });
+}
+
+/// Waits for the next job with the GIL released. Under load the HTTP thread often shares a
+/// core with this one: yielding a while before sleeping lets it run and queue the next job
+/// without a futex round trip per request.
+fn wait_for_job(queue: &Receiver<Job>) -> Option<Job> {
+    let yields: usize = std::env::var("PORTICO_YIELDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    for _ in 0..yields {
+        std::thread::yield_now();
+        match queue.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => return None,
+        }
+    }
+    queue.recv().ok()
 }
 
 /// Signals belong to the host's own thread (nginx's master/worker signals, Pingora's

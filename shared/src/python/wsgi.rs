@@ -110,22 +110,25 @@ impl WsgiRunner {
             .call1((env, start))
             .map_err(AppFailure::Raised)?;
         let sent = send_result(py, &result, start, &job.responder);
-        // PEP 3333: close() is called whatever happened, client gone included.
-        let closed = match result.getattr_opt(intern!(py, "close")) {
-            Ok(Some(close)) if !result.is_instance_of::<PyList>() => {
-                close.call0().map(drop).map_err(AppFailure::Raised)
+        // PEP 3333: close() is called whatever happened, client gone included. (A list has
+        // none; asking would raise and discard an AttributeError on every request.)
+        let closed = if result.is_exact_instance_of::<PyList>() {
+            Ok(())
+        } else {
+            match result.getattr_opt(intern!(py, "close")) {
+                Ok(Some(close)) => close.call0().map(drop).map_err(AppFailure::Raised),
+                Ok(None) => Ok(()),
+                Err(e) => Err(AppFailure::Raised(e)),
             }
-            Ok(_) => Ok(()),
-            Err(e) => Err(AppFailure::Raised(e)),
         };
         sent.and(closed)
     }
 }
 
 impl Runner for WsgiRunner {
-    fn run(&self, py: Python<'_>, job: Job) {
+    fn run(&self, py: Python<'_>, mut job: Job) {
         let responder = job.responder.clone();
-        let outcome = Bound::new(py, Input::new(responder.clone(), job.head.body))
+        let outcome = Bound::new(py, Input::new(responder.clone(), job.head.body, job.body.take()))
             .and_then(|input| {
                 Ok((
                     input,
@@ -444,12 +447,14 @@ pub(crate) struct Input {
 }
 
 impl Input {
-    fn new(responder: Responder, body: BodyLength) -> Input {
+    /// `buffered` is the whole body when the host read it before submitting.
+    fn new(responder: Responder, body: BodyLength, buffered: Option<Bytes>) -> Input {
+        let done = buffered.is_some() || matches!(body, BodyLength::Empty | BodyLength::Known(0));
         Input {
             responder: Some(responder),
-            buf: Vec::new(),
+            buf: buffered.map(Vec::from).unwrap_or_default(),
             pos: 0,
-            done: matches!(body, BodyLength::Empty | BodyLength::Known(0)),
+            done,
         }
     }
 
