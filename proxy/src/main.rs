@@ -81,6 +81,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    portico_core::tune_allocator();
     init_logging();
     let cli = Cli::parse();
     let (config, source) = match cli.command {

@@ -10,7 +10,8 @@ use super::threads::{Job, Runner};
 use crate::error::DispatchError;
 use crate::exchange::{AppEvent, BodyPiece, FileBody, Responder};
 use crate::model::{BodyLength, RequestHead, ResponseHead};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use std::collections::VecDeque;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -438,11 +439,14 @@ fn latin1_bytes(s: &str) -> PyResult<Bytes> {
 }
 
 /// `wsgi.input`: the request body, pulled from the host as the app reads.
+///
+/// Pieces are kept as the host delivered them and copied once, straight into the `bytes`
+/// object a read returns.
 #[pyclass(module = "portico", name = "InputStream")]
 pub(crate) struct Input {
     responder: Option<Responder>,
-    buf: Vec<u8>,
-    pos: usize,
+    pieces: VecDeque<Bytes>,
+    available: usize,
     done: bool,
 }
 
@@ -450,16 +454,13 @@ impl Input {
     /// `buffered` is the whole body when the host read it before submitting.
     fn new(responder: Responder, body: BodyLength, buffered: Option<Bytes>) -> Input {
         let done = buffered.is_some() || matches!(body, BodyLength::Empty | BodyLength::Known(0));
+        let available = buffered.as_ref().map_or(0, Bytes::len);
         Input {
             responder: Some(responder),
-            buf: buffered.map(Vec::from).unwrap_or_default(),
-            pos: 0,
+            pieces: buffered.into_iter().collect(),
+            available,
             done,
         }
-    }
-
-    fn available(&self) -> usize {
-        self.buf.len() - self.pos
     }
 
     /// Fetches one more piece from the host; `false` at the end of the body.
@@ -474,11 +475,8 @@ impl Input {
         send(py, &responder, AppEvent::NeedBody).map_err(to_pyerr)?;
         match py.detach(|| responder.recv_body_blocking()) {
             BodyPiece::Data(data) => {
-                if self.pos > 0 {
-                    self.buf.drain(..self.pos);
-                    self.pos = 0;
-                }
-                self.buf.extend_from_slice(&data);
+                self.available += data.len();
+                self.pieces.push_back(data);
                 Ok(true)
             }
             BodyPiece::End => {
@@ -492,11 +490,37 @@ impl Input {
         }
     }
 
-    fn take<'py>(&mut self, py: Python<'py>, n: usize) -> Bound<'py, PyBytes> {
-        let n = n.min(self.available());
-        let out = PyBytes::new(py, &self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        out
+    /// The first `n` buffered bytes (fewer if fewer are buffered) as one `bytes` object.
+    fn take<'py>(&mut self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let n = n.min(self.available);
+        self.available -= n;
+        let pieces = &mut self.pieces;
+        PyBytes::new_with(py, n, |out| {
+            let mut filled = 0;
+            while filled < n {
+                let Some(front) = pieces.front_mut() else { break };
+                let k = front.len().min(n - filled);
+                out[filled..filled + k].copy_from_slice(&front[..k]);
+                front.advance(k);
+                if front.is_empty() {
+                    pieces.pop_front();
+                }
+                filled += k;
+            }
+            Ok(())
+        })
+    }
+
+    /// Where the first line ends (just past `\n`) among the buffered bytes, if it does.
+    fn line_end(&self) -> Option<usize> {
+        let mut offset = 0;
+        for piece in &self.pieces {
+            if let Some(i) = piece.iter().position(|&b| b == b'\n') {
+                return Some(offset + i + 1);
+            }
+            offset += piece.len();
+        }
+        None
     }
 }
 
@@ -504,17 +528,9 @@ impl Input {
 impl Input {
     #[pyo3(signature = (size = None))]
     fn read<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
-        match size {
-            Some(n) if n >= 0 => {
-                let n = n as usize;
-                while self.available() < n && self.fill(py)? {}
-                Ok(self.take(py, n))
-            }
-            _ => {
-                while self.fill(py)? {}
-                Ok(self.take(py, usize::MAX))
-            }
-        }
+        let want = size.filter(|&n| n >= 0).map_or(usize::MAX, |n| n as usize);
+        while self.available < want && self.fill(py)? {}
+        self.take(py, want)
     }
 
     #[pyo3(signature = (size = None))]
@@ -523,17 +539,13 @@ impl Input {
         py: Python<'py>,
         size: Option<isize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let limit = size.filter(|&n| n >= 0).map(|n| n as usize);
-        let mut scanned = 0;
+        let limit = size.filter(|&n| n >= 0).map_or(usize::MAX, |n| n as usize);
         loop {
-            let window = &self.buf[self.pos..];
-            if let Some(i) = window[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + i + 1;
-                return Ok(self.take(py, limit.map_or(end, |l| l.min(end))));
+            if let Some(end) = self.line_end() {
+                return self.take(py, end.min(limit));
             }
-            scanned = window.len();
-            if limit.is_some_and(|l| scanned >= l) || !self.fill(py)? {
-                return Ok(self.take(py, limit.unwrap_or(usize::MAX)));
+            if self.available >= limit || !self.fill(py)? {
+                return self.take(py, limit);
             }
         }
     }
