@@ -10,7 +10,8 @@ use pingora::proxy::Session;
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange, FileBody};
 use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead};
 use portico_core::{App, DispatchError};
-use std::time::Duration;
+use pingora::time::fast_timeout::fast_timeout;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// What happened to a request Portico served, for callers that log or count.
@@ -200,13 +201,13 @@ impl<'a> Transfer<'a> {
     }
 
     async fn run(mut self, mut exchange: Exchange) -> Result<()> {
-        let deadline = self
-            .request_timeout
-            .map(|t| tokio::time::Instant::now() + t);
+        let deadline = self.request_timeout.map(|t| Instant::now() + t);
         loop {
             let event = match deadline {
                 Some(deadline) if !self.head_sent => {
-                    match tokio::time::timeout_at(deadline, exchange.next()).await {
+                    // Pingora's shared timer wheel: no timer at all when the event is ready.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match fast_timeout(left, exchange.next()).await {
                         Ok(event) => event,
                         Err(_) => return self.fail(DispatchError::AppTimeout).await,
                     }
@@ -253,15 +254,13 @@ impl<'a> Transfer<'a> {
         respond_error(self.session, &e).await
     }
 
-    /// Reads a whole small body (see [`BUFFERED_BODY_LIMIT`]).
-    async fn read_small_body(&mut self) -> Result<Bytes, DispatchError> {
+    /// Reads a whole small body (see [`BUFFERED_BODY_LIMIT`]), in the pieces it arrives in.
+    async fn read_small_body(&mut self) -> Result<Vec<Bytes>, DispatchError> {
         let mut pieces = Vec::new();
         loop {
             match self.read_body_piece().await {
                 BodyPiece::Data(data) => pieces.push(data),
-                // Usually the whole body comes in one piece, which needs no copy.
-                BodyPiece::End if pieces.len() == 1 => return Ok(pieces.remove(0)),
-                BodyPiece::End => return Ok(Bytes::from(pieces.concat())),
+                BodyPiece::End => return Ok(pieces),
                 BodyPiece::Failed(e) => return Err(e),
             }
         }
@@ -285,7 +284,7 @@ impl<'a> Transfer<'a> {
         loop {
             let read = self.session.downstream_session.read_request_body();
             let result = match self.body_timeout {
-                Some(t) => match tokio::time::timeout(t, read).await {
+                Some(t) => match fast_timeout(t, read).await {
                     Ok(result) => result,
                     Err(_) => return self.body_failed(DispatchError::BodyTimeout),
                 },

@@ -39,14 +39,14 @@ impl App {
     /// Queues a request for the app's Python threads. The returned [`Exchange`] yields the
     /// response; [`DispatchError::Overloaded`] means the backlog is full.
     ///
-    /// `body` is the whole request body when the host chose to read a small one before
-    /// submitting (saving the app a round trip per piece); `None` means the app pulls the body
-    /// through [`crate::exchange::AppEvent::NeedBody`].
+    /// `body` is the whole request body, in the pieces it arrived in, when the host chose to
+    /// read a small one before submitting (saving the app a round trip per piece); `None`
+    /// means the app pulls the body through [`crate::exchange::AppEvent::NeedBody`].
     pub fn submit(
         &self,
         head: RequestHead,
         route: Route,
-        body: Option<Bytes>,
+        body: Option<Vec<Bytes>>,
     ) -> Result<Exchange, DispatchError> {
         let (exchange, responder) = exchange::channel();
         let queued = self.threads.submit(Job {

@@ -37,7 +37,7 @@ impl Router {
     /// Routes a raw (percent-encoded) path. Matching is done on the decoded path, as the
     /// split the app sees is of the decoded path.
     pub fn route(&self, raw_path: &[u8]) -> Option<Route> {
-        let decoded: Vec<u8> = percent_decode(raw_path).collect();
+        let decoded: std::borrow::Cow<'_, [u8]> = percent_decode(raw_path).into();
         for (mount, app) in &self.mounts {
             let m = mount.as_bytes();
             if decoded.starts_with(m) && (decoded.len() == m.len() || decoded[m.len()] == b'/') {

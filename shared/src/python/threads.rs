@@ -14,7 +14,7 @@ pub(crate) struct Job {
     pub(crate) route: Route,
     pub(crate) responder: Responder,
     /// The whole request body, when the host read it before submitting.
-    pub(crate) body: Option<Bytes>,
+    pub(crate) body: Option<Vec<Bytes>>,
 }
 
 /// What runs a job on a Python thread.

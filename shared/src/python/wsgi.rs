@@ -14,6 +14,8 @@ use bytes::{Buf, Bytes};
 use std::collections::VecDeque;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::intern;
+use pyo3::pybacked::PyBackedBytes;
+use std::cell::Cell;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::os::fd::FromRawFd;
@@ -126,6 +128,17 @@ impl WsgiRunner {
     }
 }
 
+impl WsgiRunner {
+    /// The host drops lent `bytes` objects without the GIL; pyo3 queues those releases and
+    /// performs them when a thread next attaches. Detaching once after a request that lent
+    /// keeps that queue short even when this thread never waits for work.
+    fn release_lent(&self, py: Python<'_>) {
+        if LENT.replace(false) {
+            py.detach(|| ());
+        }
+    }
+}
+
 impl Runner for WsgiRunner {
     fn run(&self, py: Python<'_>, mut job: Job) {
         let responder = job.responder.clone();
@@ -145,8 +158,7 @@ impl Runner for WsgiRunner {
                 outcome
             });
         let event = match outcome {
-            Ok(()) => return,
-            Err(AppFailure::HostGone) => return,
+            Ok(()) | Err(AppFailure::HostGone) => return self.release_lent(py),
             Err(AppFailure::Raised(err)) => {
                 let traceback = format_exception(py, &err);
                 log::error!(
@@ -172,6 +184,7 @@ impl Runner for WsgiRunner {
             }
         };
         let _ = send(py, &responder, event);
+        self.release_lent(py);
     }
 }
 
@@ -201,10 +214,17 @@ fn send_result(
 ) -> Result<(), AppFailure> {
     if let Ok(list) = result.cast::<PyList>() {
         if !start.borrow().sent {
-            let mut body = Vec::new();
-            for item in list.iter() {
-                body.extend_from_slice(body_bytes(&item)?);
-            }
+            let body = match list.len() {
+                0 => Bytes::new(),
+                1 => body_chunk(&list.get_item(0)?)?,
+                _ => {
+                    let mut joined = Vec::new();
+                    for item in list.iter() {
+                        joined.extend_from_slice(body_bytes(&item)?);
+                    }
+                    Bytes::from(joined)
+                }
+            };
             let mut head = start.borrow_mut().take_head()?;
             if !head.has_content_length() {
                 head.headers.push((
@@ -212,7 +232,7 @@ fn send_result(
                     Bytes::from(body.len().to_string()),
                 ));
             }
-            return send(py, responder, AppEvent::Whole(head, Bytes::from(body)));
+            return send(py, responder, AppEvent::Whole(head, body));
         }
     }
     if let Ok(wrapper) = result.cast::<FileWrapper>() {
@@ -233,13 +253,11 @@ fn send_result(
         }
     }
     for item in result.try_iter()? {
-        let item = item?;
-        let chunk = body_bytes(&item)?;
+        let chunk = body_chunk(&item?)?;
         if chunk.is_empty() {
             // PEP 3333: an empty string must not cause the headers to be sent yet.
             continue;
         }
-        let chunk = Bytes::copy_from_slice(chunk);
         start.borrow_mut().ensure_head_sent(py)?;
         send(py, responder, AppEvent::Body(chunk))?;
     }
@@ -271,6 +289,26 @@ fn body_bytes<'a>(item: &'a Bound<'_, PyAny>) -> Result<&'a [u8], AppFailure> {
             "the response iterable yielded a {type_name}, not bytes (PEP 3333 requires bytestrings)"
         ))
     })
+}
+
+/// Body chunks at least this large are lent to the host rather than copied: the host keeps a
+/// reference to the Python `bytes` object until it has written them.
+const LEND_THRESHOLD: usize = 16 * 1024;
+
+thread_local! {
+    /// Whether this thread lent a `bytes` object to the host during the current request.
+    static LENT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A response body chunk as [`Bytes`]: copied when small, lent when large.
+fn body_chunk(item: &Bound<'_, PyAny>) -> Result<Bytes, AppFailure> {
+    let data = body_bytes(item)?;
+    if data.len() < LEND_THRESHOLD {
+        return Ok(Bytes::copy_from_slice(data));
+    }
+    LENT.set(true);
+    let bytes = item.cast::<PyBytes>().map_err(PyErr::from)?;
+    Ok(Bytes::from_owner(PyBackedBytes::from(bytes.clone())))
 }
 
 /// Sends an event, waiting with the GIL released when the channel is full.
@@ -380,13 +418,12 @@ impl StartResponse {
 
     /// PEP 3333's `write(data)`: sends the head if needed, then `data`, before returning.
     fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let chunk = body_bytes(data).map_err(to_pyerr)?;
+        let chunk = body_chunk(data).map_err(to_pyerr)?;
         if self.head.is_none() && !self.sent {
             return Err(PyAssertionError::new_err(
                 "write() called before start_response",
             ));
         }
-        let chunk = Bytes::copy_from_slice(chunk);
         self.ensure_head_sent(py).map_err(to_pyerr)?;
         if chunk.is_empty() {
             return Ok(());
@@ -452,13 +489,13 @@ pub(crate) struct Input {
 
 impl Input {
     /// `buffered` is the whole body when the host read it before submitting.
-    fn new(responder: Responder, body: BodyLength, buffered: Option<Bytes>) -> Input {
+    fn new(responder: Responder, body: BodyLength, buffered: Option<Vec<Bytes>>) -> Input {
         let done = buffered.is_some() || matches!(body, BodyLength::Empty | BodyLength::Known(0));
-        let available = buffered.as_ref().map_or(0, Bytes::len);
+        let pieces: VecDeque<Bytes> = buffered.unwrap_or_default().into();
         Input {
             responder: Some(responder),
-            pieces: buffered.into_iter().collect(),
-            available,
+            available: pieces.iter().map(Bytes::len).sum(),
+            pieces,
             done,
         }
     }
@@ -494,6 +531,15 @@ impl Input {
     fn take<'py>(&mut self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyBytes>> {
         let n = n.min(self.available);
         self.available -= n;
+        if let Some(front) = self.pieces.front_mut().filter(|f| f.len() >= n) {
+            // The usual case: one piece holds it all (no zero-filling, one copy).
+            let out = PyBytes::new(py, &front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                self.pieces.pop_front();
+            }
+            return Ok(out);
+        }
         let pieces = &mut self.pieces;
         PyBytes::new_with(py, n, |out| {
             let mut filled = 0;
