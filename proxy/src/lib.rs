@@ -21,8 +21,6 @@ use portico_core::Dispatcher;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use serve::Served;
-
 /// The apps of one server and how requests to them are served. Cheap to clone.
 #[derive(Clone)]
 pub struct Portico {
@@ -53,20 +51,14 @@ impl Portico {
 
     /// Serves `session` if an app is mounted at its path.
     ///
-    /// Returns `Ok(None)` without touching the session when no mount matches, so the caller
-    /// can serve the request another way. Otherwise the response (the app's, or an error
-    /// status) has been written when it returns `Ok(Some(_))`. `Err` means the response could
-    /// not be completed (client gone, or an app failed after its head was sent): the
-    /// connection must not be reused.
-    pub async fn serve(&self, session: &mut Session) -> pingora::Result<Option<Served>> {
+    /// Returns `Ok(false)` without touching the session when no mount matches, so the caller
+    /// can serve the request another way. `Ok(true)` means the response (the app's, or an
+    /// error status) has been written. `Err` means the response could not be completed
+    /// (client gone, or an app failed after its head was sent): the connection must not be
+    /// reused.
+    pub async fn serve(&self, session: &mut Session) -> pingora::Result<bool> {
         serve::serve(self, session).await
     }
-}
-
-/// Per-request state of [`PorticoProxy`].
-#[derive(Default)]
-pub struct RequestCtx {
-    served: Option<Served>,
 }
 
 /// A [`ProxyHttp`] that serves every request from Portico's apps and proxies nothing:
@@ -84,48 +76,33 @@ impl PorticoProxy {
 
 #[async_trait]
 impl ProxyHttp for PorticoProxy {
-    type CTX = RequestCtx;
+    type CTX = ();
 
-    /// Runs once per request, before anything else: a fresh, empty context.
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
-    }
+    /// Runs once per request, before anything else. Portico keeps no per-request context.
+    fn new_ctx(&self) {}
 
     /// Runs after the request header is read. Portico answers every request here and returns
     /// `Ok(true)` ("response sent"), so Pingora never looks for an upstream. The default
     /// (Pingora's) returns `Ok(false)`.
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
         // HTTP/1.1 pipelining (RFC 9112 section 9.3): bytes of the next request read along
         // with this one's body are kept for it, not treated as garbage.
         session.as_downstream_mut().set_pipelining_enabled(true);
-        match self.portico.serve(session).await? {
-            Some(served) => ctx.served = Some(served),
-            None => {
-                serve::respond_error(session, &portico_core::DispatchError::NoRoute).await?;
-                ctx.served = Some(Served::default());
-            }
+        if !self.portico.serve(session).await? {
+            serve::respond_error(session, &portico_core::DispatchError::NoRoute).await?;
         }
         Ok(true)
     }
 
     /// Never called: `request_filter` answers every request. Errors if it ever is.
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         Error::e_explain(ErrorType::InternalError, "portico has no upstream")
     }
 
     /// Runs when `request_filter` failed. Once a response head went out, the only honest
     /// thing left is to close the connection so the client sees the response is cut short;
     /// before that, Pingora's default (an error status) applies. Never reuses the connection.
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        _ctx: &mut RequestCtx,
-    ) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut ()) -> FailToProxy {
         let code = if session.response_written().is_some() {
             0
         } else {
@@ -145,7 +122,7 @@ impl ProxyHttp for PorticoProxy {
     }
 
     /// Client disconnects are normal life for a server, not errors worth a log line.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, _ctx: &(), e: &Error) -> bool {
         matches!(
             e.etype(),
             ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
@@ -153,7 +130,7 @@ impl ProxyHttp for PorticoProxy {
     }
 
     /// Runs last for every request, also failed ones: writes the access-log line.
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut ()) {
         if !self.portico.access_log.enabled() {
             return;
         }

@@ -7,19 +7,12 @@ use http::{HeaderName, HeaderValue, Method, Version};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
+use pingora::time::fast_timeout::fast_timeout;
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange, FileBody};
 use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead};
 use portico_core::{App, DispatchError};
-use pingora::time::fast_timeout::fast_timeout;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
-/// What happened to a request Portico served, for callers that log or count.
-#[derive(Debug, Default, Clone)]
-pub struct Served {
-    /// The app's name; empty when no app was involved (404).
-    pub app: String,
-}
 
 /// Largest piece of a file read at once for `wsgi.file_wrapper`.
 const FILE_CHUNK: usize = 64 * 1024;
@@ -29,13 +22,10 @@ const FILE_CHUNK: usize = 64 * 1024;
 /// Larger and chunked bodies stream to the app as it reads.
 const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
 
-pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Option<Served>> {
+pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bool> {
     let raw_path = path_of(session.req_header().raw_path());
     let Some((app, route)) = portico.dispatcher.route(raw_path) else {
-        return Ok(None);
-    };
-    let served = Served {
-        app: app.config().name.clone(),
+        return Ok(false);
     };
     if session.get_keepalive().is_some() {
         session.set_keepalive(Some(portico.keepalive_timeout.as_secs().max(1)));
@@ -47,7 +37,7 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Op
             // RFC 9110 section 15.5.14; the unread body makes the connection unusable.
             session.set_keepalive(None);
             respond_error(session, &DispatchError::BodyTooLarge { limit }).await?;
-            return Ok(Some(served));
+            return Ok(true);
         }
     }
     let mut transfer = Transfer::new(app, session);
@@ -57,7 +47,7 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Op
                 Ok(body) => Some(body),
                 Err(e) => {
                     transfer.fail(e).await?;
-                    return Ok(Some(served));
+                    return Ok(true);
                 }
             }
         }
@@ -67,7 +57,7 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<Op
         Ok(exchange) => transfer.run(exchange).await?,
         Err(e) => transfer.fail(e).await?,
     }
-    Ok(Some(served))
+    Ok(true)
 }
 
 /// The request target without its query.

@@ -1,12 +1,12 @@
 //! The one entry point a host uses: load the apps, route a request, submit it.
 
 use crate::error::{DispatchError, LoadError};
-use bytes::Bytes;
 use crate::exchange::{self, Exchange};
 use crate::model::RequestHead;
 use crate::python::threads::{Job, ThreadPool};
 use crate::python::{self, wsgi::WsgiRunner};
 use crate::router::{Route, Router};
+use bytes::Bytes;
 use portico_config::{AppConfig, Interface};
 use pyo3::prelude::*;
 use std::sync::Arc;

@@ -274,7 +274,8 @@ mod tests {
     #[test]
     fn events_flow_in_order_and_end_when_the_app_side_drops() {
         let (mut host, app) = channel();
-        app.try_send(AppEvent::Body(Bytes::from_static(b"a"))).unwrap();
+        app.try_send(AppEvent::Body(Bytes::from_static(b"a")))
+            .unwrap();
         app.try_send(AppEvent::End).unwrap();
         assert!(matches!(host.try_next(), Some(Some(AppEvent::Body(b))) if b == "a"));
         assert!(matches!(host.try_next(), Some(Some(AppEvent::End))));
@@ -289,7 +290,10 @@ mod tests {
         for _ in 0..EVENT_CAPACITY {
             app.try_send(AppEvent::NeedBody).unwrap();
         }
-        assert!(matches!(app.try_send(AppEvent::End), Err(Ok(AppEvent::End))));
+        assert!(matches!(
+            app.try_send(AppEvent::End),
+            Err(Ok(AppEvent::End))
+        ));
         let sender = std::thread::spawn(move || app.send_blocking(AppEvent::End));
         while host.try_next().is_none() {}
         sender.join().unwrap().unwrap();

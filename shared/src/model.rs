@@ -137,7 +137,10 @@ impl ResponseHead {
         let mut kept = Vec::with_capacity(headers.len());
         for (name, value) in headers {
             check_header(&name, &value)?;
-            if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes())) {
+            if HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            {
                 log::warn!(
                     "dropped hop-by-hop response header {:?} set by the app",
                     String::from_utf8_lossy(&name)

@@ -79,7 +79,10 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
 /// core with this one: yielding a while before sleeping lets it run and queue the next job
 /// without a futex round trip per request.
 fn wait_for_job(queue: &Receiver<Job>) -> Option<Job> {
-    let yields: usize = std::env::var("PORTICO_YIELDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let yields: usize = std::env::var("PORTICO_YIELDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     for _ in 0..yields {
         std::thread::yield_now();
         match queue.try_recv() {

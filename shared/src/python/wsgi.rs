@@ -11,13 +11,13 @@ use crate::error::DispatchError;
 use crate::exchange::{AppEvent, BodyPiece, FileBody, Responder};
 use crate::model::{BodyLength, RequestHead, ResponseHead};
 use bytes::{Buf, Bytes};
-use std::collections::VecDeque;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::intern;
-use pyo3::pybacked::PyBackedBytes;
-use std::cell::Cell;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::os::fd::FromRawFd;
 
 /// A loaded WSGI app and what every request's environ shares.
@@ -142,21 +142,24 @@ impl WsgiRunner {
 impl Runner for WsgiRunner {
     fn run(&self, py: Python<'_>, mut job: Job) {
         let responder = job.responder.clone();
-        let outcome = Bound::new(py, Input::new(responder.clone(), job.head.body, job.body.take()))
-            .and_then(|input| {
-                Ok((
-                    input,
-                    Bound::new(py, StartResponse::new(responder.clone()))?,
-                ))
-            })
-            .map_err(AppFailure::Raised)
-            .and_then(|(input, start)| {
-                let outcome = self.call_app(py, &job, &input, &start);
-                // The app may keep references to these; cut them off from this request.
-                input.borrow_mut().responder = None;
-                start.borrow_mut().responder = None;
-                outcome
-            });
+        let outcome = Bound::new(
+            py,
+            Input::new(responder.clone(), job.head.body, job.body.take()),
+        )
+        .and_then(|input| {
+            Ok((
+                input,
+                Bound::new(py, StartResponse::new(responder.clone()))?,
+            ))
+        })
+        .map_err(AppFailure::Raised)
+        .and_then(|(input, start)| {
+            let outcome = self.call_app(py, &job, &input, &start);
+            // The app may keep references to these; cut them off from this request.
+            input.borrow_mut().responder = None;
+            start.borrow_mut().responder = None;
+            outcome
+        });
         let event = match outcome {
             Ok(()) | Err(AppFailure::HostGone) => return self.release_lent(py),
             Err(AppFailure::Raised(err)) => {
@@ -544,7 +547,9 @@ impl Input {
         PyBytes::new_with(py, n, |out| {
             let mut filled = 0;
             while filled < n {
-                let Some(front) = pieces.front_mut() else { break };
+                let Some(front) = pieces.front_mut() else {
+                    break;
+                };
                 let k = front.len().min(n - filled);
                 out[filled..filled + k].copy_from_slice(&front[..k]);
                 front.advance(k);
