@@ -139,3 +139,20 @@ def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(portico):
         # timeout fails the test).
         data = read_all(s)
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"Hello, world!")
+
+
+def test_sigterm_lets_requests_in_flight_finish(portico):
+    server = portico(app_table("bad", "misbehaving:application", threads=1),
+                     server_extra='graceful_timeout = "5s"')
+    result = {}
+
+    def slow():
+        result["response"] = server.get("/block", timeout=15)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    server.wait_for_log("blocking in /block")
+    server.proc.send_signal(__import__("signal").SIGTERM)
+    t.join(15)
+    assert result["response"][0] == 200 and result["response"][2] == b"unblocked"
+    assert server.proc.wait(15) == 0

@@ -213,8 +213,10 @@ fn serve(config: Config, source: &str) -> ExitCode {
 
     let conf = ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(config.server.graceful_timeout.0.as_secs()),
+        // Pingora stops accepting at once, then waits the whole grace period for requests in
+        // flight before it drops what is left.
+        grace_period_seconds: Some(config.server.graceful_timeout.0.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -48,6 +48,8 @@ def application(environ, start_response):
             yield b"never"
         return body()
     if path == "/block":
+        print("blocking in /block", file=environ["wsgi.errors"])
+        environ["wsgi.errors"].flush()
         BLOCK.wait(3)  # stuck for longer than request_timeout, then free again
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"unblocked"]
