@@ -156,3 +156,25 @@ def test_sigterm_lets_requests_in_flight_finish(portico):
     t.join(15)
     assert result["response"][0] == 200 and result["response"][2] == b"unblocked"
     assert server.proc.wait(15) == 0
+
+
+def test_full_queue_is_503_with_retry_after(portico):
+    server = portico(app_table("bad", "misbehaving:application", threads=1, queue_size=1))
+    results = []
+
+    def call(path):
+        status, headers, _ = server.get(path, timeout=15)
+        results.append((path, status, headers.get("Retry-After")))
+
+    busy = threading.Thread(target=call, args=("/block",))
+    busy.start()
+    server.wait_for_log("blocking in /block")
+    # The only thread is busy and the queue holds one request: of three more, whichever
+    # arrives first waits its turn and the other two are turned away at once.
+    others = [threading.Thread(target=call, args=("/ok",)) for _ in range(3)]
+    for t in others:
+        t.start()
+    for t in [busy, *others]:
+        t.join(15)
+    assert sorted(results) == [("/block", 200, None), ("/ok", 200, None),
+                               ("/ok", 503, "1"), ("/ok", 503, "1")]

@@ -137,6 +137,10 @@ pub struct AppConfig {
     /// Python threads that run this app's requests. Default: 4.
     #[serde(default = "AppConfig::default_threads")]
     pub threads: usize,
+    /// Requests that may wait for a free Python thread; when that many already wait, the next
+    /// gets 503 with `Retry-After`. Default: 1024.
+    #[serde(default = "AppConfig::default_queue_size")]
+    pub queue_size: usize,
     /// Largest request body accepted; larger ones get 413. `0` means no limit. Default: `"100M"`.
     #[serde(default = "AppConfig::default_max_body_size")]
     pub max_body_size: ByteSize,
@@ -156,6 +160,9 @@ impl AppConfig {
     }
     fn default_threads() -> usize {
         4
+    }
+    fn default_queue_size() -> usize {
+        1024
     }
     fn default_max_body_size() -> ByteSize {
         ByteSize(100 * 1024 * 1024)
@@ -179,6 +186,7 @@ impl AppConfig {
             python_home: None,
             chdir: None,
             threads: Self::default_threads(),
+            queue_size: Self::default_queue_size(),
             max_body_size: Self::default_max_body_size(),
             request_timeout: Self::default_request_timeout(),
             body_timeout: Self::default_body_timeout(),
@@ -325,6 +333,9 @@ impl Config {
             }
             if app.threads == 0 {
                 err(key("threads"), "must be at least 1".into());
+            }
+            if app.queue_size == 0 {
+                err(key("queue_size"), "must be at least 1".into());
             }
             if app.interface == Interface::Asgi {
                 err(

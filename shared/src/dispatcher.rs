@@ -11,9 +11,6 @@ use portico_config::{AppConfig, Interface};
 use pyo3::prelude::*;
 use std::sync::Arc;
 
-/// Requests that may wait for a free Python thread, per app thread, before 503.
-const BACKLOG_PER_THREAD: usize = 256;
-
 /// What the host tells apps about itself.
 #[derive(Debug, Clone)]
 pub struct HostInfo {
@@ -99,7 +96,7 @@ impl Dispatcher {
             let threads = ThreadPool::start(
                 &config.name,
                 config.threads,
-                config.threads * BACKLOG_PER_THREAD,
+                config.queue_size,
                 Arc::new(runner),
             )
             .map_err(|e| fail(format!("cannot start threads: {e}")))?;
