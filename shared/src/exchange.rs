@@ -96,6 +96,9 @@ struct State {
     host_waker: Option<Waker>,
     host_gone: bool,
     app_gone: bool,
+    /// Whether the app thread sleeps on `app_wakeup`: a notify is a system call, so it is made
+    /// only when someone is there to hear it.
+    app_waiting: bool,
 }
 
 /// Marks the app side gone when the last [`Responder`] clone drops.
@@ -118,8 +121,9 @@ impl Drop for AppHalf {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.shared.lock().host_gone = true;
-        self.shared.app_wakeup.notify_all();
+        let mut state = self.shared.lock();
+        state.host_gone = true;
+        self.shared.wake_app(state);
     }
 }
 
@@ -127,6 +131,26 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent even if a holder panicked: every update is one field.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Releases the lock and wakes the app thread if it is waiting.
+    fn wake_app(&self, state: MutexGuard<'_, State>) {
+        let waiting = state.app_waiting;
+        drop(state);
+        if waiting {
+            self.app_wakeup.notify_all();
+        }
+    }
+
+    /// Waits on `app_wakeup` (the caller rechecks its condition afterwards).
+    fn app_wait<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.app_waiting = true;
+        let mut state = self
+            .app_wakeup
+            .wait(state)
+            .unwrap_or_else(|e| e.into_inner());
+        state.app_waiting = false;
+        state
     }
 }
 
@@ -139,6 +163,7 @@ pub fn channel() -> (Exchange, Responder) {
             host_waker: None,
             host_gone: false,
             app_gone: false,
+            app_waiting: false,
         }),
         app_wakeup: Condvar::new(),
     });
@@ -172,11 +197,8 @@ impl Exchange {
     fn poll_event(&self, waker: Option<&Waker>) -> Option<Option<AppEvent>> {
         let mut state = self.shared.lock();
         if let Some(event) = state.events.pop_front() {
-            let was_full = state.events.len() + 1 == EVENT_CAPACITY;
-            drop(state);
-            if was_full {
-                self.shared.app_wakeup.notify_all();
-            }
+            // The app may be waiting for room.
+            self.shared.wake_app(state);
             return Some(Some(event));
         }
         if state.app_gone {
@@ -193,8 +215,9 @@ impl Exchange {
 
     /// Answers a [`AppEvent::NeedBody`]. Never blocks: only one piece is ever outstanding.
     pub fn send_body(&self, piece: BodyPiece) {
-        self.shared.lock().body = Some(piece);
-        self.shared.app_wakeup.notify_all();
+        let mut state = self.shared.lock();
+        state.body = Some(piece);
+        self.shared.wake_app(state);
     }
 }
 
@@ -232,12 +255,7 @@ impl Responder {
             }
             let state = self.shared().lock();
             if state.events.len() >= EVENT_CAPACITY && !state.host_gone {
-                drop(
-                    self.shared()
-                        .app_wakeup
-                        .wait(state)
-                        .unwrap_or_else(|e| e.into_inner()),
-                );
+                drop(self.shared().app_wait(state));
             }
         }
     }
@@ -253,11 +271,7 @@ impl Responder {
             if state.host_gone {
                 return BodyPiece::Failed(DispatchError::BadRequest("the client went away".into()));
             }
-            state = self
-                .shared()
-                .app_wakeup
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
+            state = self.shared().app_wait(state);
         }
     }
 
