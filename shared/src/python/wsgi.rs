@@ -126,9 +126,7 @@ impl WsgiRunner {
         };
         sent.and(closed)
     }
-}
 
-impl WsgiRunner {
     /// The host drops lent `bytes` objects without the GIL; pyo3 queues those releases and
     /// performs them when a thread next attaches. Detaching once after a request that lent
     /// keeps that queue short even when this thread never waits for work.
