@@ -7,7 +7,7 @@
 #
 # Environment:
 #   BENCH_SECONDS    length of each measured wrk run, in seconds (default 8)
-#   PORTICO_THREADS  portico's --threads, its Python threads (default 1)
+#   PORTICO_THREADS  portico's --threads, its Python threads (default 2, its best here)
 #
 # A benchmark, not a test: it asserts nothing about the numbers and is not run in CI.
 set -euo pipefail
@@ -19,7 +19,7 @@ RESULTS="$BENCH/results"
 LOGS="$RESULTS/logs"
 
 DURATION="${BENCH_SECONDS:-8}"
-PORTICO_THREADS="${PORTICO_THREADS:-1}"
+PORTICO_THREADS="${PORTICO_THREADS:-2}"
 WARMUP=2          # seconds of unrecorded load before each measured run
 CONNECTIONS=64
 SERVER_CPU=0
