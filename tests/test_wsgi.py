@@ -251,3 +251,12 @@ def test_concurrent_requests_across_threads(server):
     for t in threads:
         t.join()
     assert results == [(200, True)] * 40
+
+
+def test_large_response_body_is_sent_intact(portico):
+    # 3 MiB: above the size where Portico lends the bytes object instead of copying it.
+    server = portico(app_table("v", "validated:application"))
+    payload = os.urandom(3 * 1024 * 1024)
+    status, _, body = server.request("POST", "/echo", body=payload, timeout=30)
+    assert status == 200 and body == payload
+    assert_clean(server)

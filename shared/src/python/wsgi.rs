@@ -293,8 +293,10 @@ fn body_bytes<'a>(item: &'a Bound<'_, PyAny>) -> Result<&'a [u8], AppFailure> {
 }
 
 /// Body chunks at least this large are lent to the host rather than copied: the host keeps a
-/// reference to the Python `bytes` object until it has written them.
-const LEND_THRESHOLD: usize = 16 * 1024;
+/// reference to the Python `bytes` object until it has written them, so a large response is
+/// never held twice in memory. (Below this, copying measured as fast as lending: a 64 KiB
+/// echo ran at the same rate either way.)
+const LEND_THRESHOLD: usize = 1024 * 1024;
 
 thread_local! {
     /// Whether this thread lent a `bytes` object to the host during the current request.
