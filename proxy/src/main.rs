@@ -16,6 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+// Request buffers are allocated on the HTTP thread and freed on a Python thread, and response
+// buffers the other way round; mimalloc frees across threads cheaply where glibc takes the
+// other arena's lock (measured: +15% on a 64 KiB echo, +5% on a hello).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXIT_CONFIG: u8 = 64;
 const EXIT_APP: u8 = 70;
 const EXIT_BIND: u8 = 71;
