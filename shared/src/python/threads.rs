@@ -74,7 +74,12 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
             // Timed out or abandoned while queued: the app never sees it.
             continue;
         }
-        runner.run(py, job);
+        // A bug of ours must cost one request, not the thread: the job's responder drops
+        // while unwinding, so the host answers 500 and this thread takes the next job.
+        let run = std::panic::AssertUnwindSafe(|| runner.run(py, job));
+        if std::panic::catch_unwind(run).is_err() {
+            log::error!("a Python thread recovered from a panic while serving a request");
+        }
     });
 }
 
