@@ -178,3 +178,33 @@ def test_full_queue_is_503_with_retry_after(portico):
         t.join(15)
     assert sorted(results) == [("/block", 200, None), ("/ok", 200, None),
                                ("/ok", 503, "1"), ("/ok", 503, "1")]
+
+
+@pytest.fixture
+def raw_app(portico):
+    return portico(app_table("raw", "misbehaving:application"))
+
+
+def test_no_content_length_on_204(raw_app):
+    data = raw_app.raw(b"GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 204")
+    assert b"content-length" not in data.lower()
+
+
+def test_file_wrapper_after_write(raw_app, tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"file body")
+    status, _, body = raw_app.get(f"/write-then-file?{path}")
+    assert (status, body) == (200, b"prefix-file body")
+
+
+def test_body_read_error_stays_an_error(raw_app):
+    data = raw_app.raw(b"POST /read-after-error HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"3\r\nabc\r\nZZ\r\n")
+    assert data.endswith(b"raised raised")
+
+
+def test_repeated_identical_content_length_is_one(raw_app):
+    data = raw_app.raw(b"POST /content-length HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                       b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
+    assert data.endswith(b"\r\n\r\n3")

@@ -258,6 +258,15 @@ impl Config {
             err("server.listen".into(), "needs at least one address".into());
         }
         for (i, addr) in self.server.listen.iter().enumerate() {
+            if let Some(j) = self.server.listen[..i]
+                .iter()
+                .position(|other| other == addr)
+            {
+                err(
+                    format!("server.listen[{i}]"),
+                    format!("`{addr}` is also server.listen[{j}]"),
+                );
+            }
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 err(
                     format!("server.listen[{i}]"),
@@ -275,7 +284,8 @@ impl Config {
             );
         }
 
-        let mut in_process_home: Option<(usize, &Option<PathBuf>)> = None;
+        // One interpreter and one working directory per process: in-process apps must agree.
+        let mut in_process_first: Option<(usize, &AppConfig)> = None;
         for (i, app) in self.app.iter().enumerate() {
             let key = |k: &str| format!("app[{i}].{k}");
             if app.name.is_empty()
@@ -303,11 +313,14 @@ impl Config {
             }
             if !app.mount.starts_with('/') {
                 err(key("mount"), format!("`{}` must start with `/`", app.mount));
-            } else if app.mount.contains(['?', '#', '%']) || app.mount.contains("//") {
+            } else if app.mount.contains(['?', '#', '%'])
+                || app.mount.contains("//")
+                || !app.mount.bytes().all(|b| b.is_ascii_graphic())
+            {
                 err(
                     key("mount"),
                     format!(
-                        "`{}` must be a plain path prefix (no `?`, `#`, `%` or `//`)",
+                        "`{}` must be a plain ASCII path prefix (no spaces, `?`, `#`, `%` or `//`)",
                         app.mount
                     ),
                 );
@@ -367,16 +380,22 @@ impl Config {
                 }
             }
             if app.mode == Mode::InProcess {
-                // One interpreter per process: in-process apps must agree on the virtualenv.
-                match in_process_home {
-                    Some((j, home)) if *home != app.python_home => err(
-                        key("python_home"),
-                        format!(
-                            "in-process apps share one interpreter, but app[{j}] uses a different python_home"
-                        ),
-                    ),
-                    None => in_process_home = Some((i, &app.python_home)),
-                    _ => {}
+                match in_process_first {
+                    Some((j, first)) => {
+                        if first.python_home != app.python_home {
+                            err(
+                                key("python_home"),
+                                format!("in-process apps share one interpreter, but app[{j}] uses a different python_home"),
+                            );
+                        }
+                        if first.chdir != app.chdir {
+                            err(
+                                key("chdir"),
+                                format!("in-process apps share one working directory, but app[{j}] uses a different chdir"),
+                            );
+                        }
+                    }
+                    None => in_process_first = Some((i, app)),
                 }
             }
         }

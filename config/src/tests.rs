@@ -72,6 +72,29 @@ fn same_mount_twice_is_an_error() {
 }
 
 #[test]
+fn in_process_apps_must_share_chdir_and_listeners_must_differ() {
+    let err = load("[server]\nlisten=[\"127.0.0.1:1\", \"127.0.0.1:1\"]\n[[app]]\nname=\"a\"\ntarget=\"a\"\nchdir=\"/\"\n[[app]]\nname=\"b\"\ntarget=\"b\"\nmount=\"/b\"\nchdir=\"/tmp\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("server.listen[1]: `127.0.0.1:1` is also server.listen[0]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("app[1].chdir: in-process apps share one working directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn too_long_durations_and_non_ascii_mounts_are_refused() {
+    let err = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nrequest_timeout=9e18\n").unwrap_err();
+    assert!(err.to_string().contains("is not a duration"), "{err}");
+    let err = load("[[app]]\nname=\"a\"\ntarget=\"a\"\nmount=\"/caf\u{e9}\"\n").unwrap_err();
+    assert!(err.to_string().contains("plain ASCII path prefix"), "{err}");
+}
+
+#[test]
 fn no_app_is_an_error() {
     let err = load("[server]\n").unwrap_err();
     assert!(err.to_string().contains("nothing to serve"), "{err}");

@@ -58,8 +58,10 @@ impl<'de> Deserialize<'de> for Seconds {
             ))
         };
         match NumberOrString::deserialize(d)? {
-            NumberOrString::Int(n) if n >= 0 => Ok(Seconds::from_secs(n as u64)),
-            NumberOrString::Float(f) if f >= 0.0 && f.is_finite() => {
+            NumberOrString::Int(n) if n >= 0 && n as f64 <= MAX_SECS => {
+                Ok(Seconds::from_secs(n as u64))
+            }
+            NumberOrString::Float(f) if f.is_finite() && (0.0..=MAX_SECS).contains(&f) => {
                 Ok(Seconds(Duration::from_secs_f64(f)))
             }
             NumberOrString::Str(s) => parse_duration(&s).map(Seconds).ok_or_else(|| bad(&s)),
@@ -81,6 +83,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
     digits.trim().parse::<u64>().ok()?.checked_mul(factor)
 }
 
+/// The longest duration accepted (about 31 years): longer ones are surely a mistake, and
+/// would overflow clock arithmetic.
+const MAX_SECS: f64 = 1e9;
+
 /// Parses `"30s"`-style durations.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -96,5 +102,5 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => n * 3600.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    (secs.is_finite() && (0.0..=MAX_SECS).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }

@@ -11,8 +11,9 @@ use pingora::time::fast_timeout::fast_timeout;
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange, FileBody};
 use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead};
 use portico_core::{App, DispatchError};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// Largest piece of a file read at once for `wsgi.file_wrapper`.
 const FILE_CHUNK: usize = 64 * 1024;
@@ -88,8 +89,16 @@ fn request_head(session: &mut Session) -> RequestHead {
             .req_header()
             .headers
             .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-        {
+            // A repeated identical length arrives as "3, 3" (RFC 9110 section 8.6).
+            .and_then(|v| {
+                v.to_str()
+                    .ok()?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            }) {
             Some(n) => BodyLength::Known(n),
             None => BodyLength::Unknown,
         }
@@ -191,7 +200,9 @@ impl<'a> Transfer<'a> {
     }
 
     async fn run(mut self, mut exchange: Exchange) -> Result<()> {
-        let deadline = self.request_timeout.map(|t| Instant::now() + t);
+        let deadline = self
+            .request_timeout
+            .and_then(|t| Instant::now().checked_add(t));
         loop {
             let event = match deadline {
                 Some(deadline) if !self.head_sent => {
@@ -349,23 +360,29 @@ impl<'a> Transfer<'a> {
         if self.is_head {
             return Ok(());
         }
-        let mut f = tokio::fs::File::from_std(file.file);
-        f.seek(std::io::SeekFrom::Start(file.offset))
-            .await
-            .or_err(ErrorType::InternalError, "seeking the response file")?;
+        // Positioned reads (pread) on a blocking thread: the descriptor shares its file offset
+        // with the app's file object, which the app may go on using.
+        let f = Arc::new(file.file);
+        let mut offset = file.offset;
         let mut left = file.len.unwrap_or(u64::MAX);
         while left > 0 {
             let want = FILE_CHUNK.min(usize::try_from(left).unwrap_or(FILE_CHUNK));
-            let mut buf = vec![0u8; want];
-            let n = f
-                .read(&mut buf)
-                .await
-                .or_err(ErrorType::InternalError, "reading the response file")?;
-            if n == 0 {
+            let f = f.clone();
+            let buf = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want];
+                let n = f.read_at(&mut buf, offset)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await
+            .or_err(ErrorType::InternalError, "reading the response file")?
+            .or_err(ErrorType::InternalError, "reading the response file")?;
+            if buf.is_empty() {
                 break;
             }
-            buf.truncate(n);
-            left -= n as u64;
+            let n = buf.len() as u64;
+            offset += n;
+            left -= n;
             self.session
                 .write_response_body(Some(Bytes::from(buf)), false)
                 .await?;

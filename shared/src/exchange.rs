@@ -96,9 +96,10 @@ struct State {
     host_waker: Option<Waker>,
     host_gone: bool,
     app_gone: bool,
-    /// Whether the app thread sleeps on `app_wakeup`: a notify is a system call, so it is made
-    /// only when someone is there to hear it.
-    app_waiting: bool,
+    /// How many app threads sleep on `app_wakeup` (two can: one in `wsgi.input`, one in
+    /// `write()` from a thread of the app's own). A notify is a system call, so it is made only
+    /// when someone is there to hear it.
+    app_waiters: u32,
 }
 
 /// Marks the app side gone when the last [`Responder`] clone drops.
@@ -135,7 +136,7 @@ impl Shared {
 
     /// Releases the lock and wakes the app thread if it is waiting.
     fn wake_app(&self, state: MutexGuard<'_, State>) {
-        let waiting = state.app_waiting;
+        let waiting = state.app_waiters > 0;
         drop(state);
         if waiting {
             self.app_wakeup.notify_all();
@@ -144,12 +145,12 @@ impl Shared {
 
     /// Waits on `app_wakeup` (the caller rechecks its condition afterwards).
     fn app_wait<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        state.app_waiting = true;
+        state.app_waiters += 1;
         let mut state = self
             .app_wakeup
             .wait(state)
             .unwrap_or_else(|e| e.into_inner());
-        state.app_waiting = false;
+        state.app_waiters -= 1;
         state
     }
 }
@@ -163,7 +164,7 @@ pub fn channel() -> (Exchange, Responder) {
             host_waker: None,
             host_gone: false,
             app_gone: false,
-            app_waiting: false,
+            app_waiters: 0,
         }),
         app_wakeup: Condvar::new(),
     });
@@ -319,6 +320,28 @@ mod tests {
         let reader = std::thread::spawn(move || app.recv_body_blocking());
         drop(host);
         assert!(matches!(reader.join().unwrap(), BodyPiece::Failed(_)));
+    }
+
+    #[test]
+    fn two_waiting_app_threads_are_both_woken() {
+        let (mut host, app) = channel();
+        for _ in 0..EVENT_CAPACITY {
+            app.try_send(AppEvent::NeedBody).unwrap();
+        }
+        let reader_side = app.clone();
+        let reader = std::thread::spawn(move || reader_side.recv_body_blocking());
+        let writer = std::thread::spawn(move || app.send_blocking(AppEvent::End));
+        // Wake the reader first, then make room for the writer; neither wakeup may be lost.
+        while host.shared.lock().app_waiters < 2 {
+            std::thread::yield_now();
+        }
+        host.send_body(BodyPiece::End);
+        assert!(matches!(reader.join().unwrap(), BodyPiece::End));
+        while host
+            .try_next()
+            .is_some_and(|e| !matches!(e, Some(AppEvent::End)))
+        {}
+        writer.join().unwrap().unwrap();
     }
 
     #[test]

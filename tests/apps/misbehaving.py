@@ -67,6 +67,26 @@ def application(environ, start_response):
         f.seek(10)
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/write-then-file":
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        write(b"prefix-")
+        return environ["wsgi.file_wrapper"](open(environ["QUERY_STRING"], "rb"))
+    if path == "/no-content":
+        start_response("204 No Content", [])
+        return []
+    if path == "/read-after-error":
+        outcomes = []
+        for _ in range(2):
+            try:
+                environ["wsgi.input"].read(100)
+                outcomes.append("read")
+            except OSError:
+                outcomes.append("raised")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [" ".join(outcomes).encode()]
+    if path == "/content-length":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ.get("CONTENT_LENGTH", "-").encode()]
     if path == "/file-like":
         import io
         start_response("200 OK", [("Content-Type", "application/octet-stream")])

@@ -152,11 +152,8 @@ impl Runner for WsgiRunner {
         })
         .map_err(AppFailure::Raised)
         .and_then(|(input, start)| {
-            let outcome = self.call_app(py, &job, &input, &start);
-            // The app may keep references to these; cut them off from this request.
-            input.borrow_mut().responder = None;
-            start.borrow_mut().responder = None;
-            outcome
+            let _cut_off = CutOff(&input, &start);
+            self.call_app(py, &job, &input, &start)
         });
         let event = match outcome {
             Ok(()) | Err(AppFailure::HostGone) => return self.release_lent(py),
@@ -186,6 +183,21 @@ impl Runner for WsgiRunner {
         };
         let _ = send(py, &responder, event);
         self.release_lent(py);
+    }
+}
+
+/// Cuts a request's Python objects off from the request when dropped, on a panic too: the app
+/// may keep references to them, and a live responder would keep the host waiting for events.
+struct CutOff<'a, 'py>(&'a Bound<'py, Input>, &'a Bound<'py, StartResponse>);
+
+impl Drop for CutOff<'_, '_> {
+    fn drop(&mut self) {
+        if let Ok(mut input) = self.0.try_borrow_mut() {
+            input.responder = None;
+        }
+        if let Ok(mut start) = self.1.try_borrow_mut() {
+            start.responder = None;
+        }
     }
 }
 
@@ -227,7 +239,9 @@ fn send_result(
                 }
             };
             let mut head = start.borrow_mut().take_head()?;
-            if !head.has_content_length() {
+            // RFC 9110 section 8.6: no Content-Length on 204, and on 304 it would describe
+            // the cached representation, not this empty body.
+            if !head.has_content_length() && !matches!(head.status, 204 | 304) {
                 head.headers.push((
                     Bytes::from_static(b"content-length"),
                     Bytes::from(body.len().to_string()),
@@ -236,7 +250,12 @@ fn send_result(
             return send(py, responder, AppEvent::Whole(head, body));
         }
     }
-    if let Ok(wrapper) = result.cast::<FileWrapper>() {
+    // After write() the head is out: a file wrapper is then just iterated below.
+    let wrapper = result
+        .cast::<FileWrapper>()
+        .ok()
+        .filter(|_| !start.borrow().sent);
+    if let Some(wrapper) = wrapper {
         if let Some(file) = wrapper.borrow().as_file_body(py) {
             let mut head = start.borrow_mut().take_head()?;
             let file = clamp_to_content_length(&head, file);
@@ -406,10 +425,7 @@ impl StartResponse {
                 .to_owned();
             let headers = parse_headers(headers)?;
             match ResponseHead::new(&status, headers) {
-                Ok(head) => {
-                    this.head = Some(head);
-                    this.refused = None;
-                }
+                Ok(head) => this.head = Some(head),
                 Err(why) => {
                     this.refused = Some(why.clone());
                     return Err(PyValueError::new_err(why));
@@ -488,6 +504,9 @@ pub(crate) struct Input {
     pieces: VecDeque<Bytes>,
     available: usize,
     done: bool,
+    /// Why the body could not be read; every later read raises it again, so a truncated
+    /// body never reads as a complete one.
+    failed: Option<String>,
 }
 
 impl Input {
@@ -500,11 +519,15 @@ impl Input {
             available: pieces.iter().map(Bytes::len).sum(),
             pieces,
             done,
+            failed: None,
         }
     }
 
     /// Fetches one more piece from the host; `false` at the end of the body.
     fn fill(&mut self, py: Python<'_>) -> PyResult<bool> {
+        if let Some(why) = &self.failed {
+            return Err(PyOSError::new_err(why.clone()));
+        }
         if self.done {
             return Ok(false);
         }
@@ -525,6 +548,9 @@ impl Input {
             }
             BodyPiece::Failed(e) => {
                 self.done = true;
+                self.pieces.clear();
+                self.available = 0;
+                self.failed = Some(e.to_string());
                 Err(PyOSError::new_err(e.to_string()))
             }
         }
@@ -824,6 +850,8 @@ pub(crate) fn cgi_headers(headers: &[(Bytes, Bytes)]) -> Vec<(Vec<u8>, Vec<u8>)>
                 .collect()
         };
         match out.iter_mut().find(|(k, _)| *k == key) {
+            // Repeated identical lengths are allowed (RFC 9110 section 8.6) and mean one.
+            Some(_) if key == b"CONTENT_LENGTH" => {}
             Some((_, joined)) => {
                 let sep: &[u8] = if name.eq_ignore_ascii_case(b"cookie") {
                     b"; "
