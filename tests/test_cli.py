@@ -2,7 +2,7 @@
 
 import socket
 
-from conftest import APPS, Server, app_table, free_port
+from conftest import APPS, BINARY, Server, app_table, free_port
 
 
 def test_check_accepts_a_valid_config(run_portico, tmp_path):
@@ -35,7 +35,7 @@ def test_unknown_key_is_an_error(run_portico, tmp_path):
 
 def test_import_error_shows_traceback_and_binds_nothing(tmp_path):
     port = free_port()
-    server = Server(["%s" % __import__("conftest").BINARY, "run", "broken_import:app",
+    server = Server([str(BINARY), "run", "broken_import:app",
                      "--python-path", str(APPS), "--bind", f"127.0.0.1:{port}"], tmp_path, port)
     assert server.proc.wait(30) == 70
     err = server.stderr()
@@ -72,7 +72,7 @@ def test_run_flags_are_validated_by_name(run_portico):
 
 def test_run_serves_an_app(tmp_path):
     port = free_port()
-    server = Server([str(__import__("conftest").BINARY), "run", "validated:application",
+    server = Server([str(BINARY), "run", "validated:application",
                      "--python-path", str(APPS), "--bind", f"127.0.0.1:{port}"], tmp_path, port)
     try:
         server.wait_ready()

@@ -1,6 +1,7 @@
 """What users see when things go wrong: apps that raise or break the protocol, limits,
 timeouts, and a blocked app that must not stall anything else."""
 
+import signal
 import socket
 import threading
 
@@ -152,7 +153,7 @@ def test_sigterm_lets_requests_in_flight_finish(portico):
     t = threading.Thread(target=slow)
     t.start()
     server.wait_for_log("blocking in /block")
-    server.proc.send_signal(__import__("signal").SIGTERM)
+    server.proc.send_signal(signal.SIGTERM)
     t.join(15)
     assert result["response"][0] == 200 and result["response"][2] == b"unblocked"
     assert server.proc.wait(15) == 0

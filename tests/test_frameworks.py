@@ -8,7 +8,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import APPS, VENV, Server, app_table, free_port
+from conftest import APPS, BINARY, VENV, Server, app_table, free_port
 
 
 def gunicorn(tmp_path, target, chdir, env=None):
@@ -38,7 +38,6 @@ def flask_servers(tmp_path_factory):
     cfg = tmp / "portico.toml"
     cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n' +
                    app_table("flask", "flask_app:app", python_home=str(VENV)))
-    from conftest import BINARY
     portico = Server([str(BINARY), "serve", "--config", str(cfg)], tmp, port).wait_ready()
     guni = gunicorn(tmp, "flask_app:app", APPS)
     yield portico, guni
@@ -122,7 +121,6 @@ def django_servers(django_project, tmp_path_factory):
     cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[[app]]\nname = "mysite"\n'
                    f'target = "mysite.wsgi:application"\npython_path = ["{django_project}"]\n'
                    f'python_home = "{VENV}"\n')
-    from conftest import BINARY
     portico = Server([str(BINARY), "serve", "--config", str(cfg)], tmp, port).wait_ready()
     guni = gunicorn(tmp, "mysite.wsgi:application", django_project)
     yield portico, guni

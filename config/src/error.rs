@@ -112,53 +112,36 @@ impl<'a> Locator<'a> {
     }
 
     fn span_of(&self, key: &str) -> Option<usize> {
-        let doc = self.doc.as_ref()?;
-        let mut item: &toml_edit::Item = doc.as_item();
+        let mut table = self.doc.as_ref()?.as_item().as_table_like()?;
         let mut best = None;
         for segment in key.split('.') {
             let (name, index) = match segment.split_once('[') {
                 Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
                 None => (segment, None),
             };
-            let table = item.as_table_like()?;
-            let (k, child) = table.get_key_value(name)?;
+            let Some((k, item)) = table.get_key_value(name) else {
+                break;
+            };
             best = k.span().map(|s| s.start).or(best);
-            item = child;
-            if let Some(i) = index {
-                return match item {
-                    toml_edit::Item::ArrayOfTables(tables) => {
-                        let t = tables.get(i)?;
-                        best = t.span().map(|s| s.start).or(best);
-                        // An array-of-tables entry is addressed as a table below.
-                        self.span_in_table(t, key, best)
-                    }
-                    toml_edit::Item::Value(toml_edit::Value::Array(values)) => {
-                        values.get(i)?.span().map(|s| s.start).or(best)
-                    }
-                    _ => best,
-                };
+            let next = match (index, item) {
+                // `app[2]`: an array-of-tables entry, addressed as a table below.
+                (Some(i), toml_edit::Item::ArrayOfTables(tables)) => {
+                    let Some(entry) = tables.get(i) else { break };
+                    best = entry.span().map(|s| s.start).or(best);
+                    Some(entry as &dyn toml_edit::TableLike)
+                }
+                // `listen[1]`: an element of an inline array.
+                (Some(i), item) => {
+                    let element = item.as_array().and_then(|a| a.get(i));
+                    return element.and_then(|v| v.span()).map(|s| s.start).or(best);
+                }
+                (None, item) => item.as_table_like(),
+            };
+            match next {
+                Some(next) => table = next,
+                None => break,
             }
-            best = item.span().map(|s| s.start).or(best);
         }
         best
-    }
-
-    /// The rest of `key` after its `[i]` part, looked up inside table `t`.
-    fn span_in_table(&self, t: &toml_edit::Table, key: &str, best: Option<usize>) -> Option<usize> {
-        let rest = key.split_once("].").map(|(_, rest)| rest);
-        let Some(rest) = rest else { return best };
-        let (name, index) = match rest.split_once('[') {
-            Some((name, idx)) => (name, idx.trim_end_matches(']').parse::<usize>().ok()),
-            None => (rest, None),
-        };
-        let Some((k, item)) = t.get_key_value(name) else {
-            return best;
-        };
-        if let (Some(i), Some(array)) = (index, item.as_array()) {
-            if let Some(span) = array.get(i).and_then(|v| v.span()) {
-                return Some(span.start);
-            }
-        }
-        k.span().map(|s| s.start).or(best)
     }
 }

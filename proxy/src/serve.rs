@@ -35,8 +35,7 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     let limit = app.config().max_body_size.0;
     if let BodyLength::Known(len) = head.body {
         if limit > 0 && len > limit {
-            // RFC 9110 section 15.5.14; the unread body makes the connection unusable.
-            session.set_keepalive(None);
+            // RFC 9110 section 15.5.14 (respond_error closes the connection: the body is unread).
             respond_error(session, &DispatchError::BodyTooLarge { limit }).await?;
             return Ok(true);
         }
