@@ -53,6 +53,28 @@ pub struct ServerConfig {
     /// Default: 10 s.
     #[serde(default = "ServerConfig::default_graceful_timeout")]
     pub graceful_timeout: Seconds,
+    /// Whether the plain listeners also speak HTTP/2 with prior knowledge (h2c, RFC 9113
+    /// section 3.3) beside HTTP/1.x. A client must then send at least 24 bytes (the length
+    /// of the HTTP/2 preface) before it gets an answer; real HTTP/1 requests always do.
+    /// Default: true.
+    #[serde(default = "ServerConfig::default_h2c")]
+    pub h2c: bool,
+    /// The `[server.tls]` table: TLS listeners (HTTP/1.1 and HTTP/2 chosen by ALPN, and
+    /// `wss`). Default: none.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[server.tls]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses that speak TLS, as `HOST:PORT`. Required (at least one).
+    pub listen: Vec<String>,
+    /// PEM file with the certificate chain, leaf first; relative to the config file. Required.
+    pub certificate: PathBuf,
+    /// PEM file with the private key; relative to the config file. Required.
+    pub key: PathBuf,
 }
 
 impl ServerConfig {
@@ -71,6 +93,9 @@ impl ServerConfig {
     fn default_graceful_timeout() -> Seconds {
         Seconds::from_secs(10)
     }
+    fn default_h2c() -> bool {
+        true
+    }
 }
 
 impl Default for ServerConfig {
@@ -81,6 +106,8 @@ impl Default for ServerConfig {
             access_log: Self::default_access_log(),
             keepalive_timeout: Self::default_keepalive_timeout(),
             graceful_timeout: Self::default_graceful_timeout(),
+            h2c: Self::default_h2c(),
+            tls: None,
         }
     }
 }
@@ -94,6 +121,32 @@ pub enum Interface {
     Wsgi,
     /// ASGI 3.
     Asgi,
+}
+
+/// Which asyncio event loop an ASGI app runs on.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoopKind {
+    /// uvloop when it can be imported, else asyncio's own. The default.
+    #[default]
+    Auto,
+    /// asyncio's default loop.
+    Asyncio,
+    /// uvloop (refused at start-up when it is not installed).
+    Uvloop,
+}
+
+/// Whether an ASGI app gets the lifespan protocol (startup/shutdown events).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LifespanMode {
+    /// Run it; an app that raises on the lifespan scope is served without it. The default.
+    #[default]
+    Auto,
+    /// Run it; any error in it stops the server from starting.
+    On,
+    /// Do not run it.
+    Off,
 }
 
 /// Where an app's Python runs.
@@ -152,6 +205,20 @@ pub struct AppConfig {
     /// Default: 60 s.
     #[serde(default = "AppConfig::default_body_timeout")]
     pub body_timeout: Seconds,
+    /// ASGI only: the event loop, `"auto"`, `"asyncio"` or `"uvloop"`. Default: `"auto"`.
+    #[serde(default, rename = "loop")]
+    pub event_loop: LoopKind,
+    /// ASGI only: the lifespan protocol, `"auto"`, `"on"` or `"off"`. Default: `"auto"`.
+    #[serde(default)]
+    pub lifespan: LifespanMode,
+    /// ASGI only: the largest WebSocket message accepted from a client; a larger one closes
+    /// the connection with 1009. Default: `"16M"`.
+    #[serde(default = "AppConfig::default_websocket_max_message_size")]
+    pub websocket_max_message_size: ByteSize,
+    /// ASGI only: whether WebSocket compression (permessage-deflate, RFC 7692) is offered to
+    /// clients that ask for it. Default: true.
+    #[serde(default = "AppConfig::default_true")]
+    pub websocket_per_message_deflate: bool,
 }
 
 impl AppConfig {
@@ -173,6 +240,12 @@ impl AppConfig {
     fn default_body_timeout() -> Seconds {
         Seconds::from_secs(60)
     }
+    fn default_websocket_max_message_size() -> ByteSize {
+        ByteSize(16 * 1024 * 1024)
+    }
+    fn default_true() -> bool {
+        true
+    }
 
     /// An app with every optional key at its default.
     pub fn new(name: &str, target: &str) -> AppConfig {
@@ -190,6 +263,10 @@ impl AppConfig {
             max_body_size: Self::default_max_body_size(),
             request_timeout: Self::default_request_timeout(),
             body_timeout: Self::default_body_timeout(),
+            event_loop: LoopKind::default(),
+            lifespan: LifespanMode::default(),
+            websocket_max_message_size: Self::default_websocket_max_message_size(),
+            websocket_per_message_deflate: true,
         }
     }
 
@@ -239,6 +316,10 @@ impl Config {
             app.python_home.iter_mut().for_each(resolve);
             app.chdir.iter_mut().for_each(resolve);
         }
+        if let Some(tls) = &mut self.server.tls {
+            resolve(&mut tls.certificate);
+            resolve(&mut tls.key);
+        }
     }
 
     /// Parses and type-checks TOML text. `path` is only used in error messages.
@@ -254,7 +335,7 @@ impl Config {
         let mut errors = Vec::new();
         let mut err = |key: String, message: String| errors.push(locator.error(&key, message));
 
-        if self.server.listen.is_empty() {
+        if self.server.listen.is_empty() && self.server.tls.is_none() {
             err("server.listen".into(), "needs at least one address".into());
         }
         for (i, addr) in self.server.listen.iter().enumerate() {
@@ -272,6 +353,44 @@ impl Config {
                     format!("server.listen[{i}]"),
                     format!("`{addr}` is not HOST:PORT with a numeric IP (e.g. 127.0.0.1:8000)"),
                 );
+            }
+        }
+        let plain = self.server.listen.iter().map(|a| ("server.listen", a));
+        let secure = self
+            .server
+            .tls
+            .iter()
+            .flat_map(|t| t.listen.iter().map(|a| ("server.tls.listen", a)));
+        let all: Vec<(&str, &String)> = plain.collect();
+        for (i, addr) in secure.enumerate() {
+            let key = format!("server.tls.listen[{i}]");
+            if addr.1.parse::<std::net::SocketAddr>().is_err() {
+                err(
+                    key.clone(),
+                    format!(
+                        "`{}` is not HOST:PORT with a numeric IP (e.g. 0.0.0.0:8443)",
+                        addr.1
+                    ),
+                );
+            }
+            if all.iter().any(|(_, other)| *other == addr.1) {
+                err(key, format!("`{}` is also in server.listen", addr.1));
+            }
+        }
+        if let Some(tls) = &self.server.tls {
+            if tls.listen.is_empty() {
+                err(
+                    "server.tls.listen".into(),
+                    "needs at least one address".into(),
+                );
+            }
+            for (k, file) in [("certificate", &tls.certificate), ("key", &tls.key)] {
+                if !file.is_file() {
+                    err(
+                        format!("server.tls.{k}"),
+                        format!("`{}` is not a readable file", file.display()),
+                    );
+                }
             }
         }
         if self.server.threads == 0 {
@@ -349,12 +468,6 @@ impl Config {
             }
             if app.queue_size == 0 {
                 err(key("queue_size"), "must be at least 1".into());
-            }
-            if app.interface == Interface::Asgi {
-                err(
-                    key("interface"),
-                    "\"asgi\" is not available in this version of Portico yet; use \"wsgi\"".into(),
-                );
             }
             if app.mode == Mode::Pool {
                 err(

@@ -11,7 +11,9 @@
 //! threads and the response comes back as events (see `portico_core::exchange`).
 
 pub mod access_log;
+pub mod listener;
 mod serve;
+mod websocket;
 
 use access_log::AccessLog;
 use async_trait::async_trait;
@@ -27,6 +29,7 @@ pub struct Portico {
     dispatcher: Arc<Dispatcher>,
     access_log: AccessLog,
     keepalive_timeout: Duration,
+    server_cert: Option<Arc<str>>,
 }
 
 impl Portico {
@@ -41,7 +44,15 @@ impl Portico {
             dispatcher,
             access_log,
             keepalive_timeout,
+            server_cert: None,
         }
+    }
+
+    /// The PEM certificate the TLS listeners present, for the ASGI `tls` extension's
+    /// `server_cert`.
+    pub fn with_server_cert(mut self, pem: Option<String>) -> Portico {
+        self.server_cert = pem.map(Arc::from);
+        self
     }
 
     /// The dispatcher behind this host.
@@ -63,6 +74,7 @@ impl Portico {
 
 /// A [`ProxyHttp`] that serves every request from Portico's apps and proxies nothing:
 /// paths under no mount get 404.
+#[derive(Clone)]
 pub struct PorticoProxy {
     portico: Portico,
 }

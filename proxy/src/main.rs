@@ -5,12 +5,15 @@
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
 use clap::{Parser, Subcommand};
-use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
-use portico_config::{AppConfig, Config, ConfigError, ConfigErrors, Interface};
+use pingora::services::listening::Service;
+use portico_config::{
+    AppConfig, Config, ConfigError, ConfigErrors, Interface, LifespanMode, LoopKind, TlsConfig,
+};
 use portico_core::{Dispatcher, HostInfo};
 use portico_proxy::access_log::AccessLog;
+use portico_proxy::listener::PorticoApp;
 use portico_proxy::{Portico, PorticoProxy};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,7 +33,7 @@ const EXIT_BIND: u8 = 71;
 #[command(
     name = "portico",
     version,
-    about = "Serve Python WSGI apps from Pingora, in-process"
+    about = "Serve Python WSGI and ASGI apps from Pingora, in-process"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve one app at `/`, configured from the command line (like gunicorn or uvicorn).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve what a portico.toml says.
     Serve {
         /// The config file.
@@ -84,6 +87,24 @@ struct RunArgs {
     /// Access log: `-` (standard output), `off`, or a file.
     #[arg(long, default_value = "-")]
     access_log: String,
+    /// ASGI: the event loop.
+    #[arg(long = "loop", default_value = "auto", value_parser = ["auto", "asyncio", "uvloop"])]
+    event_loop: String,
+    /// ASGI: the lifespan protocol.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    lifespan: String,
+    /// ASGI: do not offer WebSocket compression (permessage-deflate).
+    #[arg(long)]
+    no_ws_deflate: bool,
+    /// Address to listen on with TLS (needs --tls-certificate and --tls-key); repeat for several.
+    #[arg(long)]
+    tls_bind: Vec<String>,
+    /// PEM certificate chain for the TLS listeners.
+    #[arg(long)]
+    tls_certificate: Option<PathBuf>,
+    /// PEM private key for the TLS listeners.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -91,7 +112,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let (config, source) = match cli.command {
-        Command::Run(args) => match config_from_args(args) {
+        Command::Run(args) => match config_from_args(*args) {
             Ok(config) => (config, "command line".to_owned()),
             Err(e) => return config_failed(&e),
         },
@@ -138,6 +159,17 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
         "asgi" => Interface::Asgi,
         _ => Interface::Wsgi,
     };
+    app.event_loop = match args.event_loop.as_str() {
+        "asyncio" => LoopKind::Asyncio,
+        "uvloop" => LoopKind::Uvloop,
+        _ => LoopKind::Auto,
+    };
+    app.lifespan = match args.lifespan.as_str() {
+        "on" => LifespanMode::On,
+        "off" => LifespanMode::Off,
+        _ => LifespanMode::Auto,
+    };
+    app.websocket_per_message_deflate = !args.no_ws_deflate;
     app.threads = args.threads;
     app.chdir = args.chdir;
     app.python_home = args.python_home;
@@ -151,9 +183,21 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
         app: vec![app],
     };
     config.server.listen = args.bind;
+    let tls_given =
+        !args.tls_bind.is_empty() || args.tls_certificate.is_some() || args.tls_key.is_some();
+    if tls_given {
+        config.server.tls = Some(TlsConfig {
+            listen: args.tls_bind,
+            certificate: args.tls_certificate.unwrap_or_default(),
+            key: args.tls_key.unwrap_or_default(),
+        });
+    }
     config.server.threads = args.server_threads;
     config.server.access_log = args.access_log;
-    const FLAGS: [(&str, &str); 7] = [
+    const FLAGS: [(&str, &str); 10] = [
+        ("server.tls.listen", "--tls-bind"),
+        ("server.tls.certificate", "--tls-certificate"),
+        ("server.tls.key", "--tls-key"),
         ("server.listen", "--bind"),
         ("server.threads", "--server-threads"),
         ("app[0].target", "TARGET"),
@@ -199,7 +243,16 @@ fn serve(config: Config, source: &str) -> ExitCode {
             return ExitCode::from(EXIT_APP);
         }
     };
-    for addr in &config.server.listen {
+    if let Some(tls) = &config.server.tls {
+        // Pingora reads these files inside its listener thread and panics there, leaving a
+        // process that serves nothing: check them here instead.
+        if let Err(e) = check_tls_files(tls) {
+            eprintln!("portico: invalid configuration:\n  {source}: server.tls: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let tls_listen = config.server.tls.iter().flat_map(|t| t.listen.iter());
+    for addr in config.server.listen.iter().chain(tls_listen) {
         // Fail with a clear message now rather than a panic inside Pingora later.
         if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
             eprintln!("portico: cannot listen on {addr}: {e}");
@@ -231,12 +284,51 @@ fn serve(config: Config, source: &str) -> ExitCode {
         dispatcher.clone(),
         access_log,
         config.server.keepalive_timeout.0,
+    )
+    .with_server_cert(
+        config
+            .server
+            .tls
+            .as_ref()
+            .and_then(|t| leaf_certificate(&t.certificate)),
     );
-    let mut service =
-        http_proxy_service_with_name(&server.configuration, PorticoProxy::new(portico), "portico");
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    // Larger flow-control windows than HTTP/2's 64 KiB default, so uploads are not throttled
+    // to one window per round trip.
+    h2.initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let app = PorticoApp::new(
+        &server.configuration,
+        PorticoProxy::new(portico),
+        config.server.h2c,
+        h2,
+    );
+    let mut service = Service::new("portico".to_owned(), app);
     for addr in &config.server.listen {
         service.add_tcp(addr);
-        log::info!("listening on http://{addr}");
+        if config.server.h2c {
+            log::info!("listening on http://{addr} (HTTP/1.x, h2c, WebSocket)");
+        } else {
+            log::info!("listening on http://{addr} (HTTP/1.x, WebSocket)");
+        }
+    }
+    if let Some(tls) = &config.server.tls {
+        for addr in &tls.listen {
+            let mut settings = match pingora::listeners::tls::TlsSettings::intermediate(
+                &tls.certificate.to_string_lossy(),
+                &tls.key.to_string_lossy(),
+            ) {
+                Ok(settings) => settings,
+                Err(e) => {
+                    eprintln!("portico: {source}: server.tls: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            // ALPN offers h2 and http/1.1 (RFC 7301).
+            settings.enable_h2();
+            service.add_tls_with_settings(addr, None, settings);
+            log::info!("listening on https://{addr} (HTTP/1.1, HTTP/2, WebSocket)");
+        }
     }
     for app in dispatcher.apps() {
         let c = app.config();
@@ -250,5 +342,50 @@ fn serve(config: Config, source: &str) -> ExitCode {
         );
     }
     server.add_service(service);
-    server.run_forever()
+    // `run` returns once Pingora has stopped serving (`run_forever` would exit the process):
+    // then, with no request left, the ASGI apps get their lifespan shutdown.
+    server.run(pingora::server::RunArgs::default());
+    dispatcher.shutdown(config.server.graceful_timeout.0);
+    log::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// The first PEM certificate of a chain file (the leaf).
+fn leaf_certificate(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    const END: &str = "-----END CERTIFICATE-----";
+    let start = text.find("-----BEGIN CERTIFICATE-----")?;
+    let end = text[start..].find(END)? + start + END.len();
+    Some(format!("{}\n", &text[start..end]))
+}
+
+/// Loads the certificate chain and key the way Pingora will, and checks that they match.
+fn check_tls_files(tls: &TlsConfig) -> Result<(), String> {
+    use pingora::tls::{version, ServerConfig};
+    pingora::tls::install_default_crypto_provider();
+    let (certs, key) = match pingora::tls::load_certs_and_key_files(
+        &tls.certificate.to_string_lossy(),
+        &tls.key.to_string_lossy(),
+    ) {
+        Ok(Some(pair)) => pair,
+        Ok(None) => {
+            return Err(format!(
+                "no certificate in {} or no private key in {}",
+                tls.certificate.display(),
+                tls.key.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot load certificate or key: {e}")),
+    };
+    ServerConfig::builder_with_protocol_versions(&[&version::TLS12, &version::TLS13])
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "certificate {} and key {} do not work together: {e}",
+                tls.certificate.display(),
+                tls.key.display()
+            )
+        })
 }

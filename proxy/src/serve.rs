@@ -9,11 +9,15 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::time::fast_timeout::fast_timeout;
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange, FileBody};
-use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead};
+use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
 use portico_core::{App, DispatchError};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How long an ASGI app may sit on a request before Portico also watches the client's
+/// socket for a disconnect (which the app hears as `http.disconnect`).
+const WATCH_AFTER: Duration = Duration::from_millis(20);
 
 /// Largest piece of a file read at once for `wsgi.file_wrapper`.
 const FILE_CHUNK: usize = 64 * 1024;
@@ -31,7 +35,18 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     if session.get_keepalive().is_some() {
         session.set_keepalive(Some(portico.keepalive_timeout.as_secs().max(1)));
     }
-    let head = request_head(session);
+    let head = request_head(portico, session);
+    if app.accepts_websockets() {
+        if let Some(handshake) = crate::websocket::handshake(app, &head) {
+            match handshake {
+                Ok(handshake) => {
+                    crate::websocket::serve(session, app, head, route, handshake).await?
+                }
+                Err(e) => respond_error(session, &e).await?,
+            }
+            return Ok(true);
+        }
+    }
     let limit = app.config().max_body_size.0;
     if let BodyLength::Known(len) = head.body {
         if limit > 0 && len > limit {
@@ -44,7 +59,10 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     let body = match head.body {
         BodyLength::Known(len) if len <= BUFFERED_BODY_LIMIT && !transfer.expect_continue => {
             match transfer.read_small_body().await {
-                Ok(body) => Some(body),
+                Ok(body) => {
+                    transfer.body_done = true;
+                    Some(body)
+                }
                 Err(e) => {
                     transfer.fail(e).await?;
                     return Ok(true);
@@ -80,7 +98,7 @@ fn path_of(target: &[u8]) -> &[u8] {
     path
 }
 
-fn request_head(session: &mut Session) -> RequestHead {
+fn request_head(portico: &Portico, session: &mut Session) -> RequestHead {
     let body = if session.is_body_empty() {
         BodyLength::Empty
     } else {
@@ -113,26 +131,76 @@ fn request_head(session: &mut Session) -> RequestHead {
         Version::HTTP_2 => HttpVersion::Http2,
         _ => HttpVersion::Http11,
     };
+    let mut headers: Vec<(Bytes, Bytes)> = Vec::with_capacity(req.headers.len() + 1);
+    if version == HttpVersion::Http2 && !req.headers.contains_key(http::header::HOST) {
+        // RFC 9113 section 8.3.1: `:authority` stands in for Host; apps (Django's
+        // ALLOWED_HOSTS, URL building) expect to find it as `host`.
+        if let Some(authority) = req.uri.authority() {
+            headers.push((
+                Bytes::from_static(b"host"),
+                Bytes::copy_from_slice(authority.as_str().as_bytes()),
+            ));
+        }
+    }
+    headers.extend(req.headers.iter().map(|(n, v)| {
+        (
+            Bytes::copy_from_slice(n.as_str().as_bytes()),
+            Bytes::copy_from_slice(v.as_bytes()),
+        )
+    }));
     RequestHead {
         method: req.method.as_str().to_owned(),
         raw_path: Bytes::copy_from_slice(path_of(path)),
         query: Bytes::copy_from_slice(query),
         version,
-        headers: req
-            .headers
-            .iter()
-            .map(|(n, v)| {
-                (
-                    Bytes::copy_from_slice(n.as_str().as_bytes()),
-                    Bytes::copy_from_slice(v.as_bytes()),
-                )
-            })
-            .collect(),
-        tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        headers,
+        tls: session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .map(|ssl| TlsInfo {
+                server_cert: portico.server_cert.clone(),
+                version: tls_version_number(&ssl.version),
+                cipher_suite: cipher_suite_number(&ssl.cipher),
+            }),
+        // Pingora writes trailers on HTTP/2 only (its HTTP/1 writer drops them).
+        trailers: version == HttpVersion::Http2,
         client: session.client_addr().and_then(|a| a.as_inet()).copied(),
         server: session.server_addr().and_then(|a| a.as_inet()).copied(),
         body,
     }
+}
+
+/// The IANA number of a TLS version as rustls names it (`TLSv1_3`, `TLSv1.3`).
+fn tls_version_number(name: &str) -> Option<u16> {
+    let name = name.replace('_', ".");
+    if name.contains("1.3") {
+        Some(0x0304)
+    } else if name.contains("1.2") {
+        Some(0x0303)
+    } else {
+        None
+    }
+}
+
+/// The IANA number (RFC 8446 appendix B.4, RFC 5289, RFC 7905) of the cipher suites rustls
+/// offers, from its name.
+fn cipher_suite_number(name: &str) -> Option<u16> {
+    const SUITES: [(&str, u16); 9] = [
+        ("TLS13_AES_128_GCM_SHA256", 0x1301),
+        ("TLS13_AES_256_GCM_SHA384", 0x1302),
+        ("TLS13_CHACHA20_POLY1305_SHA256", 0x1303),
+        ("ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", 0xC02B),
+        ("ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", 0xC02C),
+        ("ECDHE_RSA_WITH_AES_128_GCM_SHA256", 0xC02F),
+        ("ECDHE_RSA_WITH_AES_256_GCM_SHA384", 0xC030),
+        ("ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", 0xCCA8),
+        ("ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", 0xCCA9),
+    ];
+    let name = name.to_ascii_uppercase().replace('-', "_");
+    SUITES
+        .iter()
+        .find(|(suffix, _)| name.ends_with(suffix))
+        .map(|(_, n)| *n)
 }
 
 /// Writes the error response for `e`: its status from [`DispatchError::status`], a short
@@ -173,10 +241,18 @@ struct Transfer<'a> {
     /// the app then fails (413 rather than 500).
     body_error: Option<DispatchError>,
     head_sent: bool,
+    /// The whole request body has been read (or there was none).
+    body_done: bool,
+    /// Watch the client while waiting for the app, so that an ASGI app waiting in
+    /// `receive()` hears `http.disconnect` when the client goes away.
+    watch_client: bool,
+    /// Trailers went out: on HTTP/2 they end the stream.
+    trailers_sent: bool,
 }
 
 impl<'a> Transfer<'a> {
     fn new(app: &App, session: &'a mut Session) -> Transfer<'a> {
+        let body_empty = session.is_body_empty();
         let req = session.req_header();
         let is_head = req.method == Method::HEAD;
         let expect_continue = req.version == Version::HTTP_11
@@ -195,30 +271,73 @@ impl<'a> Transfer<'a> {
             request_timeout: config.request_timeout.as_limit(),
             body_error: None,
             head_sent: false,
+            body_done: body_empty,
+            watch_client: app.accepts_websockets(),
+            trailers_sent: false,
         }
     }
 
-    async fn run(mut self, mut exchange: Exchange) -> Result<()> {
+    async fn run(mut self, exchange: Exchange) -> Result<()> {
         let deadline = self
             .request_timeout
             .and_then(|t| Instant::now().checked_add(t));
         loop {
-            let event = match deadline {
-                Some(deadline) if !self.head_sent => {
-                    // Pingora's shared timer wheel: no timer at all when the event is ready.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match fast_timeout(left, exchange.next()).await {
-                        Ok(event) => event,
-                        Err(_) => return self.fail(DispatchError::AppTimeout).await,
+            let left = || {
+                deadline
+                    .filter(|_| !self.head_sent)
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            };
+            let mut waited = None;
+            if self.watch_client && self.body_done {
+                // Most responses come at once; only a request the app sits on is worth a read
+                // on the client's socket (a system call per request otherwise).
+                let quick = left().map_or(WATCH_AFTER, |l| l.min(WATCH_AFTER));
+                if let Ok(event) = fast_timeout(quick, exchange.next()).await {
+                    waited = Some(Some(event));
+                }
+            }
+            let waited = match waited {
+                Some(event) => event,
+                None => {
+                    let left = left();
+                    let next = async {
+                        match left {
+                            // Pingora's shared timer wheel: no timer at all when the event is
+                            // ready.
+                            Some(left) => fast_timeout(left, exchange.next()).await.ok(),
+                            None => Some(exchange.next().await),
+                        }
+                    };
+                    if self.watch_client && self.body_done {
+                        tokio::select! {
+                            biased;
+                            event = next => event,
+                            gone = self.session.downstream_session.read_body_or_idle(true) => {
+                                // Only an error ends the idle read: the client has gone.
+                                // Dropping the exchange tells the app (`http.disconnect`).
+                                let why = gone
+                                    .err()
+                                    .map_or_else(|| "client went away".to_owned(), |e| e.to_string());
+                                return Error::e_explain(ErrorType::ConnectionClosed, why);
+                            }
+                        }
+                    } else {
+                        next.await
                     }
                 }
-                _ => exchange.next().await,
+            };
+            let Some(event) = waited else {
+                return self.fail(DispatchError::AppTimeout).await;
             };
             match event {
                 Some(AppEvent::NeedBody) => {
                     let piece = self.read_body_piece().await;
+                    if !matches!(piece, BodyPiece::Data(_)) {
+                        self.body_done = true;
+                    }
                     exchange.send_body(piece);
                 }
+                Some(AppEvent::Trailers(fields)) => self.write_trailers(fields).await?,
                 Some(AppEvent::Head(head)) => self.write_head(head, false).await?,
                 Some(AppEvent::Whole(head, body)) => {
                     let empty = body.is_empty();
@@ -230,8 +349,18 @@ impl<'a> Transfer<'a> {
                 }
                 Some(AppEvent::Body(chunk)) => self.write_body(chunk, false).await?,
                 Some(AppEvent::File(file)) => self.send_file(file).await?,
+                Some(AppEvent::End) if self.trailers_sent => return Ok(()),
                 Some(AppEvent::End) => {
                     return self.session.write_response_body(None, true).await;
+                }
+                Some(
+                    AppEvent::WsAccept { .. } | AppEvent::WsSend(_) | AppEvent::WsClose { .. },
+                ) => {
+                    return self
+                        .fail(DispatchError::BadResponse(
+                            "WebSocket event on an HTTP request".into(),
+                        ))
+                        .await
                 }
                 Some(AppEvent::Failed(e)) => return self.fail(e).await,
                 None => {
@@ -340,6 +469,23 @@ impl<'a> Transfer<'a> {
         self.head_sent = true;
         self.session
             .write_response_header(Box::new(resp), end)
+            .await
+    }
+
+    /// Response trailers (RFC 9110 section 6.5), sent after the body; they end the stream.
+    async fn write_trailers(&mut self, fields: Vec<(Bytes, Bytes)>) -> Result<()> {
+        let mut map = http::HeaderMap::with_capacity(fields.len());
+        for (name, value) in fields {
+            let name = HeaderName::from_bytes(&name)
+                .or_err(ErrorType::InternalError, "response trailer name")?;
+            let value = HeaderValue::from_maybe_shared(value)
+                .or_err(ErrorType::InternalError, "response trailer value")?;
+            map.append(name, value);
+        }
+        self.trailers_sent = true;
+        self.session
+            .downstream_session
+            .write_response_trailers(map)
             .await
     }
 

@@ -3,13 +3,17 @@
 use crate::error::{DispatchError, LoadError};
 use crate::exchange::{self, Exchange};
 use crate::model::RequestHead;
-use crate::python::threads::{Job, ThreadPool};
+use crate::python::asgi::{AsgiContext, LifespanOutcome};
+use crate::python::event_loop::{self, LoopShared, Work};
+use crate::python::threads::{Job, JobKind, ThreadPool};
 use crate::python::{self, wsgi::WsgiRunner};
 use crate::router::{Route, Router};
 use bytes::Bytes;
-use portico_config::{AppConfig, Interface};
+use portico_config::{AppConfig, Interface, LifespanMode};
 use pyo3::prelude::*;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 /// What the host tells apps about itself.
 #[derive(Debug, Clone)]
@@ -24,7 +28,19 @@ pub struct HostInfo {
 /// A loaded app, ready for requests.
 pub struct App {
     config: AppConfig,
-    threads: ThreadPool,
+    placement: Placement,
+}
+
+/// Where an app's requests run in this process.
+enum Placement {
+    /// WSGI: a bounded queue in front of `threads` Python threads.
+    Threads(ThreadPool),
+    /// ASGI: one event-loop thread; at most `limit` requests in flight.
+    Loop {
+        shared: Arc<LoopShared>,
+        limit: usize,
+        lifespan: bool,
+    },
 }
 
 impl App {
@@ -45,13 +61,53 @@ impl App {
         route: Route,
         body: Option<Vec<Bytes>>,
     ) -> Result<Exchange, DispatchError> {
+        self.submit_job(JobKind::Http, head, route, body)
+    }
+
+    /// Whether the app takes WebSocket connections (ASGI apps do; a WSGI app gets an upgrade
+    /// request as a plain HTTP request).
+    pub fn accepts_websockets(&self) -> bool {
+        matches!(self.placement, Placement::Loop { .. })
+    }
+
+    /// Hands a WebSocket handshake to the app (ASGI "Websocket" spec). The exchange yields
+    /// [`crate::exchange::AppEvent::WsAccept`], a denial (`Head`...) or a close; after an
+    /// accept the host pushes the client's messages with [`Exchange::try_push`].
+    pub fn submit_websocket(
+        &self,
+        head: RequestHead,
+        route: Route,
+    ) -> Result<Exchange, DispatchError> {
+        self.submit_job(JobKind::WebSocket, head, route, None)
+    }
+
+    fn submit_job(
+        &self,
+        kind: JobKind,
+        head: RequestHead,
+        route: Route,
+        body: Option<Vec<Bytes>>,
+    ) -> Result<Exchange, DispatchError> {
         let (exchange, responder) = exchange::channel();
-        let queued = self.threads.submit(Job {
+        let job = Job {
+            kind,
             head,
             route,
             responder,
             body,
-        });
+        };
+        let queued = match &self.placement {
+            Placement::Threads(threads) => threads.submit(job),
+            Placement::Loop { shared, limit, .. } => {
+                if shared.in_flight.fetch_add(1, Ordering::AcqRel) >= *limit {
+                    shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    false
+                } else {
+                    shared.push(Work::Request(job));
+                    true
+                }
+            }
+        };
         if queued {
             Ok(exchange)
         } else {
@@ -78,31 +134,66 @@ impl Dispatcher {
                 app: config.name.clone(),
                 message,
             };
-            let runner = Python::attach(|py| -> Result<WsgiRunner, LoadError> {
-                let callable = python::load_callable(py, config)?;
-                match config.interface {
-                    Interface::Wsgi => WsgiRunner::new(
-                        py,
-                        &config.name,
-                        callable,
-                        config.threads > 1,
-                        host.multiprocess,
-                        &host.server_software,
+            let placement = match config.interface {
+                Interface::Wsgi => {
+                    let runner = Python::attach(|py| -> Result<WsgiRunner, LoadError> {
+                        let callable = python::load_callable(py, config)?;
+                        WsgiRunner::new(
+                            py,
+                            &config.name,
+                            callable,
+                            config.threads > 1,
+                            host.multiprocess,
+                            &host.server_software,
+                        )
+                        .map_err(|e| fail(python::format_exception(py, &e)))
+                    })?;
+                    Placement::Threads(
+                        ThreadPool::start(
+                            &config.name,
+                            config.threads,
+                            config.queue_size,
+                            Arc::new(runner),
+                        )
+                        .map_err(|e| fail(format!("cannot start threads: {e}")))?,
                     )
-                    .map_err(|e| fail(python::format_exception(py, &e))),
-                    Interface::Asgi => Err(fail("the asgi interface is not available yet".into())),
                 }
-            })?;
-            let threads = ThreadPool::start(
-                &config.name,
-                config.threads,
-                config.queue_size,
-                Arc::new(runner),
-            )
-            .map_err(|e| fail(format!("cannot start threads: {e}")))?;
+                Interface::Asgi => {
+                    let ctx = Python::attach(|py| -> Result<AsgiContext, LoadError> {
+                        let callable = python::load_callable(py, config)?;
+                        AsgiContext::new(py, config, callable).map_err(fail)
+                    })?;
+                    let ctx = Arc::new(ctx);
+                    let shared = LoopShared::new()
+                        .map_err(|e| fail(format!("cannot create an eventfd: {e}")))?;
+                    event_loop::spawn(ctx.clone(), shared.clone())
+                        .map_err(|e| fail(format!("cannot start the event loop thread: {e}")))?;
+                    let lifespan = ctx.lifespan() != LifespanMode::Off && {
+                        let (tx, rx) = mpsc::channel();
+                        shared.push(Work::LifespanStartup(tx));
+                        match rx.recv() {
+                            Ok(LifespanOutcome::Started) => true,
+                            Ok(LifespanOutcome::Unsupported) => false,
+                            Ok(LifespanOutcome::Failed(message)) => {
+                                return Err(fail(format!("lifespan startup failed: {message}")))
+                            }
+                            Err(_) => {
+                                return Err(fail(
+                                    "the event loop stopped during lifespan startup".into(),
+                                ))
+                            }
+                        }
+                    };
+                    Placement::Loop {
+                        shared,
+                        limit: config.queue_size,
+                        lifespan,
+                    }
+                }
+            };
             apps.push(App {
                 config: config.clone(),
-                threads,
+                placement,
             });
         }
         let router = Router::new(
@@ -118,6 +209,28 @@ impl Dispatcher {
     pub fn route(&self, raw_path: &[u8]) -> Option<(&App, Route)> {
         let route = self.router.route(raw_path)?;
         Some((&self.apps[route.app], route))
+    }
+
+    /// Runs the ASGI lifespan shutdown of every app that completed its startup, waiting up to
+    /// `timeout` for each. Call once, after the last request has been served.
+    pub fn shutdown(&self, timeout: Duration) {
+        for app in &self.apps {
+            if let Placement::Loop {
+                shared,
+                lifespan: true,
+                ..
+            } = &app.placement
+            {
+                let (tx, rx) = mpsc::channel();
+                shared.push(Work::LifespanShutdown(tx));
+                if rx.recv_timeout(timeout).is_err() {
+                    log::warn!(
+                        "app `{}`: lifespan shutdown did not complete within {timeout:?}",
+                        app.config.name
+                    );
+                }
+            }
+        }
     }
 
     /// The loaded apps, in config order.

@@ -17,6 +17,11 @@ pub enum DispatchError {
     },
     /// The client paused sending its body longer than `body_timeout`.
     BodyTimeout,
+    /// A WebSocket handshake asked for a protocol version other than 13 (RFC 6455 section
+    /// 4.4).
+    UpgradeRequired,
+    /// The app closed a WebSocket before accepting it (ASGI WebSocket spec: 403).
+    WebSocketDenied,
     /// The app's queue is full: every thread is busy and the backlog is at its limit.
     Overloaded,
     /// The app did not start its response within `request_timeout`.
@@ -36,6 +41,8 @@ impl DispatchError {
             DispatchError::BadRequest(_) => 400,
             DispatchError::BodyTimeout => 408,
             DispatchError::BodyTooLarge { .. } => 413,
+            DispatchError::WebSocketDenied => 403,
+            DispatchError::UpgradeRequired => 426,
             DispatchError::AppRaised(_) | DispatchError::BadResponse(_) => 500,
             DispatchError::Overloaded => 503,
             DispatchError::AppTimeout => 504,
@@ -46,6 +53,7 @@ impl DispatchError {
     pub fn extra_headers(&self) -> &'static [(&'static str, &'static str)] {
         match self {
             DispatchError::Overloaded => &[("retry-after", "1")],
+            DispatchError::UpgradeRequired => &[("sec-websocket-version", "13")],
             _ => &[],
         }
     }
@@ -61,6 +69,12 @@ impl fmt::Display for DispatchError {
             }
             DispatchError::BodyTimeout => write!(f, "timed out reading the request body"),
             DispatchError::Overloaded => write!(f, "the app's request queue is full"),
+            DispatchError::UpgradeRequired => {
+                write!(f, "unsupported WebSocket version (only 13 is)")
+            }
+            DispatchError::WebSocketDenied => {
+                write!(f, "the app closed the WebSocket before accepting it")
+            }
             DispatchError::AppTimeout => {
                 write!(f, "the app did not respond within request_timeout")
             }
@@ -71,6 +85,17 @@ impl fmt::Display for DispatchError {
 }
 
 impl std::error::Error for DispatchError {}
+
+/// RFC 6455 section 4.2.2: 426 with `Sec-WebSocket-Version` for a version we do not speak,
+/// 400 for anything else malformed.
+impl From<crate::websocket::HandshakeError> for DispatchError {
+    fn from(e: crate::websocket::HandshakeError) -> DispatchError {
+        match e {
+            crate::websocket::HandshakeError::UnsupportedVersion => DispatchError::UpgradeRequired,
+            other => DispatchError::BadRequest(other.to_string()),
+        }
+    }
+}
 
 /// An app that could not be loaded: the interpreter, the virtualenv, the import or the callable.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,15 @@
 //! Response events queue in a small bounded mailbox: when the client is slow the app thread
 //! blocks in its send, so a response is never buffered without bound. Both halves share one
 //! allocation per request.
+//!
+//! The app side comes in two kinds. WSGI threads block (`*_blocking`, on a condition
+//! variable, GIL released). The ASGI event loop must never block: it uses the `try_*_or_arm`
+//! calls, which either succeed at once or leave an [`AppWaker`] that the host fires when
+//! the state changes, and the loop retries then.
+//!
+//! A WebSocket uses the same mailbox: the app's accept, messages and close travel as
+//! [`AppEvent`]s, and the client's messages come back through a small bounded queue of
+//! [`Inbound`] items; when the app does not keep up the host stops reading the socket.
 
 use crate::error::DispatchError;
 use crate::model::ResponseHead;
@@ -20,6 +29,41 @@ use std::task::{Poll, Waker};
 
 /// Response events queued at once per request; beyond this the app thread waits.
 const EVENT_CAPACITY: usize = 4;
+
+/// Client WebSocket messages queued for the app; beyond this the host stops reading.
+const INBOUND_CAPACITY: usize = 16;
+
+/// Wakes an app side that cannot block a thread (the ASGI event loop) when something it
+/// armed for has happened: a body piece or message arrived, room was made, the host left.
+/// Fired at most once per arming, never with the mailbox lock held.
+pub trait AppWaker: Send + Sync {
+    /// Schedules the app side to look at the exchange again. Must not block.
+    fn wake(&self);
+}
+
+/// A WebSocket message (RFC 6455 section 5.6), in either direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsMessage {
+    /// A text message (valid UTF-8).
+    Text(String),
+    /// A binary message.
+    Binary(Bytes),
+}
+
+/// What the host passes to a WebSocket app besides the connection itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A complete message from the client.
+    Message(WsMessage),
+    /// The connection is over: the client's close code (1005 when it sent none, 1006 when
+    /// the connection dropped without a close frame) and reason.
+    Closed {
+        /// The close code (RFC 6455 section 7.4).
+        code: u16,
+        /// The close reason, possibly empty.
+        reason: String,
+    },
+}
 
 /// What the app thread tells the host, in order.
 #[derive(Debug)]
@@ -38,9 +82,30 @@ pub enum AppEvent {
     File(FileBody),
     /// The response is complete.
     End,
+    /// Response trailers (sent after the body, before [`AppEvent::End`]); only sent when the
+    /// request said the host can deliver them ([`crate::model::RequestHead::trailers`]).
+    Trailers(Vec<(Bytes, Bytes)>),
     /// The app failed. Before a head was sent the host answers with [`DispatchError::status`];
     /// after, it aborts the connection so the client sees a truncated response.
     Failed(DispatchError),
+    /// WebSocket: the app accepts the connection (RFC 6455 section 4.2.2): the host answers
+    /// 101 with the chosen subprotocol and the app's extra headers. Before this, a
+    /// [`AppEvent::Head`] is a denial response and a [`AppEvent::WsClose`] means 403.
+    WsAccept {
+        /// The subprotocol the app picked from the client's offer.
+        subprotocol: Option<String>,
+        /// Extra headers for the 101 response (already checked).
+        headers: Vec<(Bytes, Bytes)>,
+    },
+    /// WebSocket: a message to the client.
+    WsSend(WsMessage),
+    /// WebSocket: the app closes the connection with this code and reason.
+    WsClose {
+        /// The close code (RFC 6455 section 7.4).
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
 }
 
 /// A region of an open file to send as response body.
@@ -93,6 +158,9 @@ struct Shared {
 struct State {
     events: VecDeque<AppEvent>,
     body: Option<BodyPiece>,
+    inbound: VecDeque<Inbound>,
+    /// Armed by an event-loop app side; fired (once) by the next change it may care about.
+    app_waker: Option<Arc<dyn AppWaker>>,
     host_waker: Option<Waker>,
     host_gone: bool,
     app_gone: bool,
@@ -134,12 +202,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Releases the lock and wakes the app thread if it is waiting.
-    fn wake_app(&self, state: MutexGuard<'_, State>) {
+    /// Releases the lock and wakes the app side if it is waiting.
+    fn wake_app(&self, mut state: MutexGuard<'_, State>) {
         let waiting = state.app_waiters > 0;
+        let waker = state.app_waker.take();
         drop(state);
         if waiting {
             self.app_wakeup.notify_all();
+        }
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
@@ -161,6 +233,8 @@ pub fn channel() -> (Exchange, Responder) {
         state: Mutex::new(State {
             events: VecDeque::with_capacity(EVENT_CAPACITY),
             body: None,
+            inbound: VecDeque::new(),
+            app_waker: None,
             host_waker: None,
             host_gone: false,
             app_gone: false,
@@ -181,7 +255,7 @@ pub fn channel() -> (Exchange, Responder) {
 impl Exchange {
     /// The next event; `None` when the app thread dropped its half without [`AppEvent::End`]
     /// (which the host treats like [`AppEvent::Failed`]).
-    pub async fn next(&mut self) -> Option<AppEvent> {
+    pub async fn next(&self) -> Option<AppEvent> {
         std::future::poll_fn(|cx| match self.poll_event(Some(cx.waker())) {
             Some(event) => Poll::Ready(event),
             None => Poll::Pending,
@@ -219,6 +293,31 @@ impl Exchange {
         let mut state = self.shared.lock();
         state.body = Some(piece);
         self.shared.wake_app(state);
+    }
+
+    /// Queues a WebSocket item for the app; gives it back when the queue is full (then wait
+    /// for [`Exchange::has_room`] before reading more from the client).
+    pub fn try_push(&self, item: Inbound) -> Result<(), Inbound> {
+        let mut state = self.shared.lock();
+        if state.inbound.len() >= INBOUND_CAPACITY {
+            return Err(item);
+        }
+        state.inbound.push_back(item);
+        self.shared.wake_app(state);
+        Ok(())
+    }
+
+    /// Resolves when the inbound queue has room again (or the app side is gone).
+    pub async fn has_room(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            if state.inbound.len() < INBOUND_CAPACITY || state.app_gone {
+                return Poll::Ready(());
+            }
+            state.host_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -279,6 +378,84 @@ impl Responder {
     /// Whether the host has stopped listening (client gone, request timed out).
     pub fn host_gone(&self) -> bool {
         self.shared().lock().host_gone
+    }
+
+    /// Like [`Responder::try_send`], but when the mailbox is full `waker` is armed to fire
+    /// once there is room (or the host leaves).
+    pub fn try_send_or_arm(
+        &self,
+        event: AppEvent,
+        waker: &Arc<dyn AppWaker>,
+    ) -> Result<(), Result<AppEvent, HostGone>> {
+        let mut state = self.shared().lock();
+        if state.host_gone {
+            return Err(Err(HostGone));
+        }
+        if state.events.len() >= EVENT_CAPACITY {
+            state.app_waker = Some(waker.clone());
+            return Err(Ok(event));
+        }
+        state.events.push_back(event);
+        let host = state.host_waker.take();
+        drop(state);
+        if let Some(host) = host {
+            host.wake();
+        }
+        Ok(())
+    }
+
+    /// The host's answer to a [`AppEvent::NeedBody`] if it is there; otherwise arms `waker`
+    /// and returns `None`. A host that left answers [`BodyPiece::Failed`].
+    pub fn try_recv_body_or_arm(&self, waker: &Arc<dyn AppWaker>) -> Option<BodyPiece> {
+        let mut state = self.shared().lock();
+        if let Some(piece) = state.body.take() {
+            return Some(piece);
+        }
+        if state.host_gone {
+            return Some(BodyPiece::Failed(DispatchError::BadRequest(
+                "the client went away".into(),
+            )));
+        }
+        state.app_waker = Some(waker.clone());
+        None
+    }
+
+    /// The next WebSocket item from the host if there is one; otherwise arms `waker` and
+    /// returns `None`. A host that left without a close gives `Closed` with code 1006.
+    pub fn try_recv_inbound_or_arm(&self, waker: &Arc<dyn AppWaker>) -> Option<Inbound> {
+        let mut state = self.shared().lock();
+        if let Some(item) = state.inbound.pop_front() {
+            let host = if state.inbound.len() + 1 == INBOUND_CAPACITY {
+                // The host may be waiting for room.
+                state.host_waker.take()
+            } else {
+                None
+            };
+            drop(state);
+            if let Some(host) = host {
+                host.wake();
+            }
+            return Some(item);
+        }
+        if state.host_gone {
+            return Some(Inbound::Closed {
+                code: 1006,
+                reason: String::new(),
+            });
+        }
+        state.app_waker = Some(waker.clone());
+        None
+    }
+
+    /// Whether the host has left; if not, arms `waker` to fire when it does (or when anything
+    /// else changes: the caller checks again).
+    pub fn host_gone_or_arm(&self, waker: &Arc<dyn AppWaker>) -> bool {
+        let mut state = self.shared().lock();
+        if state.host_gone {
+            return true;
+        }
+        state.app_waker = Some(waker.clone());
+        false
     }
 }
 

@@ -22,6 +22,7 @@ pub mod exchange;
 pub mod model;
 pub mod python;
 pub mod router;
+pub mod websocket;
 
 mod dispatcher;
 

@@ -63,8 +63,11 @@ pub struct RequestHead {
     pub version: HttpVersion,
     /// Header fields in arrival order, names lowercased, repeated fields kept apart.
     pub headers: Vec<(Bytes, Bytes)>,
-    /// Whether the connection is TLS.
-    pub tls: bool,
+    /// The TLS parameters when the connection is TLS.
+    pub tls: Option<TlsInfo>,
+    /// Whether the host can deliver response trailers on this connection (HTTP/2 here:
+    /// Pingora drops them on HTTP/1.1). Decides ASGI's `http.response.trailers` extension.
+    pub trailers: bool,
     /// The peer's address, when the transport has one.
     pub client: Option<SocketAddr>,
     /// The local address the request arrived on.
@@ -84,12 +87,23 @@ impl RequestHead {
 
     /// `http` or `https`.
     pub fn scheme(&self) -> &'static str {
-        if self.tls {
+        if self.tls.is_some() {
             "https"
         } else {
             "http"
         }
     }
+}
+
+/// What a TLS connection negotiated, as the ASGI TLS extension reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// The server's certificate, PEM-encoded, when the host knows it.
+    pub server_cert: Option<std::sync::Arc<str>>,
+    /// The protocol version as its IANA number (`0x0304` for TLS 1.3), if known.
+    pub version: Option<u16>,
+    /// The cipher suite as its IANA number, if known.
+    pub cipher_suite: Option<u16>,
 }
 
 /// A response head that has passed the checks of [`ResponseHead::new`].
@@ -128,11 +142,24 @@ impl ResponseHead {
             .ok_or_else(|| {
                 format!("invalid status {status_line:?}: want \"NNN Reason\" with NNN 200-999")
             })?;
+        Self::with_status(status, reason, headers)
+    }
+
+    /// Checks a numeric status (ASGI's `http.response.start`), an optional reason phrase and
+    /// a header list; the same rules as [`ResponseHead::new`].
+    pub fn with_status(
+        status: u16,
+        reason: &str,
+        headers: Vec<(Bytes, Bytes)>,
+    ) -> Result<ResponseHead, String> {
+        if !(200..=999).contains(&status) {
+            return Err(format!("invalid status {status}: want 200-999"));
+        }
         if !reason
             .bytes()
             .all(|b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80)
         {
-            return Err(format!("invalid reason phrase in status {status_line:?}"));
+            return Err(format!("invalid reason phrase {reason:?}"));
         }
         let mut kept = Vec::with_capacity(headers.len());
         for (name, value) in headers {

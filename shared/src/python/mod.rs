@@ -6,6 +6,8 @@
 //! wait (for a job, a body piece, or room in the response channel); a Rust lock is never
 //! waited on with the GIL held.
 
+pub(crate) mod asgi;
+pub(crate) mod event_loop;
 pub(crate) mod threads;
 pub(crate) mod wsgi;
 

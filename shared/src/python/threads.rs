@@ -8,8 +8,18 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use pyo3::prelude::*;
 use std::sync::Arc;
 
+/// What kind of connection a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobKind {
+    /// An HTTP request.
+    Http,
+    /// A WebSocket handshake request (ASGI apps only): the app accepts or denies it.
+    WebSocket,
+}
+
 /// One request, handed from a host thread to a Python thread.
 pub(crate) struct Job {
+    pub(crate) kind: JobKind,
     pub(crate) head: RequestHead,
     pub(crate) route: Route,
     pub(crate) responder: Responder,
@@ -85,7 +95,7 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
 
 /// Signals belong to the host's own thread (nginx's master/worker signals, Pingora's
 /// shutdown): Python threads must never be the one the kernel picks to deliver them.
-fn block_signals() {
+pub(crate) fn block_signals() {
     // SAFETY: `set` is a plain C struct that sigfillset fully initialises before use, and
     // pthread_sigmask only changes the calling thread's own mask.
     unsafe {

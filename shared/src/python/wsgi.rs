@@ -78,7 +78,7 @@ impl WsgiRunner {
         };
         env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
         env.set_item(intern!(py, "portico.http_version"), head.version.short())?;
-        let scheme = if head.tls {
+        let scheme = if head.tls.is_some() {
             intern!(py, "https")
         } else {
             intern!(py, "http")
@@ -802,7 +802,7 @@ fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
 /// `SERVER_NAME`/`SERVER_PORT` from the Host header, else from the local address
 /// (RFC 3875 sections 4.1.14-15, as gunicorn and mod_wsgi fill them).
 fn server_name_port(head: &RequestHead) -> (Vec<u8>, String) {
-    let default_port = if head.tls { "443" } else { "80" };
+    let default_port = if head.tls.is_some() { "443" } else { "80" };
     if let Some(host) = head.header("host").filter(|h| !h.is_empty()) {
         // `[v6]:port`, `name:port` or a bare name.
         let split = match host.iter().rposition(|&b| b == b':') {

@@ -1,0 +1,114 @@
+//! What serves a Portico listener: HTTP/1.x and WebSocket, h2c (HTTP/2 with prior knowledge,
+//! RFC 9113 section 3.3) on the same plain port, and HTTP/2 by ALPN on TLS.
+//!
+//! Pingora's own h2c switch reads exactly 24 bytes (the HTTP/2 preface) before it answers
+//! anything, and does so again on every reused keep-alive connection, without a timeout: a
+//! short HTTP/1.0 request (`GET / HTTP/1.0` plus an empty line is 18 bytes) then never gets an
+//! answer, and idle keep-alive connections never time out. So Portico looks at the first
+//! bytes itself, stops at the first one that differs from the preface, and hands the
+//! connection to an HTTP/1 app or an HTTP/2 app accordingly; keep-alive reuse stays inside the
+//! HTTP/1 app.
+
+use crate::PorticoProxy;
+use async_trait::async_trait;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::protocols::http::v2::server::H2Options;
+use pingora::protocols::l4::stream::Stream as TcpStream;
+use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
+use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::time::fast_timeout::fast_timeout;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// The client connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a new connection may take to send its first bytes (Pingora's own limit for the
+/// first request header).
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The app behind every Portico listener.
+pub struct PorticoApp {
+    http1: Arc<HttpProxy<PorticoProxy>>,
+    http2: Arc<HttpProxy<PorticoProxy>>,
+    h2c: bool,
+}
+
+impl PorticoApp {
+    /// Serves `proxy` on HTTP/1.x and, by ALPN on TLS, HTTP/2; with `h2c`, plain connections
+    /// that open with the HTTP/2 preface get HTTP/2 too. `h2` tunes HTTP/2 (streams, windows).
+    pub fn new(
+        conf: &Arc<ServerConf>,
+        proxy: PorticoProxy,
+        h2c: bool,
+        h2: H2Options,
+    ) -> PorticoApp {
+        let build = |preface_seen: bool| {
+            let mut app = HttpProxy::new(proxy.clone(), conf.clone());
+            app.handle_init_modules();
+            let mut options = HttpServerOptions::default();
+            // Only the HTTP/2 app reads the preface, and only once this app has seen it.
+            options.h2c = preface_seen;
+            app.server_options = Some(options);
+            app.h2_options = Some(h2.clone());
+            Arc::new(app)
+        };
+        PorticoApp {
+            http1: build(false),
+            http2: build(true),
+            h2c,
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for PorticoApp {
+    /// Runs once per accepted connection. Returns `None`: the connection is served to its
+    /// end here (HTTP/1 keep-alive reuse included), never handed back for reuse.
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if self.h2c && stream.get_ssl_digest().is_none() && stream.as_any().is::<TcpStream>() {
+            let mut tcp = stream
+                .into_any()
+                .downcast::<TcpStream>()
+                .expect("checked to be a TCP stream");
+            let preface = opens_with_preface(&mut tcp).await?;
+            stream = tcp;
+            if preface {
+                return self.http2.process_new(stream, shutdown).await;
+            }
+        }
+        loop {
+            stream = self.http1.process_new(stream, shutdown).await?;
+        }
+    }
+}
+
+/// Reads the first bytes of a plain connection, just as far as they match the HTTP/2
+/// preface, and puts them back. `None` when the client left or sent nothing in time.
+async fn opens_with_preface(stream: &mut TcpStream) -> Option<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut seen = 0;
+    while seen < buf.len() {
+        let read = fast_timeout(FIRST_BYTES_TIMEOUT, stream.read(&mut buf[seen..]))
+            .await
+            .ok()?
+            .ok()?;
+        if read == 0 {
+            return None;
+        }
+        seen += read;
+        if buf[..seen] != H2_PREFACE[..seen] {
+            stream.rewind(&buf[..seen]);
+            return Some(false);
+        }
+    }
+    stream.rewind(&buf);
+    Some(true)
+}
