@@ -66,3 +66,8 @@ if [ $want_tests = 1 ]; then
   log "installing test requirements into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
+
+if [ $want_tests = 1 ]; then
+  # The Autobahn WebSocket testsuite (0.8.2, the last release that runs: on Python 2.7).
+  scripts/autobahn.sh install
+fi

@@ -170,3 +170,403 @@ def run_portico(tmp_path):
                               timeout=timeout, cwd=tmp_path)
 
     return run
+
+
+# --- ASGI, WebSocket, HTTP/2 and TLS -----------------------------------------------------
+# PORTICO_TEST_REFERENCE=uvicorn (or hypercorn, granian) makes the `asgi_server` fixture start
+# that server instead of portico, with the equivalent flags, so the tests themselves can be
+# proved right against a known-good server. A test that needs what the reference cannot do is
+# skipped there, with the reason (see `needs`).
+
+REFERENCE = os.environ.get("PORTICO_TEST_REFERENCE", "").strip().lower()
+SERVER_UNDER_TEST = REFERENCE or "portico"
+
+# What each server can be asked to do. "portico" marks behaviour that only Portico's own
+# interface defines (its config, its exit codes, the exact ASGI spec version and extensions
+# it promises); the other names are ASGI/HTTP features a reference may or may not have.
+_COMMON = {"asgi", "ws", "lifespan", "lifespan_state", "tls", "ws_denial", "ws_over_tls"}
+FEATURES = {
+    "portico": _COMMON | {
+        "portico", "mount", "wsgi", "h2c", "h2_tls", "trailers", "trailers_split", "pathsend",
+        "ws_deflate", "ws_deflate_off", "ws_max_size", "ws_close_code", "disconnect_oserror",
+        "loop_choice", "lifespan_off", "lifespan_fail"},
+    # uvicorn 0.54's own HTTP/2 (--http zttp --http2) gives a GET without a body
+    # http.disconnect instead of http.request, so HTTP/2 is checked against hypercorn and
+    # granian instead. Its HTTP send() after a disconnect returns quietly (no OSError).
+    "uvicorn": _COMMON | {
+        "ws_deflate", "ws_deflate_off", "ws_max_size", "ws_close_code", "loop_choice",
+        "lifespan_off", "lifespan_fail"},
+    # hypercorn 0.18 sends only the first of several trailers messages, exits 0 after
+    # lifespan.startup.failed, and gives the app 1006 instead of the client's close code.
+    "hypercorn": _COMMON | {"h2c", "h2_tls", "trailers", "ws_deflate"},
+    "granian": _COMMON | {"h2c", "h2_tls", "pathsend", "loop_choice"},
+}
+if SERVER_UNDER_TEST not in FEATURES:
+    raise RuntimeError(f"PORTICO_TEST_REFERENCE={REFERENCE!r}: use one of {sorted(FEATURES)}")
+
+
+def needs(*features):
+    """Marks a test that needs these features of the server under test; skipped (with the
+    reason) when a reference server stands in and lacks one."""
+    missing = [f for f in features if f not in FEATURES[SERVER_UNDER_TEST]]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"{SERVER_UNDER_TEST} cannot check: {', '.join(missing)}")
+
+
+def on_portico(value_for_portico, value_for_reference):
+    """Where Portico promises something exact that a reference only approximates (an exit
+    code, a version string), the expected value for the server under test."""
+    return value_for_reference if REFERENCE else value_for_portico
+
+
+def wait_port(port, timeout=20.0, proc=None):
+    def up():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+    wait_until(up, timeout, what=f"port {port}")
+
+
+class AsgiServer(Server):
+    """A server under test for ASGI apps: `port` is the plain listener, `tls_port` the TLS one
+    (when asked for). A reference that cannot serve both from one process gets a second
+    process for TLS; its log is part of `log()` and it is stopped with the first."""
+
+    def __init__(self, argv, tmp_path, port, env=None, tls_port=None):
+        super().__init__(argv, tmp_path, port, env)
+        self.tls_port = tls_port
+        self.others = []
+
+    def wait_ready(self, timeout=20.0):
+        super().wait_ready(timeout)
+        if self.tls_port:
+            # Listeners are bound together: once the plain one is up, the TLS one is not slow.
+            wait_port(self.tls_port, 5.0, self.proc)
+        for other in self.others:
+            other.wait_ready(timeout)
+        return self
+
+    def log(self):
+        return super().log() + "".join(other.log() for other in self.others)
+
+    def stop(self, sig=signal.SIGINT, timeout=10):
+        for other in self.others:
+            other.stop()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def rss_kib(self, field="VmRSS"):
+        """The server's resident memory (or `VmHWM`, its peak) from /proc, in KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
+
+
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
+
+    def __init__(self, directory):
+        import trustme
+        from cryptography.hazmat.primitives import serialization
+
+        self.ca = trustme.CA()
+        leaf = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.cert_path = directory / "cert.pem"
+        self.key_path = directory / "key.pem"
+        self.ca_path = directory / "ca.pem"
+        leaf.cert_chain_pems[0].write_to_path(str(self.cert_path))
+        for extra in leaf.cert_chain_pems[1:]:
+            extra.write_to_path(str(self.cert_path), append=True)
+        # PKCS#8, the one key format every server here reads.
+        key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+        self.key_path.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        self.ca.cert_pem.write_to_path(str(self.ca_path))
+        self.leaf_pem = leaf.cert_chain_pems[0].bytes().decode()
+
+    def client_context(self, alpn=("http/1.1",)):
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(self.ca_path))
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    return TlsFiles(tmp_path_factory.mktemp("tls"))
+
+
+def asgi_table(name, target, mount="/", **extra):
+    """An [[app]] table for an ASGI app from tests/apps (with the venv's packages)."""
+    return app_table(name, target, mount, interface="asgi", python_home=str(VENV), **extra)
+
+
+def size_bytes(size):
+    """A Portico size ("16M", "64K", 1024) in bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def _reference_argv(target, port, tls, tls_files, opts):
+    """The command line that makes the reference server serve `target` like Portico would."""
+    lifespan, loop = opts["lifespan"], opts["loop"]
+    deflate, max_size = opts["ws_deflate"], opts["ws_max_size"]
+    if REFERENCE == "uvicorn":
+        argv = [str(VENV / "bin" / "uvicorn"), target, "--interface", "asgi3", "--host",
+                "127.0.0.1", "--port", str(port), "--app-dir", str(APPS), "--lifespan", lifespan,
+                "--loop", loop, "--ws", os.environ.get("PORTICO_TEST_UVICORN_WS", "websockets"),
+                "--timeout-graceful-shutdown", "3"]
+        if deflate is not None:
+            argv += ["--ws-per-message-deflate", str(deflate).lower()]
+        if max_size is not None:
+            argv += ["--ws-max-size", str(size_bytes(max_size))]
+        if tls:
+            argv += ["--ssl-certfile", str(tls_files.cert_path),
+                     "--ssl-keyfile", str(tls_files.key_path)]
+        return argv
+    if REFERENCE == "granian":
+        argv = [str(VENV / "bin" / "granian"), "--interface",
+                "asginl" if lifespan == "off" else "asgi", "--host", "127.0.0.1", "--port",
+                str(port), "--working-dir", str(APPS), "--loop", loop, "--http", "auto",
+                "--no-ws" if opts["no_ws"] else "--ws"]
+        if tls:
+            argv += ["--ssl-certificate", str(tls_files.cert_path),
+                     "--ssl-keyfile", str(tls_files.key_path)]
+        return argv + [target]
+    raise AssertionError(REFERENCE)
+
+
+@pytest.fixture
+def asgi_server(request, tmp_path):
+    """Starts an ASGI app from tests/apps and returns an `AsgiServer`; stops it after the test.
+
+    start(target, mount="/", tls=False, http2=False, lifespan="auto", loop="auto",
+          ws_deflate=None, ws_max_size=None, extra_apps=(), server_extra="", env=None,
+          wait=True, cli=False)
+
+    Portico gets a portico.toml (or, with cli=True, `portico run` flags); a reference server
+    named by PORTICO_TEST_REFERENCE gets its own equivalent flags. `extra_apps` are further
+    [[app]] tables (e.g. a WSGI app beside the ASGI one): Portico only."""
+    started = []
+
+    def start(target, *, mount="/", tls=False, http2=False, lifespan="auto", loop="auto",
+              ws_deflate=None, ws_max_size=None, extra_apps=(), server_extra="", env=None,
+              wait=True, cli=False, no_ws=False):
+        port = free_port()
+        tls_port = free_port() if tls else None
+        tls_files = request.getfixturevalue("tls_files") if tls else None
+        opts = dict(lifespan=lifespan, loop=loop, ws_deflate=ws_deflate, ws_max_size=ws_max_size,
+                    http2=http2, no_ws=no_ws)
+        if REFERENCE:
+            if extra_apps or mount != "/":
+                pytest.skip(f"{REFERENCE} cannot check Portico's mounts and mixed apps")
+            # server_extra is Portico tuning (e.g. graceful_timeout): no reference equivalent.
+            if REFERENCE == "hypercorn":
+                # --insecure-bind only counts beside a TLS --bind.
+                argv = [str(VENV / "bin" / "hypercorn"),
+                        "--insecure-bind" if tls else "--bind", f"127.0.0.1:{port}"]
+                if tls:
+                    argv += ["--bind", f"127.0.0.1:{tls_port}", "--certfile",
+                             str(tls_files.cert_path), "--keyfile", str(tls_files.key_path)]
+                if loop == "uvloop":
+                    argv += ["--worker-class", "uvloop"]
+                server = AsgiServer(argv + [target], tmp_path, port,
+                                    {"PYTHONPATH": str(APPS), **(env or {})}, tls_port)
+            else:
+                server = AsgiServer(_reference_argv(target, port, False, tls_files, opts),
+                                    tmp_path, port, {"PYTHONPATH": str(APPS), **(env or {})})
+                if tls:
+                    other = AsgiServer(_reference_argv(target, tls_port, True, tls_files, opts),
+                                       tmp_path, tls_port,
+                                       {"PYTHONPATH": str(APPS), **(env or {})})
+                    server.others.append(other)
+                    server.tls_port = tls_port
+        elif cli:
+            argv = [str(BINARY), "run", target, "--interface", "asgi", "--bind",
+                    f"127.0.0.1:{port}", "--python-path", str(APPS), "--python-home", str(VENV),
+                    "--loop", loop, "--lifespan", lifespan]
+            if tls:
+                argv += ["--tls-bind", f"127.0.0.1:{tls_port}", "--tls-certificate",
+                         str(tls_files.cert_path), "--tls-key", str(tls_files.key_path)]
+            server = AsgiServer(argv, tmp_path, port, env, tls_port)
+        else:
+            extra = {"loop": loop, "lifespan": lifespan}
+            if ws_deflate is not None:
+                extra["websocket_per_message_deflate"] = ws_deflate
+            if ws_max_size is not None:
+                extra["websocket_max_message_size"] = ws_max_size
+            text = f'[server]\nlisten = ["127.0.0.1:{port}"]\n{server_extra}\n'
+            if tls:
+                text += (f'[server.tls]\nlisten = ["127.0.0.1:{tls_port}"]\n'
+                         f'certificate = "{tls_files.cert_path}"\nkey = "{tls_files.key_path}"\n')
+            text += "\n" + asgi_table("asgi", target, mount, **extra) + "\n" + "\n".join(extra_apps)
+            config = tmp_path / f"portico-{port}.toml"
+            config.write_text(text)
+            server = AsgiServer([str(BINARY), "serve", "--config", str(config)], tmp_path, port,
+                                env, tls_port)
+        server.tls_files = tls_files
+        started.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class H2Response:
+    def __init__(self):
+        self.status = None
+        self.headers = []     # [(bytes name, bytes value)] without pseudo-headers
+        self.body = b""
+        self.trailers = []
+        self.ended = False
+        self.reset = None     # the RST_STREAM error code, if the server reset the stream
+        self.informational = []  # (status, headers) of 1xx responses, e.g. 103 Early Hints
+
+    def header(self, name):
+        values = [v.decode("latin-1") for n, v in self.headers if n == name.encode()]
+        return values[0] if values else None
+
+
+class H2Client:
+    """A small HTTP/2 client over one connection (h2c with prior knowledge, or h2 over TLS
+    with ALPN), with the `h2` package's frame-level state machine: several streams may be open
+    at once, and trailers and resets are visible."""
+
+    def __init__(self, port, tls_context=None, timeout=10.0, authority=None):
+        import h2.config
+        import h2.connection
+
+        self.timeout = timeout
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls_context is not None:
+            sock = tls_context.wrap_socket(sock, server_hostname="localhost")
+            assert sock.selected_alpn_protocol() == "h2", sock.selected_alpn_protocol()
+        self.sock = sock
+        self.scheme = "https" if tls_context is not None else "http"
+        self.authority = authority or f"127.0.0.1:{port}"
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.responses = {}
+        self.closed = False
+        self._flush()
+
+    def _flush(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def _pump(self):
+        """Reads once from the socket and applies the events."""
+        import h2.events as ev
+
+        data = self.sock.recv(65536)
+        if not data:
+            self.closed = True
+            raise ConnectionError("server closed the HTTP/2 connection")
+        for event in self.conn.receive_data(data):
+            r = self.responses.get(getattr(event, "stream_id", None))
+            if isinstance(event, ev.ResponseReceived):
+                for name, value in event.headers:
+                    if name == b":status":
+                        r.status = int(value)
+                    else:
+                        r.headers.append((name, value))
+            elif isinstance(event, ev.InformationalResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+                r.informational.append(
+                    (status, [(n, v) for n, v in event.headers if not n.startswith(b":")]))
+            elif isinstance(event, ev.DataReceived):
+                r.body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, ev.TrailersReceived):
+                r.trailers.extend(event.headers)
+            elif isinstance(event, ev.StreamEnded):
+                r.ended = True
+            elif isinstance(event, ev.StreamReset):
+                if r is not None:
+                    r.reset = event.error_code
+                    r.ended = True
+            elif isinstance(event, ev.ConnectionTerminated):
+                self.closed = True
+        self._flush()
+
+    def start(self, method, path, headers=(), body=None, end=True):
+        """Opens a stream; sends the body too when given. Returns the stream id."""
+        stream_id = self.conn.get_next_available_stream_id()
+        self.responses[stream_id] = H2Response()
+        pseudo = [(b":method", method.encode()), (b":scheme", self.scheme.encode()),
+                  (b":authority", self.authority.encode()), (b":path", path.encode())]
+        hdrs = pseudo + [(n.lower().encode() if isinstance(n, str) else n,
+                          v.encode() if isinstance(v, str) else v) for n, v in headers]
+        self.conn.send_headers(stream_id, hdrs, end_stream=end and body is None)
+        self._flush()
+        if body is not None:
+            self.send_body(stream_id, body, end=end)
+        return stream_id
+
+    def send_body(self, stream_id, body, end=True):
+        """Sends body bytes within the flow-control windows the server grants."""
+        view = memoryview(body)
+        while view:
+            window = min(self.conn.local_flow_control_window(stream_id),
+                         self.conn.max_outbound_frame_size)
+            if window <= 0:
+                self._pump()
+                continue
+            self.conn.send_data(stream_id, bytes(view[:window]))
+            view = view[window:]
+            self._flush()
+        if end:
+            self.conn.end_stream(stream_id)
+            self._flush()
+
+    def reset(self, stream_id):
+        self.conn.reset_stream(stream_id)
+        self._flush()
+
+    def wait(self, stream_id, timeout=None):
+        """Reads until the stream has ended; returns its H2Response."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        r = self.responses[stream_id]
+        while not r.ended:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stream {stream_id} did not end in time")
+            self._pump()
+        return r
+
+    def wait_headers(self, stream_id):
+        r = self.responses[stream_id]
+        deadline = time.monotonic() + self.timeout
+        while r.status is None and not r.ended:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no headers on stream {stream_id}")
+            self._pump()
+        return r
+
+    def request(self, method, path, headers=(), body=None):
+        return self.wait(self.start(method, path, headers, body))
+
+    def close(self):
+        try:
+            self.conn.close_connection()
+            self._flush()
+        except OSError:
+            pass
+        self.sock.close()

@@ -54,9 +54,8 @@ pub struct ServerConfig {
     #[serde(default = "ServerConfig::default_graceful_timeout")]
     pub graceful_timeout: Seconds,
     /// Whether the plain listeners also speak HTTP/2 with prior knowledge (h2c, RFC 9113
-    /// section 3.3) beside HTTP/1.x. A client must then send at least 24 bytes (the length
-    /// of the HTTP/2 preface) before it gets an answer; real HTTP/1 requests always do.
-    /// Default: true.
+    /// section 3.3) beside HTTP/1.x: a connection that opens with the HTTP/2 preface gets
+    /// HTTP/2, any other gets HTTP/1 from its first differing byte. Default: true.
     #[serde(default = "ServerConfig::default_h2c")]
     pub h2c: bool,
     /// The `[server.tls]` table: TLS listeners (HTTP/1.1 and HTTP/2 chosen by ALPN, and
@@ -212,7 +211,7 @@ pub struct AppConfig {
     #[serde(default)]
     pub lifespan: LifespanMode,
     /// ASGI only: the largest WebSocket message accepted from a client; a larger one closes
-    /// the connection with 1009. Default: `"16M"`.
+    /// the connection with 1009. `0` means no limit. Default: `"16M"`.
     #[serde(default = "AppConfig::default_websocket_max_message_size")]
     pub websocket_max_message_size: ByteSize,
     /// ASGI only: whether WebSocket compression (permessage-deflate, RFC 7692) is offered to

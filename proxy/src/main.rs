@@ -173,10 +173,13 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
     app.threads = args.threads;
     app.chdir = args.chdir;
     app.python_home = args.python_home;
-    app.python_path = if args.python_path.is_empty() {
-        std::env::current_dir().into_iter().collect()
-    } else {
+    app.python_path = if !args.python_path.is_empty() {
         args.python_path
+    } else if app.chdir.is_some() {
+        // Import from the directory changed to, as gunicorn's --chdir does.
+        Vec::new()
+    } else {
+        std::env::current_dir().into_iter().collect()
     };
     let mut config = Config {
         server: Default::default(),

@@ -159,11 +159,14 @@ fn request_head(portico: &Portico, session: &mut Session) -> RequestHead {
             .and_then(|d| d.ssl_digest.as_ref())
             .map(|ssl| TlsInfo {
                 server_cert: portico.server_cert.clone(),
+                protocol: ssl.version.replace('_', "."),
+                cipher: ssl.cipher.to_string(),
                 version: tls_version_number(&ssl.version),
                 cipher_suite: cipher_suite_number(&ssl.cipher),
             }),
         // Pingora writes trailers on HTTP/2 only (its HTTP/1 writer drops them).
         trailers: version == HttpVersion::Http2,
+        early_hints: version == HttpVersion::Http11,
         client: session.client_addr().and_then(|a| a.as_inet()).copied(),
         server: session.server_addr().and_then(|a| a.as_inet()).copied(),
         body,
@@ -338,6 +341,19 @@ impl<'a> Transfer<'a> {
                     exchange.send_body(piece);
                 }
                 Some(AppEvent::Trailers(fields)) => self.write_trailers(fields).await?,
+                Some(AppEvent::EarlyHint(links)) if !self.head_sent && !self.is_head => {
+                    // RFC 8297: an interim 103 with the Link fields; the final head follows.
+                    let mut hint = ResponseHeader::build(103, Some(links.len()))?;
+                    for link in links {
+                        let value = HeaderValue::from_maybe_shared(link)
+                            .or_err(ErrorType::InternalError, "early hint link")?;
+                        hint.append_header(http::header::LINK, value)?;
+                    }
+                    self.session
+                        .write_response_header(Box::new(hint), false)
+                        .await?;
+                }
+                Some(AppEvent::EarlyHint(_)) => {}
                 Some(AppEvent::Head(head)) => self.write_head(head, false).await?,
                 Some(AppEvent::Whole(head, body)) => {
                     let empty = body.is_empty();

@@ -83,8 +83,10 @@ pub(crate) async fn serve(
                 }
                 session.write_response_header(Box::new(resp), false).await?;
                 let config = websocket::Config {
-                    max_message_size: usize::try_from(app.config().websocket_max_message_size.0)
-                        .unwrap_or(usize::MAX),
+                    max_message_size: match app.config().websocket_max_message_size.0 {
+                        0 => usize::MAX,
+                        n => usize::try_from(n).unwrap_or(usize::MAX),
+                    },
                     ..Default::default()
                 };
                 let codec = Codec::new(&config, handshake.deflate);

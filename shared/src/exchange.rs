@@ -82,6 +82,9 @@ pub enum AppEvent {
     File(FileBody),
     /// The response is complete.
     End,
+    /// A 103 Early Hints response with these `Link` values (RFC 8297), before the head; only
+    /// sent when the request said the host can ([`crate::model::RequestHead::early_hints`]).
+    EarlyHint(Vec<Bytes>),
     /// Response trailers (sent after the body, before [`AppEvent::End`]); only sent when the
     /// request said the host can deliver them ([`crate::model::RequestHead::trailers`]).
     Trailers(Vec<(Bytes, Bytes)>),

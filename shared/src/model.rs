@@ -68,6 +68,10 @@ pub struct RequestHead {
     /// Whether the host can deliver response trailers on this connection (HTTP/2 here:
     /// Pingora drops them on HTTP/1.1). Decides ASGI's `http.response.trailers` extension.
     pub trailers: bool,
+    /// Whether the host can send a 103 Early Hints response before the final one (HTTP/1.1:
+    /// RFC 9110 section 15.2 forbids 1xx to HTTP/1.0 clients, and Pingora sends none on
+    /// HTTP/2). Decides ASGI's `http.response.early_hint` extension.
+    pub early_hints: bool,
     /// The peer's address, when the transport has one.
     pub client: Option<SocketAddr>,
     /// The local address the request arrived on.
@@ -100,6 +104,10 @@ impl RequestHead {
 pub struct TlsInfo {
     /// The server's certificate, PEM-encoded, when the host knows it.
     pub server_cert: Option<std::sync::Arc<str>>,
+    /// The protocol version by name (`TLSv1.3`).
+    pub protocol: String,
+    /// The cipher suite by name (`TLS13_AES_256_GCM_SHA384`).
+    pub cipher: String,
     /// The protocol version as its IANA number (`0x0304` for TLS 1.3), if known.
     pub version: Option<u16>,
     /// The cipher suite as its IANA number, if known.

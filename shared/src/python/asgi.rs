@@ -84,7 +84,7 @@ impl AsgiContext {
                     Err(_) => py.import("asyncio")?.call_method0("new_event_loop")?,
                 },
             };
-            // `run_in_executor(None, ...)` and Django's sync views run on `threads` threads.
+            // `run_in_executor(None, ...)` and `asyncio.to_thread` run on `threads` threads.
             let executor = py
                 .import("concurrent.futures")?
                 .getattr("ThreadPoolExecutor")?
@@ -593,6 +593,9 @@ fn connection_scope<'py>(
         scope.set_item(intern!(py, "subprotocols"), subprotocols)?;
     } else {
         extensions.set_item("http.response.pathsend", PyDict::new(py))?;
+        if head.early_hints {
+            extensions.set_item("http.response.early_hint", PyDict::new(py))?;
+        }
         // Only for clients that said they take trailers (RFC 9110 section 10.1.4, `TE:
         // trailers`; what gRPC clients send), and only where the host can send them.
         if head.trailers
@@ -674,6 +677,7 @@ pub(crate) fn start_request(
                     link,
                     body: request_body,
                     is_head: job.head.method == "HEAD",
+                    early_hints_ok: job.head.early_hints,
                     trailers_ok: job.head.trailers,
                     phase: Phase::Start,
                 },
@@ -724,6 +728,7 @@ pub(crate) struct HttpConn {
     link: Link,
     body: RequestBody,
     is_head: bool,
+    early_hints_ok: bool,
     trailers_ok: bool,
     phase: Phase,
 }
@@ -833,6 +838,24 @@ impl HttpConn {
                     head: Some(head),
                     trailers,
                 };
+            }
+            // ASGI "Early Hints" extension: Link headers for a 103 before the response.
+            ("http.response.early_hint", Phase::Start) => {
+                let mut links = Vec::new();
+                if let Some(values) = get(message, intern!(py, "links"))? {
+                    for value in values.try_iter()? {
+                        let value = value?;
+                        let value = value
+                            .cast::<PyBytes>()
+                            .map_err(|_| PyTypeError::new_err("early hint links must be bytes"))?;
+                        crate::model::check_header(b"link", value.as_bytes())
+                            .map_err(PyValueError::new_err)?;
+                        links.push(Bytes::copy_from_slice(value.as_bytes()));
+                    }
+                }
+                if self.early_hints_ok && !links.is_empty() {
+                    events.push_back(AppEvent::EarlyHint(links));
+                }
             }
             ("http.response.body", Phase::Body { head, trailers }) => {
                 let body = get_bytes(message, intern!(py, "body"))?;

@@ -31,6 +31,16 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
         if !sys.hasattr("argv")? {
             sys.setattr("argv", vec!["portico"])?;
         }
+        // `import portico` gives apps the server's own exception types.
+        let modules = sys.getattr("modules")?;
+        if !modules.contains("portico")? {
+            let portico = pyo3::types::PyModule::new(py, "portico")?;
+            portico.add(
+                "ClientDisconnected",
+                py.get_type::<asgi::ClientDisconnected>(),
+            )?;
+            modules.set_item("portico", portico)?;
+        }
         let Some(home) = python_home else {
             return Ok(Ok(()));
         };

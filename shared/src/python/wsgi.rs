@@ -84,6 +84,11 @@ impl WsgiRunner {
             intern!(py, "http")
         };
         env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+        if let Some(tls) = &head.tls {
+            env.set_item(intern!(py, "HTTPS"), intern!(py, "on"))?;
+            env.set_item(intern!(py, "portico.tls_version"), tls.protocol.as_str())?;
+            env.set_item(intern!(py, "portico.tls_cipher"), tls.cipher.as_str())?;
+        }
         if let Some(client) = head.client {
             env.set_item(intern!(py, "REMOTE_ADDR"), client.ip().to_string())?;
             env.set_item(intern!(py, "REMOTE_PORT"), client.port().to_string())?;
