@@ -432,3 +432,27 @@ def test_asgi_and_wsgi_apps_side_by_side_on_mounts(asgi_server):
     assert env["SCRIPT_NAME"] == ["str", "/w"] and env["PATH_INFO"] == ["str", "/environ"]
     assert server.get("/w/hello")[2] == b"Hello, world!"
     assert server.get("/elsewhere")[0] == 404
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+def test_disconnect_heard_after_a_large_content_length_body(probe):
+    """A body over the size read before dispatch arrives piece by piece; once the app has it
+    all and waits in receive(), the client leaving must still reach it as http.disconnect."""
+    size = 200_000
+    with socket.create_connection(("127.0.0.1", probe.port), timeout=10) as s:
+        s.sendall(b"POST /wait-disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                  % size + b"x" * size)
+        probe.wait_for_log(f"probe: wait-disconnect read {size} bytes")
+    probe.wait_for_log("probe: wait-disconnect gave http.disconnect", timeout=10)
+
+
+def test_a_cancelled_receive_does_not_break_the_next(probe):
+    status, _, body = probe.get("/cancelled-receive")
+    # The body was read, so both waits time out; neither may raise anything else.
+    assert (status, body) == (200, b"timeout,timeout")
+
+
+def test_an_awaitable_that_is_not_a_coroutine(asgi_server):
+    server = asgi_server("asgi_awaitable:app")
+    assert server.get("/")[0::2] == (200, b"awaitable ok")

@@ -316,3 +316,26 @@ def test_wss_on_the_tls_port(asgi_server):
     with connect(f"wss://localhost:{server.tls_port}/echo", ssl=ctx, open_timeout=10) as ws:
         ws.send(b"secure")
         assert ws.recv(timeout=10) == b"secure"
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+def test_receive_under_a_timeout_loses_no_message(ws_server):
+    with ws_connect(ws_server, "/heartbeat") as ws:
+        assert ws.recv(timeout=10) == "idle 0"
+        ws.send("hello")
+        replies = []
+        while not replies or replies[-1].startswith("idle"):
+            replies.append(ws.recv(timeout=10))
+    assert replies[-1] == "got hello", replies
+    assert not any(r.startswith("error") for r in replies), replies
+
+
+@needs("portico")
+def test_receive_after_the_apps_own_close_reports_that_close(ws_server):
+    with ws_connect(ws_server, "/close-then-receive") as ws:
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=10)
+    assert info.value.rcvd.code == 4000
+    line = log_line(ws_server, "ws: after own close")
+    assert line.endswith("websocket.disconnect code=4000"), line

@@ -335,7 +335,9 @@ impl<'a> Transfer<'a> {
             match event {
                 Some(AppEvent::NeedBody) => {
                     let piece = self.read_body_piece().await;
-                    if !matches!(piece, BodyPiece::Data(_)) {
+                    // A Content-Length body is complete with its last byte: the app will not
+                    // ask again, so watching the client can start now.
+                    if !matches!(piece, BodyPiece::Data(_)) || self.session.is_body_done() {
                         self.body_done = true;
                     }
                     exchange.send_body(piece);

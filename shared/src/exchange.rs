@@ -302,6 +302,10 @@ impl Exchange {
     /// for [`Exchange::has_room`] before reading more from the client).
     pub fn try_push(&self, item: Inbound) -> Result<(), Inbound> {
         let mut state = self.shared.lock();
+        if state.app_gone {
+            // Nobody will read it: dropping it keeps the host from waiting for room forever.
+            return Ok(());
+        }
         if state.inbound.len() >= INBOUND_CAPACITY {
             return Err(item);
         }

@@ -242,6 +242,29 @@ async def app(scope, receive, send):
         log("send after disconnect never raised")
         return
 
+    if path == "/wait-disconnect":
+        # Reads the whole body, then only waits: the client leaving must end the wait.
+        body, _ = await read_body(receive)
+        log(f"wait-disconnect read {len(body)} bytes")
+        message = await receive()
+        log(f"wait-disconnect gave {message['type']}")
+        return
+
+    if path == "/cancelled-receive":
+        # A receive() cancelled by a timeout must not break the next one (anyio cancel scopes
+        # and Starlette's is_disconnected() do this all the time).
+        await read_body(receive)
+        outcomes = []
+        for _ in range(2):
+            try:
+                await asyncio.wait_for(receive(), 0.05)
+                outcomes.append("message")
+            except asyncio.TimeoutError:
+                outcomes.append("timeout")
+            except Exception as exc:  # noqa: BLE001 - the class is what the test looks at
+                outcomes.append(type(exc).__name__)
+        return await respond(send, 200, ",".join(outcomes).encode())
+
     if path == "/hold-unread":
         # Answers without reading the body, once /set?key= says so.
         ok = await wait_event(query["key"], timeout=30)

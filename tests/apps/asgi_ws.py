@@ -1,6 +1,7 @@
 """Fixture ASGI 3 WebSocket app (no framework). Routes by path below the mount; lines printed
 to stderr start with "ws:" and land in the server's log."""
 
+import asyncio
 import json
 import sys
 
@@ -67,6 +68,28 @@ async def app(scope, receive, send):
     await send({"type": "websocket.accept", "subprotocol": chosen,
                 "headers": [(b"x-ws-app", b"asgi_ws"), (b"set-cookie", b"ws=1")]})
 
+    if path == "/heartbeat":
+        # receive() under a timeout, as heartbeat loops do: a cancelled receive() must neither
+        # break the next one nor swallow the message that arrives after it.
+        for i in range(20):
+            try:
+                message = await asyncio.wait_for(receive(), 0.1)
+            except asyncio.TimeoutError:
+                await send({"type": "websocket.send", "text": f"idle {i}"})
+                continue
+            except Exception as exc:  # noqa: BLE001
+                await send({"type": "websocket.send", "text": f"error {type(exc).__name__}"})
+                continue
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": f"got {message.get('text')}"})
+        await send({"type": "websocket.close"})
+        return
+    if path == "/close-then-receive":
+        await send({"type": "websocket.close", "code": 4000, "reason": "bye"})
+        message = await receive()
+        log(f"after own close: {message['type']} code={message.get('code')}")
+        return
     if path.startswith("/scope"):
         await send({"type": "websocket.send", "text": json.dumps(describe(scope))})
         await wait_disconnect(receive, send)

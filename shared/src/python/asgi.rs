@@ -93,6 +93,16 @@ impl AsgiContext {
                     Some(&{
                         let kw = PyDict::new(py);
                         kw.set_item("max_workers", config.threads)?;
+                        // Executor threads are the app's blocking work, not the loop: give
+                        // them back the normal policy (they inherit the loop's SCHED_BATCH).
+                        let os = py.import("os")?;
+                        let reset = py.import("functools")?.getattr("partial")?.call1((
+                            os.getattr("sched_setscheduler")?,
+                            0,
+                            os.getattr("SCHED_OTHER")?,
+                            os.getattr("sched_param")?.call1((0,))?,
+                        ))?;
+                        kw.set_item("initializer", reset)?;
                         kw.set_item("thread_name_prefix", format!("py-{}-executor", config.name))?;
                         kw
                     }),
@@ -140,6 +150,12 @@ fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: Bound<'_, PyAny>) -> PyResult
         fut.call_method1(intern!(py, "set_result"), (value,))?;
     }
     Ok(())
+}
+
+/// Whether a future is finished (a waiter whose task was cancelled is): such a waiter must
+/// not be handed a message, which would be lost with it.
+fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<bool> {
+    fut.bind(py).call_method0(intern!(py, "done"))?.is_truthy()
 }
 
 fn reject(py: Python<'_>, fut: &Py<PyAny>, err: PyErr) -> PyResult<()> {
@@ -208,6 +224,16 @@ impl Conn {
             .bind(py)
             .call1((scope, receive, send))
             .and_then(|coro| {
+                // ASGI 3 asks for an awaitable: a coroutine usually, but any object with
+                // `__await__` will do; drive its iterator then.
+                // SAFETY: `coro` is a live object and the GIL is held; the check only reads
+                // its type.
+                let native = unsafe { pyo3::ffi::PyCoro_CheckExact(coro.as_ptr()) } != 0;
+                let coro = if native {
+                    coro
+                } else {
+                    coro.call_method0(intern!(py, "__await__"))?
+                };
                 let wrapped = AppCoroutine {
                     inner: coro.unbind(),
                     conn: Some(self.clone_ref(py)),
@@ -813,6 +839,10 @@ impl HttpConn {
 
     fn on_wake(&mut self, py: Python<'_>) -> PyResult<()> {
         if let Some(fut) = self.link.recv_waiter.take() {
+            if is_done(py, &fut)? {
+                // Cancelled while waiting: whatever arrived stays queued for the next call.
+                return self.link.flush(py);
+            }
             match self.poll_receive(py)? {
                 Some(message) => resolve(py, &fut, message)?,
                 None => self.link.recv_waiter = Some(fut),
@@ -958,10 +988,14 @@ impl HttpConn {
 impl HttpConn {
     /// ASGI `receive()`: `http.request` messages, then `http.disconnect`.
     fn receive<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if self.link.recv_waiter.is_some() {
-            return Err(PyRuntimeError::new_err(
-                "receive() called while another receive() is still waiting",
-            ));
+        if let Some(waiter) = &self.link.recv_waiter {
+            if !is_done(py, waiter)? {
+                return Err(PyRuntimeError::new_err(
+                    "receive() called while another receive() is still waiting",
+                ));
+            }
+            // The earlier call was cancelled (a timeout, a cancel scope): forget it.
+            self.link.recv_waiter = None;
         }
         match self.poll_receive(py)? {
             Some(message) => self.link.ctx.ready(py, message),
@@ -1078,6 +1112,10 @@ impl WsConn {
 
     fn on_wake(&mut self, py: Python<'_>) -> PyResult<()> {
         if let Some(fut) = self.link.recv_waiter.take() {
+            if is_done(py, &fut)? {
+                // Cancelled while waiting: whatever arrived stays queued for the next call.
+                return self.link.flush(py);
+            }
             match self.poll_receive(py)? {
                 Some(message) => resolve(py, &fut, message)?,
                 None => self.link.recv_waiter = Some(fut),
@@ -1140,6 +1178,8 @@ impl WsConn {
                     .map(|r| r.extract())
                     .transpose()?
                     .unwrap_or_default();
+                // A later receive() reports this close, as the connection's end.
+                self.close = Some((code, reason.clone()));
                 events.push_back(AppEvent::WsClose { code, reason });
                 self.phase = WsPhase::Closed;
             }
@@ -1176,10 +1216,14 @@ impl WsConn {
 impl WsConn {
     /// ASGI `receive()`: `websocket.connect`, then messages, then `websocket.disconnect`.
     fn receive<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if self.link.recv_waiter.is_some() {
-            return Err(PyRuntimeError::new_err(
-                "receive() called while another receive() is still waiting",
-            ));
+        if let Some(waiter) = &self.link.recv_waiter {
+            if !is_done(py, waiter)? {
+                return Err(PyRuntimeError::new_err(
+                    "receive() called while another receive() is still waiting",
+                ));
+            }
+            // The earlier call was cancelled (a timeout, a cancel scope): forget it.
+            self.link.recv_waiter = None;
         }
         match self.poll_receive(py)? {
             Some(message) => self.link.ctx.ready(py, message),
@@ -1299,6 +1343,9 @@ impl LifespanConn {
     fn request_shutdown(&mut self, py: Python<'_>, reply: mpsc::Sender<()>) -> PyResult<()> {
         self.shutdown_reply = Some(reply);
         if let Some(fut) = self.recv_waiter.take() {
+            if is_done(py, &fut)? {
+                return Ok(());
+            }
             match self.poll_receive(py)? {
                 Some(message) => resolve(py, &fut, message)?,
                 None => self.recv_waiter = Some(fut),

@@ -151,6 +151,9 @@ impl Relay {
             }
             Some(AppEvent::WsClose { code, reason }) => {
                 self.codec.encode_close(code, &reason, out);
+                // The app reads no more: what waits for it is dropped, so that reading goes
+                // on and the client's close reply ends the connection.
+                self.pending = None;
                 // The app is done with messages; the client's reply ends the connection.
                 self.told_app = true;
             }
