@@ -1,0 +1,440 @@
+//! The directives, one `cmd_*` function each, and the configuration-time check that every
+//! app can be imported.
+//!
+//! Everything here runs in the nginx master (or in `nginx -t`) while the configuration is
+//! parsed, on the nginx thread. Python is not started here: the import check runs the
+//! embedded interpreter's executable as a child process, so the master stays free of Python
+//! and a broken app fails `nginx -t` (and a reload) instead of making workers exit.
+
+use crate::PorticoModule;
+use core::ffi::{c_char, c_void};
+use nginx_sys::{
+    ngx_command_t, ngx_conf_t, ngx_int_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+    NGX_PROCESS_SIGNALLER,
+};
+use ngx::core::NGX_CONF_ERROR;
+use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
+use portico_config::{AppConfig, Interface};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The module's `http`-level configuration: every app of every location, in the order the
+/// `portico_app` directives appear. A worker loads them in this order, so an app's index here
+/// is its index in the worker's `Dispatcher`.
+#[derive(Default)]
+pub struct MainConf {
+    /// The apps.
+    pub apps: Vec<AppEntry>,
+    /// `portico_python_home`: the virtualenv every app uses.
+    pub python_home: Option<PathBuf>,
+}
+
+/// One `portico_app` directive.
+pub struct AppEntry {
+    /// The app, as the core wants it (`mount` is the location's prefix).
+    pub config: AppConfig,
+    /// Where the directive is, for messages: `file:line`.
+    pub source: String,
+}
+
+/// The module's location configuration.
+#[derive(Default)]
+pub struct LocConf {
+    /// The index of the app this location serves in [`MainConf::apps`], if any.
+    pub app: Option<usize>,
+}
+
+impl ngx::http::Merge for LocConf {
+    /// Nested locations do not inherit `portico_app` (as with `proxy_pass`, the content
+    /// handler belongs to the location that names it).
+    fn merge(&mut self, _prev: &LocConf) -> Result<(), ngx::http::MergeConfigError> {
+        Ok(())
+    }
+}
+
+/// The arguments of the directive being parsed, the directive's name first.
+///
+/// # Safety
+/// `cf` must be the configuration nginx passed to a directive handler.
+unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Vec<&'a [u8]> {
+    // SAFETY: while a directive handler runs, `cf->args` is an array of `ngx_str_t` whose
+    // data lives in the configuration pool, longer than this call.
+    unsafe {
+        (*(*cf).args)
+            .as_slice::<ngx_str_t>()
+            .iter()
+            .map(|s| {
+                if s.len == 0 {
+                    &[][..]
+                } else {
+                    core::slice::from_raw_parts(s.data, s.len)
+                }
+            })
+            .collect()
+    }
+}
+
+/// `file:line` of the directive being parsed.
+///
+/// # Safety
+/// `cf` must be the configuration nginx passed to a directive handler.
+unsafe fn source_of(cf: *mut ngx_conf_t) -> String {
+    // SAFETY: while a directive is parsed, `conf_file` names the file being read.
+    unsafe {
+        let file = &*(*cf).conf_file;
+        let name = &file.file.name;
+        let name = if name.len == 0 {
+            String::new()
+        } else {
+            String::from_utf8_lossy(core::slice::from_raw_parts(name.data, name.len)).into_owned()
+        };
+        format!("{name}:{}", file.line)
+    }
+}
+
+/// The server prefix (`-p`), which relative paths in directives are relative to.
+///
+/// # Safety
+/// `cf` must be the configuration nginx passed to a directive handler.
+unsafe fn prefix_of(cf: *mut ngx_conf_t) -> PathBuf {
+    // SAFETY: the cycle being configured outlives its configuration; its prefix is set.
+    unsafe {
+        let prefix = &(*(*cf).cycle).prefix;
+        if prefix.len == 0 {
+            return PathBuf::from("/");
+        }
+        PathBuf::from(
+            String::from_utf8_lossy(core::slice::from_raw_parts(prefix.data, prefix.len))
+                .into_owned(),
+        )
+    }
+}
+
+/// Logs a configuration error at `emerg` with the directive's file and line and returns
+/// nginx's "configuration failed" value.
+fn conf_error(cf: *mut ngx_conf_t, message: &str) -> *mut c_char {
+    ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", message);
+    NGX_CONF_ERROR
+}
+
+/// `portico_app MODULE[:CALLABLE] [interface=wsgi|asgi] [threads=N] [python_path=DIR]...;`
+/// in a location: this location is served by that app, mounted at the location's prefix
+/// (its `SCRIPT_NAME`).
+///
+/// # Safety
+/// Called by nginx with the configuration being parsed and this module's location
+/// configuration (`conf`).
+pub unsafe extern "C" fn cmd_portico_app(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's location configuration, created by `create_loc_conf`.
+    let loc = unsafe { &mut *conf.cast::<LocConf>() };
+    if loc.app.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: nginx calls directive handlers with a valid `cf`.
+    let (args, source, prefix) = unsafe { (args(cf), source_of(cf), prefix_of(cf)) };
+    let target = String::from_utf8_lossy(args[1]).into_owned();
+    if let Err(why) = check_target(&target) {
+        return conf_error(cf, &format!("invalid app \"{target}\": {why}"));
+    }
+
+    // SAFETY: `cf->ctx` is the location's HTTP context while a location-level directive is
+    // parsed, so the core module's location configuration is there.
+    let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
+        return conf_error(cf, "portico_app: no location configuration");
+    };
+    let location = if clcf.name.len == 0 {
+        String::new()
+    } else {
+        // SAFETY: the location's name is a string in the configuration pool.
+        String::from_utf8_lossy(unsafe {
+            core::slice::from_raw_parts(clcf.name.data, clcf.name.len)
+        })
+        .into_owned()
+    };
+    // A prefix location is the mount; a regex or named location has none (`SCRIPT_NAME` is
+    // empty and `PATH_INFO` is the whole path).
+    #[cfg(ngx_feature = "pcre")]
+    let is_regex = !clcf.regex.is_null();
+    #[cfg(not(ngx_feature = "pcre"))]
+    let is_regex = false;
+    let mount = if is_regex || clcf.named() != 0 || !location.starts_with('/') {
+        "/".to_owned()
+    } else {
+        location.clone()
+    };
+
+    let mut app = AppConfig::new(&target, &target);
+    app.mount = mount;
+    for arg in &args[2..] {
+        let arg = String::from_utf8_lossy(arg);
+        let Some((key, value)) = arg.split_once('=') else {
+            return conf_error(cf, &format!("portico_app: \"{arg}\": want key=value"));
+        };
+        match key {
+            "interface" => {
+                app.interface = match value {
+                    "wsgi" => Interface::Wsgi,
+                    "asgi" => Interface::Asgi,
+                    _ => {
+                        return conf_error(
+                            cf,
+                            &format!("portico_app: interface=\"{value}\": want wsgi or asgi"),
+                        )
+                    }
+                }
+            }
+            "threads" => match value.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => app.threads = n,
+                _ => {
+                    return conf_error(
+                        cf,
+                        &format!("portico_app: threads=\"{value}\": want a number from 1 to 1024"),
+                    )
+                }
+            },
+            "python_path" if !value.is_empty() => app.python_path.push(prefix.join(value)),
+            _ => {
+                return conf_error(
+                    cf,
+                    &format!(
+                        "portico_app: unknown option \"{arg}\" (known: interface=, threads=, python_path=)"
+                    ),
+                )
+            }
+        }
+    }
+
+    // SAFETY: the module's main configuration exists in every HTTP context.
+    let Some(main) = (unsafe { PorticoModule::main_conf_mut(&*cf) }) else {
+        return conf_error(cf, "portico_app: no http configuration");
+    };
+    // Names are for logs; two locations may serve the same target (two thread pools).
+    if main.apps.iter().any(|a| a.config.name == app.name) {
+        app.name = format!("{target}@{location}");
+    }
+    loc.app = Some(main.apps.len());
+    main.apps.push(AppEntry {
+        config: app,
+        source,
+    });
+    clcf.handler = Some(crate::handler::content_handler);
+    core::ptr::null_mut()
+}
+
+/// `portico_python_home DIR;` at `http` level: the virtualenv every app imports from.
+///
+/// # Safety
+/// Called by nginx with the configuration being parsed and this module's main
+/// configuration (`conf`).
+pub unsafe extern "C" fn cmd_portico_python_home(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main configuration, created by `create_main_conf`.
+    let main = unsafe { &mut *conf.cast::<MainConf>() };
+    if main.python_home.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: nginx calls directive handlers with a valid `cf`.
+    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
+    let dir = prefix.join(String::from_utf8_lossy(args[1]).as_ref());
+    if !dir.is_dir() {
+        return conf_error(
+            cf,
+            &format!(
+                "portico_python_home \"{}\" is not a directory",
+                dir.display()
+            ),
+        );
+    }
+    main.python_home = Some(dir);
+    core::ptr::null_mut()
+}
+
+/// `module[:callable]` with dotted Python identifiers for the module and one identifier for
+/// the callable.
+fn check_target(target: &str) -> Result<(), String> {
+    let is_identifier = |s: &str| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
+            && chars.all(|c| c == '_' || c.is_alphanumeric())
+    };
+    let (module, callable) = portico_config::split_target(target);
+    if module.is_empty() || !module.split('.').all(is_identifier) {
+        return Err(format!(
+            "module \"{module}\" is not a dotted Python name (want MODULE:CALLABLE, e.g. mysite.wsgi:application)"
+        ));
+    }
+    if !is_identifier(callable) {
+        return Err(format!(
+            "callable \"{callable}\" is not a Python identifier"
+        ));
+    }
+    Ok(())
+}
+
+/// After the whole configuration is read: gives every app the Python home, and checks that
+/// each can be imported (skipped when nginx only signals a running master, `nginx -s`).
+///
+/// # Safety
+/// Called by nginx with the configuration of the `http` block just parsed.
+pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: the module's main configuration exists once the `http` block is parsed.
+    let Some(main) = (unsafe { PorticoModule::main_conf_mut(&*cf) }) else {
+        return NGX_OK as ngx_int_t;
+    };
+    let home = main.python_home.clone();
+    for entry in &mut main.apps {
+        entry.config.python_home = home.clone();
+    }
+    // SAFETY: `ngx_process` is written only by nginx's startup code on this thread.
+    if unsafe { nginx_sys::ngx_process } == NGX_PROCESS_SIGNALLER as usize {
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: `cf` is the configuration being read.
+    let identity = unsafe { worker_identity(cf) };
+    for entry in &main.apps {
+        if let Err(why) = check_import(&entry.config, identity) {
+            // SAFETY: `cf->log` is the log of the configuration being read.
+            let log = unsafe { (*cf).log };
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "portico_app \"{}\" in {}: the app cannot be loaded: {}",
+                entry.config.target,
+                entry.source,
+                why
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// The interpreter the module embeds (from the build); the import check runs it.
+const PYTHON: Option<&str> = option_env!("PORTICO_PYTHON_EXECUTABLE");
+
+/// How long an app's import may take at configuration time.
+const IMPORT_CHECK_LIMIT: Duration = Duration::from_secs(60);
+
+/// What the worker will do, in a child interpreter: activate the Python home, put
+/// `python_path` first, import the module, find a callable.
+const IMPORT_CHECK: &str = r#"
+import sys, os, site, importlib
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+home, module, attr, *paths = sys.argv[1:]
+if home:
+    sp = os.path.join(home, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
+    if not os.path.isdir(sp):
+        sys.exit("python_home %s has no %s: is it a virtualenv made with Python %d.%d (the one the module embeds)?" % ((home, sp) + tuple(sys.version_info[:2])))
+    site.addsitedir(sp)
+sys.path[0:0] = paths
+m = importlib.import_module(module)
+obj = getattr(m, attr, None)
+if obj is None:
+    sys.exit("module `%s` has no attribute `%s`" % (module, attr))
+if not callable(obj):
+    sys.exit("`%s:%s` is a %s, not a callable" % (module, attr, type(obj).__name__))
+"#;
+
+/// The user and group the workers will run as, when the master runs as root (nginx's
+/// `user` directive, else nginx's default, `nobody`); `None` when nginx will not switch.
+///
+/// # Safety
+/// `cf` must be the configuration being read.
+unsafe fn worker_identity(cf: *mut ngx_conf_t) -> Option<(u32, u32)> {
+    use ngx::core::{CoreModuleMainConf, NgxCoreModule};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    // SAFETY: the core module's configuration exists once the main context is parsed.
+    let core = unsafe { NgxCoreModule::main_conf(&*cf) }?;
+    if core.user != u32::MAX {
+        return Some((core.user, core.group));
+    }
+    // `user` is not set (or comes later in the file): nginx's default.
+    // SAFETY: getpwnam returns null or a pointer to a static record, read at once.
+    unsafe {
+        let pw = libc::getpwnam(c"nobody".as_ptr());
+        if pw.is_null() {
+            return None;
+        }
+        Some(((*pw).pw_uid, (*pw).pw_gid))
+    }
+}
+
+/// Imports the app in a child interpreter with the environment and the user a worker has
+/// (nginx clears the environment), and returns its error output when that fails.
+fn check_import(app: &AppConfig, identity: Option<(u32, u32)>) -> Result<(), String> {
+    let Some(python) = PYTHON else {
+        return Ok(());
+    };
+    let (module, callable) = app.target_parts();
+    let mut command = Command::new(python);
+    command
+        .arg("-c")
+        .arg(IMPORT_CHECK)
+        .arg(app.python_home.as_deref().unwrap_or(Path::new("")))
+        .arg(module)
+        .arg(callable)
+        .args(&app.python_path)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Ok(tz) = std::env::var("TZ") {
+        command.env("TZ", tz);
+    }
+    let as_user = match identity {
+        Some((uid, gid)) if uid != 0 => {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+            format!(" as the workers' user (uid {uid}, nginx's `user` directive)")
+        }
+        _ => String::new(),
+    };
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run {python}{as_user} to check the import: {e}"))?;
+    // Read the error output as it comes, so a long one cannot fill the pipe and stall the child.
+    let mut pipe = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(pipe) = pipe.as_mut() {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > IMPORT_CHECK_LIMIT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "importing `{module}` took longer than {IMPORT_CHECK_LIMIT:?}"
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("waiting for the import check: {e}")),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let stderr = reader.join().unwrap_or_default();
+    Err(format!(
+        "importing `{module}`{as_user} failed:\n{}",
+        stderr.trim_end()
+    ))
+}

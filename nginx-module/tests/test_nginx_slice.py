@@ -1,0 +1,275 @@
+"""The nginx module's vertical slice, end to end: Debian's nginx loads the built
+ngx_http_portico_module.so and serves the fixture WSGI apps of tests/apps/.
+
+Builds nothing: run scripts/nginx-module.sh first (it prints the .so's path), then
+    .venv/bin/pytest nginx-module/tests/test_nginx_slice.py
+PORTICO_NGINX_MODULE names the .so (default: target/release/ngx_http_portico_module.so),
+NGINX_BIN the nginx (default: /usr/sbin/nginx). Readiness is polled with a deadline."""
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS = ROOT / "tests" / "apps"
+MODULE = Path(os.environ.get("PORTICO_NGINX_MODULE",
+                             ROOT / "target" / "release" / "ngx_http_portico_module.so"))
+NGINX = os.environ.get("NGINX_BIN", shutil.which("nginx") or "/usr/sbin/nginx")
+
+pytestmark = pytest.mark.skipif(
+    not MODULE.is_file() or not os.access(NGINX, os.X_OK),
+    reason="needs the built module (scripts/nginx-module.sh) and nginx")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=20.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_conf(prefix, port, locations):
+    """An nginx.conf in `prefix` whose server has `locations` (nginx text)."""
+    for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / d).mkdir(exist_ok=True)
+    # The workers must be able to read the embedded Python (pyenv's lives under /root).
+    user = "user root;" if os.geteuid() == 0 else ""
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix / name};"
+        for kind, name in (("client_body", "body"), ("proxy", "proxy"),
+                           ("fastcgi", "fastcgi"), ("uwsgi", "uwsgi"), ("scgi", "scgi")))
+    (prefix / "nginx.conf").write_text(f"""
+load_module {MODULE.resolve()};
+{user}
+daemon off;
+master_process on;
+worker_processes 1;
+error_log {prefix / "logs" / "error.log"} info;
+pid {prefix / "logs" / "nginx.pid"};
+events {{ worker_connections 128; }}
+http {{
+    access_log off;
+{temp_paths}
+    server {{
+        listen 127.0.0.1:{port};
+{locations}
+    }}
+}}
+""")
+    return prefix / "nginx.conf"
+
+
+class Nginx:
+    def __init__(self, prefix, port):
+        self.prefix, self.port = prefix, port
+        self.log = prefix / "logs" / "error.log"
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(prefix), "-c", "nginx.conf"],
+            stdout=open(prefix / "stdout", "wb"), stderr=open(prefix / "stderr", "wb"))
+
+    def error_log(self):
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_ready(self):
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited with {self.proc.returncode}:\n"
+                                     f"{(self.prefix / 'stderr').read_text()}\n{self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                return False
+            # The worker is up once it has loaded the apps and answers.
+            try:
+                status, _, _ = self.request("GET", "/hello")
+                return status == 200
+            except OSError:
+                return False
+        wait_until(up, what="nginx to answer")
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            # A graceful quit, as an admin would: workers finish and close the eventfd.
+            subprocess.run([NGINX, "-p", str(self.prefix), "-c", "nginx.conf", "-s", "quit"],
+                           capture_output=True, timeout=10)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    write_conf(prefix, port, f"""
+        location / {{
+            portico_app validated:application python_path={APPS};
+        }}
+        location /bad/ {{
+            portico_app misbehaving python_path={APPS} threads=2;
+        }}
+""")
+    server = Nginx(prefix, port)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+    log = server.error_log()
+    assert "open socket" not in log, log
+    assert "exited on signal" not in log, log
+
+
+def test_get_hello(nginx):
+    status, headers, body = nginx.request("GET", "/hello")
+    assert status == 200
+    assert body == b"Hello, world!"
+    assert headers["Content-Type"] == "text/plain"
+
+
+def test_post_echo_64k_round_trips(nginx):
+    payload = os.urandom(64 * 1024)
+    status, _, body = nginx.request("POST", "/echo", body=payload,
+                                    headers={"Content-Type": "application/octet-stream"})
+    assert status == 200
+    assert body == payload
+
+
+def test_mount_splits_script_name_and_path_info(nginx):
+    status, _, body = nginx.request("GET", "/environ/a%20b?x=1")
+    assert status == 200
+    import json
+    environ = json.loads(body)
+    assert environ["SCRIPT_NAME"] == ["str", ""]
+    assert environ["PATH_INFO"] == ["str", "/environ/a b"]
+    assert environ["QUERY_STRING"] == ["str", "x=1"]
+    assert environ["wsgi.multiprocess"] == ["bool", True]
+
+
+def test_app_that_raises_gives_500_and_traceback_in_error_log(nginx):
+    status, _, _ = nginx.request("GET", "/bad/raise")
+    assert status == 500
+    wait_until(lambda: "ValueError: the app fails on purpose" in nginx.error_log(),
+               timeout=5, what="the traceback in nginx's error log")
+    assert "Traceback (most recent call last)" in nginx.error_log()
+
+
+def test_concurrent_requests_all_complete(nginx):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        payload = b"%d;" % i * 100
+        return nginx.request("POST", "/echo", body=payload)[2] == payload
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(300)))
+
+
+SLOW_APP = """
+import time
+
+def application(environ, start_response):
+    time.sleep(float(environ.get("QUERY_STRING") or 0))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"slept"]
+"""
+
+
+def test_graceful_quit_waits_for_a_request_in_python(tmp_path):
+    """The request's timer keeps an exiting worker alive until Python has answered."""
+    import threading
+
+    (tmp_path / "slow.py").write_text(SLOW_APP)
+    port = free_port()
+    write_conf(tmp_path, port, f"""
+        location / {{
+            portico_app slow python_path={tmp_path};
+        }}
+""")
+    server = Nginx(tmp_path, port)
+    try:
+        wait_until(lambda: server.request("GET", "/?0")[0] == 200 if _listening(port) else False,
+                   what="nginx to answer")
+        result = {}
+        client = threading.Thread(
+            target=lambda: result.setdefault("r", server.request("GET", "/?1.0")))
+        client.start()
+        time.sleep(0.3)
+        server.stop()
+        client.join(10)
+        assert result["r"][0] == 200 and result["r"][2] == b"slept"
+    finally:
+        server.stop()
+    assert "open socket" not in server.error_log()
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_nginx_t_rejects_a_bad_target(tmp_path):
+    conf = write_conf(tmp_path, free_port(), f"""
+        location / {{
+            portico_app validated:no_such_callable python_path={APPS};
+        }}
+""")
+    result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "module `validated` has no attribute `no_such_callable`" in result.stderr
+    assert "test failed" in result.stderr
+
+
+def test_nginx_t_rejects_an_unimportable_module(tmp_path):
+    conf = write_conf(tmp_path, free_port(), f"""
+        location / {{
+            portico_app broken_import python_path={APPS};
+        }}
+""")
+    result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "importing `broken_import`" in result.stderr
+    assert "Traceback" in result.stderr
+
+
+def test_nginx_t_rejects_bad_syntax(tmp_path):
+    conf = write_conf(tmp_path, free_port(), """
+        location / {
+            portico_app not-a-module:app;
+        }
+""")
+    result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert 'invalid app "not-a-module:app"' in result.stderr
