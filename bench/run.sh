@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Benchmarks portico against granian and gunicorn: one server worker pinned to CPU 0, wrk
-# pinned to CPU 1, a few WSGI scenarios. Prints one markdown table and writes it to
-# bench/results/latest.md (raw wrk output and server logs go to bench/results/logs/).
+# Benchmarks portico against granian, uvicorn and gunicorn: one server worker pinned to CPU 0,
+# the load tool pinned to CPU 1, in scenarios for WSGI and ASGI over HTTP/1.1 (wrk), HTTP/2
+# (h2load, h2c with prior knowledge) and WebSocket echo (bench/wsload). Prints one markdown
+# table and writes it to bench/results/latest.md (raw load-tool output and server logs go to
+# bench/results/logs/).
 #
 #   bench/run.sh
+#   BENCH_ONLY=asgi,h2,ws BENCH_SECONDS=3 bench/run.sh
 #
 # Environment:
-#   BENCH_SECONDS    length of each measured wrk run, in seconds (default 8)
-#   PORTICO_THREADS  portico's --threads, its Python threads (default 2, its best here)
+#   BENCH_SECONDS    length of each measured run, in seconds (default 8)
+#   BENCH_ONLY       comma-separated scenarios to run (default: all). A name selects the
+#                    scenario of that name and those named NAME-something: hello, echo, asgi,
+#                    h2 (h2-wsgi, h2-asgi), ws (ws, ws-pipelined); wsgi means hello,echo
+#   PORTICO_THREADS  portico's --threads for WSGI apps, its Python threads (default 2, its best
+#                    here)
 #
 # A benchmark, not a test: it asserts nothing about the numbers and is not run in CI.
 set -euo pipefail
@@ -17,11 +24,19 @@ BENCH="$ROOT/bench"
 VENV="$BENCH/.venv"
 RESULTS="$BENCH/results"
 LOGS="$RESULTS/logs"
+WSLOAD_DIR="$BENCH/wsload"
+WSLOAD="$WSLOAD_DIR/target/release/wsload"
+STARTED=$SECONDS
 
 DURATION="${BENCH_SECONDS:-8}"
 PORTICO_THREADS="${PORTICO_THREADS:-2}"
 WARMUP=2          # seconds of unrecorded load before each measured run
-CONNECTIONS=64
+CONNECTIONS=64    # wrk's connections, and wsload's in the ping-pong scenario
+H2_CONNECTIONS=16 # h2load: connections ...
+H2_STREAMS=16     # ... and concurrent streams on each (256 requests in flight)
+WS_MESSAGE=32     # bytes of text per WebSocket message
+WS_PIPE_CONNECTIONS=16 # ws-pipelined: connections ...
+WS_PIPE_DEPTH=16       # ... and messages in flight on each
 SERVER_CPU=0
 LOAD_CPU=1
 READY_TIMEOUT=30  # seconds a server gets to answer its first request
@@ -36,7 +51,76 @@ die() { echo "bench/run.sh: $*" >&2; exit 1; }
 [[ "$PORTICO_THREADS" =~ ^[1-9][0-9]*$ ]] || die "PORTICO_THREADS must be a positive integer, got '$PORTICO_THREADS'"
 
 cpus="$(nproc)"
-[ "$cpus" -ge 2 ] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU); nproc says $cpus"
+[ "$cpus" -ge 2 ] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $LOAD_CPU); nproc says $cpus"
+
+# --- scenarios -----------------------------------------------------------------------------
+
+ALL_SCENARIOS=(hello echo asgi h2-wsgi h2-asgi ws ws-pipelined)
+
+SCENARIOS=()
+if [ -z "${BENCH_ONLY:-}" ]; then
+  SCENARIOS=("${ALL_SCENARIOS[@]}")
+else
+  IFS=', ' read -r -a wanted <<<"$BENCH_ONLY"
+  for w in "${wanted[@]}"; do [ "$w" = wsgi ] && wanted+=(hello echo); done
+  for s in "${ALL_SCENARIOS[@]}"; do
+    for w in "${wanted[@]}"; do
+      if [ "$s" = "$w" ] || [[ "$s" == "$w"-* ]]; then SCENARIOS+=("$s"); break; fi
+    done
+  done
+  for w in "${wanted[@]}"; do
+    [ -z "$w" ] || [ "$w" = wsgi ] && continue
+    ok=0
+    for s in "${ALL_SCENARIOS[@]}"; do
+      if [ "$s" = "$w" ] || [[ "$s" == "$w"-* ]]; then ok=1; fi
+    done
+    [ $ok = 1 ] || die "BENCH_ONLY: no scenario '$w' (scenarios: ${ALL_SCENARIOS[*]}; also h2, wsgi)"
+  done
+  [ ${#SCENARIOS[@]} -gt 0 ] || die "BENCH_ONLY='$BENCH_ONLY' selects no scenario"
+fi
+
+scenario_label() {
+  case "$1" in
+    hello) echo "WSGI hello (13 B GET)" ;;
+    echo) echo "64 KiB POST echo (WSGI)" ;;
+    asgi) echo "ASGI hello (13 B GET)" ;;
+    h2-wsgi) echo "HTTP/2 WSGI hello (h2c)" ;;
+    h2-asgi) echo "HTTP/2 ASGI hello (h2c)" ;;
+    ws) echo "WebSocket echo ($WS_MESSAGE B, ping-pong)" ;;
+    ws-pipelined) echo "WebSocket echo ($WS_MESSAGE B, $WS_PIPE_DEPTH in flight)" ;;
+  esac
+}
+scenario_target() {
+  case "$1" in
+    hello | h2-wsgi) echo "hello:app" ;;
+    echo) echo "echo:app" ;;
+    asgi | h2-asgi) echo "asgi_hello:app" ;;
+    ws | ws-pipelined) echo "ws_echo:app" ;;
+  esac
+}
+scenario_tool() {
+  case "$1" in
+    hello | echo | asgi) echo wrk ;;
+    h2-*) echo h2load ;;
+    ws*) echo wsload ;;
+  esac
+}
+scenario_servers() {
+  case "$1" in
+    hello | echo) echo portico granian gunicorn-sync gunicorn-gthread ;;
+    asgi) echo portico-asgi granian-asgi uvicorn ;;
+    h2-wsgi) echo portico granian ;;
+    h2-asgi) echo portico-asgi granian-asgi ;;
+    ws | ws-pipelined)
+      echo portico-asgi granian-asgi uvicorn-websockets uvicorn-sansio uvicorn-wsproto wsload-echo ;;
+  esac
+}
+
+uses_tool() { # TOOL: whether a selected scenario needs it
+  local s
+  for s in "${SCENARIOS[@]}"; do [ "$(scenario_tool "$s")" = "$1" ] && return 0; done
+  return 1
+}
 
 # --- setup ---------------------------------------------------------------------------------
 
@@ -62,9 +146,19 @@ PY="$(cat target/release/.portico-python)"
 PORTICO="$ROOT/target/release/portico"
 [ -x "$PORTICO" ] || die "$PORTICO was not built"
 
-need wrk wrk
 need taskset util-linux
 need curl curl
+uses_tool wrk && need wrk wrk
+uses_tool h2load && need h2load nghttp2-client
+
+if uses_tool wsload; then
+  command -v cargo >/dev/null || [ ! -x "$HOME/.cargo/bin/cargo" ] || export PATH="$HOME/.cargo/bin:$PATH"
+  command -v cargo >/dev/null || die "cargo is needed to build bench/wsload"
+  log "building bench/wsload"
+  cargo build --release --quiet --manifest-path "$WSLOAD_DIR/Cargo.toml" \
+    --target-dir "$WSLOAD_DIR/target" >&2
+  [ -x "$WSLOAD" ] || die "$WSLOAD was not built"
+fi
 
 realpath_of() { "$1" -c 'import os, sys; print(os.path.realpath(sys._base_executable))'; }
 if [ ! -x "$VENV/bin/python" ] || [ "$(realpath_of "$VENV/bin/python" 2>/dev/null)" != "$(realpath_of "$PY")" ]; then
@@ -80,43 +174,76 @@ mkdir -p "$LOGS"
 BODY_FILE="$LOGS/body.bin"
 head -c "$BODY_BYTES" /dev/zero | tr '\0' x >"$BODY_FILE"
 
-# From here on this script, curl, the RSS sampler and wrk all run on the load CPU, so the
-# server has its CPU to itself.
+# From here on this script, curl, the RSS sampler and the load tools all run on the load CPU,
+# so the server has its CPU to itself.
 taskset -p -c "$LOAD_CPU" $$ >/dev/null
 
 # --- servers -------------------------------------------------------------------------------
 
-SERVERS=(portico granian gunicorn-sync gunicorn-gthread)
+is_h2() { [[ "$1" == h2-* ]]; }
+is_ws() { [[ "$1" == ws* ]]; }
 
-# server_exec SERVER MODULE:CALLABLE PORT: becomes the server (run it in a subshell).
+# server_exec SERVER SCENARIO PORT: becomes the server (run it in a subshell).
 server_exec() {
-  local server="$1" target="$2" port="$3"
+  local server="$1" scenario="$2" port="$3" target http=()
+  target="$(scenario_target "$scenario")"
+  is_h2 "$scenario" && http=(--http 2)
   cd "$BENCH/apps"
   case "$server" in
     portico)
       PORTICO_LOG=warn exec taskset -c "$SERVER_CPU" "$PORTICO" run "$target" \
         --python-path "$BENCH/apps" --bind "127.0.0.1:$port" --access-log off \
         --threads "$PORTICO_THREADS" ;;
+    portico-asgi)
+      # --python-home: the bench venv, so that --loop auto finds uvloop there, as the peers do.
+      PORTICO_LOG=warn exec taskset -c "$SERVER_CPU" "$PORTICO" run "$target" --interface asgi \
+        --python-path "$BENCH/apps" --python-home "$VENV" --bind "127.0.0.1:$port" \
+        --access-log off ;;
     granian)
-      exec taskset -c "$SERVER_CPU" "$VENV/bin/granian" --interface wsgi --workers 1 \
-        --blocking-threads 1 --host 127.0.0.1 --port "$port" --no-ws --no-access-log \
-        --log-level warning "$target" ;;
+      exec taskset -c "$SERVER_CPU" "$VENV/bin/granian" --interface wsgi "${http[@]}" \
+        --workers 1 --blocking-threads 1 --host 127.0.0.1 --port "$port" --no-ws \
+        --no-access-log --log-level warning "$target" ;;
+    granian-asgi)
+      exec taskset -c "$SERVER_CPU" "$VENV/bin/granian" --interface asgi "${http[@]}" \
+        --workers 1 --host 127.0.0.1 --port "$port" --no-access-log --log-level warning \
+        "$target" ;;
     gunicorn-sync)
       exec taskset -c "$SERVER_CPU" "$VENV/bin/gunicorn" --workers 1 \
         --bind "127.0.0.1:$port" --log-level warning "$target" ;;
     gunicorn-gthread)
       exec taskset -c "$SERVER_CPU" "$VENV/bin/gunicorn" --workers 1 --worker-class gthread \
         --threads 4 --bind "127.0.0.1:$port" --log-level warning "$target" ;;
+    uvicorn | uvicorn-websockets | uvicorn-sansio | uvicorn-wsproto)
+      local ws=()
+      case "$server" in
+        uvicorn-websockets) ws=(--ws websockets) ;;
+        uvicorn-sansio) ws=(--ws websockets-sansio) ;;
+        uvicorn-wsproto) ws=(--ws wsproto) ;;
+      esac
+      exec taskset -c "$SERVER_CPU" "$VENV/bin/uvicorn" --loop uvloop --http httptools "${ws[@]}" \
+        --workers 1 --no-access-log --log-level warning --host 127.0.0.1 --port "$port" \
+        "$target" ;;
+    wsload-echo)
+      exec taskset -c "$SERVER_CPU" "$WSLOAD" --serve "127.0.0.1:$port" ;;
     *) echo "unknown server $server" >&2; exit 2 ;;
   esac
 }
 
-server_label() {
+server_label() { # SERVER SCENARIO
+  local h2=""
+  is_h2 "$2" && h2=", --http 2"
   case "$1" in
     portico) echo "portico (--threads $PORTICO_THREADS)" ;;
-    granian) echo "granian (wsgi, --blocking-threads 1)" ;;
+    portico-asgi) echo "portico (asgi)" ;;
+    granian) echo "granian (wsgi$h2, --blocking-threads 1)" ;;
+    granian-asgi) echo "granian (asgi$h2)" ;;
     gunicorn-sync) echo "gunicorn sync" ;;
     gunicorn-gthread) echo "gunicorn gthread (--threads 4)" ;;
+    uvicorn) echo "uvicorn (httptools)" ;;
+    uvicorn-websockets) echo "uvicorn (--ws websockets)" ;;
+    uvicorn-sansio) echo "uvicorn (--ws websockets-sansio)" ;;
+    uvicorn-wsproto) echo "uvicorn (--ws wsproto)" ;;
+    wsload-echo) echo "wsload's Rust echo server (load-tool ceiling, not a peer)" ;;
   esac
 }
 
@@ -199,7 +326,7 @@ sample_rss() {
 
 SERVER_PID=""
 SAMPLER_PID=""
-WRK_PID=""
+LOAD_PID=""
 
 stop_sampler() {
   [ -n "$SAMPLER_PID" ] || return 0
@@ -230,7 +357,7 @@ stop_server() {
 }
 
 cleanup() {
-  if [ -n "$WRK_PID" ]; then kill "$WRK_PID" 2>/dev/null || true; wait "$WRK_PID" 2>/dev/null || true; fi
+  if [ -n "$LOAD_PID" ]; then kill "$LOAD_PID" 2>/dev/null || true; wait "$LOAD_PID" 2>/dev/null || true; fi
   stop_sampler
   stop_server
 }
@@ -238,81 +365,150 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# wait_ready PID PORT: 0 once GET / answers 2xx, 1 if the server dies or the deadline passes.
+# probe SCENARIO PORT: one quick request the way the scenario's load tool will speak.
+probe() {
+  local scenario="$1" port="$2"
+  if is_ws "$scenario"; then
+    "$WSLOAD" --check "ws://127.0.0.1:$port/" >/dev/null 2>&1
+  elif is_h2 "$scenario"; then
+    curl -fsS -o /dev/null --max-time 1 --http2-prior-knowledge "http://127.0.0.1:$port/" 2>/dev/null
+  else
+    curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/" 2>/dev/null
+  fi
+}
+
+# wait_ready PID SCENARIO PORT: 0 once the probe succeeds, 1 if the server dies or the deadline
+# passes.
 wait_ready() {
-  local pid="$1" port="$2" deadline=$((SECONDS + READY_TIMEOUT))
+  local pid="$1" scenario="$2" port="$3" deadline=$((SECONDS + READY_TIMEOUT))
   while ((SECONDS < deadline)); do
     kill -0 "$pid" 2>/dev/null || return 1
-    if curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/" 2>/dev/null; then
-      return 0
-    fi
+    probe "$scenario" "$port" && return 0
     sleep 0.05
   done
   return 1
 }
 
-# check_response SCENARIO PORT: one request by hand, to make sure wrk measures the right thing.
+# check_response SCENARIO PORT: one request by hand, to make sure the load tool measures the
+# right thing.
 check_response() {
   local scenario="$1" port="$2" got
   case "$scenario" in
-    hello)
+    hello | asgi)
       got="$(curl -fsS --max-time 5 "http://127.0.0.1:$port/")" || return 1
       [ "$got" = "Hello, world!" ] ;;
+    h2-*)
+      got="$(curl -fsS --max-time 5 --http2-prior-knowledge -w ' HTTP/%{http_version}' "http://127.0.0.1:$port/")" || return 1
+      [ "$got" = "Hello, world! HTTP/2" ] ;;
     echo)
       curl -fsS --max-time 5 -H 'Expect:' -H 'Content-Type: application/octet-stream' \
         --data-binary "@$BODY_FILE" "http://127.0.0.1:$port/" -o "$LOGS/echo-check.bin" || return 1
       cmp -s "$BODY_FILE" "$LOGS/echo-check.bin" ;;
+    ws*)
+      "$WSLOAD" --check "ws://127.0.0.1:$port/" ;;
   esac
 }
 
-wrk_run() { # SECONDS OUTPUT SCENARIO PORT
-  local seconds="$1" out="$2" scenario="$3" port="$4" script=()
-  [ "$scenario" = echo ] && script=(-s "$BENCH/post64k.lua")
-  # In the background so that a signal to this script is handled at once, not after wrk.
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${seconds}s" --latency "${script[@]}" \
-    "http://127.0.0.1:$port/" >"$out" 2>&1 &
-  WRK_PID=$!
+# load_cmd SCENARIO SECONDS PORT NAME: prints the load tool's command line, one word a line.
+# h2load and wsload warm up inside the same run (-> WARMUP); wrk gets a separate warm-up run.
+load_cmd() {
+  local scenario="$1" seconds="$2" port="$3" name="$4"
+  case "$(scenario_tool "$scenario")" in
+    wrk)
+      printf '%s\n' wrk -t1 "-c$CONNECTIONS" "-d${seconds}s" --latency
+      [ "$scenario" = echo ] && printf '%s\n' -s "$BENCH/post64k.lua"
+      echo "http://127.0.0.1:$port/" ;;
+    h2load)
+      printf '%s\n' h2load -t1 -c "$H2_CONNECTIONS" -m "$H2_STREAMS" -D "$seconds" \
+        --warm-up-time "$WARMUP" --log-file "$LOGS/$name.h2load.tsv" "http://127.0.0.1:$port/" ;;
+    wsload)
+      local c="$CONNECTIONS" k=1
+      [ "$scenario" = ws-pipelined ] && c="$WS_PIPE_CONNECTIONS" k="$WS_PIPE_DEPTH"
+      printf '%s\n' "$WSLOAD" -c "$c" -k "$k" -s "$WS_MESSAGE" -w "$WARMUP" -d "$seconds" \
+        "ws://127.0.0.1:$port/" ;;
+  esac
+}
+
+load_run() { # SCENARIO SECONDS OUTPUT PORT NAME
+  local scenario="$1" seconds="$2" out="$3" port="$4" name="$5" cmd=()
+  mapfile -t cmd < <(load_cmd "$scenario" "$seconds" "$port" "$name")
+  rm -f "$LOGS/$name.h2load.tsv" # h2load appends to its log file
+  # In the background so that a signal to this script is handled at once, not after the run.
+  taskset -c "$LOAD_CPU" "${cmd[@]}" >"$out" 2>&1 &
+  LOAD_PID=$!
   local status=0
-  wait "$WRK_PID" || status=$?
-  WRK_PID=""
+  wait "$LOAD_PID" || status=$?
+  LOAD_PID=""
   return "$status"
 }
 
-# --- scenarios -----------------------------------------------------------------------------
-
-SCENARIOS=(hello echo)
-scenario_label() {
-  case "$1" in
-    hello) echo "WSGI hello (13 B GET)" ;;
-    echo) echo "64 KiB POST echo" ;;
-  esac
+# percentiles_ms FILE: "p50 p99" in ms of column 3 (microseconds) of an h2load --log-file.
+percentiles_ms() {
+  cut -f3 "$1" | sort -n | awk '
+    { v[NR] = $1 }
+    END {
+      if (NR == 0) { print "- -"; exit }
+      i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++; if (i50 < 1) i50 = 1
+      i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++; if (i99 < 1) i99 = 1
+      printf "%.2fms %.2fms\n", v[i50] / 1000, v[i99] / 1000
+    }'
 }
-scenario_target() {
-  case "$1" in
-    hello) echo "hello:app" ;;
-    echo) echo "echo:app" ;;
+
+# parse_load SCENARIO OUTPUT NAME: sets RPS, P50, P99 and NOTE from the load tool's output.
+parse_load() {
+  local scenario="$1" out="$2" name="$3" errors non2xx failed pct
+  RPS="" P50="" P99="" NOTE=""
+  case "$(scenario_tool "$scenario")" in
+    wrk)
+      RPS="$(awk '$1 == "Requests/sec:" { printf "%.0f", $2 }' "$out")"
+      P50="$(awk '$1 == "50%" { print $2; exit }' "$out")"
+      P99="$(awk '$1 == "99%" { print $2; exit }' "$out")"
+      errors="$(awk -F': *' '$1 ~ /Socket errors/ { print $2 }' "$out")"
+      non2xx="$(awk -F': *' '$1 ~ /Non-2xx or 3xx responses/ { print $2 }' "$out")"
+      [ -n "$errors" ] && NOTE="wrk socket errors: $errors"
+      [ -n "$non2xx" ] && NOTE="${NOTE:+$NOTE; }$non2xx non-2xx responses" ;;
+    h2load)
+      RPS="$(awk '$1 == "finished" && $2 == "in" { printf "%.0f", $4 }' "$out")"
+      failed="$(awk '$1 == "requests:" { f = $10 + $12 + $14; if (f > 0) printf "%s failed, %s errored, %s timed out", $10, $12, $14 }' "$out")"
+      non2xx="$(awk '$1 == "status" && $2 == "codes:" { n = $5 + $7 + $9; if (n > 0) print n }' "$out")"
+      [ -n "$failed" ] && NOTE="h2load: $failed"
+      [ -n "$non2xx" ] && NOTE="${NOTE:+$NOTE; }$non2xx non-2xx responses"
+      if [ -s "$LOGS/$name.h2load.tsv" ]; then
+        pct="$(percentiles_ms "$LOGS/$name.h2load.tsv")"
+        P50="${pct% *}" P99="${pct#* }"
+        rm -f "$LOGS/$name.h2load.tsv" # a line per request: tens of MB
+      fi ;;
+    wsload)
+      RPS="$(awk '$1 == "msg/s:" { print $2 }' "$out")"
+      P50="$(awk '$1 == "p50:" { print $2 }' "$out")"
+      P99="$(awk '$1 == "p99:" { print $2 }' "$out")"
+      errors="$(awk '$1 == "errors:" && $2 != 0 { print $2 }' "$out")"
+      [ -n "$errors" ] && NOTE="wsload: $errors connections failed ($(awk -F': ' '$1 == "first error" { print $2 }' "$out"))" ;;
   esac
+  [ -n "$RPS" ] || NOTE="${NOTE:+$NOTE; }could not read the rate from the load tool's output"
 }
 
 # One row per (scenario, server), filled by bench_one.
-ROW_SCENARIO=() ROW_SERVER=() ROW_RPS=() ROW_P99=() ROW_RSS=() NOTES=()
+ROW_SCENARIO=() ROW_SERVER=() ROW_RPS=() ROW_P50=() ROW_P99=() ROW_RSS=() ROW_LOOP=() ROW_BUSY=()
+NOTES=()
 
 # bench_one SCENARIO SERVER: boots the server, warms it up, measures, stops it; adds a row.
 bench_one() {
-  local scenario="$1" server="$2" port pid name="$1-$2"
-  local server_log="$LOGS/$name.server.log" wrk_out="$LOGS/$name.wrk.txt" rss_file="$LOGS/$name.rss"
-  local rps="" p99="" rss="" note="" errors non2xx busy
+  local scenario="$1" server="$2" port pid name="$1-$2" label
+  local server_log="$LOGS/$name.server.log" out="$LOGS/$name.load.txt" rss_file="$LOGS/$name.rss"
+  local rps="" p50="" p99="" rss="" note="" busy loop busy_note=""
+  label="$(scenario_label "$scenario") / $(server_label "$server" "$scenario")"
   busy="$(wait_quiet)" || {
     echo "bench/run.sh: warning: other load on the machine before $scenario / $server (busy: CPU $SERVER_CPU ${busy% *}%, CPU $LOAD_CPU ${busy#* }%)" >&2
-    NOTES+=("$(scenario_label "$scenario") / $(server_label "$server"): other load on the machine before the run (CPU $SERVER_CPU ${busy% *}% busy, CPU $LOAD_CPU ${busy#* }%); this row is unreliable")
+    busy_note="before the run CPU $SERVER_CPU was ${busy% *}% busy, CPU $LOAD_CPU ${busy#* }%"
   }
   port="$(free_port)"
   log "$scenario / $server on 127.0.0.1:$port"
-  (server_exec "$server" "$(scenario_target "$scenario")" "$port") </dev/null >"$server_log" 2>&1 &
+  (server_exec "$server" "$scenario" "$port") </dev/null >"$server_log" 2>&1 &
   SERVER_PID=$!
   pid=$SERVER_PID
 
-  if ! wait_ready "$pid" "$port"; then
+  if ! wait_ready "$pid" "$scenario" "$port"; then
     note="did not start within ${READY_TIMEOUT}s"
     kill -0 "$pid" 2>/dev/null || note="exited before answering"
   elif ! check_response "$scenario" "$port"; then
@@ -321,92 +517,154 @@ bench_one() {
     echo 0 >"$rss_file"
     sample_rss "$pid" "$rss_file" &
     SAMPLER_PID=$!
-    if ! wrk_run "$WARMUP" "$LOGS/$name.warmup.txt" "$scenario" "$port"; then
+    if [ "$(scenario_tool "$scenario")" = wrk ] &&
+      ! load_run "$scenario" "$WARMUP" "$LOGS/$name.warmup.txt" "$port" "$name"; then
       note="wrk warm-up failed"
       cat "$LOGS/$name.warmup.txt" >&2
-    elif ! wrk_run "$DURATION" "$wrk_out" "$scenario" "$port"; then
-      note="wrk failed"
-      cat "$wrk_out" >&2
+    elif ! load_run "$scenario" "$DURATION" "$out" "$port" "$name"; then
+      note="$(scenario_tool "$scenario") failed"
+      cat "$out" >&2
     else
-      rps="$(awk '$1 == "Requests/sec:" { printf "%.0f", $2 }' "$wrk_out")"
-      p99="$(awk '$1 == "99%" { print $2; exit }' "$wrk_out")"
-      errors="$(awk -F': *' '$1 ~ /Socket errors/ { print $2 }' "$wrk_out")"
-      non2xx="$(awk -F': *' '$1 ~ /Non-2xx or 3xx responses/ { print $2 }' "$wrk_out")"
-      [ -n "$errors" ] && note="wrk socket errors: $errors"
-      [ -n "$non2xx" ] && note="${note:+$note; }$non2xx non-2xx responses"
-      [ -n "$rps" ] || note="could not read Requests/sec from wrk"
+      parse_load "$scenario" "$out" "$name"
+      rps="$RPS" p50="$P50" p99="$P99" note="$NOTE"
       kill -0 "$pid" 2>/dev/null || note="${note:+$note; }server died during the run"
     fi
     stop_sampler
     rss="$(awk '{ printf "%.1f", $1 / 1024 }' "$rss_file")"
   fi
   stop_server
+  # Which event loop the ASGI app ran on (bench/apps/*.py print it once).
+  loop="$(awk '$1 == "bench-loop:" { print $2; exit }' "$server_log")"
   # Load that shows up right after the run most likely overlapped it.
   if [ -n "$rps" ]; then
     busy="$(cpu_busy)"
     if [ "${busy% *}" -gt "$BUSY_LIMIT" ] || [ "${busy#* }" -gt "$BUSY_LIMIT" ]; then
       echo "bench/run.sh: warning: other load on the machine right after $scenario / $server (busy: CPU $SERVER_CPU ${busy% *}%, CPU $LOAD_CPU ${busy#* }%)" >&2
-      NOTES+=("$(scenario_label "$scenario") / $(server_label "$server"): other load on the machine right after the run (CPU $SERVER_CPU ${busy% *}% busy, CPU $LOAD_CPU ${busy#* }%); this row is unreliable")
+      busy_note="${busy_note:+$busy_note; }right after it CPU $SERVER_CPU was ${busy% *}% busy, CPU $LOAD_CPU ${busy#* }%"
     fi
+  fi
+  if [ -n "$busy_note" ]; then
+    NOTES+=("$label: other load on the machine ($busy_note); the row is unreliable")
   fi
 
   if [ -z "$rps" ]; then
     echo "bench/run.sh: $scenario / $server failed: $note; its log ($server_log):" >&2
     sed 's/^/    /' "$server_log" >&2
-    rps="failed" p99="" rss="${rss:-}"
+    rps="failed" p50="" p99=""
   fi
-  ROW_SCENARIO+=("$scenario") ROW_SERVER+=("$server") ROW_RPS+=("$rps") ROW_P99+=("$p99")
-  ROW_RSS+=("$rss")
-  [ -n "$note" ] && NOTES+=("$(scenario_label "$scenario") / $(server_label "$server"): $note")
+  ROW_SCENARIO+=("$scenario") ROW_SERVER+=("$server") ROW_RPS+=("$rps") ROW_P50+=("$p50")
+  ROW_P99+=("$p99") ROW_RSS+=("$rss") ROW_LOOP+=("$loop") ROW_BUSY+=("${busy_note:+*}")
+  [ -n "$note" ] && NOTES+=("$label: $note")
   return 0
 }
 
 for scenario in "${SCENARIOS[@]}"; do
-  for server in "${SERVERS[@]}"; do
+  for server in $(scenario_servers "$scenario"); do
     bench_one "$scenario" "$server"
   done
 done
 
 # --- report --------------------------------------------------------------------------------
 
-granian_rps() { # SCENARIO
-  local i
+# base_rps SCENARIO PEER: the reference figure of PEER (granian, uvicorn) in SCENARIO: the
+# granian row, or the fastest uvicorn row (there are several in the WebSocket scenarios);
+# prints "RPS SERVER", nothing if there is none.
+base_rps() {
+  local i best="" best_server=""
   for i in "${!ROW_SCENARIO[@]}"; do
-    if [ "${ROW_SCENARIO[$i]}" = "$1" ] && [ "${ROW_SERVER[$i]}" = granian ]; then
-      echo "${ROW_RPS[$i]}"; return
+    [ "${ROW_SCENARIO[$i]}" = "$1" ] || continue
+    [[ "${ROW_SERVER[$i]}" == "$2" || "${ROW_SERVER[$i]}" == "$2"-* ]] || continue
+    [[ "${ROW_RPS[$i]}" =~ ^[0-9]+$ ]] || continue
+    if [ -z "$best" ] || [ "${ROW_RPS[$i]}" -gt "$best" ]; then
+      best="${ROW_RPS[$i]}" best_server="${ROW_SERVER[$i]}"
     fi
   done
+  [ -n "$best" ] && echo "$best $best_server"
+  return 0
+}
+
+# ratio SCENARIO ROW PEER: "1.08x", "n/a" (failed), or "-" (no such peer in this scenario,
+# or the row is not a server being compared).
+ratio() {
+  local scenario="$1" i="$2" peer="$3" base rps="${ROW_RPS[$2]}"
+  [ "${ROW_SERVER[$i]}" = wsload-echo ] && { echo "-"; return; }
+  if ! server_in "$scenario" "$peer"; then echo "-"; return; fi
+  base="$(base_rps "$scenario" "$peer")"
+  base="${base% *}"
+  if [[ "$rps" =~ ^[0-9]+$ && "$base" =~ ^[0-9]+$ && "$base" != 0 ]]; then
+    awk -v a="$rps" -v b="$base" 'BEGIN { printf "%.2fx", a / b }'
+  else
+    echo "n/a"
+  fi
+}
+
+server_in() { # SCENARIO PEER: whether a server of that peer runs in the scenario
+  local s
+  for s in $(scenario_servers "$1"); do [[ "$s" == "$2" || "$s" == "$2"-* ]] && return 0; done
+  return 1
 }
 
 version_of() { "$VENV/bin/python" -c "from importlib.metadata import version; print(version('$1'))" 2>/dev/null || echo "?"; }
 
+elapsed() {
+  local s=$((SECONDS - STARTED))
+  printf '%dm%02ds' $((s / 60)) $((s % 60))
+}
+
 report() {
-  local i rps base ratio commit
+  local i s base line commit tools=()
   commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
+  uses_tool wrk && tools+=("$( (wrk -v 2>&1 || true) | head -1 | awk '{ print $1, $2 }')")
+  uses_tool h2load && tools+=("$( (h2load --version 2>&1 || true) | head -1)")
+  uses_tool wsload && tools+=("bench/wsload (tokio-tungstenite $(awk '/^name = "tokio-tungstenite"/ { getline; gsub(/[^0-9.]/, ""); print; exit }' "$WSLOAD_DIR/Cargo.lock" 2>/dev/null))")
   echo "# Portico benchmark"
   echo
-  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); the run took $(elapsed)"
   echo "- nproc: $cpus ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null))"
   echo "- python: $("$PY" -V 2>&1) ($PY)"
   echo "- portico: $("$PORTICO" --version 2>/dev/null | awk '{ print $2 }') at $commit;" \
-    "granian $(version_of granian); gunicorn $(version_of gunicorn);" \
-    "$(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }')"
-  echo "- each server: one worker pinned to CPU $SERVER_CPU; load:" \
-    "\`taskset -c $LOAD_CPU wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\` after an unrecorded ${WARMUP}s warm-up;" \
+    "granian $(version_of granian); uvicorn $(version_of uvicorn) (uvloop $(version_of uvloop)," \
+    "httptools $(version_of httptools), websockets $(version_of websockets), wsproto $(version_of wsproto));" \
+    "gunicorn $(version_of gunicorn)"
+  local joined
+  joined="$(IFS=';'; echo "${tools[*]}")"
+  echo "- load tools: ${joined//;/; }"
+  echo "- each server: one worker pinned to CPU $SERVER_CPU; the load tool pinned to CPU $LOAD_CPU;" \
+    "${DURATION}s measured after ${WARMUP}s of unrecorded warm-up;" \
     "peak RSS is the server's whole process tree, sampled every 0.2 s"
+  uses_tool wrk && echo "- HTTP/1.1 load: \`wrk -t1 -c$CONNECTIONS --latency\` (warm-up: a separate wrk run)"
+  uses_tool h2load && echo "- HTTP/2 load: \`h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS --warm-up-time $WARMUP\`" \
+    "(h2c with prior knowledge; p50/p99 computed from its per-request log)"
+  uses_tool wsload && echo "- WebSocket load: \`wsload -c$CONNECTIONS -k1 -s$WS_MESSAGE\` (ping-pong) and" \
+    "\`wsload -c$WS_PIPE_CONNECTIONS -k$WS_PIPE_DEPTH -s$WS_MESSAGE\` (pipelined), warm-up in the same run;" \
+    "p50/p99 are message round trips"
+  echo "- event loop: the class of the running loop, as the ASGI app saw it; a rate marked * had" \
+    "other load on the machine around its run (see the notes)"
   echo
-  echo "| scenario | server | req/s | p99 | peak RSS MB | vs granian |"
-  echo "|---|---|---:|---:|---:|---:|"
+  echo "| scenario | server | req/s or msg/s | p50 | p99 | peak RSS MB | event loop | vs granian | vs uvicorn |"
+  echo "|---|---|---:|---:|---:|---:|---|---:|---:|"
   for i in "${!ROW_SCENARIO[@]}"; do
-    rps="${ROW_RPS[$i]}"
-    base="$(granian_rps "${ROW_SCENARIO[$i]}")"
-    ratio="n/a"
-    if [[ "$rps" =~ ^[0-9]+$ && "$base" =~ ^[0-9]+$ && "$base" != 0 ]]; then
-      ratio="$(awk -v a="$rps" -v b="$base" 'BEGIN { printf "%.2fx", a / b }')"
+    s="${ROW_SCENARIO[$i]}"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(scenario_label "$s")" \
+      "$(server_label "${ROW_SERVER[$i]}" "$s")" "${ROW_RPS[$i]}${ROW_BUSY[$i]}" "${ROW_P50[$i]:--}" \
+      "${ROW_P99[$i]:--}" "${ROW_RSS[$i]:--}" "${ROW_LOOP[$i]:--}" \
+      "$(ratio "$s" "$i" granian)" "$(ratio "$s" "$i" uvicorn)"
+  done
+  echo
+  echo "Portico against the reference peers (req/s or msg/s divided by the peer's in the same scenario;" \
+    "vs uvicorn is against its fastest row there):"
+  echo
+  for i in "${!ROW_SCENARIO[@]}"; do
+    [[ "${ROW_SERVER[$i]}" == portico* ]] || continue
+    s="${ROW_SCENARIO[$i]}"
+    line="- $(scenario_label "$s"): $(ratio "$s" "$i" granian) granian"
+    if server_in "$s" uvicorn; then
+      base="$(base_rps "$s" uvicorn)"
+      [ -n "$base" ] && base="$(server_label "${base#* }" "$s")"
+      line="$line, $(ratio "$s" "$i" uvicorn) uvicorn${base:+ ${base#uvicorn }}"
     fi
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$(scenario_label "${ROW_SCENARIO[$i]}")" \
-      "$(server_label "${ROW_SERVER[$i]}")" "$rps" "${ROW_P99[$i]:--}" "${ROW_RSS[$i]:--}" "$ratio"
+    echo "$line"
   done
   if [ ${#NOTES[@]} -gt 0 ]; then
     echo
@@ -417,4 +675,4 @@ report() {
 
 report >"$RESULTS/latest.md"
 cat "$RESULTS/latest.md"
-log "written to bench/results/latest.md; raw wrk output and server logs in bench/results/logs/"
+log "written to bench/results/latest.md in $(elapsed); raw load-tool output and server logs in bench/results/logs/"
