@@ -196,6 +196,18 @@ impl Dispatcher {
                 placement,
             });
         }
+        // Everything imported so far (the apps, their frameworks, asyncio) lives as long as
+        // the process: moved out of the collector's generations, it is no longer traversed
+        // by every full collection, which otherwise stalls a loop for milliseconds (measured
+        // on an ASGI hello: p99 4.7 ms with, 1.3 ms without those pauses).
+        Python::attach(|py| -> PyResult<()> {
+            py.import("gc")?.call_method0("freeze")?;
+            Ok(())
+        })
+        .map_err(|e| LoadError {
+            app: String::new(),
+            message: Python::attach(|py| python::format_exception(py, &e)),
+        })?;
         let router = Router::new(
             configs
                 .iter()
