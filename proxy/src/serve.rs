@@ -173,6 +173,21 @@ fn request_head(portico: &Portico, session: &mut Session) -> RequestHead {
     }
 }
 
+/// Appends app headers (already checked by the core) to a Pingora response head.
+pub(crate) fn append_headers(
+    resp: &mut ResponseHeader,
+    headers: Vec<(Bytes, Bytes)>,
+) -> Result<()> {
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(&name)
+            .or_err(ErrorType::InternalError, "response header name")?;
+        let value = HeaderValue::from_maybe_shared(value)
+            .or_err(ErrorType::InternalError, "response header value")?;
+        resp.append_header(name, value)?;
+    }
+    Ok(())
+}
+
 /// The IANA number of a TLS version as rustls names it (`TLSv1_3`, `TLSv1.3`).
 fn tls_version_number(name: &str) -> Option<u16> {
     let name = name.replace('_', ".");
@@ -472,13 +487,7 @@ impl<'a> Transfer<'a> {
             && self.session.req_header().version == Version::HTTP_11
             && !head.has_content_length()
             && !matches!(head.status, 204 | 304);
-        for (name, value) in head.headers {
-            let name = HeaderName::from_bytes(&name)
-                .or_err(ErrorType::InternalError, "response header name")?;
-            let value = HeaderValue::from_maybe_shared(value)
-                .or_err(ErrorType::InternalError, "response header value")?;
-            resp.append_header(name, value)?;
-        }
+        append_headers(&mut resp, head.headers)?;
         if chunked {
             // Pingora sends a length-less HTTP/1.1 body close-delimited; chunked keeps the
             // connection reusable (RFC 9112 section 7.1).

@@ -2,9 +2,8 @@
 //! ASGI app, and once it accepts, Pingora's upgraded connection carries raw bytes both ways
 //! through the core's [`Relay`].
 
-use crate::serve::respond_error;
+use crate::serve::{append_headers, respond_error};
 use bytes::BytesMut;
-use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -74,13 +73,7 @@ pub(crate) async fn serve(
                 for (name, value) in handshake.response_headers(subprotocol.as_deref()) {
                     resp.append_header(name, value)?;
                 }
-                for (name, value) in headers {
-                    let name = HeaderName::from_bytes(&name)
-                        .or_err(ErrorType::InternalError, "101 header name")?;
-                    let value = HeaderValue::from_maybe_shared(value)
-                        .or_err(ErrorType::InternalError, "101 header value")?;
-                    resp.append_header(name, value)?;
-                }
+                append_headers(&mut resp, headers)?;
                 session.write_response_header(Box::new(resp), false).await?;
                 let config = websocket::Config {
                     max_message_size: match app.config().websocket_max_message_size.0 {
@@ -99,13 +92,7 @@ pub(crate) async fn serve(
                 denial_started = true;
                 let mut resp =
                     ResponseHeader::build_no_case(head.status, Some(head.headers.len()))?;
-                for (name, value) in head.headers {
-                    let name = HeaderName::from_bytes(&name)
-                        .or_err(ErrorType::InternalError, "response header name")?;
-                    let value = HeaderValue::from_maybe_shared(value)
-                        .or_err(ErrorType::InternalError, "response header value")?;
-                    resp.append_header(name, value)?;
-                }
+                append_headers(&mut resp, head.headers)?;
                 // The upgrade is refused, so the connection is not reused: close-delimited.
                 session.set_keepalive(None);
                 session.write_response_header(Box::new(resp), false).await?;

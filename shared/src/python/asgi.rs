@@ -370,6 +370,45 @@ impl Link {
         self.responder.as_ref().ok_or_else(disconnected)
     }
 
+    /// Refuses a second concurrent `receive()`, forgetting an earlier one that was cancelled
+    /// (a timeout, a cancel scope).
+    fn check_no_waiter(&mut self, py: Python<'_>) -> PyResult<()> {
+        if let Some(waiter) = &self.recv_waiter {
+            if !is_done(py, waiter)? {
+                return Err(PyRuntimeError::new_err(
+                    "receive() called while another receive() is still waiting",
+                ));
+            }
+            self.recv_waiter = None;
+        }
+        Ok(())
+    }
+
+    /// What `receive()` returns: a finished future with the message when there is one, else
+    /// a pending future that the next wakeup resolves.
+    fn receive_result<'py>(
+        &mut self,
+        py: Python<'py>,
+        message: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match message {
+            Some(message) => self.ctx.ready(py, message),
+            None => {
+                let fut = self.ctx.pending(py)?;
+                self.recv_waiter = Some(fut.clone().unbind());
+                Ok(fut)
+            }
+        }
+    }
+
+    /// Takes the waiting `receive()` future if its task still waits for it.
+    fn live_waiter(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match self.recv_waiter.take() {
+            Some(fut) if !is_done(py, &fut)? => Ok(Some(fut)),
+            _ => Ok(None),
+        }
+    }
+
     /// Delivers `events` in order: returns the shared finished future when they all fit,
     /// else a pending future resolved once the rest are delivered.
     fn send_events<'py>(
@@ -838,11 +877,8 @@ impl HttpConn {
     }
 
     fn on_wake(&mut self, py: Python<'_>) -> PyResult<()> {
-        if let Some(fut) = self.link.recv_waiter.take() {
-            if is_done(py, &fut)? {
-                // Cancelled while waiting: whatever arrived stays queued for the next call.
-                return self.link.flush(py);
-            }
+        // A waiter cancelled meanwhile is dropped unanswered: what arrived stays queued.
+        if let Some(fut) = self.link.live_waiter(py)? {
             match self.poll_receive(py)? {
                 Some(message) => resolve(py, &fut, message)?,
                 None => self.link.recv_waiter = Some(fut),
@@ -988,23 +1024,9 @@ impl HttpConn {
 impl HttpConn {
     /// ASGI `receive()`: `http.request` messages, then `http.disconnect`.
     fn receive<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(waiter) = &self.link.recv_waiter {
-            if !is_done(py, waiter)? {
-                return Err(PyRuntimeError::new_err(
-                    "receive() called while another receive() is still waiting",
-                ));
-            }
-            // The earlier call was cancelled (a timeout, a cancel scope): forget it.
-            self.link.recv_waiter = None;
-        }
-        match self.poll_receive(py)? {
-            Some(message) => self.link.ctx.ready(py, message),
-            None => {
-                let fut = self.link.ctx.pending(py)?;
-                self.link.recv_waiter = Some(fut.clone().unbind());
-                Ok(fut)
-            }
-        }
+        self.link.check_no_waiter(py)?;
+        let message = self.poll_receive(py)?;
+        self.link.receive_result(py, message)
     }
 
     /// ASGI `send(message)`: the response, checked before anything reaches the wire.
@@ -1111,11 +1133,8 @@ impl WsConn {
     }
 
     fn on_wake(&mut self, py: Python<'_>) -> PyResult<()> {
-        if let Some(fut) = self.link.recv_waiter.take() {
-            if is_done(py, &fut)? {
-                // Cancelled while waiting: whatever arrived stays queued for the next call.
-                return self.link.flush(py);
-            }
+        // A waiter cancelled meanwhile is dropped unanswered: what arrived stays queued.
+        if let Some(fut) = self.link.live_waiter(py)? {
             match self.poll_receive(py)? {
                 Some(message) => resolve(py, &fut, message)?,
                 None => self.link.recv_waiter = Some(fut),
@@ -1216,23 +1235,9 @@ impl WsConn {
 impl WsConn {
     /// ASGI `receive()`: `websocket.connect`, then messages, then `websocket.disconnect`.
     fn receive<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(waiter) = &self.link.recv_waiter {
-            if !is_done(py, waiter)? {
-                return Err(PyRuntimeError::new_err(
-                    "receive() called while another receive() is still waiting",
-                ));
-            }
-            // The earlier call was cancelled (a timeout, a cancel scope): forget it.
-            self.link.recv_waiter = None;
-        }
-        match self.poll_receive(py)? {
-            Some(message) => self.link.ctx.ready(py, message),
-            None => {
-                let fut = self.link.ctx.pending(py)?;
-                self.link.recv_waiter = Some(fut.clone().unbind());
-                Ok(fut)
-            }
-        }
+        self.link.check_no_waiter(py)?;
+        let message = self.poll_receive(py)?;
+        self.link.receive_result(py, message)
     }
 
     /// ASGI `send(message)`: accept, messages, close, or a denial response.
