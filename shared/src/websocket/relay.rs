@@ -162,7 +162,7 @@ impl Relay {
                 if self.codec.encode_close(close_code::NORMAL, "", out) {
                     self.told_app = true;
                 }
-                if event_is_none_and_closed(&self.codec) {
+                if closing_handshake_done(&self.codec) {
                     self.done = true;
                 }
             }
@@ -176,7 +176,8 @@ impl Relay {
     }
 }
 
-/// After the app is gone there is nobody to wait for unless a close reply is still due.
-fn event_is_none_and_closed(codec: &Codec) -> bool {
+/// Whether both close frames have gone (or the connection failed): after the app is gone,
+/// there is nothing left to wait for.
+fn closing_handshake_done(codec: &Codec) -> bool {
     matches!(codec.state(), CloseState::Closed | CloseState::Failed)
 }
