@@ -2,6 +2,8 @@
 
 import socket
 
+import trustme
+
 from conftest import APPS, BINARY, Server, app_table, free_port
 
 
@@ -79,3 +81,19 @@ def test_run_serves_an_app(tmp_path):
         assert server.get("/hello")[2] == b"Hello, world!"
     finally:
         server.stop()
+
+
+def test_check_and_serve_refuse_a_key_that_does_not_match_the_certificate(run_portico, tmp_path):
+    ca = trustme.CA()
+    leaf, other = ca.issue_cert("localhost"), ca.issue_cert("localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    other.private_key_pem.write_to_path(str(key))  # a valid key, but not this cert's
+    cfg = tmp_path / "tls.toml"
+    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n\n[server.tls]\n'
+                   f'listen = ["127.0.0.1:{free_port()}"]\ncertificate = "{cert}"\nkey = "{key}"\n\n'
+                   + app_table("a", "validated:application"))
+    for command in ("check", "serve"):
+        result = run_portico(command, "--config", str(cfg))
+        assert result.returncode == 64, (command, result.stderr)
+        assert "server.tls" in result.stderr and "do not work together" in result.stderr

@@ -123,11 +123,19 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             return match Config::load(&config) {
                 Ok(c) => {
+                    // The certificate and key are loaded as `serve` would load them.
+                    if let Some(Err(e)) = c.server.tls.as_ref().map(check_tls_files) {
+                        eprintln!(
+                            "portico: invalid configuration:\n  {}: server.tls: {e}",
+                            config.display()
+                        );
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
                     println!("{}: ok ({} app(s))", config.display(), c.app.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_failed(&e),
-            }
+            };
         }
     };
     serve(config, &source)
