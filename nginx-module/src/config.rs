@@ -14,7 +14,7 @@ use nginx_sys::{
 };
 use ngx::core::NGX_CONF_ERROR;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
-use portico_config::{AppConfig, Interface};
+use portico_config::{AppConfig, Config, Interface};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,12 +29,24 @@ pub struct MainConf {
     pub apps: Vec<AppEntry>,
     /// `portico_python_home`: the virtualenv every app uses.
     pub python_home: Option<PathBuf>,
+    /// `portico_config`: the apps of a `portico.toml`, for `portico_pass`.
+    pub config: Option<LoadedConfig>,
 }
 
-/// One `portico_app` directive.
+/// The `portico.toml` of `portico_config`.
+pub struct LoadedConfig {
+    /// The file, for messages.
+    pub file: PathBuf,
+    /// Its `[[app]]` tables, validated, with paths resolved against its directory.
+    pub apps: Vec<AppConfig>,
+}
+
+/// One `portico_app` or `portico_pass` directive.
 pub struct AppEntry {
     /// The app, as the core wants it (`mount` is the location's prefix).
     pub config: AppConfig,
+    /// The directive, for messages: `portico_app "mod:app"`.
+    pub label: String,
     /// Where the directive is, for messages: `file:line`.
     pub source: String,
 }
@@ -143,30 +155,9 @@ pub unsafe extern "C" fn cmd_portico_app(
         return conf_error(cf, &format!("invalid app \"{target}\": {why}"));
     }
 
-    // SAFETY: `cf->ctx` is the location's HTTP context while a location-level directive is
-    // parsed, so the core module's location configuration is there.
-    let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
+    // SAFETY: nginx calls directive handlers with a valid `cf`, in a location here.
+    let Some((location, mount)) = (unsafe { location_mount(cf) }) else {
         return conf_error(cf, "portico_app: no location configuration");
-    };
-    let location = if clcf.name.len == 0 {
-        String::new()
-    } else {
-        // SAFETY: the location's name is a string in the configuration pool.
-        String::from_utf8_lossy(unsafe {
-            core::slice::from_raw_parts(clcf.name.data, clcf.name.len)
-        })
-        .into_owned()
-    };
-    // A prefix location is the mount; a regex or named location has none (`SCRIPT_NAME` is
-    // empty and `PATH_INFO` is the whole path).
-    #[cfg(ngx_feature = "pcre")]
-    let is_regex = !clcf.regex.is_null();
-    #[cfg(not(ngx_feature = "pcre"))]
-    let is_regex = false;
-    let mount = if is_regex || clcf.named() != 0 || !location.starts_with('/') {
-        "/".to_owned()
-    } else {
-        location.clone()
     };
 
     let mut app = AppConfig::new(&target, &target);
@@ -210,21 +201,168 @@ pub unsafe extern "C" fn cmd_portico_app(
         }
     }
 
+    let label = format!("portico_app \"{target}\"");
+    // SAFETY: nginx calls directive handlers with a valid `cf`; `loc` is this location's.
+    unsafe { add_app(cf, loc, app, &location, label, source) }
+}
+
+/// The location being parsed: its name, and the mount an app serving it gets (its prefix;
+/// `/` for a regex or named location, where `SCRIPT_NAME` is empty and `PATH_INFO` is the
+/// whole path).
+///
+/// # Safety
+/// `cf` must be the configuration nginx passed to a location-level directive handler.
+unsafe fn location_mount(cf: *mut ngx_conf_t) -> Option<(String, String)> {
+    // SAFETY: `cf->ctx` is the location's HTTP context while a location-level directive is
+    // parsed, so the core module's location configuration is there.
+    let clcf = unsafe { NgxHttpCoreModule::location_conf(&*cf) }?;
+    let location = if clcf.name.len == 0 {
+        String::new()
+    } else {
+        // SAFETY: the location's name is a string in the configuration pool.
+        String::from_utf8_lossy(unsafe {
+            core::slice::from_raw_parts(clcf.name.data, clcf.name.len)
+        })
+        .into_owned()
+    };
+    #[cfg(ngx_feature = "pcre")]
+    let is_regex = !clcf.regex.is_null();
+    #[cfg(not(ngx_feature = "pcre"))]
+    let is_regex = false;
+    let mount = if is_regex || clcf.named() != 0 || !location.starts_with('/') {
+        "/".to_owned()
+    } else {
+        location.clone()
+    };
+    Some((location, mount))
+}
+
+/// Adds `app` to the module's apps and makes the location being parsed serve it.
+///
+/// # Safety
+/// `cf` must be the configuration nginx passed to a location-level directive handler, and
+/// `loc` this module's configuration of that location.
+unsafe fn add_app(
+    cf: *mut ngx_conf_t,
+    loc: &mut LocConf,
+    mut app: AppConfig,
+    location: &str,
+    label: String,
+    source: String,
+) -> *mut c_char {
     // SAFETY: the module's main configuration exists in every HTTP context.
     let Some(main) = (unsafe { PorticoModule::main_conf_mut(&*cf) }) else {
-        return conf_error(cf, "portico_app: no http configuration");
+        return conf_error(cf, &format!("{label}: no http configuration"));
     };
-    // Names are for logs; two locations may serve the same target (two thread pools).
+    // Names are for logs; two locations may serve the same app (two thread pools).
     if main.apps.iter().any(|a| a.config.name == app.name) {
-        app.name = format!("{target}@{location}");
+        app.name = format!("{}@{location}", app.name);
     }
+    // SAFETY: `cf->ctx` is the location's HTTP context while a location-level directive is
+    // parsed, so the core module's location configuration is there.
+    let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
+        return conf_error(cf, &format!("{label}: no location configuration"));
+    };
     loc.app = Some(main.apps.len());
     main.apps.push(AppEntry {
         config: app,
+        label,
         source,
     });
     clcf.handler = Some(crate::handler::content_handler);
     core::ptr::null_mut()
+}
+
+/// `portico_config FILE;` at `http` level: the `portico.toml` whose `[[app]]` tables
+/// `portico_pass` serves (its `[server]` table is not used by nginx). A relative FILE is
+/// relative to the server prefix (`-p`); relative paths inside it to the file's directory.
+/// Every error in the file fails the configuration, one `emerg` line each.
+///
+/// # Safety
+/// Called by nginx with the configuration being parsed and this module's main
+/// configuration (`conf`).
+pub unsafe extern "C" fn cmd_portico_config(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main configuration, created by `create_main_conf`.
+    let main = unsafe { &mut *conf.cast::<MainConf>() };
+    if main.config.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: nginx calls directive handlers with a valid `cf`.
+    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
+    let file = prefix.join(String::from_utf8_lossy(args[1]).as_ref());
+    match Config::load(&file) {
+        Ok(config) => {
+            main.config = Some(LoadedConfig {
+                file,
+                apps: config.app,
+            });
+            core::ptr::null_mut()
+        }
+        Err(errors) => {
+            for error in &errors.0 {
+                ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "portico_config: {}", error);
+            }
+            NGX_CONF_ERROR
+        }
+    }
+}
+
+/// `portico_pass NAME;` in a location: this location is served by the `[[app]]` named NAME
+/// in the file of `portico_config`, mounted at the location's prefix (the TOML's `mount` is
+/// replaced, as `portico_app` mounts its app).
+///
+/// # Safety
+/// Called by nginx with the configuration being parsed and this module's location
+/// configuration (`conf`).
+pub unsafe extern "C" fn cmd_portico_pass(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's location configuration, created by `create_loc_conf`.
+    let loc = unsafe { &mut *conf.cast::<LocConf>() };
+    if loc.app.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: nginx calls directive handlers with a valid `cf`.
+    let (args, source) = unsafe { (args(cf), source_of(cf)) };
+    let name = String::from_utf8_lossy(args[1]).into_owned();
+    // SAFETY: the module's main configuration exists in every HTTP context.
+    let Some(main) = (unsafe { PorticoModule::main_conf(&*cf) }) else {
+        return conf_error(cf, "portico_pass: no http configuration");
+    };
+    let Some(loaded) = main.config.as_ref() else {
+        return conf_error(
+            cf,
+            &format!(
+                "portico_pass \"{name}\": no portico_config before it (put `portico_config /path/to/portico.toml;` in the http block, above the servers)"
+            ),
+        );
+    };
+    let Some(found) = loaded.apps.iter().find(|a| a.name == name) else {
+        let known: Vec<&str> = loaded.apps.iter().map(|a| a.name.as_str()).collect();
+        return conf_error(
+            cf,
+            &format!(
+                "portico_pass \"{name}\": no app named \"{name}\" in {} (known: {})",
+                loaded.file.display(),
+                known.join(", ")
+            ),
+        );
+    };
+    let mut app = found.clone();
+    // SAFETY: nginx calls directive handlers with a valid `cf`, in a location here.
+    let Some((location, mount)) = (unsafe { location_mount(cf) }) else {
+        return conf_error(cf, "portico_pass: no location configuration");
+    };
+    app.mount = mount;
+    let label = format!("portico_pass \"{name}\" ({})", loaded.file.display());
+    // SAFETY: nginx calls directive handlers with a valid `cf`; `loc` is this location's.
+    unsafe { add_app(cf, loc, app, &location, label, source) }
 }
 
 /// `portico_python_home DIR;` at `http` level: the virtualenv every app imports from.
@@ -290,7 +428,32 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let Some(main) = (unsafe { PorticoModule::main_conf_mut(&*cf) }) else {
         return NGX_OK as ngx_int_t;
     };
-    let home = main.python_home.clone();
+    // One interpreter per worker: `portico_python_home`, else the `python_home` of the
+    // portico.toml's apps, is every app's; a TOML app that names another one is an error.
+    let mut home = main.python_home.clone();
+    for entry in &main.apps {
+        let Some(own) = &entry.config.python_home else {
+            continue;
+        };
+        match &home {
+            None => home = Some(own.clone()),
+            Some(shared) if shared != own => {
+                // SAFETY: `cf->log` is the log of the configuration being read.
+                let log = unsafe { (*cf).log };
+                ngx::ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "{} in {}: python_home \"{}\" differs from \"{}\" (portico_python_home or another app's): the apps of an nginx worker share one interpreter",
+                    entry.label,
+                    entry.source,
+                    own.display(),
+                    shared.display()
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
+            Some(_) => {}
+        }
+    }
     for entry in &mut main.apps {
         entry.config.python_home = home.clone();
     }
@@ -307,8 +470,8 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             ngx::ngx_log_error!(
                 NGX_LOG_EMERG,
                 log,
-                "portico_app \"{}\" in {}: the app cannot be loaded: {}",
-                entry.config.target,
+                "{} in {}: the app cannot be loaded: {}",
+                entry.label,
                 entry.source,
                 why
             );
@@ -391,6 +554,9 @@ fn check_import(app: &AppConfig, identity: Option<(u32, u32)>) -> Result<(), Str
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if let Some(dir) = &app.chdir {
+        command.current_dir(dir);
+    }
     if let Ok(tz) = std::env::var("TZ") {
         command.env("TZ", tz);
     }

@@ -6,9 +6,13 @@
 //! load_module /path/to/ngx_http_portico_module.so;
 //! http {
 //!     portico_python_home /srv/site/.venv;          # optional
+//!     portico_config /etc/portico.toml;             # optional: apps for portico_pass
 //!     server {
 //!         location /api/ {
 //!             portico_app api:app threads=8 python_path=/srv/api;
+//!         }
+//!         location /site/ {
+//!             portico_pass site;                    # the [[app]] named "site"
 //!         }
 //!     }
 //! }
@@ -82,7 +86,7 @@ static NGX_HTTP_PORTICO_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     merge_loc_conf: Some(PorticoModule::merge_loc_conf),
 };
 
-static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 3] = [
+static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
         name: ngx_str_t {
             len: "portico_app".len(),
@@ -102,6 +106,28 @@ static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 3] = [
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(config::cmd_portico_python_home),
         conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: core::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_str_t {
+            len: "portico_config".len(),
+            data: c"portico_config".as_ptr() as *mut u8,
+        },
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(config::cmd_portico_config),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: core::ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_str_t {
+            len: "portico_pass".len(),
+            data: c"portico_pass".as_ptr() as *mut u8,
+        },
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(config::cmd_portico_pass),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: core::ptr::null_mut(),
     },

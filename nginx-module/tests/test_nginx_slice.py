@@ -273,3 +273,116 @@ def test_nginx_t_rejects_bad_syntax(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert 'invalid app "not-a-module:app"' in result.stderr
+
+
+def write_toml(directory, text):
+    path = directory / "portico.toml"
+    path.write_text(text)
+    return path
+
+
+TWO_APPS = f"""
+[[app]]
+name = "site"
+target = "validated:application"
+mount = "/ignored/"
+python_path = ["{APPS}"]
+threads = 2
+
+[[app]]
+name = "hello"
+target = "hello:app"
+python_path = ["{ROOT / "bench" / "apps"}"]
+"""
+
+
+def test_portico_pass_serves_two_apps_of_a_toml(tmp_path):
+    import json
+
+    toml = write_toml(tmp_path, TWO_APPS)
+    port = free_port()
+    conf = write_conf(tmp_path, port, f"""
+        location /site/ {{
+            portico_pass site;
+        }}
+        location /greet/ {{
+            portico_pass hello;
+        }}
+        location /short/ {{
+            portico_app validated:application python_path={APPS};
+        }}
+""")
+    # portico_config is http-level, before the servers.
+    text = conf.read_text().replace("http {", f"http {{\n    portico_config {toml};", 1)
+    conf.write_text(text)
+    server = Nginx(tmp_path, port)
+    try:
+        wait_until(lambda: _listening(port) and server.request("GET", "/greet/")[0] == 200,
+                   what="nginx to answer")
+        status, _, body = server.request("GET", "/greet/anything")
+        assert (status, body) == (200, b"Hello, world!")
+
+        status, _, body = server.request("GET", "/site/hello")
+        assert (status, body) == (200, b"Hello, world!")
+        status, _, body = server.request("GET", "/site/environ/x?y=1")
+        assert status == 200
+        environ = json.loads(body)
+        assert environ["SCRIPT_NAME"] == ["str", "/site"]
+        assert environ["PATH_INFO"] == ["str", "/environ/x"]
+
+        # A portico_app short form is loaded with them, in the same interpreter.
+        status, _, body = server.request("GET", "/short/environ")
+        assert status == 200
+        assert json.loads(body)["SCRIPT_NAME"] == ["str", "/short"]
+    finally:
+        server.stop()
+    assert "open socket" not in server.error_log()
+
+
+def _nginx_t(tmp_path, toml_text, locations):
+    conf = write_conf(tmp_path, free_port(), locations)
+    if toml_text is not None:
+        toml = write_toml(tmp_path, toml_text)
+        conf.write_text(conf.read_text().replace(
+            "http {", f"http {{\n    portico_config {toml};", 1))
+    return subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_nginx_t_rejects_an_unknown_app_name(tmp_path):
+    result = _nginx_t(tmp_path, TWO_APPS, """
+        location / {
+            portico_pass nosuch;
+        }
+""")
+    assert result.returncode != 0
+    assert 'portico_pass "nosuch": no app named "nosuch"' in result.stderr
+    assert "(known: site, hello)" in result.stderr
+    assert "test failed" in result.stderr
+
+
+def test_nginx_t_reports_toml_errors_with_file_line_and_key(tmp_path):
+    result = _nginx_t(tmp_path, """
+[[app]]
+name = "site"
+target = "validated:application"
+threads = 0
+""", """
+        location / {
+            portico_pass site;
+        }
+""")
+    assert result.returncode != 0
+    assert f"{tmp_path / 'portico.toml'}:5: app[0].threads: must be at least 1" in result.stderr
+    assert "[emerg]" in result.stderr
+    assert "test failed" in result.stderr
+
+
+def test_nginx_t_rejects_portico_pass_without_portico_config(tmp_path):
+    result = _nginx_t(tmp_path, None, """
+        location / {
+            portico_pass site;
+        }
+""")
+    assert result.returncode != 0
+    assert 'portico_pass "site": no portico_config before it' in result.stderr
