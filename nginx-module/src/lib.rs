@@ -37,11 +37,12 @@ pub mod handler;
 pub mod log_sink;
 pub mod worker;
 
+use core::ffi::{c_char, c_void};
 use core::ptr::{addr_of, addr_of_mut};
 use nginx_sys::{
-    ngx_command_t, ngx_http_module_t, ngx_module_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
-    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
+    ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_module_t, ngx_str_t, ngx_uint_t,
+    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
@@ -86,51 +87,56 @@ static NGX_HTTP_PORTICO_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     merge_loc_conf: Some(PorticoModule::merge_loc_conf),
 };
 
+/// The handler nginx calls for a directive.
+type DirectiveHandler =
+    unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char;
+
+/// One entry of the directive table: `name` in the contexts and arity of `type_`, handled by
+/// `set` with the configuration at `conf` (main or location).
+const fn directive(
+    name: &'static core::ffi::CStr,
+    type_: u32,
+    set: DirectiveHandler,
+    conf: ngx_uint_t,
+) -> ngx_command_t {
+    ngx_command_t {
+        name: ngx_str_t {
+            len: name.to_bytes().len(),
+            data: name.as_ptr() as *mut u8,
+        },
+        type_: type_ as ngx_uint_t,
+        set: Some(set),
+        conf,
+        offset: 0,
+        post: core::ptr::null_mut(),
+    }
+}
+
 static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 5] = [
-    ngx_command_t {
-        name: ngx_str_t {
-            len: "portico_app".len(),
-            data: c"portico_app".as_ptr() as *mut u8,
-        },
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
-        set: Some(config::cmd_portico_app),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: core::ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_str_t {
-            len: "portico_python_home".len(),
-            data: c"portico_python_home".as_ptr() as *mut u8,
-        },
-        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(config::cmd_portico_python_home),
-        conf: NGX_HTTP_MAIN_CONF_OFFSET,
-        offset: 0,
-        post: core::ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_str_t {
-            len: "portico_config".len(),
-            data: c"portico_config".as_ptr() as *mut u8,
-        },
-        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(config::cmd_portico_config),
-        conf: NGX_HTTP_MAIN_CONF_OFFSET,
-        offset: 0,
-        post: core::ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_str_t {
-            len: "portico_pass".len(),
-            data: c"portico_pass".as_ptr() as *mut u8,
-        },
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(config::cmd_portico_pass),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: core::ptr::null_mut(),
-    },
+    directive(
+        c"portico_app",
+        NGX_HTTP_LOC_CONF | NGX_CONF_1MORE,
+        config::cmd_portico_app,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    directive(
+        c"portico_python_home",
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        config::cmd_portico_python_home,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    directive(
+        c"portico_config",
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        config::cmd_portico_config,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    directive(
+        c"portico_pass",
+        NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
+        config::cmd_portico_pass,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
     ngx_command_t::empty(),
 ];
 

@@ -11,12 +11,15 @@ import os
 import shutil
 import socket
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The same polling helpers as the portico binary's tests.
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import free_port, wait_until  # noqa: E402
 APPS = ROOT / "tests" / "apps"
 MODULE = Path(os.environ.get("PORTICO_NGINX_MODULE",
                              ROOT / "target" / "release" / "ngx_http_portico_module.so"))
@@ -25,22 +28,6 @@ NGINX = os.environ.get("NGINX_BIN", shutil.which("nginx") or "/usr/sbin/nginx")
 pytestmark = pytest.mark.skipif(
     not MODULE.is_file() or not os.access(NGINX, os.X_OK),
     reason="needs the built module (scripts/nginx-module.sh) and nginx")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout=20.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def write_conf(prefix, port, locations):
@@ -100,7 +87,7 @@ class Nginx:
                 return status == 200
             except OSError:
                 return False
-        wait_until(up, what="nginx to answer")
+        wait_until(up, timeout=20.0, what="nginx to answer")
 
     def request(self, method, path, body=None, headers=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -192,10 +179,13 @@ def test_concurrent_requests_all_complete(nginx):
 
 
 SLOW_APP = """
-import time
+import os, time
 
 def application(environ, start_response):
-    time.sleep(float(environ.get("QUERY_STRING") or 0))
+    seconds = float(environ.get("QUERY_STRING") or 0)
+    if seconds:
+        open(os.path.join(os.path.dirname(__file__), "started"), "w").close()
+    time.sleep(seconds)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"slept"]
 """
@@ -215,12 +205,14 @@ def test_graceful_quit_waits_for_a_request_in_python(tmp_path):
     server = Nginx(tmp_path, port)
     try:
         wait_until(lambda: server.request("GET", "/?0")[0] == 200 if _listening(port) else False,
+                   timeout=20.0,
                    what="nginx to answer")
         result = {}
         client = threading.Thread(
             target=lambda: result.setdefault("r", server.request("GET", "/?1.0")))
         client.start()
-        time.sleep(0.3)
+        # Quit only once the request is inside Python.
+        wait_until(lambda: (tmp_path / "started").exists(), what="the app to start")
         server.stop()
         client.join(10)
         assert result["r"][0] == 200 and result["r"][2] == b"slept"
@@ -318,6 +310,7 @@ def test_portico_pass_serves_two_apps_of_a_toml(tmp_path):
     server = Nginx(tmp_path, port)
     try:
         wait_until(lambda: _listening(port) and server.request("GET", "/greet/")[0] == 200,
+                   timeout=20.0,
                    what="nginx to answer")
         status, _, body = server.request("GET", "/greet/anything")
         assert (status, body) == (200, b"Hello, world!")
