@@ -143,18 +143,23 @@ def admin_login(server):
     return status, headers, css, csrf_cookie
 
 
+def admin_session_and_css(server, name):
+    """Logs in to the admin (CSRF cookie and token), opens it with the session, and fetches
+    its stylesheet: (status, content type, bytes) of the CSS."""
+    status, headers, css_path, _ = admin_login(server)
+    assert status == 302, name
+    assert headers["Location"] == "/admin/"
+    session = re.search(r"sessionid=([^;]+)", ";".join(headers.get_all("Set-Cookie"))).group(1)
+    status, _, page = server.get("/admin/", headers={"Cookie": f"sessionid={session}"})
+    assert status == 200 and b"Site administration" in page
+    status, css_headers, css = server.get(css_path)
+    return (status, css_headers["Content-Type"], css)
+
+
 def test_django_admin_login_with_csrf_and_static_css(django_servers, django_project):
     portico, guni = django_servers
-    results = {}
-    for name, server in (("portico", portico), ("gunicorn", guni)):
-        status, headers, css_path, _ = admin_login(server)
-        assert status == 302, name
-        assert headers["Location"] == "/admin/"
-        session = re.search(r"sessionid=([^;]+)", ";".join(headers.get_all("Set-Cookie"))).group(1)
-        status, _, page = server.get("/admin/", headers={"Cookie": f"sessionid={session}"})
-        assert status == 200 and b"Site administration" in page
-        status, css_headers, css = server.get(css_path)
-        results[name] = (status, css_headers["Content-Type"], css)
+    results = {name: admin_session_and_css(server, name)
+               for name, server in (("portico", portico), ("gunicorn", guni))}
     on_disk = (django_project / "static" / "admin" / "css" / "base.css").read_bytes()
     assert results["portico"] == results["gunicorn"] == (200, "text/css; charset=\"utf-8\"", on_disk)
 

@@ -4,14 +4,13 @@ side by side: a user moving from uvicorn must see the same responses and WebSock
 With PORTICO_TEST_REFERENCE set, a second uvicorn stands in for Portico."""
 
 import json
-import re
 
 import pytest
 from websockets.sync.client import connect
 
 from conftest import APPS, BINARY, REFERENCE, VENV, AsgiServer, free_port
 # The Django project generator and the browser-like admin login of the WSGI framework tests.
-from test_frameworks import admin_login, django_project  # noqa: F401 - django_project is a fixture
+from test_frameworks import admin_session_and_css, django_project  # noqa: F401 - django_project is a fixture
 
 
 def uvicorn(tmp, target, app_dir):
@@ -181,16 +180,8 @@ def django_pair(pair_factory, django_project):  # noqa: F811 - the imported fixt
 
 def test_django_asgi_admin_login_with_csrf_and_static_css(
         django_pair, django_project):  # noqa: F811 - the imported fixture
-    results = {}
-    for name, server in zip(("portico", "uvicorn"), django_pair):
-        status, headers, css_path, _ = admin_login(server)
-        assert status == 302, name
-        assert headers["Location"] == "/admin/"
-        session = re.search(r"sessionid=([^;]+)", ";".join(headers.get_all("Set-Cookie"))).group(1)
-        status, _, page = server.get("/admin/", headers={"Cookie": f"sessionid={session}"})
-        assert status == 200 and b"Site administration" in page
-        status, css_headers, css = server.get(css_path)
-        results[name] = (status, css_headers["Content-Type"], css)
+    results = {name: admin_session_and_css(server, name)
+               for name, server in zip(("portico", "uvicorn"), django_pair)}
     on_disk = (django_project / "static" / "admin" / "css" / "base.css").read_bytes()
     assert results["portico"] == results["uvicorn"] == (200, 'text/css; charset="utf-8"', on_disk)
 
