@@ -15,6 +15,7 @@ use nginx_sys::{
 use ngx::core::NGX_CONF_ERROR;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use portico_config::{AppConfig, Config, Interface};
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -462,9 +463,9 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     }
     // SAFETY: `cf` is the configuration being read.
-    let identity = unsafe { worker_identity(cf) };
+    let (identity, environment) = unsafe { (worker_identity(cf), worker_environment(cf)) };
     for entry in &main.apps {
-        if let Err(why) = check_import(&entry.config, identity) {
+        if let Err(why) = check_import(&entry.config, identity, &environment) {
             // SAFETY: `cf->log` is the log of the configuration being read.
             let log = unsafe { (*cf).log };
             ngx::ngx_log_error!(
@@ -535,9 +536,71 @@ unsafe fn worker_identity(cf: *mut ngx_conf_t) -> Option<(u32, u32)> {
     }
 }
 
+/// The environment nginx gives its workers, as far as the configuration read so far says:
+/// nginx clears the rest, and keeps each variable of an `env` directive, `env NAME=VALUE;`
+/// with that value and `env NAME;` with the master's (TZ is added by [`check_import`]). An
+/// `env` directive after the `http` block is not read yet; the worker's own check of
+/// Python's standard library catches a PYTHONHOME given there.
+///
+/// # Safety
+/// `cf` must be the configuration being read.
+unsafe fn worker_environment(cf: *mut ngx_conf_t) -> Vec<(OsString, OsString)> {
+    use ngx::core::{CoreModuleMainConf, NgxCoreModule};
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: the core module's configuration exists once the main context is parsed.
+    let Some(core) = (unsafe { NgxCoreModule::main_conf(&*cf) }) else {
+        return Vec::new();
+    };
+    let mut environment = Vec::new();
+    // SAFETY: `env` is an array of `ngx_str_t` in the configuration pool. nginx's `env`
+    // handler keeps a variable's whole NUL-terminated token and shortens `len` to the name,
+    // so the token goes on with `=VALUE` or ends (what nginx's ngx_set_environment reads).
+    for var in unsafe { core.env.as_slice::<ngx_str_t>() } {
+        if var.len == 0 || var.data.is_null() {
+            continue;
+        }
+        // SAFETY: see above: `len` bytes of name, then the rest of the C string.
+        let (name, rest) = unsafe {
+            (
+                core::slice::from_raw_parts(var.data, var.len),
+                core::ffi::CStr::from_ptr(var.data.add(var.len).cast()).to_bytes(),
+            )
+        };
+        let name = std::ffi::OsStr::from_bytes(name);
+        if let Some(value) = rest.strip_prefix(b"=") {
+            environment.push((
+                name.to_owned(),
+                std::ffi::OsStr::from_bytes(value).to_owned(),
+            ));
+        } else if let Some(value) = std::env::var_os(name) {
+            environment.push((name.to_owned(), value));
+        }
+    }
+    environment
+}
+
+/// The name of user `uid`, for messages ("" when it has none).
+pub(crate) fn user_name(uid: u32) -> String {
+    // SAFETY: getpwuid returns null or a pointer to a static record, read at once.
+    unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() {
+            return String::new();
+        }
+        core::ffi::CStr::from_ptr((*pw).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
 /// Imports the app in a child interpreter with the environment and the user a worker has
-/// (nginx clears the environment), and returns its error output when that fails.
-fn check_import(app: &AppConfig, identity: Option<(u32, u32)>) -> Result<(), String> {
+/// (nginx clears the environment but for its `env` directives), and returns its error
+/// output when that fails.
+fn check_import(
+    app: &AppConfig,
+    identity: Option<(u32, u32)>,
+    environment: &[(OsString, OsString)],
+) -> Result<(), String> {
     let Some(python) = PYTHON else {
         return Ok(());
     };
@@ -560,11 +623,18 @@ fn check_import(app: &AppConfig, identity: Option<(u32, u32)>) -> Result<(), Str
     if let Ok(tz) = std::env::var("TZ") {
         command.env("TZ", tz);
     }
+    command.envs(environment.iter().map(|(k, v)| (k, v)));
     let as_user = match identity {
         Some((uid, gid)) if uid != 0 => {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(gid);
-            format!(" as the workers' user (uid {uid}, nginx's `user` directive)")
+            let name = user_name(uid);
+            let name = if name.is_empty() {
+                name
+            } else {
+                format!("{name} ")
+            };
+            format!(" as the workers' user {name}(uid {uid}, nginx's `user` directive)")
         }
         _ => String::new(),
     };

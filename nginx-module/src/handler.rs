@@ -1,36 +1,52 @@
-//! The content handler of a `portico_app` location, on the nginx thread.
+//! The content handler of a Portico location, on the nginx thread: the transport between
+//! nginx's request and the core's [`Exchange`].
 //!
-//! 1. [`content_handler`] has nginx read the whole request body
-//!    (`ngx_http_read_client_request_body`) and returns `NGX_DONE`;
-//! 2. [`body_ready`] (nginx's body callback) copies the request head and body into owned
-//!    data, submits them to the app ([`portico_core::App::submit`]) and polls the exchange;
-//! 3. whenever the app's thread produces events, [`crate::worker`]'s eventfd handler calls
-//!    [`resume`], which polls again; once the response is complete (head, body, end) it is
-//!    written in one go and the request finalized.
+//! 1. [`content_handler`] asks nginx for the body without buffering it
+//!    (`request_body_no_buffering`) and returns `NGX_DONE`; nginx calls [`body_started`]
+//!    with what has arrived so far.
+//! 2. [`body_started`] submits the request: with the whole body when it already arrived (a
+//!    small request, the common case), else without, and the app pulls the body as it
+//!    arrives ([`AppEvent::NeedBody`]); nginx reads on only when the app asks, so a slow app
+//!    slows the client down instead of filling memory. An ASGI app gets a WebSocket
+//!    handshake through [`crate::websocket`].
+//! 3. Whenever the app's thread produces events, [`crate::worker`]'s eventfd handler calls
+//!    [`resume`], which polls the exchange. A response whose end is ready at once goes out
+//!    with a `Content-Length`; otherwise the head goes out as soon as the app has nothing
+//!    more ready, and the body follows piece by piece through nginx's filters (chunked on
+//!    HTTP/1.1). While nginx cannot hand what it has to the client, no further events are
+//!    taken, so the app's thread waits ([`Exchange`] holds a few events only): a slow client
+//!    costs a bounded amount of memory.
+//! 4. A client that goes away while the app works is noticed by `ngx_http_test_reading`
+//!    (once the body is read) or by a failed write; nginx frees the request, its cleanup
+//!    drops the exchange and the app sees `http.disconnect` (ASGI) or its iterable closed
+//!    (WSGI).
 //!
-//! A timer per waiting request keeps a gracefully exiting worker alive until the response is
-//! out (nginx waits only for timers) and enforces `request_timeout` (504).
+//! A timer per request keeps a gracefully exiting worker alive until the response is out
+//! (nginx waits only for timers) and enforces `request_timeout` (504) until the head is sent.
 
+use crate::request::{request_head, route_of, take_body};
+use crate::websocket::{self, WsState};
 use crate::worker;
 use crate::PorticoModule;
 use bytes::Bytes;
 use core::ffi::c_void;
 use nginx_sys::{
-    add_to_ngx_table, ngx_add_timer, ngx_alloc_chain_link, ngx_buf_t, ngx_chain_t,
-    ngx_connection_local_sockaddr, ngx_del_timer, ngx_event_t, ngx_http_finalize_request,
-    ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
-    ngx_http_run_posted_requests, ngx_http_send_header, ngx_int_t, ngx_list_push, ngx_pcalloc,
-    ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t, NGX_DONE, NGX_ERROR,
-    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_SPECIAL_RESPONSE, NGX_HTTP_VERSION_10,
-    NGX_HTTP_VERSION_20, NGX_LOG_ERR, NGX_OK,
+    add_to_ngx_table, ngx_add_timer, ngx_buf_t, ngx_chain_get_free_buf, ngx_chain_t,
+    ngx_chain_update_chains, ngx_del_timer, ngx_event_t, ngx_handle_write_event,
+    ngx_http_finalize_request, ngx_http_output_filter, ngx_http_read_client_request_body,
+    ngx_http_read_unbuffered_request_body, ngx_http_request_t, ngx_http_run_posted_requests,
+    ngx_http_send_header, ngx_http_special_response_handler, ngx_http_test_reading, ngx_int_t,
+    ngx_list_push, ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t, NGX_DONE,
+    NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SPECIAL_RESPONSE,
+    NGX_LOG_ERR, NGX_LOG_INFO, NGX_OK,
 };
-use ngx::http::{HttpModule, HttpModuleLocationConf};
+use ngx::http::{HttpModule, HttpModuleLocationConf, NgxHttpCoreModule};
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange};
-use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead};
-use portico_core::router::Route;
+use portico_core::model::ResponseHead;
 use portico_core::DispatchError;
+use std::collections::VecDeque;
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::fs::FileExt;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
@@ -39,21 +55,86 @@ use std::time::{Duration, Instant};
 /// How often the keep-alive timer of a request without `request_timeout` fires.
 const TICK: Duration = Duration::from_secs(60);
 
-/// One request waiting for (or being answered by) its app. Boxed; owned by the request's
-/// pool cleanup, which drops it when nginx frees the request.
-struct RequestCtx {
+/// Response bytes gathered before they go to nginx in one call; a response that grows past
+/// this before its end streams (its head goes out without a `Content-Length`).
+const BATCH: usize = 64 * 1024;
+
+/// One request in flight: the exchange with its app, the body reader and the response
+/// writer. Boxed; owned by the request pool's cleanup, which drops it when nginx frees the
+/// request (after the last byte is out).
+pub struct RequestCtx {
     id: u64,
-    exchange: Option<Exchange>,
-    waker: Waker,
-    head: Option<ResponseHead>,
-    /// The response body, in the app's pieces; nginx's buffers point into them until the
-    /// request is freed.
-    body: Vec<Bytes>,
-    timer: ngx_event_t,
+    /// `None` once the request is answered (or abandoned): the app side then sees the host
+    /// gone.
+    pub(crate) exchange: Option<Exchange>,
+    pub(crate) waker: Waker,
+    pub(crate) timer: ngx_event_t,
     request_timeout: Option<Duration>,
+    /// The app's `body_timeout`: how long the client may pause while the app waits for body.
+    body_timeout: Option<Duration>,
     started: Instant,
-    /// The response has been handed to nginx; later wakeups are ignored.
-    finished: bool,
+    /// The request is answered; later wakeups are ignored.
+    pub(crate) finished: bool,
+    body: BodyReader,
+    out: Output,
+    /// A WebSocket handshake or connection (ASGI apps only).
+    pub(crate) ws: Option<Box<WsState>>,
+}
+
+/// The request body, read as the app asks for it.
+#[derive(Default)]
+struct BodyReader {
+    /// Read but not yet handed to the app.
+    ready: VecDeque<Bytes>,
+    /// nginx has more to read (`r->reading_body`).
+    more: bool,
+    /// The app waits for a piece (it sent [`AppEvent::NeedBody`]).
+    wanted: bool,
+    /// Reading failed with this nginx status (408, 413, 400...) and error.
+    failed: Option<(ngx_int_t, DispatchError)>,
+    /// Bytes handed to the app so far, and the app's `max_body_size` (0: none).
+    received: u64,
+    limit: u64,
+}
+
+/// The response on its way to nginx.
+struct Output {
+    head: Option<ResponseHead>,
+    /// Whether the head went to nginx's header filters.
+    head_sent: bool,
+    /// Body bytes not yet given to nginx.
+    batch: Vec<Bytes>,
+    batch_len: usize,
+    /// Body pieces nginx's buffers point into, with the buffer of each: released once nginx
+    /// has consumed the buffer.
+    in_nginx: VecDeque<(*mut ngx_buf_t, Bytes)>,
+    /// Our buffers that nginx has finished with, for reuse, and those it still holds.
+    free: *mut ngx_chain_t,
+    busy: *mut ngx_chain_t,
+    /// nginx holds unsent bytes of ours: no more events are taken until it has sent them.
+    blocked: bool,
+}
+
+impl Default for Output {
+    fn default() -> Output {
+        Output {
+            head: None,
+            head_sent: false,
+            batch: Vec::new(),
+            batch_len: 0,
+            in_nginx: VecDeque::new(),
+            free: core::ptr::null_mut(),
+            busy: core::ptr::null_mut(),
+            blocked: false,
+        }
+    }
+}
+
+/// Tags our buffers, so `ngx_chain_update_chains` hands them back for reuse.
+static BUF_TAG: u8 = 0;
+
+fn buf_tag() -> *mut c_void {
+    core::ptr::addr_of!(BUF_TAG).cast_mut().cast()
 }
 
 /// The app index of the location `r` runs in.
@@ -65,7 +146,7 @@ unsafe fn app_index(r: *mut ngx_http_request_t) -> Option<usize> {
     unsafe { PorticoModule::location_conf(&*r) }.and_then(|c| c.app)
 }
 
-/// The content handler of every location with `portico_app`.
+/// The content handler of every location with `portico_app` or `portico_pass`.
 ///
 /// # Safety
 /// Called by nginx on the nginx thread with a live request.
@@ -84,84 +165,110 @@ pub unsafe extern "C" fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_
         );
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
-    // SAFETY: reading a field of the live request.
-    let length = unsafe { (*r).headers_in.content_length_n };
-    if limit > 0 && length > 0 && length as u64 > limit {
-        // nginx's own client_max_body_size usually answers first.
-        return DispatchError::BodyTooLarge { limit }.status() as ngx_int_t;
-    }
-    // SAFETY: the request is live; nginx calls `body_ready` once the body is read (perhaps
-    // before this returns) and keeps the request alive until we finalize it.
-    let rc = unsafe { ngx_http_read_client_request_body(r, Some(body_ready)) };
-    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
-        return rc;
+    // SAFETY: the request is live; nginx calls `body_started` once the first part of the body
+    // is in (perhaps before this returns) and keeps the request alive until we finalize it.
+    unsafe {
+        let length = (*r).headers_in.content_length_n;
+        if limit > 0 && length > 0 && length as u64 > limit {
+            // nginx's own client_max_body_size usually answers first.
+            return DispatchError::BodyTooLarge { limit }.status() as ngx_int_t;
+        }
+        (*r).set_request_body_no_buffering(1);
+        let rc = ngx_http_read_client_request_body(r, Some(body_started));
+        if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+            return rc;
+        }
     }
     NGX_DONE as ngx_int_t
 }
 
-/// nginx has read the whole request body: submit the request to its app.
-unsafe extern "C" fn body_ready(r: *mut ngx_http_request_t) {
-    // SAFETY: nginx calls the body handler with the live request.
-    let Some(index) = (unsafe { app_index(r) }) else {
-        // SAFETY: as above.
-        unsafe { ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t) };
-        return;
-    };
-    // SAFETY: the request is live and its body has been read.
-    let (head, body) = match unsafe { request_head(r) } {
-        Ok(parts) => parts,
-        Err(e) => {
-            // SAFETY: the request's connection and its log are live.
-            let log = unsafe { (*(*r).connection).log };
+/// nginx has the first part of the body (or all of it): submit the request to its app.
+unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls the body handler with the live request, on the nginx thread.
+    unsafe {
+        let Some(index) = app_index(r) else {
+            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
+            return;
+        };
+        let mut first = Vec::new();
+        if let Err(e) = take_body(r, &mut first) {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
-                log,
+                (*(*r).connection).log,
                 "portico: cannot read the request body: {}",
                 e
             );
-            // SAFETY: the request is live; we own its finalization.
-            unsafe { ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t) };
+            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
             return;
         }
-    };
-    let submitted = worker::with(|w| {
-        let app = &w.dispatcher.apps()[index];
-        // SAFETY: `r` is live (its URI is read).
-        let route = unsafe { route_of(r, index, &app.config().mount) };
-        let timeout = app.config().request_timeout.as_limit();
-        app.submit(head, route, Some(body)).map(|exchange| {
-            let (id, waker) = w.register(r);
-            (exchange, id, waker, timeout)
-        })
-    });
-    let (exchange, id, waker, request_timeout) = match submitted {
-        Some(Ok(parts)) => parts,
-        Some(Err(e)) => {
-            // SAFETY: the request is live; nothing of ours is attached to it yet.
-            unsafe { finalize_error(r, &e) };
-            return;
-        }
-        None => {
-            // SAFETY: as above.
-            unsafe { ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t) };
-            return;
-        }
-    };
-    let ctx = Box::into_raw(Box::new(RequestCtx {
-        id,
-        exchange: Some(exchange),
-        waker,
-        head: None,
-        body: Vec::new(),
-        // SAFETY: an all-zero ngx_event_t is nginx's own initial state (ngx_pcalloc'd).
-        timer: unsafe { core::mem::zeroed() },
-        request_timeout,
-        started: Instant::now(),
-        finished: false,
-    }));
-    // SAFETY: the request and its pool are live; the cleanup takes ownership of `ctx` and
-    // runs when nginx frees the request, on this thread.
-    unsafe {
+        let more = (*r).reading_body() != 0;
+        let head = request_head(r);
+        let submitted = worker::with(|w| {
+            let app = &w.dispatcher.apps()[index];
+            let route = route_of(r, index, &app.config().mount);
+            let limit = app.config().max_body_size.0;
+            let timeout = (
+                app.config().request_timeout.as_limit(),
+                app.config().body_timeout.as_limit(),
+                limit,
+            );
+            let whole: u64 = first.iter().map(|b| b.len() as u64).sum();
+            if !more && limit > 0 && whole > limit {
+                // A chunked body, all here already, over the app's max_body_size.
+                return Err(DispatchError::BodyTooLarge { limit });
+            }
+            let submitted: Result<_, DispatchError> = match app.websocket_handshake(&head) {
+                Some(Ok(handshake)) => app.submit_websocket(head, route).map(|exchange| {
+                    let relay = app.websocket_relay(&handshake);
+                    (exchange, Some(Box::new(WsState::new(handshake, relay))))
+                }),
+                Some(Err(e)) => Err(e),
+                // The whole body is here: it goes with the request (no round trip per piece).
+                None if !more => app
+                    .submit(head, route, Some(std::mem::take(&mut first)))
+                    .map(|exchange| (exchange, None)),
+                None => app
+                    .submit(head, route, None)
+                    .map(|exchange| (exchange, None)),
+            };
+            submitted.map(|(exchange, ws)| {
+                let (id, waker) = w.register(r);
+                (exchange, ws, id, waker, timeout)
+            })
+        });
+        let (exchange, ws, id, waker, (request_timeout, body_timeout, limit)) = match submitted {
+            Some(Ok(parts)) => parts,
+            Some(Err(e)) => {
+                // Nothing of ours is attached to the request yet.
+                finalize_error(r, &e);
+                return;
+            }
+            None => {
+                ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
+                return;
+            }
+        };
+        let ctx = Box::into_raw(Box::new(RequestCtx {
+            id,
+            exchange: Some(exchange),
+            waker,
+            // An all-zero ngx_event_t is nginx's own initial state (ngx_pcalloc'd).
+            timer: core::mem::zeroed(),
+            request_timeout,
+            body_timeout,
+            started: Instant::now(),
+            finished: false,
+            body: BodyReader {
+                ready: first.into(),
+                more,
+                limit,
+                ..BodyReader::default()
+            },
+            out: Output::default(),
+            ws,
+        }));
+        // The cleanup takes ownership of `ctx` and runs when nginx frees the request, on this
+        // thread.
         let cleanup = ngx_pool_cleanup_add((*r).pool, 0);
         if cleanup.is_null() {
             worker::with(|w| w.unregister(id));
@@ -177,8 +284,18 @@ unsafe extern "C" fn body_ready(r: *mut ngx_http_request_t) {
         timer.data = r.cast();
         timer.log = (*(*r).connection).log;
         ngx_add_timer(timer, first_interval(request_timeout));
+        (*r).read_event_handler = Some(if more { on_body_read } else { watch_client });
+        (*r).write_event_handler = Some(on_write);
         poll(r, ctx);
     }
+}
+
+/// Once the body is read, the client's side of the connection is watched: nginx's
+/// `ngx_http_test_reading` finalizes the request when the client closes it, which drops the
+/// exchange and tells the app.
+unsafe extern "C" fn watch_client(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls request event handlers with the live request.
+    unsafe { ngx_http_test_reading(r) }
 }
 
 fn first_interval(timeout: Option<Duration>) -> usize {
@@ -188,7 +305,7 @@ fn first_interval(timeout: Option<Duration>) -> usize {
 /// Drops a request's state when nginx frees the request: stops its timer, forgets it, and
 /// drops its exchange (which tells the app side the host is gone).
 unsafe extern "C" fn cleanup_ctx(data: *mut c_void) {
-    // SAFETY: `data` is the `RequestCtx` leaked in `body_ready`; this cleanup runs once.
+    // SAFETY: `data` is the `RequestCtx` leaked in `body_started`; this cleanup runs once.
     let mut ctx = unsafe { Box::from_raw(data.cast::<RequestCtx>()) };
     if ctx.timer.timer_set() != 0 {
         // SAFETY: the timer is in nginx's timer tree; it must leave before its memory does.
@@ -201,7 +318,7 @@ unsafe extern "C" fn cleanup_ctx(data: *mut c_void) {
 ///
 /// # Safety
 /// `r` must be a live request.
-unsafe fn ctx_of(r: *mut ngx_http_request_t) -> *mut RequestCtx {
+pub(crate) unsafe fn ctx_of(r: *mut ngx_http_request_t) -> *mut RequestCtx {
     // SAFETY: the request's module context array has a slot for every HTTP module.
     unsafe { (*(*r).ctx.add(PorticoModule::module().ctx_index)).cast() }
 }
@@ -224,7 +341,8 @@ pub unsafe fn resume(r: *mut ngx_http_request_t) {
     }
 }
 
-/// The request's timer: `request_timeout` passed (504), or a keep-alive tick.
+/// The request's timer: `request_timeout` passed before the head (504), the WebSocket's
+/// closing handshake waited long enough, or a keep-alive tick.
 unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     // SAFETY: the timer's data is its live request (the cleanup deletes the timer before the
     // request is freed).
@@ -235,102 +353,363 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
         if ctx.is_null() || (*ctx).finished {
             return;
         }
+        if (*ctx).ws.is_some() && websocket::on_timer(r, ctx) {
+            ngx_http_run_posted_requests(c);
+            return;
+        }
         match (*ctx).request_timeout {
-            Some(limit) if (*ctx).started.elapsed() >= limit => {
-                ngx::ngx_log_error!(
-                    NGX_LOG_ERR,
-                    (*c).log,
-                    "portico: the app did not respond within {:?}",
-                    limit
-                );
-                finish(ctx);
-                finalize_error(r, &DispatchError::AppTimeout);
-            }
-            Some(limit) => {
+            Some(limit) if !(*ctx).out.head_sent => {
                 let left = limit.saturating_sub((*ctx).started.elapsed());
-                ngx_add_timer(ev, left.as_millis().max(1) as usize);
+                if !left.is_zero() {
+                    ngx_add_timer(ev, left.as_millis().max(1) as usize);
+                } else if (*ctx).body.wanted {
+                    // The app waits for the client's body: the client is the slow one, and
+                    // its own timeouts apply; look again shortly.
+                    ngx_add_timer(ev, 100);
+                } else {
+                    ngx::ngx_log_error!(
+                        NGX_LOG_ERR,
+                        (*c).log,
+                        "portico: the app did not respond within {:?}",
+                        limit
+                    );
+                    finish(ctx);
+                    finalize_error(r, &DispatchError::AppTimeout);
+                }
             }
-            None => ngx_add_timer(ev, TICK.as_millis() as usize),
+            _ => ngx_add_timer(ev, TICK.as_millis() as usize),
         }
         ngx_http_run_posted_requests(c);
     }
 }
 
-/// Takes every event the app has ready; writes the response when it is complete.
+/// Takes the app's events while nginx can take the response; sends what they make.
 ///
 /// # Safety
 /// `r` is live and `ctx` is its state; nginx thread only. Neither may be used after this
 /// returns having finalized the request.
 unsafe fn poll(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
+    // SAFETY: the caller's.
+    unsafe {
+        if (*ctx).ws.as_ref().is_some_and(|ws| ws.is_open()) {
+            websocket::pump(r, ctx);
+            return;
+        }
+    }
     loop {
         // SAFETY: `ctx` is live until the request is freed, which only a finalize below can
         // cause, after which we return at once.
         let state = unsafe { &mut *ctx };
+        if state.out.blocked || state.finished {
+            return;
+        }
         let Some(exchange) = state.exchange.as_ref() else {
             return;
         };
-        let event = {
-            let mut cx = Context::from_waker(&state.waker);
-            let mut next = pin!(exchange.next());
-            match next.as_mut().poll(&mut cx) {
-                // The waker stays armed in the exchange: the app's next event wakes us.
-                Poll::Pending => return,
-                Poll::Ready(event) => event,
-            }
+        let Some(event) = next_event(exchange, &state.waker) else {
+            // Nothing more for now: what the app has produced goes to the client.
+            // SAFETY: as this function's.
+            unsafe { flush(r, ctx) };
+            return;
         };
         let failure = match event {
             Some(AppEvent::NeedBody) => {
-                // The whole body went with the request.
-                exchange.send_body(BodyPiece::End);
+                state.body.wanted = true;
+                // SAFETY: as this function's.
+                unsafe { deliver_body(r, ctx) };
                 continue;
             }
             Some(AppEvent::Head(head)) => {
-                state.head = Some(head);
+                state.out.head = Some(head);
                 continue;
             }
             Some(AppEvent::Body(piece)) => {
-                state.body.push(piece);
+                // SAFETY: as this function's.
+                unsafe { add_body(r, ctx, piece) };
                 continue;
             }
             Some(AppEvent::File(file)) => match read_file(&file) {
                 Ok(piece) => {
-                    state.body.push(piece);
+                    // SAFETY: as this function's.
+                    unsafe { add_body(r, ctx, piece) };
                     continue;
                 }
                 Err(e) => DispatchError::BadResponse(format!("cannot read the app's file: {e}")),
             },
+            // Not offered: the request head says the host cannot send them.
             Some(AppEvent::EarlyHint(_)) | Some(AppEvent::Trailers(_)) => continue,
             Some(AppEvent::Whole(head, body)) => {
-                state.head = Some(head);
-                state.body.push(body);
+                state.out.head = Some(head);
+                if !body.is_empty() {
+                    state.out.batch_len += body.len();
+                    state.out.batch.push(body);
+                }
                 // SAFETY: as this function's.
-                unsafe { finish_response(r, ctx) };
+                unsafe { end_response(r, ctx) };
                 return;
             }
-            Some(AppEvent::End) if state.head.is_some() => {
+            Some(AppEvent::End) if state.out.head.is_some() || state.out.head_sent => {
                 // SAFETY: as this function's.
-                unsafe { finish_response(r, ctx) };
+                unsafe { end_response(r, ctx) };
                 return;
             }
             Some(AppEvent::End) => {
                 DispatchError::BadResponse("response ended without a head".into())
             }
+            Some(AppEvent::WsAccept {
+                subprotocol,
+                headers,
+            }) if state.ws.is_some() && !state.out.head_sent && state.out.head.is_none() => {
+                // SAFETY: as this function's.
+                unsafe { websocket::accept(r, ctx, subprotocol, headers) };
+                return;
+            }
+            Some(AppEvent::WsClose { .. })
+                if state.ws.is_some() && !state.out.head_sent && state.out.head.is_none() =>
+            {
+                DispatchError::WebSocketDenied
+            }
             Some(AppEvent::Failed(e)) => e,
             Some(AppEvent::WsAccept { .. } | AppEvent::WsSend(_) | AppEvent::WsClose { .. }) => {
-                DispatchError::BadResponse("WebSocket event on an HTTP request".into())
+                DispatchError::BadResponse("WebSocket event out of place".into())
             }
             None => DispatchError::BadResponse("the app thread stopped".into()),
         };
         // SAFETY: as this function's.
-        unsafe {
-            finish(ctx);
-            finalize_error(r, &failure);
-        }
+        unsafe { fail(r, ctx, failure) };
         return;
     }
 }
 
-/// Reads a `wsgi.file_wrapper` region into memory (buffered responses only, for now).
+/// The app's next event, if one is ready (`Some(None)`: the app side is gone). Arms the
+/// request's waker when none is.
+pub(crate) fn next_event(exchange: &Exchange, waker: &Waker) -> Option<Option<AppEvent>> {
+    let mut cx = Context::from_waker(waker);
+    let mut next = pin!(exchange.next());
+    match next.as_mut().poll(&mut cx) {
+        // The waker stays armed in the exchange: the app's next event wakes us.
+        Poll::Pending => None,
+        Poll::Ready(event) => Some(event),
+    }
+}
+
+/// The response failed. Before its head: the error's status (the body's own failure first,
+/// if reading the body is what made the app fail). After: the connection is cut, so the
+/// client sees a truncated response.
+///
+/// # Safety
+/// As [`poll`]'s.
+unsafe fn fail(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, e: DispatchError) {
+    // SAFETY: the caller's.
+    unsafe {
+        let head_sent = (*ctx).out.head_sent;
+        let body_failure = (*ctx).body.failed.take();
+        finish(ctx);
+        if head_sent {
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                (*(*r).connection).log,
+                "portico: response aborted: {}",
+                e
+            );
+            ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+        } else if let Some((rc, _)) = body_failure {
+            // Answered, not just closed as nginx's finalize would for 408: the client that
+            // paused gets told why (and error_page applies).
+            (*(*r).connection).set_timedout(0);
+            let rc = ngx_http_special_response_handler(r, rc);
+            ngx_http_finalize_request(r, rc);
+        } else {
+            finalize_error(r, &e);
+        }
+    }
+}
+
+/// Hands the app the next body piece it asked for, reading from the client when nothing is
+/// ready; if nothing can be read now, the read handler comes back here.
+///
+/// # Safety
+/// As [`poll`]'s.
+unsafe fn deliver_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
+    // SAFETY: the caller's.
+    unsafe {
+        let state = &mut *ctx;
+        if !state.body.wanted {
+            return;
+        }
+        if state.body.ready.is_empty() && state.body.more && state.body.failed.is_none() {
+            let rc = ngx_http_read_unbuffered_request_body(r);
+            let mut read = Vec::new();
+            if let Err(e) = take_body(r, &mut read) {
+                state.body.failed = Some((
+                    NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+                    DispatchError::BadRequest(format!("cannot read the request body: {e}")),
+                ));
+            }
+            state.body.ready.extend(read);
+            if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+                state.body.failed = Some((rc, body_error(rc)));
+                state.body.more = false;
+            } else if (*r).reading_body() == 0 {
+                state.body.more = false;
+            }
+        }
+        let body = &mut state.body;
+        let over = |data: &Bytes| body.limit > 0 && body.received + data.len() as u64 > body.limit;
+        if body.ready.front().is_some_and(over) {
+            // The app's max_body_size, for a body whose length was not announced.
+            body.ready.clear();
+            body.more = false;
+            body.failed = Some((
+                NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t,
+                DispatchError::BodyTooLarge { limit: body.limit },
+            ));
+        }
+        let piece = if let Some(data) = state.body.ready.pop_front() {
+            state.body.received += data.len() as u64;
+            BodyPiece::Data(data)
+        } else if let Some((_, e)) = &state.body.failed {
+            BodyPiece::Failed(e.clone())
+        } else if !state.body.more {
+            BodyPiece::End
+        } else {
+            // Nothing yet: nginx has armed the read event and client_body_timeout; the app's
+            // body_timeout applies if it is shorter.
+            let rev = (*(*r).connection).read;
+            if let (Some(limit), Some(clcf)) =
+                (state.body_timeout, NgxHttpCoreModule::location_conf(&*r))
+            {
+                let limit = limit.as_millis().max(1) as usize;
+                if (*rev).timer_set() != 0 && limit < clcf.client_body_timeout {
+                    ngx_add_timer(rev, limit);
+                }
+            }
+            return;
+        };
+        state.body.wanted = false;
+        if let Some(exchange) = &state.exchange {
+            exchange.send_body(piece);
+        }
+        let c = (*r).connection;
+        if state.body.more {
+            // The app is busy with what it got: a client pausing now is not timing out.
+            if (*(*c).read).timer_set() != 0 {
+                ngx_del_timer((*c).read);
+            }
+        } else {
+            (*r).read_event_handler = Some(watch_client);
+        }
+    }
+}
+
+/// The error the app sees for an nginx status from reading the body.
+fn body_error(rc: ngx_int_t) -> DispatchError {
+    match rc as u32 {
+        NGX_HTTP_REQUEST_TIME_OUT => DispatchError::BodyTimeout,
+        NGX_HTTP_REQUEST_ENTITY_TOO_LARGE => DispatchError::BodyTooLarge { limit: 0 },
+        NGX_HTTP_BAD_REQUEST => DispatchError::BadRequest("the request body is malformed".into()),
+        _ => DispatchError::BadRequest(format!("reading the request body failed ({rc})")),
+    }
+}
+
+/// The client sent more of the body (or the read timed out): give it to the app if it waits.
+unsafe extern "C" fn on_body_read(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls request event handlers with the live request; our state is attached
+    // before this handler is set.
+    unsafe {
+        let ctx = ctx_of(r);
+        if ctx.is_null() || (*ctx).finished {
+            return;
+        }
+        if (*ctx).body.wanted {
+            deliver_body(r, ctx);
+            poll(r, ctx);
+        } else {
+            let c = (*r).connection;
+            if (*(*c).read).timer_set() != 0 {
+                ngx_del_timer((*c).read);
+            }
+        }
+    }
+}
+
+/// A piece of the response body: gathered, and sent once enough has gathered.
+///
+/// # Safety
+/// As [`poll`]'s.
+unsafe fn add_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, piece: Bytes) {
+    // SAFETY: the caller's.
+    unsafe {
+        let out = &mut (*ctx).out;
+        if piece.is_empty() {
+            return;
+        }
+        out.batch_len += piece.len();
+        out.batch.push(piece);
+        if out.batch_len >= BATCH {
+            flush(r, ctx);
+        }
+    }
+}
+
+/// Sends the head (if the app gave one and it has not gone yet) and the gathered body, and
+/// has nginx write it out now.
+///
+/// # Safety
+/// As [`poll`]'s.
+unsafe fn flush(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
+    // SAFETY: the caller's.
+    unsafe {
+        let state = &mut *ctx;
+        if state.finished {
+            return;
+        }
+        if !state.out.head_sent {
+            if state.out.head.is_none() {
+                return;
+            }
+            let rc = send_head(r, ctx, None);
+            if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t {
+                finish(ctx);
+                ngx_http_finalize_request(r, rc);
+                return;
+            }
+        }
+        if (*ctx).out.batch.is_empty() {
+            return;
+        }
+        let rc = write_body(r, ctx, false);
+        if rc == NGX_ERROR as ngx_int_t {
+            finish(ctx);
+            ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+        }
+    }
+}
+
+/// The app's response is complete: the rest goes out and the request is finalized (nginx
+/// finishes writing on its own if the client is slow).
+///
+/// # Safety
+/// As [`poll`]'s.
+unsafe fn end_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
+    // SAFETY: the caller's.
+    unsafe {
+        finish(ctx);
+        if !(*ctx).out.head_sent {
+            let length = (*ctx).out.batch_len;
+            let rc = send_head(r, ctx, Some(length));
+            if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+                ngx_http_finalize_request(r, rc);
+                return;
+            }
+        }
+        let rc = write_body(r, ctx, true);
+        // The last use of `r`: finalizing may free it, and `ctx` with it.
+        ngx_http_finalize_request(r, rc);
+    }
+}
+
+/// Reads a `wsgi.file_wrapper` region into memory.
 fn read_file(file: &portico_core::exchange::FileBody) -> std::io::Result<Bytes> {
     let len = match file.len {
         Some(len) => len,
@@ -356,7 +735,7 @@ fn read_file(file: &portico_core::exchange::FileBody) -> std::io::Result<Bytes> 
 ///
 /// # Safety
 /// `ctx` is a live request state; nginx thread only.
-unsafe fn finish(ctx: *mut RequestCtx) {
+pub(crate) unsafe fn finish(ctx: *mut RequestCtx) {
     // SAFETY: the caller's.
     let state = unsafe { &mut *ctx };
     state.finished = true;
@@ -368,26 +747,12 @@ unsafe fn finish(ctx: *mut RequestCtx) {
     worker::with(|w| w.unregister(state.id));
 }
 
-/// Writes the buffered response and finalizes the request.
-///
-/// # Safety
-/// As [`poll`]'s.
-unsafe fn finish_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
-    // SAFETY: the caller's.
-    unsafe {
-        finish(ctx);
-        let rc = send_response(r, ctx);
-        // The last use of `r`: finalizing may free it, and `ctx` with it.
-        ngx_http_finalize_request(r, rc);
-    }
-}
-
 /// Answers with the error's status (nginx's error page, so `error_page` applies) and the
 /// headers that go with it.
 ///
 /// # Safety
 /// `r` is live and has no response head sent; nginx thread only. `r` may be freed on return.
-unsafe fn finalize_error(r: *mut ngx_http_request_t, e: &DispatchError) {
+pub(crate) unsafe fn finalize_error(r: *mut ngx_http_request_t, e: &DispatchError) {
     // SAFETY: the caller's.
     unsafe {
         for (name, value) in e.extra_headers() {
@@ -401,7 +766,7 @@ unsafe fn finalize_error(r: *mut ngx_http_request_t, e: &DispatchError) {
 ///
 /// # Safety
 /// `r` is live; nginx thread only.
-unsafe fn push_header(
+pub(crate) unsafe fn push_header(
     r: *mut ngx_http_request_t,
     name: &[u8],
     value: &[u8],
@@ -443,20 +808,58 @@ unsafe fn pool_str(r: *mut ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t
     }
 }
 
-/// Status, headers and body to nginx's filters; returns what to finalize with.
+/// Status and headers to nginx's header filters. `whole` is the length of a body that is
+/// complete already (`Content-Length`); for a streamed body the app's own `Content-Length`
+/// is kept, else nginx frames it (chunked on HTTP/1.1). Returns nginx's code.
 ///
 /// # Safety
 /// As [`poll`]'s; `ctx` holds a head.
-unsafe fn send_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) -> ngx_int_t {
-    // SAFETY: the caller's. The body pieces stay in `ctx` (freed with the request), so
-    // nginx's buffers may point into them.
+unsafe fn send_head(
+    r: *mut ngx_http_request_t,
+    ctx: *mut RequestCtx,
+    whole: Option<usize>,
+) -> ngx_int_t {
+    // SAFETY: the caller's.
     unsafe {
         let state = &mut *ctx;
-        let Some(head) = state.head.take() else {
+        let Some(head) = state.out.head.take() else {
             return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
         };
-        let out = &mut (*r).headers_out;
-        out.status = head.status as usize;
+        state.out.head_sent = true;
+        let rc = set_headers(r, &head);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        let app_length = head
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(b"content-length"))
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        let is_head = (*r).method == NGX_HTTP_HEAD as usize;
+        (*r).headers_out.content_length_n = match (whole, app_length) {
+            // RFC 9110 sections 8.6, 15.3.5: no Content-Length with 204; a 304 keeps only
+            // what the app said.
+            _ if head.status == 204 => -1,
+            (_, app) if head.status == 304 => app.unwrap_or(-1),
+            // A HEAD answer announces the length a GET would have.
+            (Some(0), Some(n)) if is_head => n,
+            (Some(n), _) => n as i64,
+            (None, Some(n)) => n,
+            (None, None) => -1,
+        };
+        ngx_http_send_header(r)
+    }
+}
+
+/// Puts the app's status and headers into `headers_out`.
+///
+/// # Safety
+/// `r` is live; nginx thread only.
+pub(crate) unsafe fn set_headers(r: *mut ngx_http_request_t, head: &ResponseHead) -> ngx_int_t {
+    // SAFETY: the caller's.
+    unsafe {
+        (*r).headers_out.status = head.status as usize;
         if !head.reason.is_empty() {
             let line = format!("{} {}", head.status, head.reason);
             match pool_str(r, line.as_bytes()) {
@@ -464,12 +867,8 @@ unsafe fn send_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) -> ngx
                 None => return NGX_ERROR as ngx_int_t,
             }
         }
-        let mut app_length = None;
         for (name, value) in &head.headers {
             if name.eq_ignore_ascii_case(b"content-length") {
-                app_length = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<i64>().ok());
                 continue;
             }
             if name.eq_ignore_ascii_case(b"content-type") {
@@ -497,283 +896,170 @@ unsafe fn send_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) -> ngx
                 (*r).headers_out.date = elt;
             }
         }
-        let body_len: usize = state.body.iter().map(Bytes::len).sum();
-        let is_head = (*r).method == NGX_HTTP_HEAD as usize;
-        (*r).headers_out.content_length_n = match app_length {
-            // A HEAD answer announces the length a GET would have.
-            Some(n) if is_head && body_len == 0 => n,
-            _ => body_len as i64,
-        };
+        NGX_OK as ngx_int_t
+    }
+}
 
-        let rc = ngx_http_send_header(r);
-        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
-            return rc;
+/// Gives the gathered body to nginx's body filters, without copying: nginx's buffers point
+/// into the pieces, which are kept until nginx has consumed them. `last` ends the response.
+/// Afterwards, if nginx could not write everything, the request is `blocked` until the
+/// client takes more ([`on_write`]). Returns nginx's code.
+///
+/// # Safety
+/// As [`poll`]'s; the head has been sent.
+unsafe fn write_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, last: bool) -> ngx_int_t {
+    // SAFETY: the caller's; buffers come from the request pool and point into pieces that
+    // `ctx` keeps until nginx is done with them (or the request is freed, after the last
+    // byte is out).
+    unsafe {
+        let out = &mut (*ctx).out;
+        let pieces = std::mem::take(&mut out.batch);
+        out.batch_len = 0;
+        if (*r).header_only() != 0 {
+            // HEAD, or a status without a body: nginx sends no body.
+            return NGX_OK as ngx_int_t;
         }
-
-        let pool = (*r).pool;
-        let mut first: *mut ngx_chain_t = core::ptr::null_mut();
-        let mut last: *mut ngx_chain_t = core::ptr::null_mut();
-        let pieces: Vec<&Bytes> = state.body.iter().filter(|b| !b.is_empty()).collect();
-        let count = pieces.len().max(1);
-        for i in 0..count {
-            let buf: *mut ngx_buf_t = ngx_pcalloc(pool, core::mem::size_of::<ngx_buf_t>()).cast();
-            let link = ngx_alloc_chain_link(pool);
-            if buf.is_null() || link.is_null() {
+        // One filter call per piece, so that each of the app's pieces is one chunk on
+        // HTTP/1.1, as the app sent it; nginx's write filter still gathers them into one
+        // write, which the closing flush (or last) buffer sets off.
+        let count = pieces.len();
+        let mut pieces = pieces.into_iter();
+        for i in 0..=count {
+            let cl = ngx_chain_get_free_buf((*r).pool, &mut (*ctx).out.free);
+            if cl.is_null() {
                 return NGX_ERROR as ngx_int_t;
             }
-            if let Some(piece) = pieces.get(i) {
+            let b = (*cl).buf;
+            *b = core::mem::zeroed();
+            (*b).tag = buf_tag();
+            (*cl).next = core::ptr::null_mut();
+            if let Some(piece) = pieces.next() {
                 let start = piece.as_ptr().cast_mut();
-                (*buf).start = start;
-                (*buf).pos = start;
-                (*buf).last = start.add(piece.len());
-                (*buf).end = (*buf).last;
-                (*buf).set_memory(1);
-            }
-            if i + 1 == count {
-                (*buf).set_last_buf(if (*r).main == r { 1 } else { 0 });
-                (*buf).set_last_in_chain(1);
-            }
-            (*link).buf = buf;
-            (*link).next = core::ptr::null_mut();
-            if last.is_null() {
-                first = link;
+                (*b).start = start;
+                (*b).pos = start;
+                (*b).last = start.add(piece.len());
+                (*b).end = (*b).last;
+                (*b).set_memory(1);
+                (*ctx).out.in_nginx.push_back((b, piece));
+            } else if last {
+                (*b).set_last_buf(if (*r).main == r { 1 } else { 0 });
+                (*b).set_last_in_chain(1);
             } else {
-                (*last).next = link;
+                (*b).set_flush(1);
             }
-            last = link;
+            let rc = ngx_http_output_filter(r, cl);
+            let out = &mut (*ctx).out;
+            let mut sent = cl;
+            ngx_chain_update_chains(
+                (*r).pool,
+                &mut out.free,
+                &mut out.busy,
+                &mut sent,
+                buf_tag(),
+            );
+            if rc == NGX_ERROR as ngx_int_t || i == count {
+                settle(r, ctx);
+                return rc;
+            }
         }
-        ngx_http_output_filter(r, first)
+        NGX_OK as ngx_int_t
     }
 }
 
-/// The route of `r` under `mount`: nginx picked the location; the path below the mount is
-/// `PATH_INFO` (nginx's decoded, normalized URI).
+/// After nginx took buffers: the pieces of those it has consumed are dropped (the buffers
+/// went back to the free list); if it still holds some, the request waits for the client.
 ///
 /// # Safety
-/// `r` is live.
-unsafe fn route_of(r: *mut ngx_http_request_t, app: usize, mount: &str) -> Route {
-    // SAFETY: the request's URI is in its pool.
-    let uri = unsafe { bytes_of(&(*r).uri) };
-    let mount = mount.trim_end_matches('/');
-    let m = mount.as_bytes();
-    if uri.starts_with(m) && (uri.len() == m.len() || uri[m.len()] == b'/') {
-        Route {
-            app,
-            script_name: mount.to_owned(),
-            path_info: uri[m.len()..].to_vec(),
-        }
-    } else {
-        Route {
-            app,
-            script_name: String::new(),
-            path_info: uri.to_vec(),
-        }
-    }
-}
-
-/// The bytes of an nginx string.
-///
-/// # Safety
-/// `s` must point to `len` readable bytes (or have `len` 0).
-unsafe fn bytes_of(s: &ngx_str_t) -> &[u8] {
-    if s.len == 0 || s.data.is_null() {
-        &[]
-    } else {
-        // SAFETY: the caller's.
-        unsafe { core::slice::from_raw_parts(s.data, s.len) }
-    }
-}
-
-/// A socket address nginx holds, as Rust's.
-///
-/// # Safety
-/// `sa` is null or points to a socket address of its family's size.
-unsafe fn socket_addr(sa: *const libc::sockaddr) -> Option<SocketAddr> {
-    if sa.is_null() {
-        return None;
-    }
-    // SAFETY: the caller's; the family says which structure it is.
+/// As [`write_body`]'s.
+unsafe fn settle(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
+    // SAFETY: the caller's.
     unsafe {
-        match (*sa).sa_family as i32 {
-            libc::AF_INET => {
-                let sin = &*sa.cast::<libc::sockaddr_in>();
-                Some(SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                    u16::from_be(sin.sin_port),
-                )))
-            }
-            libc::AF_INET6 => {
-                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
-                Some(SocketAddr::V6(SocketAddrV6::new(
-                    Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                    u16::from_be(sin6.sin6_port),
-                    sin6.sin6_flowinfo,
-                    sin6.sin6_scope_id,
-                )))
-            }
-            _ => None,
+        let out = &mut (*ctx).out;
+        let mut held = Vec::new();
+        let mut cl = out.busy;
+        while !cl.is_null() {
+            held.push((*cl).buf);
+            cl = (*cl).next;
+        }
+        out.in_nginx.retain(|(b, _)| held.contains(b));
+        out.blocked = !out.busy.is_null();
+        if out.blocked {
+            wait_for_client(r);
         }
     }
 }
 
-/// What the connection's TLS negotiated, if it is TLS (`https` for the app).
+/// Arms the client's write event and `send_timeout`, as nginx's own writers do.
 ///
 /// # Safety
-/// `r` is live.
-#[cfg(ngx_feature = "http_ssl")]
-unsafe fn tls_info(r: *mut ngx_http_request_t) -> Option<portico_core::model::TlsInfo> {
-    // SAFETY: the caller's; nginx's getters write pool strings into `s`.
+/// `r` is live; nginx thread only.
+unsafe fn wait_for_client(r: *mut ngx_http_request_t) {
+    // SAFETY: the caller's.
     unsafe {
         let c = (*r).connection;
-        if (*c).ssl.is_null() {
-            return None;
+        let wev = (*c).write;
+        let Some(clcf) = NgxHttpCoreModule::location_conf(&*r) else {
+            return;
+        };
+        if (*c).data == r.cast()
+            && ngx_handle_write_event(wev, clcf.send_lowat) != NGX_OK as ngx_int_t
+        {
+            return;
         }
-        let get = |f: unsafe extern "C" fn(
-            *mut nginx_sys::ngx_connection_t,
-            *mut nginx_sys::ngx_pool_t,
-            *mut ngx_str_t,
-        ) -> ngx_int_t| {
-            let mut s = ngx_str_t {
-                len: 0,
-                data: core::ptr::null_mut(),
-            };
-            if f(c, (*r).pool, &mut s) == NGX_OK as ngx_int_t {
-                String::from_utf8_lossy(bytes_of(&s)).into_owned()
-            } else {
-                String::new()
-            }
-        };
-        let protocol = get(nginx_sys::ngx_ssl_get_protocol);
-        let version = match protocol.as_str() {
-            "TLSv1.3" => Some(0x0304),
-            "TLSv1.2" => Some(0x0303),
-            _ => None,
-        };
-        Some(portico_core::model::TlsInfo {
-            server_cert: None,
-            cipher: get(nginx_sys::ngx_ssl_get_cipher_name),
-            protocol,
-            version,
-            cipher_suite: None,
-        })
+        if (*wev).active() != 0 && (*wev).ready() == 0 {
+            ngx_add_timer(wev, clcf.send_timeout);
+        } else if (*wev).timer_set() != 0 {
+            ngx_del_timer(wev);
+        }
     }
 }
 
-#[cfg(not(ngx_feature = "http_ssl"))]
-unsafe fn tls_info(_r: *mut ngx_http_request_t) -> Option<portico_core::model::TlsInfo> {
-    None
-}
-
-/// The request head and the whole body, owned.
-///
-/// # Safety
-/// `r` is live and its body has been read.
-unsafe fn request_head(r: *mut ngx_http_request_t) -> std::io::Result<(RequestHead, Vec<Bytes>)> {
-    // SAFETY: the caller's; everything read here lives in the request or its connection.
+/// The client can take more of the response (or `send_timeout` passed).
+unsafe extern "C" fn on_write(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls request event handlers with the live request; our state is attached
+    // before this handler is set.
     unsafe {
-        let req = &*r;
-        let c = req.connection;
-        let unparsed = bytes_of(&req.unparsed_uri);
-        let path_end = unparsed
-            .iter()
-            .position(|&b| b == b'?')
-            .unwrap_or(unparsed.len());
-        let version = match req.http_version as u32 {
-            v if v >= NGX_HTTP_VERSION_20 => HttpVersion::Http2,
-            v if v <= NGX_HTTP_VERSION_10 => HttpVersion::Http10,
-            _ => HttpVersion::Http11,
-        };
-        let request = ngx::http::Request::from_ngx_http_request(r);
-        let mut headers: Vec<(Bytes, Bytes)> = request
-            .headers_in_iterator()
-            .map(|(name, value)| {
-                (
-                    Bytes::from(name.as_bytes().to_ascii_lowercase()),
-                    Bytes::copy_from_slice(value.as_bytes()),
-                )
-            })
-            .collect();
-        if !headers.iter().any(|(n, _)| n.as_ref() == b"host") && req.headers_in.server.len > 0 {
-            // HTTP/2's `:authority` stands in for Host (RFC 9113 section 8.3.1).
-            headers.insert(
-                0,
-                (
-                    Bytes::from_static(b"host"),
-                    Bytes::copy_from_slice(bytes_of(&req.headers_in.server)),
-                ),
-            );
+        let ctx = ctx_of(r);
+        if ctx.is_null() || (*ctx).finished {
+            return;
         }
-        let client = socket_addr((*c).sockaddr.cast());
-        let server =
-            if ngx_connection_local_sockaddr(c, core::ptr::null_mut(), 0) == NGX_OK as ngx_int_t {
-                socket_addr((*c).local_sockaddr.cast())
-            } else {
-                None
-            };
-
-        let mut body = Vec::new();
-        let rb = req.request_body;
-        if !rb.is_null() {
-            let mut cl = (*rb).bufs;
-            while !cl.is_null() {
-                let b = &*(*cl).buf;
-                if b.in_file() != 0 && !b.file.is_null() {
-                    let len = (b.file_last - b.file_pos).max(0) as usize;
-                    let mut data = vec![0u8; len];
-                    let mut done = 0;
-                    while done < len {
-                        let n = libc::pread(
-                            (*b.file).fd,
-                            data[done..].as_mut_ptr().cast(),
-                            len - done,
-                            b.file_pos + done as i64,
-                        );
-                        if n < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        if n == 0 {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "request body file is short",
-                            ));
-                        }
-                        done += n as usize;
-                    }
-                    body.push(Bytes::from(data));
-                } else if (b.temporary() != 0 || b.memory() != 0 || b.mmap() != 0) && b.last > b.pos
-                {
-                    let len = b.last.offset_from(b.pos) as usize;
-                    body.push(Bytes::copy_from_slice(core::slice::from_raw_parts(
-                        b.pos, len,
-                    )));
-                }
-                cl = (*cl).next;
+        if (*ctx).ws.as_ref().is_some_and(|ws| ws.is_open()) {
+            websocket::pump(r, ctx);
+            return;
+        }
+        let c = (*r).connection;
+        let wev = (*c).write;
+        if (*wev).timedout() != 0 {
+            (*c).set_timedout(1);
+            ngx::ngx_log_error!(NGX_LOG_INFO, (*c).log, "portico: client timed out");
+            finish(ctx);
+            ngx_http_finalize_request(r, NGX_HTTP_REQUEST_TIME_OUT as ngx_int_t);
+            return;
+        }
+        if !(*ctx).out.blocked {
+            return;
+        }
+        let rc = ngx_http_output_filter(r, core::ptr::null_mut());
+        if rc == NGX_ERROR as ngx_int_t {
+            finish(ctx);
+            ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+            return;
+        }
+        let out = &mut (*ctx).out;
+        let mut none = core::ptr::null_mut();
+        ngx_chain_update_chains(
+            (*r).pool,
+            &mut out.free,
+            &mut out.busy,
+            &mut none,
+            buf_tag(),
+        );
+        settle(r, ctx);
+        if !(*ctx).out.blocked {
+            if (*wev).timer_set() != 0 {
+                ngx_del_timer(wev);
             }
+            poll(r, ctx);
         }
-        let total: usize = body.iter().map(Bytes::len).sum();
-        let length = req.headers_in.content_length_n;
-        let body_length = if length > 0 {
-            BodyLength::Known(length as u64)
-        } else if total > 0 {
-            // Chunked (HTTP/1.1) or a length-less HTTP/2 stream.
-            BodyLength::Unknown
-        } else {
-            BodyLength::Empty
-        };
-
-        let head = RequestHead {
-            method: String::from_utf8_lossy(bytes_of(&req.method_name)).into_owned(),
-            raw_path: Bytes::copy_from_slice(&unparsed[..path_end]),
-            query: Bytes::copy_from_slice(bytes_of(&req.args)),
-            version,
-            headers,
-            tls: tls_info(r),
-            trailers: false,
-            early_hints: false,
-            client,
-            server,
-            body: body_length,
-        };
-        Ok((head, body))
     }
 }

@@ -25,7 +25,10 @@
 //!   each app imports (so `nginx -t` fails with the traceback);
 //! - [`worker`]: per worker process, after the fork: the apps' Python threads, and the
 //!   eventfd through which they wake the nginx thread;
-//! - [`handler`]: the content handler: request head and body in, response out;
+//! - [`handler`]: the content handler: request body in as it arrives, response out with
+//!   backpressure;
+//! - [`request`]: nginx's request head and body as the core's owned data;
+//! - [`websocket`]: the 101 and the takeover of an upgraded connection for ASGI apps;
 //! - [`log_sink`]: the core's `log` records, into nginx's error log.
 //!
 //! Threads: nginx objects are touched only on the nginx thread (the worker's event loop);
@@ -35,6 +38,8 @@
 pub mod config;
 pub mod handler;
 pub mod log_sink;
+pub mod request;
+pub mod websocket;
 pub mod worker;
 
 use core::ffi::{c_char, c_void};

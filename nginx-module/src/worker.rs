@@ -137,18 +137,46 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     crate::log_sink::install(unsafe { (*log).log_level });
     portico_core::tune_allocator();
 
-    if let Some(stdlib) = option_env!("PORTICO_PYTHON_STDLIB") {
-        let path = std::ffi::CString::new(stdlib).unwrap_or_default();
+    if let Some(built) = option_env!("PORTICO_PYTHON_STDLIB") {
+        // Where Python will look: under $PYTHONHOME when the worker's environment has one
+        // (nginx's `env` directive), else where the interpreter was built to find it. A
+        // PYTHONHOME of `prefix:exec_prefix` keeps the pure-Python library under `prefix`.
+        let home = std::env::var("PYTHONHOME").ok().filter(|h| !h.is_empty());
+        let stdlib = match &home {
+            Some(home) => {
+                let prefix = home.split(':').next().unwrap_or_default();
+                let dir = std::path::Path::new(built)
+                    .file_name()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{prefix}/lib/{dir}")
+            }
+            None => built.to_owned(),
+        };
+        let path = std::ffi::CString::new(stdlib.as_str()).unwrap_or_default();
         // SAFETY: access() only reads the NUL-terminated path.
         if unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::X_OK) } != 0 {
+            let error = std::io::Error::last_os_error();
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            let user = match crate::config::user_name(uid) {
+                name if name.is_empty() => name,
+                name => format!("{name} "),
+            };
+            let source = if home.is_some() {
+                " (from PYTHONHOME, nginx's `env` directive)"
+            } else {
+                ""
+            };
             ngx::ngx_log_error!(
                 NGX_LOG_EMERG,
                 log,
-                "portico: this worker (uid {}) cannot read Python's standard library at {}: {}; run the workers as a user that can (nginx's `user` directive)",
-                // SAFETY: getuid has no preconditions.
-                unsafe { libc::getuid() },
+                "portico: this worker, running as user {}(uid {}), cannot read Python's standard library at {}{}: {}; run the workers as a user that can (nginx's `user` directive)",
+                user,
+                uid,
                 stdlib,
-                std::io::Error::last_os_error()
+                source,
+                error
             );
             // NGX_ERROR makes the worker exit with code 2, which the master does not respawn.
             return NGX_ERROR as ngx_int_t;

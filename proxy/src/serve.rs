@@ -36,16 +36,12 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
         session.set_keepalive(Some(portico.keepalive_timeout.as_secs().max(1)));
     }
     let head = request_head(portico, session);
-    if app.accepts_websockets() {
-        if let Some(handshake) = crate::websocket::handshake(app, &head) {
-            match handshake {
-                Ok(handshake) => {
-                    crate::websocket::serve(session, app, head, route, handshake).await?
-                }
-                Err(e) => respond_error(session, &e).await?,
-            }
-            return Ok(true);
+    if let Some(handshake) = app.websocket_handshake(&head) {
+        match handshake {
+            Ok(handshake) => crate::websocket::serve(session, app, head, route, handshake).await?,
+            Err(e) => respond_error(session, &e).await?,
         }
+        return Ok(true);
     }
     let limit = app.config().max_body_size.0;
     if let BodyLength::Known(len) = head.body {

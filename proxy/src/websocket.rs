@@ -11,27 +11,9 @@ use pingora::time::fast_timeout::fast_timeout;
 use portico_core::exchange::{AppEvent, Exchange};
 use portico_core::model::RequestHead;
 use portico_core::router::Route;
-use portico_core::websocket::{self, Codec, Handshake, Relay};
+use portico_core::websocket::{Handshake, Relay, CLOSE_WAIT};
 use portico_core::{App, DispatchError};
 use std::time::{Duration, Instant};
-
-/// How long to wait for the client's close frame after ours (RFC 6455 section 7.1.1 lets
-/// the server close the TCP connection when the client does not answer).
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
-
-/// The handshake of `head` for an ASGI app: `None` when it is not a WebSocket upgrade at all
-/// (serve it as HTTP), else the parsed handshake or the error to answer with.
-pub(crate) fn handshake(app: &App, head: &RequestHead) -> Option<Result<Handshake, DispatchError>> {
-    let deflate = websocket::DeflateConfig {
-        enabled: app.config().websocket_per_message_deflate,
-        ..Default::default()
-    };
-    match websocket::parse_handshake(&head.method, head.version, &head.headers, &deflate) {
-        websocket::Upgrade::NotWebSocket => None,
-        websocket::Upgrade::Invalid(e) => Some(Err(e.into())),
-        websocket::Upgrade::WebSocket(handshake) => Some(Ok(handshake)),
-    }
-}
 
 /// Serves an upgrade request: the app accepts (101, then messages), closes (403) or answers
 /// with an HTTP response of its own (`websocket.http.response`).
@@ -75,15 +57,7 @@ pub(crate) async fn serve(
                 }
                 append_headers(&mut resp, headers)?;
                 session.write_response_header(Box::new(resp), false).await?;
-                let config = websocket::Config {
-                    max_message_size: match app.config().websocket_max_message_size.0 {
-                        0 => usize::MAX,
-                        n => usize::try_from(n).unwrap_or(usize::MAX),
-                    },
-                    ..Default::default()
-                };
-                let codec = Codec::new(&config, handshake.deflate);
-                return relay(session, exchange, Relay::new(codec)).await;
+                return relay(session, exchange, app.websocket_relay(&handshake)).await;
             }
             Some(AppEvent::WsClose { .. }) if !denial_started => {
                 return respond_error(session, &DispatchError::WebSocketDenied).await

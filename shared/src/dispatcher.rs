@@ -8,6 +8,7 @@ use crate::python::event_loop::{self, LoopShared, Work};
 use crate::python::threads::{Job, JobKind, ThreadPool};
 use crate::python::{self, wsgi::WsgiRunner};
 use crate::router::{Route, Router};
+use crate::websocket;
 use bytes::Bytes;
 use portico_config::{AppConfig, Interface, LifespanMode};
 use pyo3::prelude::*;
@@ -79,6 +80,41 @@ impl App {
         route: Route,
     ) -> Result<Exchange, DispatchError> {
         self.submit_job(JobKind::WebSocket, head, route, None)
+    }
+
+    /// The WebSocket handshake of `head` (RFC 6455 section 4.2.1) for this app: `None` when
+    /// the request is no WebSocket upgrade, or the app takes no WebSockets (serve it as
+    /// HTTP); else the parsed handshake, with permessage-deflate negotiated as the app's
+    /// `websocket_per_message_deflate` allows, or the error to answer with.
+    pub fn websocket_handshake(
+        &self,
+        head: &RequestHead,
+    ) -> Option<Result<websocket::Handshake, DispatchError>> {
+        if !self.accepts_websockets() {
+            return None;
+        }
+        let deflate = websocket::DeflateConfig {
+            enabled: self.config.websocket_per_message_deflate,
+            ..Default::default()
+        };
+        match websocket::parse_handshake(&head.method, head.version, &head.headers, &deflate) {
+            websocket::Upgrade::NotWebSocket => None,
+            websocket::Upgrade::Invalid(e) => Some(Err(e.into())),
+            websocket::Upgrade::WebSocket(handshake) => Some(Ok(handshake)),
+        }
+    }
+
+    /// The relay for a WebSocket this app accepted: a codec with the negotiated extensions
+    /// and the app's `websocket_max_message_size` (0: no limit).
+    pub fn websocket_relay(&self, handshake: &websocket::Handshake) -> websocket::Relay {
+        let config = websocket::Config {
+            max_message_size: match self.config.websocket_max_message_size.0 {
+                0 => usize::MAX,
+                n => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            ..Default::default()
+        };
+        websocket::Relay::new(websocket::Codec::new(&config, handshake.deflate))
     }
 
     fn submit_job(

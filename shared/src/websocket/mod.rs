@@ -34,6 +34,10 @@ pub use deflate::{DeflateConfig, DeflateParams};
 pub use handshake::{accept_key, parse_handshake, Handshake, HandshakeError, Upgrade};
 pub use relay::Relay;
 
+/// How long a host waits for the client's close frame after the app's (RFC 6455 section
+/// 7.1.1 lets the server close the TCP connection when the client does not answer).
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 use bytes::Bytes;
 use std::fmt;
 

@@ -1,0 +1,265 @@
+//! The request as the core sees it: nginx's request head, route and body bytes, copied into
+//! owned data on the nginx thread (the app's threads never see an nginx object).
+
+use bytes::Bytes;
+use nginx_sys::{
+    ngx_connection_local_sockaddr, ngx_http_request_t, ngx_int_t, ngx_str_t, NGX_HTTP_VERSION_10,
+    NGX_HTTP_VERSION_20, NGX_OK,
+};
+use portico_core::model::{BodyLength, HttpVersion, RequestHead};
+use portico_core::router::Route;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// The route of `r` under `mount`: nginx picked the location; the path below the mount is
+/// `PATH_INFO` (nginx's decoded, normalized URI).
+///
+/// # Safety
+/// `r` is live.
+pub unsafe fn route_of(r: *mut ngx_http_request_t, app: usize, mount: &str) -> Route {
+    // SAFETY: the request's URI is in its pool.
+    let uri = unsafe { bytes_of(&(*r).uri) };
+    let mount = mount.trim_end_matches('/');
+    let m = mount.as_bytes();
+    if uri.starts_with(m) && (uri.len() == m.len() || uri[m.len()] == b'/') {
+        Route {
+            app,
+            script_name: mount.to_owned(),
+            path_info: uri[m.len()..].to_vec(),
+        }
+    } else {
+        Route {
+            app,
+            script_name: String::new(),
+            path_info: uri.to_vec(),
+        }
+    }
+}
+
+/// The bytes of an nginx string.
+///
+/// # Safety
+/// `s` must point to `len` readable bytes (or have `len` 0).
+pub unsafe fn bytes_of(s: &ngx_str_t) -> &[u8] {
+    if s.len == 0 || s.data.is_null() {
+        &[]
+    } else {
+        // SAFETY: the caller's.
+        unsafe { core::slice::from_raw_parts(s.data, s.len) }
+    }
+}
+
+/// A socket address nginx holds, as Rust's.
+///
+/// # Safety
+/// `sa` is null or points to a socket address of its family's size.
+unsafe fn socket_addr(sa: *const libc::sockaddr) -> Option<SocketAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's; the family says which structure it is.
+    unsafe {
+        match (*sa).sa_family as i32 {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                    u16::from_be(sin.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                    u16::from_be(sin6.sin6_port),
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the connection's TLS negotiated, if it is TLS (`https` for the app).
+///
+/// # Safety
+/// `r` is live.
+#[cfg(ngx_feature = "http_ssl")]
+unsafe fn tls_info(r: *mut ngx_http_request_t) -> Option<portico_core::model::TlsInfo> {
+    // SAFETY: the caller's; nginx's getters write pool strings into `s`.
+    unsafe {
+        let c = (*r).connection;
+        if (*c).ssl.is_null() {
+            return None;
+        }
+        let get = |f: unsafe extern "C" fn(
+            *mut nginx_sys::ngx_connection_t,
+            *mut nginx_sys::ngx_pool_t,
+            *mut ngx_str_t,
+        ) -> ngx_int_t| {
+            let mut s = ngx_str_t {
+                len: 0,
+                data: core::ptr::null_mut(),
+            };
+            // These getters point `data` at OpenSSL's own NUL-terminated name and leave
+            // `len` unset.
+            if f(c, (*r).pool, &mut s) == NGX_OK as ngx_int_t && !s.data.is_null() {
+                core::ffi::CStr::from_ptr(s.data.cast())
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                String::new()
+            }
+        };
+        let protocol = get(nginx_sys::ngx_ssl_get_protocol);
+        let version = match protocol.as_str() {
+            "TLSv1.3" => Some(0x0304),
+            "TLSv1.2" => Some(0x0303),
+            _ => None,
+        };
+        Some(portico_core::model::TlsInfo {
+            server_cert: None,
+            cipher: get(nginx_sys::ngx_ssl_get_cipher_name),
+            protocol,
+            version,
+            cipher_suite: None,
+        })
+    }
+}
+
+#[cfg(not(ngx_feature = "http_ssl"))]
+unsafe fn tls_info(_r: *mut ngx_http_request_t) -> Option<portico_core::model::TlsInfo> {
+    None
+}
+
+/// The request head, owned. The body is described (`Content-Length`, chunked, or a
+/// length-less HTTP/2 stream) but not read.
+///
+/// # Safety
+/// `r` is live.
+pub unsafe fn request_head(r: *mut ngx_http_request_t) -> RequestHead {
+    // SAFETY: the caller's; everything read here lives in the request or its connection.
+    unsafe {
+        let req = &*r;
+        let c = req.connection;
+        let unparsed = bytes_of(&req.unparsed_uri);
+        let path_end = unparsed
+            .iter()
+            .position(|&b| b == b'?')
+            .unwrap_or(unparsed.len());
+        let version = match req.http_version as u32 {
+            v if v >= NGX_HTTP_VERSION_20 => HttpVersion::Http2,
+            v if v <= NGX_HTTP_VERSION_10 => HttpVersion::Http10,
+            _ => HttpVersion::Http11,
+        };
+        let request = ngx::http::Request::from_ngx_http_request(r);
+        let mut headers: Vec<(Bytes, Bytes)> = request
+            .headers_in_iterator()
+            .map(|(name, value)| {
+                (
+                    Bytes::from(name.as_bytes().to_ascii_lowercase()),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                )
+            })
+            .collect();
+        if !headers.iter().any(|(n, _)| n.as_ref() == b"host") && req.headers_in.server.len > 0 {
+            // HTTP/2's `:authority` stands in for Host (RFC 9113 section 8.3.1).
+            headers.insert(
+                0,
+                (
+                    Bytes::from_static(b"host"),
+                    Bytes::copy_from_slice(bytes_of(&req.headers_in.server)),
+                ),
+            );
+        }
+        let client = socket_addr((*c).sockaddr.cast());
+        let server =
+            if ngx_connection_local_sockaddr(c, core::ptr::null_mut(), 0) == NGX_OK as ngx_int_t {
+                socket_addr((*c).local_sockaddr.cast())
+            } else {
+                None
+            };
+        let length = req.headers_in.content_length_n;
+        // Checked first: while reading a chunked body nginx counts the bytes read so far in
+        // `content_length_n`.
+        let body = if req.headers_in.chunked() != 0 {
+            // Chunked (HTTP/1.1), or an HTTP/2 stream without content-length that goes on
+            // after its headers.
+            BodyLength::Unknown
+        } else if length > 0 {
+            BodyLength::Known(length as u64)
+        } else {
+            BodyLength::Empty
+        };
+        RequestHead {
+            method: String::from_utf8_lossy(bytes_of(&req.method_name)).into_owned(),
+            raw_path: Bytes::copy_from_slice(&unparsed[..path_end]),
+            query: Bytes::copy_from_slice(bytes_of(&req.args)),
+            version,
+            headers,
+            tls: tls_info(r),
+            trailers: false,
+            early_hints: false,
+            client,
+            server,
+            body,
+        }
+    }
+}
+
+/// Takes the body bytes nginx has read so far (`r->request_body->bufs`), in memory or in its
+/// temporary file, and marks them consumed so nginx can reuse its buffer and read on
+/// (unbuffered reading: see `ngx_http_read_unbuffered_request_body`).
+///
+/// # Safety
+/// `r` is live; nginx thread only.
+pub unsafe fn take_body(r: *mut ngx_http_request_t, into: &mut Vec<Bytes>) -> std::io::Result<()> {
+    // SAFETY: the caller's; the chain and its buffers belong to the live request.
+    unsafe {
+        let rb = (*r).request_body;
+        if rb.is_null() {
+            return Ok(());
+        }
+        let mut cl = (*rb).bufs;
+        (*rb).bufs = core::ptr::null_mut();
+        while !cl.is_null() {
+            let b = &mut *(*cl).buf;
+            if b.in_file() != 0 && !b.file.is_null() {
+                let len = (b.file_last - b.file_pos).max(0) as usize;
+                let mut data = vec![0u8; len];
+                let mut done = 0;
+                while done < len {
+                    let n = libc::pread(
+                        (*b.file).fd,
+                        data[done..].as_mut_ptr().cast(),
+                        len - done,
+                        b.file_pos + done as i64,
+                    );
+                    if n < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "request body file is short",
+                        ));
+                    }
+                    done += n as usize;
+                }
+                b.file_pos = b.file_last;
+                if !data.is_empty() {
+                    into.push(Bytes::from(data));
+                }
+            } else if b.last > b.pos {
+                let len = b.last.offset_from(b.pos) as usize;
+                into.push(Bytes::copy_from_slice(core::slice::from_raw_parts(
+                    b.pos, len,
+                )));
+            }
+            // Consumed: nginx frees a buffer for reuse once its data is gone.
+            b.pos = b.last;
+            cl = (*cl).next;
+        }
+        Ok(())
+    }
+}
