@@ -22,3 +22,10 @@ cargo fmt --manifest-path nginx-module/Cargo.toml -- --check
   cargo clippy --release --locked -- -D warnings)
 echo "==> integration tests"
 .venv/bin/python -m pytest tests nginx-module/tests "$@"
+# The same cases against Portico's other host: nginx with the module just built, serving the
+# same portico.toml (tests/conftest.py; what nginx cannot do is skipped with the reason).
+# test_cli.py is the portico binary's own and stays out.
+echo "==> integration tests against nginx with the module (PORTICO_TEST_HOST=nginx)"
+PORTICO_TEST_HOST=nginx .venv/bin/python -m pytest tests/test_wsgi.py tests/test_errors.py \
+  tests/test_asgi.py tests/test_websocket.py tests/test_http2.py tests/test_frameworks.py \
+  tests/test_frameworks_asgi.py tests/test_autobahn.py "$@"

@@ -1,12 +1,19 @@
 """Harness for the integration tests: boots the real `portico` binary on ephemeral ports and
-talks to it over loopback sockets. Readiness is polled with a deadline, never slept for."""
+talks to it over loopback sockets. Readiness is polled with a deadline, never slept for.
+
+PORTICO_TEST_HOST=nginx runs the same tests against the other host of Portico: Debian's nginx
+(NGINX_BIN, default /usr/sbin/nginx) with the built module (PORTICO_NGINX_MODULE, default
+target/release/ngx_http_portico_module.so, made by scripts/nginx-module.sh), serving the same
+portico.toml through an nginx.conf made from it (see `NginxServer`)."""
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "tests" / "apps"
 BINARY = Path(os.environ.get("PORTICO_BIN", ROOT / "target" / "release" / "portico"))
 VENV = Path(os.environ.get("PORTICO_VENV", ROOT / ".venv"))
+NGINX = os.environ.get("NGINX_BIN", "/usr/sbin/nginx")
+NGINX_MODULE = Path(os.environ.get("PORTICO_NGINX_MODULE",
+                                   ROOT / "target" / "release" / "ngx_http_portico_module.so"))
+
+# The host under test: "portico" (the binary) or "nginx" (nginx with the module). Both are
+# Portico; what nginx as a front end cannot offer is in FEATURES["nginx"] below.
+HOST = os.environ.get("PORTICO_TEST_HOST", "").strip().lower() or "portico"
+if HOST not in ("portico", "nginx"):
+    raise RuntimeError(f"PORTICO_TEST_HOST={HOST!r}: use portico or nginx")
 
 
 def free_port():
@@ -36,7 +52,7 @@ def wait_until(predicate, timeout=15.0, interval=0.02, what="condition"):
 class Server:
     """A running server process with a log we can read."""
 
-    def __init__(self, argv, tmp_path, port, env=None):
+    def __init__(self, argv, tmp_path, port, env=None, **popen):
         self.port = port
         self.out_path = tmp_path / f"server-{port}.out"
         self.err_path = tmp_path / f"server-{port}.err"
@@ -46,6 +62,7 @@ class Server:
             stderr=open(self.err_path, "wb"),
             env={**os.environ, **(env or {})},
             cwd=tmp_path,
+            **popen,
         )
 
     def wait_ready(self, timeout=20.0):
@@ -144,7 +161,8 @@ def app_table(name, target, mount="/", **extra):
 
 @pytest.fixture
 def portico(tmp_path):
-    """Starts `portico serve` with the given [[app]] tables; stops it after the test."""
+    """Starts `portico serve` (or nginx, see HOST) with the given [[app]] tables; stops it after
+    the test."""
     started = []
 
     def start(*apps, server_extra="", env=None, wait=True):
@@ -152,7 +170,10 @@ def portico(tmp_path):
         config = tmp_path / f"portico-{port}.toml"
         config.write_text(
             f'[server]\nlisten = ["127.0.0.1:{port}"]\n{server_extra}\n' + "\n".join(apps))
-        server = Server([str(BINARY), "serve", "--config", str(config)], tmp_path, port, env)
+        if HOST == "nginx":
+            server = NginxServer.for_config(config, tmp_path, env)
+        else:
+            server = Server([str(BINARY), "serve", "--config", str(config)], tmp_path, port, env)
         started.append(server)
         return server.wait_ready() if wait else server
 
@@ -179,17 +200,26 @@ def run_portico(tmp_path):
 # skipped there, with the reason (see `needs`).
 
 REFERENCE = os.environ.get("PORTICO_TEST_REFERENCE", "").strip().lower()
-SERVER_UNDER_TEST = REFERENCE or "portico"
+if REFERENCE and HOST != "portico":
+    raise RuntimeError("PORTICO_TEST_REFERENCE and PORTICO_TEST_HOST=nginx do not go together")
+SERVER_UNDER_TEST = REFERENCE or HOST
 
 # What each server can be asked to do. "portico" marks behaviour that only Portico's own
 # interface defines (its config, its exit codes, the exact ASGI spec version and extensions
 # it promises); the other names are ASGI/HTTP features a reference may or may not have.
 _COMMON = {"asgi", "ws", "lifespan", "lifespan_state", "tls", "ws_denial", "ws_over_tls"}
+# Features of the host rather than of the ASGI server: a reference stands in for the
+# `asgi_server` fixture only, so with one these are still the portico binary's (see `needs`).
+#   binary         the `portico` executable itself: its command line (`portico run/check`,
+#                  `cli=True`, `run_portico`), exit codes, signals, its own log lines (startup,
+#                  access log)
+#   server_config  the `[server]` table's tuning (keepalive_timeout, graceful_timeout, ...)
+HOST_FEATURES = {"binary", "server_config"}
 FEATURES = {
-    "portico": _COMMON | {
+    "portico": _COMMON | HOST_FEATURES | {
         "portico", "mount", "wsgi", "h2c", "h2_tls", "trailers", "trailers_split", "pathsend",
         "ws_deflate", "ws_deflate_off", "ws_max_size", "ws_close_code", "disconnect_oserror",
-        "loop_choice", "lifespan_off", "lifespan_fail"},
+        "loop_choice", "lifespan_off", "lifespan_fail", "early_hints"},
     # uvicorn 0.54's own HTTP/2 (--http zttp --http2) gives a GET without a body
     # http.disconnect instead of http.request, so HTTP/2 is checked against hypercorn and
     # granian instead. Its HTTP send() after a disconnect returns quietly (no OSError).
@@ -201,22 +231,50 @@ FEATURES = {
     "hypercorn": _COMMON | {"h2c", "h2_tls", "trailers", "ws_deflate"},
     "granian": _COMMON | {"h2c", "h2_tls", "pathsend", "loop_choice"},
 }
+# nginx with the module is Portico (on_portico holds): everything of the binary's except what
+# nginx as a front end cannot offer. Only what nginx itself rules out belongs here, not what
+# the module does not do yet: those tests run, and fail until it does.
+NGINX_CANNOT = {
+    "binary": "the host process is nginx: the `portico` command line, its exit codes, signals "
+              "and log lines are not there (nginx's own are)",
+    "server_config": "nginx ignores the [server] table; its own directives (listen, "
+                     "keepalive_timeout, worker_shutdown_timeout, ...) do that",
+    "h2c": "nginx 1.22 speaks HTTP/2 with prior knowledge only on a port of its own "
+           "(`listen ... http2` serves no HTTP/1.1), not beside HTTP/1.1 and WebSocket",
+    "early_hints": "nginx 1.22 has no way to send a 1xx response before the final one (103 "
+                   "Early Hints came with nginx 1.29)",
+    "lifespan_fail": "nginx's master binds the ports and outlives its workers: a failed "
+                     "lifespan startup ends the worker (not respawned), not the server, and "
+                     "there is no exit code 70",
+}
+FEATURES["nginx"] = FEATURES["portico"] - set(NGINX_CANNOT)
 if SERVER_UNDER_TEST not in FEATURES:
     raise RuntimeError(f"PORTICO_TEST_REFERENCE={REFERENCE!r}: use one of {sorted(FEATURES)}")
 
 
 def needs(*features):
     """Marks a test that needs these features of the server under test; skipped (with the
-    reason) when a reference server stands in and lacks one."""
-    missing = [f for f in features if f not in FEATURES[SERVER_UNDER_TEST]]
-    return pytest.mark.skipif(
-        bool(missing), reason=f"{SERVER_UNDER_TEST} cannot check: {', '.join(missing)}")
+    reason) when a reference server, or nginx, stands in and lacks one. HOST_FEATURES are
+    asked of the host (the portico binary unless PORTICO_TEST_HOST=nginx)."""
+    missing = [f for f in features
+               if f not in FEATURES[HOST if f in HOST_FEATURES else SERVER_UNDER_TEST]]
+    if SERVER_UNDER_TEST == "nginx":
+        why = "; ".join(f"{f}: {NGINX_CANNOT[f]}" for f in missing)
+    else:
+        why = ", ".join(missing)
+    return pytest.mark.skipif(bool(missing), reason=f"{SERVER_UNDER_TEST} cannot check: {why}")
 
 
 def on_portico(value_for_portico, value_for_reference):
     """Where Portico promises something exact that a reference only approximates (an exit
     code, a version string), the expected value for the server under test."""
     return value_for_reference if REFERENCE else value_for_portico
+
+
+def on_host(value_for_binary, value_for_nginx):
+    """Where Portico's two hosts legitimately differ (nginx answers a request itself, runs
+    several worker processes, names itself), the expected value for the host under test."""
+    return value_for_nginx if HOST == "nginx" else value_for_binary
 
 
 def wait_port(port, timeout=20.0, proc=None):
@@ -236,8 +294,8 @@ class AsgiServer(Server):
     (when asked for). A reference that cannot serve both from one process gets a second
     process for TLS; its log is part of `log()` and it is stopped with the first."""
 
-    def __init__(self, argv, tmp_path, port, env=None, tls_port=None):
-        super().__init__(argv, tmp_path, port, env)
+    def __init__(self, argv, tmp_path, port, env=None, tls_port=None, **popen):
+        super().__init__(argv, tmp_path, port, env, **popen)
         self.tls_port = tls_port
         self.others = []
 
@@ -271,6 +329,178 @@ class AsgiServer(Server):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
         raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
+
+
+# --- nginx with the module as the host -----------------------------------------------------
+
+def nginx_conf(prefix, port, locations, *, http="", tls=None, env=()):
+    """Writes `prefix`/nginx.conf: nginx loads the module and serves `locations` (nginx text)
+    on 127.0.0.1:`port`, plus `tls` = (port, certificate, key) with HTTP/2 by ALPN. Logs, pid
+    and temporary files stay in `prefix`; `env` names variables the workers keep (nginx clears
+    the rest). Returns the file's path."""
+    for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / d).mkdir(parents=True, exist_ok=True)
+    # The workers must be able to read the embedded Python (pyenv's lives under /root).
+    user = "user root;" if os.geteuid() == 0 else ""
+    keep = "".join(f"env {name};\n" for name in env)
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix / name};"
+        for kind, name in (("client_body", "body"), ("proxy", "proxy"),
+                           ("fastcgi", "fastcgi"), ("uwsgi", "uwsgi"), ("scgi", "scgi")))
+    listen = f"        listen 127.0.0.1:{port};"
+    if tls:
+        tls_port, certificate, key = tls
+        # As [server.tls]: HTTP/2 and HTTP/1.1 by ALPN, TLS 1.2 and 1.3.
+        listen += (f"\n        listen 127.0.0.1:{tls_port} ssl http2;"
+                   f"\n        ssl_certificate {certificate};"
+                   f"\n        ssl_certificate_key {key};"
+                   f"\n        ssl_protocols TLSv1.2 TLSv1.3;")
+    path = prefix / "nginx.conf"
+    path.write_text(f"""load_module {NGINX_MODULE.resolve()};
+{user}
+daemon off;
+master_process on;
+worker_processes 1;
+error_log {prefix / "logs" / "error.log"} info;
+pid {prefix / "logs" / "nginx.pid"};
+{keep}
+events {{ worker_connections 1024; }}
+http {{
+    access_log {prefix / "logs" / "access.log"};
+    # The apps' own max_body_size is the limit under test (nginx's default would be 1m).
+    client_max_body_size 0;
+{temp_paths}
+{http}
+    server {{
+{listen}
+        # Answered by the worker once init_process has loaded the apps (NginxServer.wait_ready).
+        location = {NginxServer.READY_PATH} {{ return 204; }}
+{locations}
+    }}
+}}
+""")
+    return path
+
+
+def nginx_locations(apps):
+    """nginx locations serving [[app]] tables by name at their mounts, with Portico's mount
+    rule: a mount serves itself and what is below it at a segment boundary (`/api` serves
+    `/api` and `/api/x`, not `/apix`), and a path under no mount is 404."""
+    out = []
+    mounts = set()
+    for app in apps:
+        mount = app.get("mount", "/").rstrip("/") or "/"
+        mounts.add(mount)
+        if mount == "/":
+            out.append(f"        location / {{ portico_pass {app['name']}; }}")
+        else:
+            out.append(f"""        location {mount} {{
+            portico_pass {app['name']};
+            location ~ "^{re.escape(mount)}[^/]" {{ return 404; }}
+        }}""")
+    if "/" not in mounts:
+        out.append("        location / { return 404; }")
+    return "\n".join(out)
+
+
+class NginxServer(AsgiServer):
+    """nginx (master and one worker) running `prefix`/nginx.conf. `log()` is nginx's error log
+    (where the workers' stderr goes too), `stop()` is `nginx -s quit`."""
+
+    READY_PATH = "/.portico-test-ready"
+
+    def __init__(self, prefix, port, env=None, tls_port=None):
+        self.prefix = prefix
+        self.error_log_path = prefix / "logs" / "error.log"
+        # A session of its own, so that a master that must be killed takes its worker along.
+        super().__init__([NGINX, "-p", str(prefix), "-c", "nginx.conf"], prefix, port, env,
+                         tls_port, start_new_session=True)
+
+    @classmethod
+    def for_config(cls, config, tmp_path, env=None):
+        """Serves the portico.toml `config` as `portico serve` would: its [server] listen and
+        [server.tls] become nginx's listeners, each [[app]] a location with `portico_pass`."""
+        parsed = tomllib.loads(config.read_text())
+        server = parsed.get("server", {})
+        port = int(server["listen"][0].rsplit(":", 1)[1])
+        tls = server.get("tls")
+        tls_port = int(tls["listen"][0].rsplit(":", 1)[1]) if tls else None
+        prefix = tmp_path / f"nginx-{port}"
+        nginx_conf(prefix, port, nginx_locations(parsed.get("app", [])),
+                   http=f"    portico_config {config.resolve()};",
+                   tls=(tls_port, tls["certificate"], tls["key"]) if tls else None,
+                   env=sorted(env or {}))
+        return cls(prefix, port, env, tls_port)
+
+    def error_log(self):
+        return self.error_log_path.read_text(errors="replace") \
+            if self.error_log_path.exists() else ""
+
+    def log(self):
+        # The master's own output first: what nginx says before the error log is open.
+        return self.stderr() + self.stdout() + self.error_log()
+
+    def wait_ready(self, timeout=30.0):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited with {self.proc.returncode}:\n{self.log()}")
+            if "cannot be respawned" in self.error_log():
+                raise AssertionError(f"nginx's worker could not start:\n{self.log()}")
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.0)
+            try:
+                conn.request("GET", self.READY_PATH)
+                return conn.getresponse().status == 204
+            except OSError:
+                return False
+            finally:
+                conn.close()
+        wait_until(ready, timeout, what=f"nginx's worker to answer on port {self.port}")
+        if self.tls_port:
+            wait_port(self.tls_port, 5.0, self.proc)
+        return self
+
+    def stop(self, sig=None, timeout=10):
+        """`nginx -s quit` (graceful), or the signal `sig` for the master; kills the master
+        and its worker after `timeout`. Returns the master's exit code."""
+        if self.proc.poll() is None:
+            if sig is None:
+                done = subprocess.run([NGINX, "-p", str(self.prefix), "-c", "nginx.conf",
+                                       "-s", "quit"], capture_output=True, timeout=30)
+                if done.returncode != 0 and self.proc.poll() is None:
+                    self.proc.send_signal(signal.SIGQUIT)
+            else:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def worker_pids(self):
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
+    def rss_kib(self, field="VmRSS"):
+        """The worker's resident memory (or `VmHWM`, its peak), in KiB: the worker holds the
+        apps and the connections, the master neither."""
+        pids = self.worker_pids()
+        assert pids, f"nginx master {self.proc.pid} has no worker"
+        total = 0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        return total
+
+
+def serve_config(config, tmp_path, port, env=None, tls_port=None):
+    """Serves a portico.toml with the host under test: `portico serve --config`, or nginx
+    with the module (PORTICO_TEST_HOST=nginx). Not yet waited for."""
+    if HOST == "nginx":
+        return NginxServer.for_config(config, tmp_path, env)
+    return AsgiServer([str(BINARY), "serve", "--config", str(config)], tmp_path, port, env,
+                      tls_port)
 
 
 class TlsFiles:
@@ -397,6 +627,7 @@ def asgi_server(request, tmp_path):
                     server.others.append(other)
                     server.tls_port = tls_port
         elif cli:
+            assert HOST == "portico", "a test with cli=True needs('binary')"
             argv = [str(BINARY), "run", target, "--interface", "asgi", "--bind",
                     f"127.0.0.1:{port}", "--python-path", str(APPS), "--python-home", str(VENV),
                     "--loop", loop, "--lifespan", lifespan]
@@ -417,8 +648,7 @@ def asgi_server(request, tmp_path):
             text += "\n" + asgi_table("asgi", target, mount, **extra) + "\n" + "\n".join(extra_apps)
             config = tmp_path / f"portico-{port}.toml"
             config.write_text(text)
-            server = AsgiServer([str(BINARY), "serve", "--config", str(config)], tmp_path, port,
-                                env, tls_port)
+            server = serve_config(config, tmp_path, port, env, tls_port)
         server.tls_files = tls_files
         started.append(server)
         return server.wait_ready() if wait else server

@@ -4,7 +4,9 @@ import socket
 
 import trustme
 
-from conftest import APPS, BINARY, Server, app_table, free_port
+from conftest import APPS, BINARY, Server, app_table, free_port, needs
+
+pytestmark = needs("binary")
 
 
 def test_check_accepts_a_valid_config(run_portico, tmp_path):

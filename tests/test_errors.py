@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import app_table, read_all, wait_until
+from conftest import HOST, app_table, needs, read_all, wait_until
 
 
 @pytest.fixture
@@ -120,6 +120,7 @@ def test_mounts_split_script_name_and_path_info(server):
     assert body == b"misbehaving app: /bad|"
 
 
+@needs("binary")
 def test_access_log_combined_format(server):
     server.get("/hello", headers={"User-Agent": "tester/1.0", "Referer": "http://r/"})
     server.wait_for_log('"GET /hello HTTP/1.1" 200 13 "http://r/" "tester/1.0"')
@@ -132,6 +133,7 @@ def test_malformed_request_is_400(server):
     assert data.startswith(b"HTTP/1.1 400")
 
 
+@needs("server_config")
 def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(portico):
     server = portico(app_table("v", "validated:application"), server_extra='keepalive_timeout = "1s"')
     with socket.create_connection(("127.0.0.1", server.port), timeout=8) as s:
@@ -142,6 +144,7 @@ def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(portico):
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"Hello, world!")
 
 
+@needs("binary", "server_config")
 def test_sigterm_lets_requests_in_flight_finish(portico):
     server = portico(app_table("bad", "misbehaving:application", threads=1),
                      server_extra='graceful_timeout = "5s"')
@@ -202,10 +205,20 @@ def test_file_wrapper_after_write(raw_app, tmp_path):
 def test_body_read_error_stays_an_error(raw_app):
     data = raw_app.raw(b"POST /read-after-error HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"3\r\nabc\r\nZZ\r\n")
+    if HOST == "nginx" and data.startswith(b"HTTP/1.1 400"):
+        # nginx may parse the broken chunk before the app reads, and answer 400 itself: then
+        # the app never sees the body, let alone takes a part of it for all of it.
+        raw_app.wait_for_log("client sent invalid chunked body")
+        return
     assert data.endswith(b"raised raised")
 
 
 def test_repeated_identical_content_length_is_one(raw_app):
     data = raw_app.raw(b"POST /content-length HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                        b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
+    if HOST == "nginx":
+        # nginx refuses any repeated Content-Length itself (RFC 9112 section 6.3 allows either).
+        assert data.startswith(b"HTTP/1.1 400")
+        raw_app.wait_for_log('client sent duplicate header line: "Content-Length: 3"')
+        return
     assert data.endswith(b"\r\n\r\n3")

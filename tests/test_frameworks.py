@@ -1,5 +1,5 @@
-"""Real frameworks, served by Portico and by gunicorn side by side: a user moving from
-gunicorn must see the same responses."""
+"""Real frameworks, served by Portico (the binary, or nginx with PORTICO_TEST_HOST=nginx) and by
+gunicorn side by side: a user moving from gunicorn must see the same responses."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import APPS, BINARY, VENV, Server, app_table, free_port
+from conftest import APPS, VENV, Server, app_table, free_port, serve_config
 
 
 def gunicorn(tmp_path, target, chdir, env=None):
@@ -38,7 +38,7 @@ def flask_servers(tmp_path_factory):
     cfg = tmp / "portico.toml"
     cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n' +
                    app_table("flask", "flask_app:app", python_home=str(VENV)))
-    portico = Server([str(BINARY), "serve", "--config", str(cfg)], tmp, port).wait_ready()
+    portico = serve_config(cfg, tmp, port).wait_ready()
     guni = gunicorn(tmp, "flask_app:app", APPS)
     yield portico, guni
     portico.stop()
@@ -121,7 +121,7 @@ def django_servers(django_project, tmp_path_factory):
     cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[[app]]\nname = "mysite"\n'
                    f'target = "mysite.wsgi:application"\npython_path = ["{django_project}"]\n'
                    f'python_home = "{VENV}"\n')
-    portico = Server([str(BINARY), "serve", "--config", str(cfg)], tmp, port).wait_ready()
+    portico = serve_config(cfg, tmp, port).wait_ready()
     guni = gunicorn(tmp, "mysite.wsgi:application", django_project)
     yield portico, guni
     portico.stop()

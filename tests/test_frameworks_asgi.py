@@ -1,5 +1,6 @@
-"""Real ASGI frameworks (FastAPI, Starlette, Django's asgi.py) served by Portico and by uvicorn
-side by side: a user moving from uvicorn must see the same responses and WebSocket messages.
+"""Real ASGI frameworks (FastAPI, Starlette, Django's asgi.py) served by Portico (the binary, or
+nginx with PORTICO_TEST_HOST=nginx) and by uvicorn side by side: a user moving from uvicorn must
+see the same responses and WebSocket messages.
 
 With PORTICO_TEST_REFERENCE set, a second uvicorn stands in for Portico."""
 
@@ -8,7 +9,7 @@ import json
 import pytest
 from websockets.sync.client import connect
 
-from conftest import APPS, BINARY, REFERENCE, VENV, AsgiServer, free_port
+from conftest import APPS, REFERENCE, VENV, AsgiServer, free_port, serve_config
 # The Django project generator and the browser-like admin login of the WSGI framework tests.
 from test_frameworks import admin_session_and_css, django_project  # noqa: F401 - django_project is a fixture
 
@@ -28,7 +29,7 @@ def portico_asgi(tmp, target, python_path):
     config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n\n[[app]]\nname = "app"\n'
                       f'target = "{target}"\ninterface = "asgi"\npython_path = ["{python_path}"]\n'
                       f'python_home = "{VENV}"\n')
-    return AsgiServer([str(BINARY), "serve", "--config", str(config)], tmp, port).wait_ready()
+    return serve_config(config, tmp, port).wait_ready()
 
 
 @pytest.fixture(scope="module")

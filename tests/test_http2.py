@@ -137,7 +137,7 @@ def test_scope_over_each_protocol(client):
 
 
 @needs("portico")
-@pytest.mark.parametrize("proto", list(PROTOCOLS))
+@pytest.mark.parametrize("proto", protocol_params(PROTOCOLS))
 def test_extensions_offered_match_the_connection(asgi_server, proto):
     c = Client(start_for(asgi_server, proto), proto)
     try:
@@ -150,15 +150,16 @@ def test_extensions_offered_match_the_connection(asgi_server, proto):
     assert ext["http.response.pathsend"] == {}
     assert ("http.response.trailers" in ext) == c.http2
     assert ("tls" in ext) == c.tls
-    # 103 responses: HTTP/1.1 only (Pingora sends no 1xx on HTTP/2).
-    assert ("http.response.early_hint" in ext) == (not c.http2)
+    # 103 responses: HTTP/1.1 only (Pingora sends no 1xx on HTTP/2), where the host can.
+    assert ("http.response.early_hint" in ext) == (not c.http2 and "early_hints" in HAS)
     assert set(ext) <= {"http.response.pathsend", "http.response.trailers", "tls",
                         "http.response.early_hint"}
 
 
-@needs("portico", "h2c")
+@needs("portico", "trailers")
 def test_trailers_offered_only_with_te_trailers(asgi_server):
-    c = Client(start_for(asgi_server, "h2c"), "h2c")
+    proto = "h2c" if "h2c" in HAS else "h2-tls"
+    c = Client(start_for(asgi_server, proto), proto)
     try:
         assert "http.response.trailers" not in scope_via(c)["extensions"]
         assert "http.response.trailers" in scope_via(c, headers=[("te", "trailers")])["extensions"]
@@ -382,7 +383,7 @@ def test_tls_scope_extension(server, proto):
     assert tls.get("client_cert_error") is None
 
 
-@needs("portico", "tls", "h2_tls")
+@needs("portico", "binary", "tls", "h2_tls")
 def test_portico_run_with_tls_flags(asgi_server):
     server = asgi_server("asgi_probe:app", cli=True, tls=True)
     for proto in ("h1", "h1-tls", "h2-tls"):
@@ -395,8 +396,9 @@ def test_portico_run_with_tls_flags(asgi_server):
 
 @needs("portico", "wsgi", "mount")
 @pytest.mark.parametrize("proto,protocol,scheme", [
-    ("h1", "HTTP/1.1", "http"), ("h2c", "HTTP/2", "http"), ("h1-tls", "HTTP/1.1", "https"),
-    ("h2-tls", "HTTP/2", "https")])
+    pytest.param(*case, marks=needs(*PROTOCOLS[case[0]])) for case in (
+        ("h1", "HTTP/1.1", "http"), ("h2c", "HTTP/2", "http"), ("h1-tls", "HTTP/1.1", "https"),
+        ("h2-tls", "HTTP/2", "https"))])
 def test_wsgi_app_over_http2_and_tls(asgi_server, proto, protocol, scheme):
     wsgi = app_table("wsgi", "validated:application", mount="/w", python_home=str(VENV))
     server = asgi_server("asgi_probe:app", mount="/a", tls=proto.endswith("-tls"),

@@ -474,7 +474,7 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
                 "{} in {}: the app cannot be loaded: {}",
                 entry.label,
                 entry.source,
-                why
+                fit_log_line(&why)
             );
             return NGX_ERROR as ngx_int_t;
         }
@@ -482,32 +482,31 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
+/// nginx cuts a log line at 2048 bytes; of a long traceback, the first line (what failed)
+/// and the end (the exception) are what matter.
+fn fit_log_line(message: &str) -> String {
+    const ROOM: usize = 1600;
+    if message.len() <= ROOM {
+        return message.to_owned();
+    }
+    let first = message.lines().next().unwrap_or_default();
+    let mut cut = first.len().min(400);
+    while !first.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let first = &first[..cut];
+    let mut start = message.len() - (ROOM - first.len());
+    while !message.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{first}\n[...]\n{}", &message[start..])
+}
+
 /// The interpreter the module embeds (from the build); the import check runs it.
 const PYTHON: Option<&str> = option_env!("PORTICO_PYTHON_EXECUTABLE");
 
 /// How long an app's import may take at configuration time.
 const IMPORT_CHECK_LIMIT: Duration = Duration::from_secs(60);
-
-/// What the worker will do, in a child interpreter: activate the Python home, put
-/// `python_path` first, import the module, find a callable.
-const IMPORT_CHECK: &str = r#"
-import sys, os, site, importlib
-if sys.path and sys.path[0] == "":
-    del sys.path[0]
-home, module, attr, *paths = sys.argv[1:]
-if home:
-    sp = os.path.join(home, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
-    if not os.path.isdir(sp):
-        sys.exit("python_home %s has no %s: is it a virtualenv made with Python %d.%d (the one the module embeds)?" % ((home, sp) + tuple(sys.version_info[:2])))
-    site.addsitedir(sp)
-sys.path[0:0] = paths
-m = importlib.import_module(module)
-obj = getattr(m, attr, None)
-if obj is None:
-    sys.exit("module `%s` has no attribute `%s`" % (module, attr))
-if not callable(obj):
-    sys.exit("`%s:%s` is a %s, not a callable" % (module, attr, type(obj).__name__))
-"#;
 
 /// The user and group the workers will run as, when the master runs as root (nginx's
 /// `user` directive, else nginx's default, `nobody`); `None` when nginx will not switch.
@@ -608,7 +607,7 @@ fn check_import(
     let mut command = Command::new(python);
     command
         .arg("-c")
-        .arg(IMPORT_CHECK)
+        .arg(portico_core::python::IMPORT_CHECK)
         .arg(app.python_home.as_deref().unwrap_or(Path::new("")))
         .arg(module)
         .arg(callable)

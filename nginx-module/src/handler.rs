@@ -436,8 +436,17 @@ unsafe fn poll(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
                 }
                 Err(e) => DispatchError::BadResponse(format!("cannot read the app's file: {e}")),
             },
-            // Not offered: the request head says the host cannot send them.
-            Some(AppEvent::EarlyHint(_)) | Some(AppEvent::Trailers(_)) => continue,
+            // RFC 9110 section 6.5, on HTTP/2 only (the request head offers them there):
+            // nginx's HTTP/2 filter sends them in a HEADERS frame after the last DATA.
+            Some(AppEvent::Trailers(fields)) => {
+                // SAFETY: as this function's.
+                if unsafe { add_trailers(r, &fields) } {
+                    continue;
+                }
+                DispatchError::BadResponse("cannot store the trailers".into())
+            }
+            // Not offered: nginx 1.22 sends no 103 from a content handler.
+            Some(AppEvent::EarlyHint(_)) => continue,
             Some(AppEvent::Whole(head, body)) => {
                 state.out.head = Some(head);
                 if !body.is_empty() {
@@ -786,6 +795,26 @@ pub(crate) unsafe fn push_header(
             (*elt).next = core::ptr::null_mut();
         }
         elt
+    }
+}
+
+/// Adds response trailers to `headers_out.trailers`; false when out of memory.
+///
+/// # Safety
+/// `r` is live; nginx thread only.
+unsafe fn add_trailers(r: *mut ngx_http_request_t, fields: &[(Bytes, Bytes)]) -> bool {
+    // SAFETY: the trailer list and pool belong to the live request.
+    unsafe {
+        for (name, value) in fields {
+            let elt: *mut ngx_table_elt_t = ngx_list_push(&mut (*r).headers_out.trailers).cast();
+            if elt.is_null() || add_to_ngx_table(elt, (*r).pool, name, value).is_none() {
+                if !elt.is_null() {
+                    (*elt).hash = 0;
+                }
+                return false;
+            }
+        }
+        true
     }
 }
 

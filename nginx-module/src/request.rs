@@ -117,14 +117,66 @@ unsafe fn tls_info(r: *mut ngx_http_request_t) -> Option<portico_core::model::Tl
             "TLSv1.2" => Some(0x0303),
             _ => None,
         };
+        let ssl = (*(*c).ssl).connection;
+        let cipher = nginx_sys::SSL_get_current_cipher(ssl);
         Some(portico_core::model::TlsInfo {
-            server_cert: None,
+            server_cert: server_cert_pem(nginx_sys::SSL_get_certificate(ssl)),
             cipher: get(nginx_sys::ngx_ssl_get_cipher_name),
             protocol,
             version,
-            cipher_suite: None,
+            // The IANA number (RFC 8446 appendix B.4; the registry for TLS 1.2's).
+            cipher_suite: (!cipher.is_null())
+                .then(|| nginx_sys::SSL_CIPHER_get_protocol_id(cipher)),
         })
     }
+}
+
+#[cfg(ngx_feature = "http_ssl")]
+thread_local! {
+    /// The PEM of each server certificate met, by its OpenSSL object (one per `ssl_certificate`,
+    /// alive as long as the worker's configuration).
+    static CERT_PEM: std::cell::RefCell<std::collections::HashMap<usize, std::sync::Arc<str>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The certificate a TLS connection presented, PEM-encoded (RFC 7468 section 2), for the
+/// ASGI `tls` extension's `server_cert`.
+///
+/// # Safety
+/// `x509` is null or a live OpenSSL certificate.
+#[cfg(ngx_feature = "http_ssl")]
+unsafe fn server_cert_pem(x509: *mut nginx_sys::X509) -> Option<std::sync::Arc<str>> {
+    use base64::Engine;
+    if x509.is_null() {
+        return None;
+    }
+    if let Some(pem) = CERT_PEM.with(|m| m.borrow().get(&(x509 as usize)).cloned()) {
+        return Some(pem);
+    }
+    // SAFETY: i2d_X509 with a null output returns the DER length; then it writes that many
+    // bytes at the pointer it is given (and advances it).
+    let der = unsafe {
+        let len = nginx_sys::i2d_X509(x509, core::ptr::null_mut());
+        if len <= 0 {
+            return None;
+        }
+        let mut der = vec![0u8; len as usize];
+        let mut out = der.as_mut_ptr();
+        if nginx_sys::i2d_X509(x509, &mut out) != len {
+            return None;
+        }
+        der
+    };
+    let encoded = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in encoded.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let pem: std::sync::Arc<str> = pem.into();
+    CERT_PEM.with(|m| m.borrow_mut().insert(x509 as usize, pem.clone()));
+    Some(pem)
 }
 
 #[cfg(not(ngx_feature = "http_ssl"))]
@@ -198,7 +250,8 @@ pub unsafe fn request_head(r: *mut ngx_http_request_t) -> RequestHead {
             version,
             headers,
             tls: tls_info(r),
-            trailers: false,
+            // nginx's HTTP/2 filter sends `headers_out.trailers` with the last buffer.
+            trailers: version == HttpVersion::Http2,
             early_hints: false,
             client,
             server,

@@ -6,10 +6,7 @@ Builds nothing: run scripts/nginx-module.sh first (it prints the .so's path), th
 PORTICO_NGINX_MODULE names the .so (default: target/release/ngx_http_portico_module.so),
 NGINX_BIN the nginx (default: /usr/sbin/nginx). Readiness is polled with a deadline."""
 
-import http.client
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,104 +14,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# The same polling helpers as the portico binary's tests.
+# One nginx launcher for these tests and for the host-neutral suite (PORTICO_TEST_HOST=nginx).
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port, wait_until  # noqa: E402
-APPS = ROOT / "tests" / "apps"
-MODULE = Path(os.environ.get("PORTICO_NGINX_MODULE",
-                             ROOT / "target" / "release" / "ngx_http_portico_module.so"))
-NGINX = os.environ.get("NGINX_BIN", shutil.which("nginx") or "/usr/sbin/nginx")
+from conftest import (APPS, NGINX, NGINX_MODULE, NginxServer, free_port,  # noqa: E402
+                      nginx_conf, wait_until)
 
 pytestmark = pytest.mark.skipif(
-    not MODULE.is_file() or not os.access(NGINX, os.X_OK),
+    not NGINX_MODULE.is_file() or not os.access(NGINX, os.X_OK),
     reason="needs the built module (scripts/nginx-module.sh) and nginx")
-
-
-def write_conf(prefix, port, locations):
-    """An nginx.conf in `prefix` whose server has `locations` (nginx text)."""
-    for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (prefix / d).mkdir(exist_ok=True)
-    # The workers must be able to read the embedded Python (pyenv's lives under /root).
-    user = "user root;" if os.geteuid() == 0 else ""
-    temp_paths = "\n".join(
-        f"    {kind}_temp_path {prefix / name};"
-        for kind, name in (("client_body", "body"), ("proxy", "proxy"),
-                           ("fastcgi", "fastcgi"), ("uwsgi", "uwsgi"), ("scgi", "scgi")))
-    (prefix / "nginx.conf").write_text(f"""
-load_module {MODULE.resolve()};
-{user}
-daemon off;
-master_process on;
-worker_processes 1;
-error_log {prefix / "logs" / "error.log"} info;
-pid {prefix / "logs" / "nginx.pid"};
-events {{ worker_connections 128; }}
-http {{
-    access_log off;
-{temp_paths}
-    server {{
-        listen 127.0.0.1:{port};
-{locations}
-    }}
-}}
-""")
-    return prefix / "nginx.conf"
-
-
-class Nginx:
-    def __init__(self, prefix, port):
-        self.prefix, self.port = prefix, port
-        self.log = prefix / "logs" / "error.log"
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(prefix), "-c", "nginx.conf"],
-            stdout=open(prefix / "stdout", "wb"), stderr=open(prefix / "stderr", "wb"))
-
-    def error_log(self):
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def wait_ready(self):
-        def up():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"nginx exited with {self.proc.returncode}:\n"
-                                     f"{(self.prefix / 'stderr').read_text()}\n{self.error_log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            except OSError:
-                return False
-            # The worker is up once it has loaded the apps and answers.
-            try:
-                status, _, _ = self.request("GET", "/hello")
-                return status == 200
-            except OSError:
-                return False
-        wait_until(up, timeout=20.0, what="nginx to answer")
-
-    def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        finally:
-            conn.close()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            # A graceful quit, as an admin would: workers finish and close the eventfd.
-            subprocess.run([NGINX, "-p", str(self.prefix), "-c", "nginx.conf", "-s", "quit"],
-                           capture_output=True, timeout=10)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    write_conf(prefix, port, f"""
+    nginx_conf(prefix, port, f"""
         location / {{
             portico_app validated:application python_path={APPS};
         }}
@@ -122,7 +36,7 @@ def nginx(tmp_path_factory):
             portico_app misbehaving python_path={APPS} threads=2;
         }}
 """)
-    server = Nginx(prefix, port)
+    server = NginxServer(prefix, port)
     try:
         server.wait_ready()
         yield server
@@ -197,16 +111,15 @@ def test_graceful_quit_waits_for_a_request_in_python(tmp_path):
 
     (tmp_path / "slow.py").write_text(SLOW_APP)
     port = free_port()
-    write_conf(tmp_path, port, f"""
+    nginx_conf(tmp_path, port, f"""
         location / {{
             portico_app slow python_path={tmp_path};
         }}
 """)
-    server = Nginx(tmp_path, port)
+    server = NginxServer(tmp_path, port)
     try:
-        wait_until(lambda: server.request("GET", "/?0")[0] == 200 if _listening(port) else False,
-                   timeout=20.0,
-                   what="nginx to answer")
+        server.wait_ready()
+        assert server.request("GET", "/?0")[0] == 200
         result = {}
         client = threading.Thread(
             target=lambda: result.setdefault("r", server.request("GET", "/?1.0")))
@@ -221,16 +134,8 @@ def test_graceful_quit_waits_for_a_request_in_python(tmp_path):
     assert "open socket" not in server.error_log()
 
 
-def _listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
-
-
 def test_nginx_t_rejects_a_bad_target(tmp_path):
-    conf = write_conf(tmp_path, free_port(), f"""
+    conf = nginx_conf(tmp_path, free_port(), f"""
         location / {{
             portico_app validated:no_such_callable python_path={APPS};
         }}
@@ -243,7 +148,7 @@ def test_nginx_t_rejects_a_bad_target(tmp_path):
 
 
 def test_nginx_t_rejects_an_unimportable_module(tmp_path):
-    conf = write_conf(tmp_path, free_port(), f"""
+    conf = nginx_conf(tmp_path, free_port(), f"""
         location / {{
             portico_app broken_import python_path={APPS};
         }}
@@ -256,7 +161,7 @@ def test_nginx_t_rejects_an_unimportable_module(tmp_path):
 
 
 def test_nginx_t_rejects_bad_syntax(tmp_path):
-    conf = write_conf(tmp_path, free_port(), """
+    conf = nginx_conf(tmp_path, free_port(), """
         location / {
             portico_app not-a-module:app;
         }
@@ -293,7 +198,7 @@ def test_portico_pass_serves_two_apps_of_a_toml(tmp_path):
 
     toml = write_toml(tmp_path, TWO_APPS)
     port = free_port()
-    conf = write_conf(tmp_path, port, f"""
+    conf = nginx_conf(tmp_path, port, f"""
         location /site/ {{
             portico_pass site;
         }}
@@ -307,11 +212,9 @@ def test_portico_pass_serves_two_apps_of_a_toml(tmp_path):
     # portico_config is http-level, before the servers.
     text = conf.read_text().replace("http {", f"http {{\n    portico_config {toml};", 1)
     conf.write_text(text)
-    server = Nginx(tmp_path, port)
+    server = NginxServer(tmp_path, port)
     try:
-        wait_until(lambda: _listening(port) and server.request("GET", "/greet/")[0] == 200,
-                   timeout=20.0,
-                   what="nginx to answer")
+        server.wait_ready()
         status, _, body = server.request("GET", "/greet/anything")
         assert (status, body) == (200, b"Hello, world!")
 
@@ -333,7 +236,7 @@ def test_portico_pass_serves_two_apps_of_a_toml(tmp_path):
 
 
 def _nginx_t(tmp_path, toml_text, locations):
-    conf = write_conf(tmp_path, free_port(), locations)
+    conf = nginx_conf(tmp_path, free_port(), locations)
     if toml_text is not None:
         toml = write_toml(tmp_path, toml_text)
         conf.write_text(conf.read_text().replace(

@@ -82,6 +82,33 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
     })
 }
 
+/// A Python script doing what [`init_interpreter`] and the app loading do, for a child
+/// interpreter that checks an app before a host commits to it (nginx's `nginx -t`): the
+/// Python home's site-packages first and `sys.prefix` naming it, then `python_path` first,
+/// then the import and the callable. Arguments: HOME (empty for none), MODULE, CALLABLE,
+/// then the `python_path` entries; it exits non-zero with the reason on stderr.
+pub const IMPORT_CHECK: &str = r#"
+import sys, os, site, importlib
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+home, module, attr, *paths = sys.argv[1:]
+if home:
+    sp = os.path.join(home, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
+    if not os.path.isdir(sp):
+        sys.exit("python_home %s has no %s: is it a virtualenv made with Python %d.%d (the one Portico embeds)?" % ((home, sp) + tuple(sys.version_info[:2])))
+    before = len(sys.path)
+    site.addsitedir(sp)
+    sys.path[0:0] = [sys.path.pop(before) for _ in range(len(sys.path) - before)]
+    sys.prefix = sys.exec_prefix = home
+sys.path[0:0] = paths
+m = importlib.import_module(module)
+obj = getattr(m, attr, None)
+if obj is None:
+    sys.exit("module `%s` has no attribute `%s`" % (module, attr))
+if not callable(obj):
+    sys.exit("`%s:%s` is a %s, not a callable" % (module, attr, type(obj).__name__))
+"#;
+
 /// Imports an app's module (after its `chdir` and `python_path`) and returns its callable.
 pub(crate) fn load_callable(py: Python<'_>, config: &AppConfig) -> Result<Py<PyAny>, LoadError> {
     let fail = |message: String| LoadError {
