@@ -306,6 +306,35 @@ def test_send_after_disconnect_raises_an_oserror(probe):
     assert probe.get("/hello")[0] == 200
 
 
+def test_slow_reader_holds_the_app_back_instead_of_filling_memory(probe):
+    """Backpressure the other way: a 200 MiB response to a client that reads nothing. The
+    server must stop taking the app's pieces once the socket is full, not queue them all;
+    once the client reads, every byte arrives."""
+    probe.get("/hello")
+    baseline = probe.rss_kib()
+    size = 200 * 1024 * 1024
+    s = socket.create_connection(("127.0.0.1", probe.port), timeout=10)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        # An unbounded server would take the whole response into memory within this window
+        # (the app makes it at several hundred MiB/s); a bounded one stalls the app instead.
+        peak, deadline = baseline, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            peak = max(peak, probe.rss_kib())
+            time.sleep(0.05)
+        grown_mib = (peak - baseline) / 1024
+        assert grown_mib < 32, f"server grew by {grown_mib:.0f} MiB for a client that reads nothing"
+        got = read_all(s)
+    finally:
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    assert len(body) == size
+    # Each 64 KiB piece carries its own byte: none lost, none out of order.
+    assert body[-1] == size % 251 and body[65535] == 65536 % 251
+
+
 def test_unread_upload_is_not_buffered_by_the_server(probe):
     """Backpressure: the app answers without reading a 50 MiB body. While it has not read, the
     server must stop reading from the socket instead of taking the body into memory."""
