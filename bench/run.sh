@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks portico against granian, uvicorn and gunicorn: one server worker pinned to CPU 0,
 # the load tool pinned to CPU 1, in scenarios for WSGI and ASGI over HTTP/1.1 (wrk), HTTP/2
-# (h2load, h2c with prior knowledge) and WebSocket echo (bench/wsload). Prints one markdown
+# (h2load, h2c with prior knowledge) and WebSocket echo (bench/wsload); and portico's nginx
+# module (one nginx worker hosting the app) against nginx in front of granian (proxy_pass over
+# a Unix socket) and of uWSGI (uwsgi_pass), all on CPU 0 too. Prints one markdown
 # table and writes it to bench/results/latest.md (raw load-tool output and server logs go to
 # bench/results/logs/).
 #
@@ -12,9 +14,11 @@
 #   BENCH_SECONDS    length of each measured run, in seconds (default 8)
 #   BENCH_ONLY       comma-separated scenarios to run (default: all). A name selects the
 #                    scenario of that name and those named NAME-something: hello, echo, asgi,
-#                    h2 (h2-wsgi, h2-asgi), ws (ws, ws-pipelined); wsgi means hello,echo
+#                    h2 (h2-wsgi, h2-asgi), ws (ws, ws-pipelined), nginx (nginx-wsgi,
+#                    nginx-asgi); wsgi means hello,echo
 #   PORTICO_THREADS  portico's --threads for WSGI apps, its Python threads (default 2, its best
-#                    here)
+#                    here); also threads= of the nginx module's WSGI app
+#   UWSGI_THREADS    uWSGI's --threads behind nginx (default 2)
 #
 # A benchmark, not a test: it asserts nothing about the numbers and is not run in CI.
 set -euo pipefail
@@ -30,6 +34,7 @@ STARTED=$SECONDS
 
 DURATION="${BENCH_SECONDS:-8}"
 PORTICO_THREADS="${PORTICO_THREADS:-2}"
+UWSGI_THREADS="${UWSGI_THREADS:-2}"
 WARMUP=2          # seconds of unrecorded load before each measured run
 CONNECTIONS=64    # wrk's connections, and wsload's in the ping-pong scenario
 H2_CONNECTIONS=16 # h2load: connections ...
@@ -49,13 +54,14 @@ die() { echo "bench/run.sh: $*" >&2; exit 1; }
 
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a whole number of seconds, got '$DURATION'"
 [[ "$PORTICO_THREADS" =~ ^[1-9][0-9]*$ ]] || die "PORTICO_THREADS must be a positive integer, got '$PORTICO_THREADS'"
+[[ "$UWSGI_THREADS" =~ ^[1-9][0-9]*$ ]] || die "UWSGI_THREADS must be a positive integer, got '$UWSGI_THREADS'"
 
 cpus="$(nproc)"
 [ "$cpus" -ge 2 ] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $LOAD_CPU); nproc says $cpus"
 
 # --- scenarios -----------------------------------------------------------------------------
 
-ALL_SCENARIOS=(hello echo asgi h2-wsgi h2-asgi ws ws-pipelined)
+ALL_SCENARIOS=(hello echo asgi h2-wsgi h2-asgi ws ws-pipelined nginx-wsgi nginx-asgi)
 
 SCENARIOS=()
 if [ -z "${BENCH_ONLY:-}" ]; then
@@ -74,7 +80,7 @@ else
     for s in "${ALL_SCENARIOS[@]}"; do
       if [ "$s" = "$w" ] || [[ "$s" == "$w"-* ]]; then ok=1; fi
     done
-    [ $ok = 1 ] || die "BENCH_ONLY: no scenario '$w' (scenarios: ${ALL_SCENARIOS[*]}; also h2, wsgi)"
+    [ $ok = 1 ] || die "BENCH_ONLY: no scenario '$w' (scenarios: ${ALL_SCENARIOS[*]}; also h2, ws, nginx, wsgi)"
   done
   [ ${#SCENARIOS[@]} -gt 0 ] || die "BENCH_ONLY='$BENCH_ONLY' selects no scenario"
 fi
@@ -88,19 +94,21 @@ scenario_label() {
     h2-asgi) echo "HTTP/2 ASGI hello (h2c)" ;;
     ws) echo "WebSocket echo ($WS_MESSAGE B, ping-pong)" ;;
     ws-pipelined) echo "WebSocket echo ($WS_MESSAGE B, $WS_PIPE_DEPTH in flight)" ;;
+    nginx-wsgi) echo "nginx: WSGI hello (13 B GET)" ;;
+    nginx-asgi) echo "nginx: ASGI hello (13 B GET)" ;;
   esac
 }
 scenario_target() {
   case "$1" in
-    hello | h2-wsgi) echo "hello:app" ;;
+    hello | h2-wsgi | nginx-wsgi) echo "hello:app" ;;
     echo) echo "echo:app" ;;
-    asgi | h2-asgi) echo "asgi_hello:app" ;;
+    asgi | h2-asgi | nginx-asgi) echo "asgi_hello:app" ;;
     ws | ws-pipelined) echo "ws_echo:app" ;;
   esac
 }
 scenario_tool() {
   case "$1" in
-    hello | echo | asgi) echo wrk ;;
+    hello | echo | asgi | nginx-*) echo wrk ;;
     h2-*) echo h2load ;;
     ws*) echo wsload ;;
   esac
@@ -113,7 +121,16 @@ scenario_servers() {
     h2-asgi) echo portico-asgi granian-asgi ;;
     ws | ws-pipelined)
       echo portico-asgi granian-asgi uvicorn-websockets uvicorn-sansio uvicorn-wsproto wsload-echo ;;
+    # granian alone, without nginx: the reference of the "vs granian" column here too.
+    nginx-wsgi) echo nginx-portico granian nginx-granian nginx-uwsgi ;;
+    nginx-asgi) echo nginx-portico-asgi granian-asgi nginx-granian-asgi ;;
   esac
+}
+
+uses_nginx() { # whether a selected scenario runs nginx
+  local s
+  for s in "${SCENARIOS[@]}"; do [[ "$s" == nginx-* ]] && return 0; done
+  return 1
 }
 
 uses_tool() { # TOOL: whether a selected scenario needs it
@@ -140,6 +157,19 @@ need() {
   command -v "$cmd" >/dev/null || die "$cmd still missing after installing $*"
 }
 
+# need_pkgs PACKAGE...: install those of the Debian packages that are not installed.
+need_pkgs() {
+  local pkg missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  if [ $apt_updated = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+}
+
 log "building portico (scripts/setup.sh)"
 scripts/setup.sh >&2
 PY="$(cat target/release/.portico-python)"
@@ -150,6 +180,24 @@ need taskset util-linux
 need curl curl
 uses_tool wrk && need wrk wrk
 uses_tool h2load && need h2load nghttp2-client
+
+NGINX="" NGINX_MODULE="" UWSGI="" RUNTMP=""
+if uses_nginx; then
+  # Installs Debian's nginx (and what the build needs) and builds the module for it, embedding
+  # the CPython portico embeds, so that bench/.venv can be its python home.
+  log "building the nginx module (scripts/nginx-module.sh)"
+  NGINX_MODULE="$(PORTICO_PYTHON="$PY" scripts/nginx-module.sh)" \
+    || die "scripts/nginx-module.sh failed to build the nginx module"
+  [ -f "$NGINX_MODULE" ] || die "scripts/nginx-module.sh printed '$NGINX_MODULE', which is no file"
+  NGINX="${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}"
+  [ -x "$NGINX" ] || die "no nginx at $NGINX"
+  # uWSGI with its python3 plugin: it embeds Debian's python3, not bench/.venv's.
+  need_pkgs uwsgi uwsgi-plugin-python3
+  UWSGI="$(command -v uwsgi || echo /usr/bin/uwsgi)"
+  [ -x "$UWSGI" ] || die "no uwsgi at $UWSGI after installing uwsgi"
+  # The Unix sockets between nginx and the app servers (short paths: sun_path is 108 bytes).
+  RUNTMP="$(mktemp -d /tmp/portico-bench.XXXXXX)"
+fi
 
 if uses_tool wsload; then
   command -v cargo >/dev/null || [ ! -x "$HOME/.cargo/bin/cargo" ] || export PATH="$HOME/.cargo/bin:$PATH"
@@ -225,18 +273,130 @@ server_exec() {
         "$target" ;;
     wsload-echo)
       exec taskset -c "$SERVER_CPU" "$WSLOAD" --serve "127.0.0.1:$port" ;;
+    nginx-*)
+      # nginx with one worker; behind it, where there is one, the app server on a Unix socket,
+      # started first as a child of this shell, so of nginx's master once it replaces the
+      # shell: the server's process tree (RSS, stop) is the whole stack.
+      local prefix="$LOGS/$scenario-$server.nginx" sock="$RUNTMP/$scenario-$server.sock"
+      local module="" http_conf="" location="" backend="" deadline
+      rm -f "$sock"
+      case "$server" in
+        nginx-portico)
+          module="$NGINX_MODULE"
+          location="portico_app $target interface=wsgi threads=$PORTICO_THREADS python_path=$BENCH/apps;" ;;
+        nginx-portico-asgi)
+          # The bench venv as the python home, as portico's own ASGI rows (uvloop).
+          module="$NGINX_MODULE"
+          http_conf="portico_python_home $VENV;"
+          location="portico_app $target interface=asgi python_path=$BENCH/apps;" ;;
+        nginx-granian | nginx-granian-asgi)
+          local interface=wsgi opts=(--blocking-threads 1 --no-ws)
+          [ "$server" = nginx-granian-asgi ] && interface=asgi opts=()
+          taskset -c "$SERVER_CPU" "$VENV/bin/granian" --interface "$interface" --workers 1 \
+            "${opts[@]}" --uds "$sock" --no-access-log --log-level warning "$target" &
+          backend=$!
+          # Keep-alive to the upstream, as a tuned proxy runs: as many idle connections as
+          # the load tool has.
+          http_conf="upstream granian {
+        server unix:$sock;
+        keepalive $CONNECTIONS;
+        keepalive_requests 100000;
+    }"
+          location="proxy_pass http://granian;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host \$host;" ;;
+        nginx-uwsgi)
+          # Debian's uWSGI with its python3 plugin: a master and one worker process with
+          # UWSGI_THREADS threads; its own python3, so only bench/apps on the path.
+          taskset -c "$SERVER_CPU" "$UWSGI" --plugin python3 --master --processes 1 \
+            --threads "$UWSGI_THREADS" --socket "$sock" --pythonpath "$BENCH/apps" \
+            --module "$target" --single-interpreter --need-app --disable-logging &
+          backend=$!
+          # Debian's uwsgi_params, inline.
+          location="uwsgi_pass unix:$sock;
+            uwsgi_param QUERY_STRING \$query_string;
+            uwsgi_param REQUEST_METHOD \$request_method;
+            uwsgi_param CONTENT_TYPE \$content_type;
+            uwsgi_param CONTENT_LENGTH \$content_length;
+            uwsgi_param REQUEST_URI \$request_uri;
+            uwsgi_param PATH_INFO \$document_uri;
+            uwsgi_param DOCUMENT_ROOT \$document_root;
+            uwsgi_param SERVER_PROTOCOL \$server_protocol;
+            uwsgi_param REQUEST_SCHEME \$scheme;
+            uwsgi_param HTTPS \$https if_not_empty;
+            uwsgi_param REMOTE_ADDR \$remote_addr;
+            uwsgi_param REMOTE_PORT \$remote_port;
+            uwsgi_param SERVER_PORT \$server_port;
+            uwsgi_param SERVER_NAME \$server_name;
+            uwsgi_param HTTP_HOST \$host;" ;;
+        *) echo "unknown server $server" >&2; exit 2 ;;
+      esac
+      nginx_conf "$prefix" "$port" "$module" "$http_conf" "$location"
+      # nginx starts once the app server has its socket (else its first answers are 502s).
+      deadline=$((SECONDS + READY_TIMEOUT))
+      while [ -n "$backend" ] && [ ! -S "$sock" ]; do
+        if ! kill -0 "$backend" 2>/dev/null || ((SECONDS >= deadline)); then
+          echo "bench/run.sh: the app server behind nginx made no socket $sock" >&2
+          kill "$backend" 2>/dev/null
+          exit 1
+        fi
+        sleep 0.05
+      done
+      exec taskset -c "$SERVER_CPU" "$NGINX" -p "$prefix" -c nginx.conf -e stderr ;;
     *) echo "unknown server $server" >&2; exit 2 ;;
   esac
 }
 
+# nginx_conf PREFIX PORT MODULE HTTP LOCATION: writes PREFIX/nginx.conf, the same for every
+# nginx row but for the module it loads (none for the proxies), the extra http-level
+# directives and what serves `location /`. One worker; no access log; errors (and what the
+# app writes to standard error) to nginx's standard error, the server log; keep-alive
+# connections from the load tool are not closed after nginx's default of 1000 requests.
+nginx_conf() {
+  local prefix="$1" port="$2" module="$3" http_conf="$4" location="$5" d user="" load=""
+  for d in logs body proxy fastcgi uwsgi scgi; do mkdir -p "$prefix/$d"; done
+  # Workers must read the embedded Python and bench/.venv, wherever they are (pyenv's under
+  # /root): as root, they run as root.
+  [ "$(id -u)" = 0 ] && user="user root;"
+  [ -n "$module" ] && load="load_module $module;"
+  cat >"$prefix/nginx.conf" <<EOF
+$load
+$user
+daemon off;
+master_process on;
+worker_processes 1;
+error_log stderr warn;
+pid $prefix/logs/nginx.pid;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 100000;
+    client_body_temp_path $prefix/body;
+    proxy_temp_path $prefix/proxy;
+    fastcgi_temp_path $prefix/fastcgi;
+    uwsgi_temp_path $prefix/uwsgi;
+    scgi_temp_path $prefix/scgi;
+    $http_conf
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            $location
+        }
+    }
+}
+EOF
+}
+
 server_label() { # SERVER SCENARIO
-  local h2=""
+  local h2="" alone=""
   is_h2 "$2" && h2=", --http 2"
+  [[ "$2" == nginx-* ]] && alone=" alone"
   case "$1" in
     portico) echo "portico (--threads $PORTICO_THREADS)" ;;
     portico-asgi) echo "portico (asgi)" ;;
-    granian) echo "granian (wsgi$h2, --blocking-threads 1)" ;;
-    granian-asgi) echo "granian (asgi$h2)" ;;
+    granian) echo "granian$alone (wsgi$h2, --blocking-threads 1)" ;;
+    granian-asgi) echo "granian$alone (asgi$h2)" ;;
     gunicorn-sync) echo "gunicorn sync" ;;
     gunicorn-gthread) echo "gunicorn gthread (--threads 4)" ;;
     uvicorn) echo "uvicorn (httptools)" ;;
@@ -244,6 +404,11 @@ server_label() { # SERVER SCENARIO
     uvicorn-sansio) echo "uvicorn (--ws websockets-sansio)" ;;
     uvicorn-wsproto) echo "uvicorn (--ws wsproto)" ;;
     wsload-echo) echo "wsload's Rust echo server (load-tool ceiling, not a peer)" ;;
+    nginx-portico) echo "nginx + portico module (in the worker, threads=$PORTICO_THREADS)" ;;
+    nginx-portico-asgi) echo "nginx + portico module (in the worker, asgi)" ;;
+    nginx-granian) echo "nginx → granian (proxy_pass, Unix socket; wsgi, --blocking-threads 1)" ;;
+    nginx-granian-asgi) echo "nginx → granian (proxy_pass, Unix socket; asgi)" ;;
+    nginx-uwsgi) echo "nginx → uWSGI (uwsgi_pass, Unix socket; 1 process, --threads $UWSGI_THREADS)" ;;
   esac
 }
 
@@ -360,6 +525,7 @@ cleanup() {
   if [ -n "$LOAD_PID" ]; then kill "$LOAD_PID" 2>/dev/null || true; wait "$LOAD_PID" 2>/dev/null || true; fi
   stop_sampler
   stop_server
+  if [ -n "$RUNTMP" ]; then rm -rf "$RUNTMP"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -394,7 +560,7 @@ wait_ready() {
 check_response() {
   local scenario="$1" port="$2" got
   case "$scenario" in
-    hello | asgi)
+    hello | asgi | nginx-*)
       got="$(curl -fsS --max-time 5 "http://127.0.0.1:$port/")" || return 1
       [ "$got" = "Hello, world!" ] ;;
     h2-*)
@@ -488,15 +654,33 @@ parse_load() {
   [ -n "$RPS" ] || NOTE="${NOTE:+$NOTE; }could not read the rate from the load tool's output"
 }
 
+# kb_of PID: VmRSS of PID in KiB, from /proc/PID/status (0 if it is gone).
+kb_of() { awk '$1 == "VmRSS:" { print $2; found = 1 } END { if (!found) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# nginx_rss MASTER: right after the load, sets NGINX_RSS to "worker W MB (pid P); master M MB"
+# and, when something runs behind nginx, "; behind it B MB" (the summed RSS of the master's
+# other descendants: the app server's processes).
+nginx_rss() {
+  local master="$1" worker worker_kb master_kb behind_kb
+  worker="$(ps -o pid=,comm= --ppid "$master" | awk '$2 == "nginx" { print $1; exit }')"
+  if [ -z "$worker" ]; then NGINX_RSS="no nginx worker found under the master $master"; return; fi
+  worker_kb="$(kb_of "$worker")" master_kb="$(kb_of "$master")"
+  behind_kb=$(($(tree_rss_kb "$master") - worker_kb - master_kb))
+  NGINX_RSS="worker $(mb "$worker_kb") MB (pid $worker); master $(mb "$master_kb") MB"
+  if ((behind_kb > 0)); then NGINX_RSS="$NGINX_RSS; behind it $(mb "$behind_kb") MB"; fi
+}
+
 # One row per (scenario, server), filled by bench_one.
 ROW_SCENARIO=() ROW_SERVER=() ROW_RPS=() ROW_P50=() ROW_P99=() ROW_RSS=() ROW_LOOP=() ROW_BUSY=()
+ROW_NGINX_RSS=()
 NOTES=()
 
 # bench_one SCENARIO SERVER: boots the server, warms it up, measures, stops it; adds a row.
 bench_one() {
   local scenario="$1" server="$2" port pid name="$1-$2" label
   local server_log="$LOGS/$name.server.log" out="$LOGS/$name.load.txt" rss_file="$LOGS/$name.rss"
-  local rps="" p50="" p99="" rss="" note="" busy loop busy_note=""
+  local rps="" p50="" p99="" rss="" note="" busy loop busy_note="" nginx_rss_line=""
   label="$(scenario_label "$scenario") / $(server_label "$server" "$scenario")"
   busy="$(wait_quiet)" || {
     echo "bench/run.sh: warning: other load on the machine before $scenario / $server (busy: CPU $SERVER_CPU ${busy% *}%, CPU $LOAD_CPU ${busy#* }%)" >&2
@@ -528,6 +712,10 @@ bench_one() {
       parse_load "$scenario" "$out" "$name"
       rps="$RPS" p50="$P50" p99="$P99" note="$NOTE"
       kill -0 "$pid" 2>/dev/null || note="${note:+$note; }server died during the run"
+      if [[ "$server" == nginx-* ]] && kill -0 "$pid" 2>/dev/null; then
+        nginx_rss "$pid"
+        nginx_rss_line="$NGINX_RSS"
+      fi
     fi
     stop_sampler
     rss="$(awk '{ printf "%.1f", $1 / 1024 }' "$rss_file")"
@@ -554,6 +742,7 @@ bench_one() {
   fi
   ROW_SCENARIO+=("$scenario") ROW_SERVER+=("$server") ROW_RPS+=("$rps") ROW_P50+=("$p50")
   ROW_P99+=("$p99") ROW_RSS+=("$rss") ROW_LOOP+=("$loop") ROW_BUSY+=("${busy_note:+*}")
+  ROW_NGINX_RSS+=("$nginx_rss_line")
   [ -n "$note" ] && NOTES+=("$label: $note")
   return 0
 }
@@ -639,26 +828,42 @@ report() {
   uses_tool wsload && echo "- WebSocket load: \`wsload -c$CONNECTIONS -k1 -s$WS_MESSAGE\` (ping-pong) and" \
     "\`wsload -c$WS_PIPE_CONNECTIONS -k$WS_PIPE_DEPTH -s$WS_MESSAGE\` (pipelined), warm-up in the same run;" \
     "p50/p99 are message round trips"
+  if uses_nginx; then
+    echo "- nginx: $("$NGINX" -v 2>&1 | sed 's/^nginx version: //') ($NGINX), \`worker_processes 1\`," \
+      "no access log, \`keepalive_requests 100000\`; the module \`${NGINX_MODULE#"$ROOT"/}\`;" \
+      "uWSGI $("$UWSGI" --version 2>/dev/null) with Debian's $(/usr/bin/python3 -V 2>&1);" \
+      "nginx and the app server behind it share CPU $SERVER_CPU, and peak RSS counts all their processes"
+  fi
   echo "- event loop: the class of the running loop, as the ASGI app saw it; a rate marked * had" \
     "other load on the machine around its run (see the notes)"
   echo
-  echo "| scenario | server | req/s or msg/s | p50 | p99 | peak RSS MB | event loop | vs granian | vs uvicorn |"
-  echo "|---|---|---:|---:|---:|---:|---|---:|---:|"
+  local head="| scenario | server | req/s or msg/s | p50 | p99 | peak RSS MB | event loop | vs granian | vs uvicorn |"
+  local rule="|---|---|---:|---:|---:|---:|---|---:|---:|"
+  uses_nginx && head="$head vs nginx → granian | vs nginx → uWSGI |" rule="$rule---:|---:|"
+  echo "$head"
+  echo "$rule"
   for i in "${!ROW_SCENARIO[@]}"; do
     s="${ROW_SCENARIO[$i]}"
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(scenario_label "$s")" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |' "$(scenario_label "$s")" \
       "$(server_label "${ROW_SERVER[$i]}" "$s")" "${ROW_RPS[$i]}${ROW_BUSY[$i]}" "${ROW_P50[$i]:--}" \
       "${ROW_P99[$i]:--}" "${ROW_RSS[$i]:--}" "${ROW_LOOP[$i]:--}" \
       "$(ratio "$s" "$i" granian)" "$(ratio "$s" "$i" uvicorn)"
+    uses_nginx && printf ' %s | %s |' "$(ratio "$s" "$i" nginx-granian)" "$(ratio "$s" "$i" nginx-uwsgi)"
+    echo
   done
   echo
   echo "Portico against the reference peers (req/s or msg/s divided by the peer's in the same scenario;" \
     "vs uvicorn is against its fastest row there):"
   echo
   for i in "${!ROW_SCENARIO[@]}"; do
-    [[ "${ROW_SERVER[$i]}" == portico* ]] || continue
+    [[ "${ROW_SERVER[$i]}" == portico* || "${ROW_SERVER[$i]}" == nginx-portico* ]] || continue
     s="${ROW_SCENARIO[$i]}"
     line="- $(scenario_label "$s"): $(ratio "$s" "$i" granian) granian"
+    if [[ "$s" == nginx-* ]]; then
+      line="- $(scenario_label "$s"), $(server_label "${ROW_SERVER[$i]}" "$s"): $(ratio "$s" "$i" granian) granian alone"
+      server_in "$s" nginx-granian && line="$line, $(ratio "$s" "$i" nginx-granian) nginx → granian"
+      server_in "$s" nginx-uwsgi && line="$line, $(ratio "$s" "$i" nginx-uwsgi) nginx → uWSGI"
+    fi
     if server_in "$s" uvicorn; then
       base="$(base_rps "$s" uvicorn)"
       [ -n "$base" ] && base="$(server_label "${base#* }" "$s")"
@@ -666,6 +871,17 @@ report() {
     fi
     echo "$line"
   done
+  if uses_nginx; then
+    echo
+    echo "RSS of the nginx worker (VmRSS in /proc/PID/status of the nginx master's child), read right" \
+      "after the measured run; the master, and the app server behind nginx, are not in it:"
+    echo
+    for i in "${!ROW_SCENARIO[@]}"; do
+      [[ "${ROW_SERVER[$i]}" == nginx-* ]] || continue
+      s="${ROW_SCENARIO[$i]}"
+      echo "- $(scenario_label "$s") / $(server_label "${ROW_SERVER[$i]}" "$s"): ${ROW_NGINX_RSS[$i]:-not measured (the row failed)}"
+    done
+  fi
   if [ ${#NOTES[@]} -gt 0 ]; then
     echo
     echo "Notes:"
