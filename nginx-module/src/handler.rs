@@ -32,12 +32,12 @@ use bytes::Bytes;
 use core::ffi::c_void;
 use nginx_sys::{
     add_to_ngx_table, ngx_add_timer, ngx_buf_t, ngx_chain_get_free_buf, ngx_chain_t,
-    ngx_chain_update_chains, ngx_del_timer, ngx_event_t, ngx_handle_write_event,
+    ngx_chain_update_chains, ngx_del_timer, ngx_event_t, ngx_file_t, ngx_handle_write_event,
     ngx_http_finalize_request, ngx_http_output_filter, ngx_http_read_client_request_body,
     ngx_http_read_unbuffered_request_body, ngx_http_request_t, ngx_http_run_posted_requests,
     ngx_http_send_header, ngx_http_special_response_handler, ngx_http_test_reading, ngx_int_t,
-    ngx_list_push, ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t, NGX_DONE,
-    NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    ngx_list_push, ngx_pcalloc, ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t,
+    NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
     NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SPECIAL_RESPONSE,
     NGX_LOG_ERR, NGX_LOG_INFO, NGX_OK,
 };
@@ -47,7 +47,7 @@ use portico_core::model::ResponseHead;
 use portico_core::DispatchError;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -102,12 +102,14 @@ struct Output {
     head: Option<ResponseHead>,
     /// Whether the head went to nginx's header filters.
     head_sent: bool,
-    /// Body bytes not yet given to nginx.
-    batch: Vec<Bytes>,
+    /// Body pieces not yet given to nginx.
+    batch: Vec<Piece>,
     batch_len: usize,
     /// Body pieces nginx's buffers point into, with the buffer of each: released once nginx
     /// has consumed the buffer.
     in_nginx: VecDeque<(*mut ngx_buf_t, Bytes)>,
+    /// Files nginx's buffers read from (`wsgi.file_wrapper`), open until the request is freed.
+    files: Vec<std::fs::File>,
     /// Our buffers that nginx has finished with, for reuse, and those it still holds.
     free: *mut ngx_chain_t,
     busy: *mut ngx_chain_t,
@@ -123,12 +125,25 @@ impl Default for Output {
             batch: Vec::new(),
             batch_len: 0,
             in_nginx: VecDeque::new(),
+            files: Vec::new(),
             free: core::ptr::null_mut(),
             busy: core::ptr::null_mut(),
             blocked: false,
         }
     }
 }
+
+/// A piece of the response body.
+enum Piece {
+    /// Bytes from the app.
+    Bytes(Bytes),
+    /// A region of a file, `len` bytes long: nginx sends it itself (with `sendfile` where it
+    /// is on), without it passing through memory here.
+    File(portico_core::exchange::FileBody, u64),
+}
+
+/// The name nginx gives a file region in its messages.
+static FILE_NAME: &[u8] = b"wsgi.file_wrapper";
 
 /// Tags our buffers, so `ngx_chain_update_chains` hands them back for reuse.
 static BUF_TAG: u8 = 0;
@@ -428,10 +443,11 @@ unsafe fn poll(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
                 unsafe { add_body(r, ctx, piece) };
                 continue;
             }
-            Some(AppEvent::File(file)) => match read_file(&file) {
-                Ok(piece) => {
+            Some(AppEvent::File(file)) => match file_length(&file) {
+                Ok(0) => continue,
+                Ok(len) => {
                     // SAFETY: as this function's.
-                    unsafe { add_body(r, ctx, piece) };
+                    unsafe { add_piece(r, ctx, Piece::File(file, len), len as usize) };
                     continue;
                 }
                 Err(e) => DispatchError::BadResponse(format!("cannot read the app's file: {e}")),
@@ -451,7 +467,7 @@ unsafe fn poll(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
                 state.out.head = Some(head);
                 if !body.is_empty() {
                     state.out.batch_len += body.len();
-                    state.out.batch.push(body);
+                    state.out.batch.push(Piece::Bytes(body));
                 }
                 // SAFETY: as this function's.
                 unsafe { end_response(r, ctx) };
@@ -647,13 +663,22 @@ unsafe extern "C" fn on_body_read(r: *mut ngx_http_request_t) {
 /// # Safety
 /// As [`poll`]'s.
 unsafe fn add_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, piece: Bytes) {
+    if !piece.is_empty() {
+        let len = piece.len();
+        // SAFETY: the caller's.
+        unsafe { add_piece(r, ctx, Piece::Bytes(piece), len) };
+    }
+}
+
+/// Gathers a piece of `len` bytes; sends what has gathered once it is enough.
+///
+/// # Safety
+/// As [`poll`]'s.
+unsafe fn add_piece(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, piece: Piece, len: usize) {
     // SAFETY: the caller's.
     unsafe {
         let out = &mut (*ctx).out;
-        if piece.is_empty() {
-            return;
-        }
-        out.batch_len += piece.len();
+        out.batch_len += len;
         out.batch.push(piece);
         if out.batch_len >= BATCH {
             flush(r, ctx);
@@ -718,25 +743,10 @@ unsafe fn end_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
     }
 }
 
-/// Reads a `wsgi.file_wrapper` region into memory.
-fn read_file(file: &portico_core::exchange::FileBody) -> std::io::Result<Bytes> {
-    let len = match file.len {
-        Some(len) => len,
-        None => file.file.metadata()?.len().saturating_sub(file.offset),
-    };
-    let mut data = vec![0; len as usize];
-    let mut done = 0;
-    while done < data.len() {
-        let n = file
-            .file
-            .read_at(&mut data[done..], file.offset + done as u64)?;
-        if n == 0 {
-            data.truncate(done);
-            break;
-        }
-        done += n;
-    }
-    Ok(Bytes::from(data))
+/// How many bytes of its file a `wsgi.file_wrapper` region covers.
+fn file_length(file: &portico_core::exchange::FileBody) -> std::io::Result<u64> {
+    let size = file.file.metadata()?.len().saturating_sub(file.offset);
+    Ok(file.len.map_or(size, |len| len.min(size)))
 }
 
 /// Marks the request answered: no more polling, no timer, no exchange (the app side sees
@@ -962,19 +972,39 @@ unsafe fn write_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, last: boo
             *b = core::mem::zeroed();
             (*b).tag = buf_tag();
             (*cl).next = core::ptr::null_mut();
-            if let Some(piece) = pieces.next() {
-                let start = piece.as_ptr().cast_mut();
-                (*b).start = start;
-                (*b).pos = start;
-                (*b).last = start.add(piece.len());
-                (*b).end = (*b).last;
-                (*b).set_memory(1);
-                (*ctx).out.in_nginx.push_back((b, piece));
-            } else if last {
-                (*b).set_last_buf(if (*r).main == r { 1 } else { 0 });
-                (*b).set_last_in_chain(1);
-            } else {
-                (*b).set_flush(1);
+            match pieces.next() {
+                Some(Piece::Bytes(piece)) => {
+                    let start = piece.as_ptr().cast_mut();
+                    (*b).start = start;
+                    (*b).pos = start;
+                    (*b).last = start.add(piece.len());
+                    (*b).end = (*b).last;
+                    (*b).set_memory(1);
+                    (*ctx).out.in_nginx.push_back((b, piece));
+                }
+                Some(Piece::File(body, len)) => {
+                    let file: *mut ngx_file_t =
+                        ngx_pcalloc((*r).pool, core::mem::size_of::<ngx_file_t>()).cast();
+                    if file.is_null() {
+                        return NGX_ERROR as ngx_int_t;
+                    }
+                    (*file).fd = body.file.as_raw_fd();
+                    (*file).name = ngx_str_t {
+                        len: FILE_NAME.len(),
+                        data: FILE_NAME.as_ptr().cast_mut(),
+                    };
+                    (*file).log = (*(*r).connection).log;
+                    (*b).file = file;
+                    (*b).file_pos = body.offset as i64;
+                    (*b).file_last = (body.offset + len) as i64;
+                    (*b).set_in_file(1);
+                    (*ctx).out.files.push(body.file);
+                }
+                None if last => {
+                    (*b).set_last_buf(if (*r).main == r { 1 } else { 0 });
+                    (*b).set_last_in_chain(1);
+                }
+                None => (*b).set_flush(1),
             }
             let rc = ngx_http_output_filter(r, cl);
             let out = &mut (*ctx).out;
