@@ -218,6 +218,14 @@ pub struct AppConfig {
     /// clients that ask for it. Default: true.
     #[serde(default = "AppConfig::default_true")]
     pub websocket_per_message_deflate: bool,
+    /// Pool only: how many worker processes run the app (each with `threads` threads, or one
+    /// event loop). Default: 2.
+    #[serde(default = "AppConfig::default_processes")]
+    pub processes: usize,
+    /// Pool only: how long a starting worker may take to load the app before it is killed
+    /// and started again. `0` means no limit. Default: 60 s.
+    #[serde(default = "AppConfig::default_startup_timeout")]
+    pub startup_timeout: Seconds,
 }
 
 impl AppConfig {
@@ -245,6 +253,12 @@ impl AppConfig {
     fn default_true() -> bool {
         true
     }
+    fn default_processes() -> usize {
+        2
+    }
+    fn default_startup_timeout() -> Seconds {
+        Seconds::from_secs(60)
+    }
 
     /// An app with every optional key at its default.
     pub fn new(name: &str, target: &str) -> AppConfig {
@@ -266,6 +280,8 @@ impl AppConfig {
             lifespan: LifespanMode::default(),
             websocket_max_message_size: Self::default_websocket_max_message_size(),
             websocket_per_message_deflate: true,
+            processes: Self::default_processes(),
+            startup_timeout: Self::default_startup_timeout(),
         }
     }
 
@@ -468,12 +484,8 @@ impl Config {
             if app.queue_size == 0 {
                 err(key("queue_size"), "must be at least 1".into());
             }
-            if app.mode == Mode::Pool {
-                err(
-                    key("mode"),
-                    "\"pool\" is not available in this version of Portico yet; use \"in-process\""
-                        .into(),
-                );
+            if app.processes == 0 {
+                err(key("processes"), "must be at least 1".into());
             }
             for (k, dir) in app
                 .python_path

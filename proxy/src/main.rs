@@ -11,6 +11,7 @@ use pingora::services::listening::Service;
 use portico_config::{
     AppConfig, Config, ConfigError, ConfigErrors, Interface, LifespanMode, LoopKind, TlsConfig,
 };
+use portico_core::pool::PoolHost;
 use portico_core::{Dispatcher, HostInfo};
 use portico_proxy::access_log::AccessLog;
 use portico_proxy::listener::PorticoApp;
@@ -111,13 +112,13 @@ fn main() -> ExitCode {
     portico_core::tune_allocator();
     init_logging();
     let cli = Cli::parse();
-    let (config, source) = match cli.command {
+    let (config, source, file) = match cli.command {
         Command::Run(args) => match config_from_args(*args) {
-            Ok(config) => (config, "command line".to_owned()),
+            Ok(config) => (config, "command line".to_owned(), None),
             Err(e) => return config_failed(&e),
         },
         Command::Serve { config } => match Config::load(&config) {
-            Ok(c) => (c, config.display().to_string()),
+            Ok(c) => (c, config.display().to_string(), Some(config)),
             Err(e) => return config_failed(&e),
         },
         Command::Check { config } => {
@@ -138,7 +139,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    serve(config, &source)
+    serve(config, &source, file)
 }
 
 fn init_logging() {
@@ -241,10 +242,21 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
     Ok(config)
 }
 
-fn serve(config: Config, source: &str) -> ExitCode {
+fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
+    // Pool workers read their app from the same file; `portico-worker` sits beside us.
+    let pool = file.and_then(|file| {
+        let worker_binary = std::env::current_exe()
+            .ok()?
+            .with_file_name("portico-worker");
+        Some(PoolHost {
+            worker_binary,
+            config_file: std::path::absolute(&file).unwrap_or(file),
+        })
+    });
     let host = HostInfo {
         server_software: format!("portico/{}", env!("CARGO_PKG_VERSION")),
         multiprocess: false,
+        pool,
     };
     // Apps first: an app that cannot import must fail before any port is bound.
     let dispatcher = match Dispatcher::load(&config.app, &host) {

@@ -3,6 +3,8 @@
 use crate::error::{DispatchError, LoadError};
 use crate::exchange::{self, Exchange};
 use crate::model::RequestHead;
+use crate::pool::wire::RequestKind;
+use crate::pool::Pool;
 use crate::python::asgi::{AsgiContext, LifespanOutcome};
 use crate::python::event_loop::{self, LoopShared, Work};
 use crate::python::threads::{Job, JobKind, ThreadPool};
@@ -10,7 +12,7 @@ use crate::python::{self, wsgi::WsgiRunner};
 use crate::router::{Route, Router};
 use crate::websocket;
 use bytes::Bytes;
-use portico_config::{AppConfig, Interface, LifespanMode};
+use portico_config::{AppConfig, Interface, LifespanMode, Mode};
 use pyo3::prelude::*;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -24,6 +26,8 @@ pub struct HostInfo {
     /// Whether other processes serve the same app (`wsgi.multiprocess`): true under nginx
     /// with several workers, false for the single `portico` process.
     pub multiprocess: bool,
+    /// How to start pool workers (`mode = "pool"`); `None` where this host cannot.
+    pub pool: Option<crate::pool::PoolHost>,
 }
 
 /// A loaded app, ready for requests.
@@ -42,6 +46,8 @@ enum Placement {
         limit: usize,
         lifespan: bool,
     },
+    /// `mode = "pool"`: worker processes, each running the app through this same core.
+    Pool(Arc<Pool>),
 }
 
 impl App {
@@ -68,6 +74,7 @@ impl App {
     /// Whether the app takes WebSocket connections (ASGI apps do; a WSGI app gets an upgrade
     /// request as a plain HTTP request).
     pub fn accepts_websockets(&self) -> bool {
+        // Pool workers do not carry WebSockets yet: an upgrade reaches them as plain HTTP.
         matches!(self.placement, Placement::Loop { .. })
     }
 
@@ -124,6 +131,13 @@ impl App {
         route: Route,
         body: Option<Vec<Bytes>>,
     ) -> Result<Exchange, DispatchError> {
+        if let Placement::Pool(pool) = &self.placement {
+            let kind = match kind {
+                JobKind::Http => RequestKind::Http,
+                JobKind::WebSocket => RequestKind::WebSocket,
+            };
+            return pool.submit(kind, head, route, body);
+        }
         let (exchange, responder) = exchange::channel();
         let job = Job {
             kind,
@@ -143,6 +157,7 @@ impl App {
                     true
                 }
             }
+            Placement::Pool(_) => unreachable!("submitted above"),
         };
         if queued {
             Ok(exchange)
@@ -162,14 +177,33 @@ impl Dispatcher {
     /// Starts the interpreter, imports every app and starts its threads. Fails on the first
     /// app that cannot be loaded, with its traceback.
     pub fn load(configs: &[AppConfig], host: &HostInfo) -> Result<Dispatcher, LoadError> {
-        let home = configs.iter().find_map(|c| c.python_home.as_deref());
-        python::init_interpreter(home, configs.first().map_or("", |c| c.name.as_str()))?;
+        let in_process: Vec<&AppConfig> = configs
+            .iter()
+            .filter(|c| c.mode == Mode::InProcess)
+            .collect();
+        if let Some(first) = in_process.first() {
+            let home = in_process.iter().find_map(|c| c.python_home.as_deref());
+            python::init_interpreter(home, &first.name)?;
+        }
         let mut apps = Vec::with_capacity(configs.len());
         for config in configs {
             let fail = |message: String| LoadError {
                 app: config.name.clone(),
                 message,
             };
+            if config.mode == Mode::Pool {
+                let Some(pool_host) = &host.pool else {
+                    return Err(fail(
+                        "mode = \"pool\" is not available on this host yet; use \"in-process\""
+                            .into(),
+                    ));
+                };
+                apps.push(App {
+                    config: config.clone(),
+                    placement: Placement::Pool(Pool::start(config, pool_host)?),
+                });
+                continue;
+            }
             let placement = match config.interface {
                 Interface::Wsgi => {
                     let runner = Python::attach(|py| -> Result<WsgiRunner, LoadError> {
@@ -232,6 +266,17 @@ impl Dispatcher {
                 placement,
             });
         }
+        if in_process.is_empty() {
+            return Ok(Dispatcher {
+                router: Router::new(
+                    configs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (c.mount.as_str(), i)),
+                ),
+                apps,
+            });
+        }
         // Everything imported so far (the apps, their frameworks, asyncio) lives as long as
         // the process: moved out of the collector's generations, it is no longer traversed
         // by every full collection, which otherwise stalls a loop for milliseconds (measured
@@ -263,6 +308,9 @@ impl Dispatcher {
     /// `timeout` for each. Call once, after the last request has been served.
     pub fn shutdown(&self, timeout: Duration) {
         for app in &self.apps {
+            if let Placement::Pool(pool) = &app.placement {
+                pool.stop();
+            }
             if let Placement::Loop {
                 shared,
                 lifespan: true,

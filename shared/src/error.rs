@@ -31,6 +31,9 @@ pub enum DispatchError {
     /// The app broke the gateway protocol: a bad status or header, a `str` body, etc.
     /// The message is already in the log.
     BadResponse(String),
+    /// The pool worker running the request went away (it crashed, was killed or broke the
+    /// protocol) before the response was complete.
+    WorkerLost(String),
 }
 
 impl DispatchError {
@@ -44,6 +47,7 @@ impl DispatchError {
             DispatchError::WebSocketDenied => 403,
             DispatchError::UpgradeRequired => 426,
             DispatchError::AppRaised(_) | DispatchError::BadResponse(_) => 500,
+            DispatchError::WorkerLost(_) => 502,
             DispatchError::Overloaded => 503,
             DispatchError::AppTimeout => 504,
         }
@@ -80,6 +84,7 @@ impl fmt::Display for DispatchError {
             }
             DispatchError::AppRaised(why) => write!(f, "the app raised: {why}"),
             DispatchError::BadResponse(why) => write!(f, "invalid response from the app: {why}"),
+            DispatchError::WorkerLost(why) => write!(f, "the app's worker process was lost: {why}"),
         }
     }
 }

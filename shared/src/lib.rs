@@ -20,6 +20,7 @@
 pub mod error;
 pub mod exchange;
 pub mod model;
+pub mod pool;
 pub mod python;
 pub mod router;
 pub mod websocket;

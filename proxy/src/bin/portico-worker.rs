@@ -1,0 +1,83 @@
+//! `portico-worker`: one process of an app's pool (`mode = "pool"`). The pool's host process
+//! starts it (never a person) with its end of a Unix socket on descriptor 3; it loads the app
+//! named by `--app` from `--config` through the same core as in-process hosting, and serves
+//! the host's requests until the host closes the socket.
+
+use portico_config::{Config, Mode};
+use portico_core::pool::{worker, WORKER_FD};
+use portico_core::{Dispatcher, HostInfo};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A bad command line or configuration (as `portico`'s, EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// The app could not be loaded (as `portico`'s).
+const EXIT_APP: u8 = 70;
+
+fn main() -> ExitCode {
+    portico_core::tune_allocator();
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .parse_env("PORTICO_LOG")
+        .format_target(false)
+        .init();
+    let mut config_file = None;
+    let mut app_name = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => config_file = args.next().map(PathBuf::from),
+            "--app" => app_name = args.next(),
+            other => {
+                eprintln!("portico-worker: unknown argument {other:?} (it is started by portico for mode = \"pool\")");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let (Some(config_file), Some(app_name)) = (config_file, app_name) else {
+        eprintln!("portico-worker: needs --config FILE --app NAME (it is started by portico for mode = \"pool\")");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let config = match Config::load(&config_file) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("portico-worker: invalid configuration:");
+            for error in &errors.0 {
+                eprintln!("  {error}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(mut app) = config.app.into_iter().find(|a| a.name == app_name) else {
+        eprintln!(
+            "portico-worker: {} has no app named `{app_name}`",
+            config_file.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    // Inside the worker the app runs in-process: the pool is the transport around it.
+    app.mode = Mode::InProcess;
+    let host = HostInfo {
+        server_software: format!("portico/{}", env!("CARGO_PKG_VERSION")),
+        multiprocess: true,
+        pool: None,
+    };
+    let dispatcher = match Dispatcher::load(std::slice::from_ref(&app), &host) {
+        Ok(dispatcher) => dispatcher,
+        Err(e) => {
+            eprintln!("portico-worker {}: {e}", std::process::id());
+            return ExitCode::from(EXIT_APP);
+        }
+    };
+    // SAFETY: the host put our end of the socket on this descriptor (dup2 before exec), and
+    // nothing else in this process owns it.
+    let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
+    if let Err(e) = worker::serve(socket, &dispatcher.apps()[0]) {
+        log::error!("app `{}`: pool worker: {e}", app.name);
+    }
+    dispatcher.shutdown(Duration::from_secs(5));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,373 @@
+//! The host's end of one worker's socket. A request becomes a stream: its head goes out as a
+//! [`Kind::Request`] frame, and the worker's frames come back into the request's exchange as
+//! the very [`AppEvent`]s an in-process app thread would send through the same
+//! [`Responder`]. So the host's serving code cannot tell a pooled app from an in-process one.
+//!
+//! Two threads per worker: a writer that batches frames onto the socket, and a reader that
+//! decodes the worker's frames and hands each to its stream. A stream never blocks the
+//! reader: what its exchange has no room for waits in the stream's queue, bounded by the
+//! flow-control window the host grants ([`Kind::Window`]) as the host takes the body.
+
+use super::wire::{self, Frame, Kind, Reader, RequestKind, WireError, INITIAL_WINDOW};
+use crate::error::DispatchError;
+use crate::exchange::{self, AppEvent, AppWaker, BodyPiece, Exchange, Responder};
+use crate::model::RequestHead;
+use crate::router::Route;
+use bytes::{Bytes, BytesMut};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// One live worker process, as the host talks to it.
+pub(crate) struct WorkerConn {
+    /// The worker's process id.
+    pub(crate) pid: u32,
+    out: Sender<Frame>,
+    streams: Mutex<HashMap<u32, Arc<HostStream>>>,
+    next_stream: AtomicU32,
+    alive: AtomicBool,
+    /// Requests on this worker now.
+    pub(crate) in_flight: AtomicUsize,
+    /// Requests this worker has finished.
+    pub(crate) served: AtomicU64,
+    /// Requests this worker was given.
+    pub(crate) taken: AtomicU64,
+}
+
+impl WorkerConn {
+    /// Starts the reader and writer threads on a socket whose worker has said hello.
+    pub(crate) fn start(
+        socket: UnixStream,
+        pid: u32,
+        app: &str,
+    ) -> std::io::Result<Arc<WorkerConn>> {
+        let (out, frames) = crossbeam_channel::unbounded();
+        let conn = Arc::new(WorkerConn {
+            pid,
+            out,
+            streams: Mutex::new(HashMap::new()),
+            next_stream: AtomicU32::new(1),
+            alive: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+        });
+        let writer = socket.try_clone()?;
+        std::thread::Builder::new()
+            .name(format!("{app}-pool-w{pid}"))
+            .spawn(move || write_frames(writer, frames))?;
+        let reader_conn = conn.clone();
+        let name = app.to_owned();
+        std::thread::Builder::new()
+            .name(format!("{app}-pool-r{pid}"))
+            .spawn(move || {
+                let why = read_frames(socket, &reader_conn);
+                reader_conn.lost(&why);
+                log::debug!("app `{name}`: worker {pid}: connection closed: {why}");
+            })?;
+        Ok(conn)
+    }
+
+    /// Whether the worker can take requests.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Sends a request to the worker; the exchange yields its response.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        kind: RequestKind,
+        head: &RequestHead,
+        route: &Route,
+        body: Option<&[Bytes]>,
+    ) -> Result<Exchange, DispatchError> {
+        if !self.is_alive() {
+            return Err(DispatchError::WorkerLost(format!(
+                "worker {} is gone",
+                self.pid
+            )));
+        }
+        let (exchange, responder) = exchange::channel();
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stream = Arc::new(HostStream {
+            id,
+            conn: Arc::downgrade(self),
+            state: Mutex::new(StreamState {
+                responder: Some(responder),
+                queue: VecDeque::new(),
+                awaiting_body: false,
+                unacked: 0,
+                finished: false,
+            }),
+        });
+        self.lock_streams().insert(id, stream.clone());
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        let payload = wire::encode_request(kind, head, route, body);
+        if self
+            .out
+            .send(Frame {
+                kind: Kind::Request,
+                stream: id,
+                payload,
+            })
+            .is_err()
+        {
+            self.remove(id);
+            return Err(DispatchError::WorkerLost(format!(
+                "worker {} is gone",
+                self.pid
+            )));
+        }
+        // Watches for the client leaving from now on.
+        stream.service();
+        Ok(exchange)
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, HashMap<u32, Arc<HostStream>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, id: u32) {
+        if self.lock_streams().remove(&id).is_some() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.served.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn send(&self, frame: Frame) {
+        // A gone writer means a gone worker, which the reader reports.
+        let _ = self.out.send(frame);
+    }
+
+    /// The worker is gone (it exited, or broke the protocol): every request it had fails
+    /// with 502 (or, after its head, is cut), and it takes no more.
+    pub(crate) fn lost(&self, why: &str) {
+        self.alive.store(false, Ordering::Release);
+        let streams: Vec<Arc<HostStream>> = self.lock_streams().drain().map(|(_, s)| s).collect();
+        for stream in streams {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            stream.deliver(AppEvent::Failed(DispatchError::WorkerLost(format!(
+                "worker {}: {why}",
+                self.pid
+            ))));
+        }
+    }
+}
+
+/// Writes frames as they come, several per write when they queue up.
+fn write_frames(mut socket: UnixStream, frames: Receiver<Frame>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Ok(frame) = frames.recv() {
+        frame.encode(&mut buf);
+        while buf.len() < 256 * 1024 {
+            match frames.try_recv() {
+                Ok(frame) => frame.encode(&mut buf),
+                Err(_) => break,
+            }
+        }
+        if socket.write_all(&buf).is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+/// Reads the worker's frames until the socket ends; returns why it ended.
+fn read_frames(mut socket: UnixStream, conn: &Arc<WorkerConn>) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        loop {
+            match wire::decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = dispatch(conn, frame) {
+                        return e.to_string();
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+        match socket.read(&mut chunk) {
+            Ok(0) => return "the worker closed its socket".into(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return format!("reading from the worker failed: {e}"),
+        }
+    }
+}
+
+/// One frame from the worker, to its stream.
+fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
+    let Some(stream) = conn.lock_streams().get(&frame.stream).cloned() else {
+        // A request the host has given up on (the client left): its frames are dropped.
+        return Ok(());
+    };
+    let event = match frame.kind {
+        Kind::NeedBody => {
+            stream.lock().awaiting_body = true;
+            AppEvent::NeedBody
+        }
+        Kind::Head => {
+            let mut r = Reader::new(frame.payload);
+            let head = wire::decode_head(&mut r)?;
+            r.end()?;
+            AppEvent::Head(head)
+        }
+        Kind::Whole => {
+            let mut r = Reader::new(frame.payload);
+            let head = wire::decode_head(&mut r)?;
+            AppEvent::Whole(head, r.rest())
+        }
+        Kind::Data => AppEvent::Body(frame.payload),
+        Kind::End => AppEvent::End,
+        Kind::Failed => AppEvent::Failed(wire::decode_error(frame.payload)?),
+        Kind::Trailers => AppEvent::Trailers(wire::decode_headers(frame.payload)?),
+        Kind::EarlyHint => AppEvent::EarlyHint(wire::decode_links(frame.payload)?),
+        other => return Err(WireError(format!("a worker sent a {other:?} frame"))),
+    };
+    stream.deliver(event);
+    Ok(())
+}
+
+/// One request on a worker, from the host's side.
+struct HostStream {
+    id: u32,
+    conn: Weak<WorkerConn>,
+    state: Mutex<StreamState>,
+}
+
+struct StreamState {
+    /// The app side of the request's exchange; `None` once the request is over.
+    responder: Option<Responder>,
+    /// The worker's events that the exchange had no room for yet.
+    queue: VecDeque<AppEvent>,
+    /// The worker waits for a piece of request body.
+    awaiting_body: bool,
+    /// Response body taken by the host since the last window update.
+    unacked: u32,
+    /// The worker has ended the response (or failed): once the queue is empty the stream is
+    /// over.
+    finished: bool,
+}
+
+impl AppWaker for HostStream {
+    fn wake(&self) {
+        // The waker is always an `Arc<HostStream>` in the stream table or in flight.
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        // Looked up in a statement of its own: the table's lock must be released before
+        // `service`, which may take it again to remove the stream.
+        let me = conn.lock_streams().get(&self.id).cloned();
+        if let Some(me) = me {
+            me.service();
+        }
+    }
+}
+
+impl HostStream {
+    fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An event from the worker: queued behind any that wait, then as many as fit go on.
+    fn deliver(self: &Arc<Self>, event: AppEvent) {
+        {
+            let mut state = self.lock();
+            if matches!(
+                event,
+                AppEvent::End | AppEvent::Failed(_) | AppEvent::Whole(..)
+            ) {
+                state.finished = true;
+            }
+            state.queue.push_back(event);
+        }
+        self.service();
+    }
+
+    /// Moves what can move between the worker and the exchange: queued events in, the
+    /// body piece the worker waits for out, window updates out, and a cancel when the
+    /// client left. Runs on the reader thread or, through [`AppWaker`], on the host's.
+    fn service(self: &Arc<Self>) {
+        let waker: Arc<dyn AppWaker> = self.clone();
+        let mut frames = Vec::new();
+        let mut over = false;
+        {
+            let mut state = self.lock();
+            let Some(responder) = state.responder.clone() else {
+                return;
+            };
+            let mut cancel = false;
+            while let Some(event) = state.queue.pop_front() {
+                let size = match &event {
+                    AppEvent::Body(data) => data.len() as u32,
+                    _ => 0,
+                };
+                match responder.try_send_or_arm(event, &waker) {
+                    Ok(()) => state.unacked += size,
+                    Err(Ok(event)) => {
+                        state.queue.push_front(event);
+                        break;
+                    }
+                    Err(Err(_)) => {
+                        cancel = true;
+                        break;
+                    }
+                }
+            }
+            if state.unacked >= INITIAL_WINDOW / 4 && !state.finished {
+                frames.push(Frame {
+                    kind: Kind::Window,
+                    stream: self.id,
+                    payload: Bytes::copy_from_slice(&state.unacked.to_le_bytes()),
+                });
+                state.unacked = 0;
+            }
+            if !cancel && state.awaiting_body {
+                if let Some(piece) = responder.try_recv_body_or_arm(&waker) {
+                    state.awaiting_body = false;
+                    frames.push(match piece {
+                        BodyPiece::Data(data) => Frame {
+                            kind: Kind::Body,
+                            stream: self.id,
+                            payload: data,
+                        },
+                        BodyPiece::End => Frame::bare(Kind::BodyEnd, self.id),
+                        BodyPiece::Failed(e) => Frame {
+                            kind: Kind::BodyFailed,
+                            stream: self.id,
+                            payload: wire::encode_error(&e),
+                        },
+                    });
+                }
+            }
+            if !cancel && !state.finished && responder.host_gone_or_arm(&waker) {
+                cancel = true;
+            }
+            if cancel {
+                frames.push(Frame::bare(Kind::Cancel, self.id));
+                state.queue.clear();
+                state.responder = None;
+                over = true;
+            } else if state.finished && state.queue.is_empty() {
+                // The last event is in the exchange: dropping our half ends the request.
+                state.responder = None;
+                over = true;
+            }
+        }
+        if let Some(conn) = self.conn.upgrade() {
+            for frame in frames {
+                conn.send(frame);
+            }
+            if over {
+                conn.remove(self.id);
+            }
+        }
+    }
+}

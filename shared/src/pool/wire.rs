@@ -1,0 +1,661 @@
+//! The framed protocol between a host process and its pool's worker processes, over one Unix
+//! socket per worker (docs/pool.md has the byte layout). Sans-IO: [`Frame::encode`] appends
+//! to a buffer, [`decode`] takes one frame off the front of one; every length is checked
+//! before it is trusted, so a corrupt or hostile peer gets a [`WireError`], never a panic or
+//! an allocation it asked for.
+//!
+//! A frame: `len: u32 LE` (of the payload) | `kind: u8` | `stream: u32 LE` | payload.
+//! Streams are requests, numbered by the host; stream 0 is the connection itself.
+
+use crate::error::DispatchError;
+use crate::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
+use crate::router::Route;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::fmt;
+use std::net::SocketAddr;
+
+/// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
+pub const VERSION: u16 = 1;
+
+/// Bytes before a frame's payload.
+pub const HEADER_LEN: usize = 9;
+
+/// The largest payload a frame may carry; bodies go in pieces of at most [`DATA_PIECE`].
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// The largest piece of body one `Data` or `Body` frame carries.
+pub const DATA_PIECE: usize = 64 * 1024;
+
+/// Response body bytes a worker may send on a stream before the host grants more with
+/// [`Kind::Window`] (the host's flow control, as HTTP/2's, RFC 9113 section 5.2).
+pub const INITIAL_WINDOW: u32 = 256 * 1024;
+
+/// What a frame means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Worker → host, stream 0: `version: u16`, `pid: u32`. The first frame of a connection.
+    Hello = 1,
+    /// Host → worker: a new request on a new stream (see [`encode_request`]).
+    Request = 2,
+    /// Host → worker: a piece of request body (the answer to [`Kind::NeedBody`]).
+    Body = 3,
+    /// Host → worker: the request body is complete.
+    BodyEnd = 4,
+    /// Host → worker: the request body cannot be read (an encoded [`DispatchError`]).
+    BodyFailed = 5,
+    /// Host → worker: the client is gone; the worker drops the request.
+    Cancel = 6,
+    /// Host → worker: `increment: u32`, more response body the worker may send.
+    Window = 7,
+    /// Worker → host: the app wants the next piece of request body.
+    NeedBody = 16,
+    /// Worker → host: the response head (see [`encode_head`]).
+    Head = 17,
+    /// Worker → host: head and whole body at once (head, then `body: bytes`).
+    Whole = 18,
+    /// Worker → host: a piece of response body.
+    Data = 19,
+    /// Worker → host: the response is complete; the stream is over.
+    End = 20,
+    /// Worker → host: the app failed (an encoded [`DispatchError`]); the stream is over.
+    Failed = 21,
+    /// Worker → host: response trailers (a header list).
+    Trailers = 22,
+    /// Worker → host: a 103 Early Hints response (`count: u32`, then `Link` values).
+    EarlyHint = 23,
+}
+
+impl Kind {
+    fn from_u8(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Hello,
+            2 => Kind::Request,
+            3 => Kind::Body,
+            4 => Kind::BodyEnd,
+            5 => Kind::BodyFailed,
+            6 => Kind::Cancel,
+            7 => Kind::Window,
+            16 => Kind::NeedBody,
+            17 => Kind::Head,
+            18 => Kind::Whole,
+            19 => Kind::Data,
+            20 => Kind::End,
+            21 => Kind::Failed,
+            22 => Kind::Trailers,
+            23 => Kind::EarlyHint,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What it means.
+    pub kind: Kind,
+    /// The request it belongs to (0: the connection).
+    pub stream: u32,
+    /// Its payload, as [`Kind`] describes.
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// A frame with an empty payload.
+    pub fn bare(kind: Kind, stream: u32) -> Frame {
+        Frame {
+            kind,
+            stream,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// Appends the frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(HEADER_LEN + self.payload.len());
+        out.put_u32_le(self.payload.len() as u32);
+        out.put_u8(self.kind as u8);
+        out.put_u32_le(self.stream);
+        out.put_slice(&self.payload);
+    }
+}
+
+/// The peer broke the protocol; the connection cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pool protocol error: {}", self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+fn bad(what: impl Into<String>) -> WireError {
+    WireError(what.into())
+}
+
+/// Takes one whole frame off the front of `buf`: `Ok(None)` when more bytes are needed.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(bad(format!(
+            "a frame of {len} bytes (at most {MAX_PAYLOAD})"
+        )));
+    }
+    let kind =
+        Kind::from_u8(buf[4]).ok_or_else(|| bad(format!("unknown frame kind {}", buf[4])))?;
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    let stream = u32::from_le_bytes([buf[5], buf[6], buf[7], buf[8]]);
+    buf.advance(HEADER_LEN);
+    let payload = buf.split_to(len).freeze();
+    Ok(Some(Frame {
+        kind,
+        stream,
+        payload,
+    }))
+}
+
+/// Reads the fields of a payload, each checked against what is left.
+pub struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    /// Reads `payload` from its start.
+    pub fn new(payload: Bytes) -> Reader {
+        Reader { buf: payload }
+    }
+
+    fn need(&self, n: usize) -> Result<(), WireError> {
+        if self.buf.remaining() < n {
+            return Err(bad("a payload ends early"));
+        }
+        Ok(())
+    }
+
+    /// A byte.
+    pub fn u8(&mut self) -> Result<u8, WireError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
+    /// A little-endian u16.
+    pub fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16_le())
+    }
+
+    /// A little-endian u32.
+    pub fn u32(&mut self) -> Result<u32, WireError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32_le())
+    }
+
+    /// A little-endian u64.
+    pub fn u64(&mut self) -> Result<u64, WireError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64_le())
+    }
+
+    /// `len: u32`, then that many bytes (shared with the payload, not copied).
+    pub fn bytes(&mut self) -> Result<Bytes, WireError> {
+        let len = self.u32()? as usize;
+        self.need(len)?;
+        Ok(self.buf.split_to(len))
+    }
+
+    /// Like [`Reader::bytes`], valid UTF-8.
+    pub fn string(&mut self) -> Result<String, WireError> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| bad("a string is not UTF-8"))
+    }
+
+    /// A count of items, each at least `min_size` bytes: refused when the payload cannot hold
+    /// that many (so no allocation is sized by the peer's word alone).
+    pub fn count(&mut self, min_size: usize) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size.max(1)) > self.buf.remaining() {
+            return Err(bad("a count larger than its payload"));
+        }
+        Ok(n)
+    }
+
+    /// The rest of the payload.
+    pub fn rest(&mut self) -> Bytes {
+        self.buf.split_off(0)
+    }
+
+    /// Checks nothing is left over.
+    pub fn end(&self) -> Result<(), WireError> {
+        if self.buf.has_remaining() {
+            return Err(bad("trailing bytes in a payload"));
+        }
+        Ok(())
+    }
+}
+
+fn put_bytes(out: &mut BytesMut, data: &[u8]) {
+    out.put_u32_le(data.len() as u32);
+    out.put_slice(data);
+}
+
+fn put_headers(out: &mut BytesMut, headers: &[(Bytes, Bytes)]) {
+    out.put_u32_le(headers.len() as u32);
+    for (name, value) in headers {
+        put_bytes(out, name);
+        put_bytes(out, value);
+    }
+}
+
+fn read_headers(r: &mut Reader) -> Result<Vec<(Bytes, Bytes)>, WireError> {
+    let n = r.count(8)?;
+    (0..n).map(|_| Ok((r.bytes()?, r.bytes()?))).collect()
+}
+
+fn put_opt_str(out: &mut BytesMut, value: Option<&str>) {
+    match value {
+        Some(v) => {
+            out.put_u8(1);
+            put_bytes(out, v.as_bytes());
+        }
+        None => out.put_u8(0),
+    }
+}
+
+fn read_opt_str(r: &mut Reader) -> Result<Option<String>, WireError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => r.string().map(Some),
+        other => Err(bad(format!("an option tag {other}"))),
+    }
+}
+
+fn put_addr(out: &mut BytesMut, addr: Option<SocketAddr>) {
+    put_opt_str(out, addr.map(|a| a.to_string()).as_deref());
+}
+
+fn read_addr(r: &mut Reader) -> Result<Option<SocketAddr>, WireError> {
+    read_opt_str(r)?
+        .map(|s| s.parse().map_err(|_| bad("a bad socket address")))
+        .transpose()
+}
+
+/// Whether a request is plain HTTP or a WebSocket handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// An HTTP request.
+    Http,
+    /// A WebSocket handshake (not carried by this version of the protocol yet).
+    WebSocket,
+}
+
+/// The payload of a [`Kind::Request`]: the kind, the head, the route below the mount, and the
+/// whole body when the host read it first.
+pub fn encode_request(
+    kind: RequestKind,
+    head: &RequestHead,
+    route: &Route,
+    body: Option<&[Bytes]>,
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(256);
+    out.put_u8(match kind {
+        RequestKind::Http => 0,
+        RequestKind::WebSocket => 1,
+    });
+    put_bytes(&mut out, head.method.as_bytes());
+    put_bytes(&mut out, &head.raw_path);
+    put_bytes(&mut out, &head.query);
+    out.put_u8(match head.version {
+        HttpVersion::Http10 => 0,
+        HttpVersion::Http11 => 1,
+        HttpVersion::Http2 => 2,
+    });
+    put_headers(&mut out, &head.headers);
+    match &head.tls {
+        Some(tls) => {
+            out.put_u8(1);
+            put_opt_str(&mut out, tls.server_cert.as_deref());
+            put_bytes(&mut out, tls.protocol.as_bytes());
+            put_bytes(&mut out, tls.cipher.as_bytes());
+            out.put_u32_le(tls.version.map_or(u32::MAX, u32::from));
+            out.put_u32_le(tls.cipher_suite.map_or(u32::MAX, u32::from));
+        }
+        None => out.put_u8(0),
+    }
+    out.put_u8(u8::from(head.trailers) | (u8::from(head.early_hints) << 1));
+    put_addr(&mut out, head.client);
+    put_addr(&mut out, head.server);
+    match head.body {
+        BodyLength::Empty => out.put_u8(0),
+        BodyLength::Known(n) => {
+            out.put_u8(1);
+            out.put_u64_le(n);
+        }
+        BodyLength::Unknown => out.put_u8(2),
+    }
+    put_bytes(&mut out, route.script_name.as_bytes());
+    put_bytes(&mut out, &route.path_info);
+    match body {
+        Some(pieces) => {
+            out.put_u8(1);
+            out.put_u32_le(pieces.iter().map(Bytes::len).sum::<usize>() as u32);
+            for piece in pieces {
+                out.put_slice(piece);
+            }
+        }
+        None => out.put_u8(0),
+    }
+    out.freeze()
+}
+
+/// A decoded [`Kind::Request`] payload.
+#[derive(Debug, Clone)]
+pub struct DecodedRequest {
+    /// HTTP or WebSocket.
+    pub kind: RequestKind,
+    /// The request head.
+    pub head: RequestHead,
+    /// The route (`app` is 0: a worker serves one app).
+    pub route: Route,
+    /// The whole body, when the host sent it along.
+    pub body: Option<Bytes>,
+}
+
+/// Reads a [`Kind::Request`] payload.
+pub fn decode_request(payload: Bytes) -> Result<DecodedRequest, WireError> {
+    let mut r = Reader::new(payload);
+    let kind = match r.u8()? {
+        0 => RequestKind::Http,
+        1 => RequestKind::WebSocket,
+        other => return Err(bad(format!("a request kind {other}"))),
+    };
+    let method = r.string()?;
+    let raw_path = r.bytes()?;
+    let query = r.bytes()?;
+    let version = match r.u8()? {
+        0 => HttpVersion::Http10,
+        1 => HttpVersion::Http11,
+        2 => HttpVersion::Http2,
+        other => return Err(bad(format!("an HTTP version {other}"))),
+    };
+    let headers = read_headers(&mut r)?;
+    let tls = match r.u8()? {
+        0 => None,
+        1 => {
+            let server_cert = read_opt_str(&mut r)?.map(std::sync::Arc::from);
+            let protocol = r.string()?;
+            let cipher = r.string()?;
+            let version = u16::try_from(r.u32()?).ok();
+            let cipher_suite = u16::try_from(r.u32()?).ok();
+            Some(TlsInfo {
+                server_cert,
+                protocol,
+                cipher,
+                version,
+                cipher_suite,
+            })
+        }
+        other => return Err(bad(format!("a TLS tag {other}"))),
+    };
+    let flags = r.u8()?;
+    let client = read_addr(&mut r)?;
+    let server = read_addr(&mut r)?;
+    let body_length = match r.u8()? {
+        0 => BodyLength::Empty,
+        1 => BodyLength::Known(r.u64()?),
+        2 => BodyLength::Unknown,
+        other => return Err(bad(format!("a body length tag {other}"))),
+    };
+    let script_name = r.string()?;
+    let path_info = r.bytes()?.to_vec();
+    let body = match r.u8()? {
+        0 => None,
+        1 => {
+            let len = r.u32()? as usize;
+            r.need(len)?;
+            Some(r.buf.split_to(len))
+        }
+        other => return Err(bad(format!("a body tag {other}"))),
+    };
+    r.end()?;
+    Ok(DecodedRequest {
+        kind,
+        head: RequestHead {
+            method,
+            raw_path,
+            query,
+            version,
+            headers,
+            tls,
+            trailers: flags & 1 != 0,
+            early_hints: flags & 2 != 0,
+            client,
+            server,
+            body: body_length,
+        },
+        route: Route {
+            app: 0,
+            script_name,
+            path_info,
+        },
+        body,
+    })
+}
+
+/// The payload of a [`Kind::Head`] (and the start of a [`Kind::Whole`]).
+pub fn encode_head(head: &ResponseHead, out: &mut BytesMut) {
+    out.put_u16_le(head.status);
+    put_bytes(out, head.reason.as_bytes());
+    put_headers(out, &head.headers);
+}
+
+/// Reads a response head. The worker's core checked it already; the host checks again
+/// ([`ResponseHead::with_status`]), since a worker is another process.
+pub fn decode_head(r: &mut Reader) -> Result<ResponseHead, WireError> {
+    let status = r.u16()?;
+    let reason = r.string()?;
+    let headers = read_headers(r)?;
+    let head = ResponseHead::with_status(status, &reason, headers)
+        .map_err(|e| bad(format!("a response head the core refuses: {e}")))?;
+    Ok(head)
+}
+
+/// The payload of a [`Kind::Trailers`].
+pub fn encode_headers(headers: &[(Bytes, Bytes)]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_headers(&mut out, headers);
+    out.freeze()
+}
+
+/// Reads a [`Kind::Trailers`] payload.
+pub fn decode_headers(payload: Bytes) -> Result<Vec<(Bytes, Bytes)>, WireError> {
+    let mut r = Reader::new(payload);
+    let headers = read_headers(&mut r)?;
+    r.end()?;
+    Ok(headers)
+}
+
+/// The payload of a [`Kind::EarlyHint`].
+pub fn encode_links(links: &[Bytes]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u32_le(links.len() as u32);
+    for link in links {
+        put_bytes(&mut out, link);
+    }
+    out.freeze()
+}
+
+/// Reads a [`Kind::EarlyHint`] payload.
+pub fn decode_links(payload: Bytes) -> Result<Vec<Bytes>, WireError> {
+    let mut r = Reader::new(payload);
+    let n = r.count(4)?;
+    let links = (0..n).map(|_| r.bytes()).collect::<Result<_, _>>()?;
+    r.end()?;
+    Ok(links)
+}
+
+/// The payload of a [`Kind::Failed`] or [`Kind::BodyFailed`].
+pub fn encode_error(e: &DispatchError) -> Bytes {
+    let mut out = BytesMut::new();
+    let (tag, text, number): (u8, &str, u64) = match e {
+        DispatchError::NoRoute => (0, "", 0),
+        DispatchError::BadRequest(why) => (1, why, 0),
+        DispatchError::BodyTooLarge { limit } => (2, "", *limit),
+        DispatchError::BodyTimeout => (3, "", 0),
+        DispatchError::UpgradeRequired => (4, "", 0),
+        DispatchError::WebSocketDenied => (5, "", 0),
+        DispatchError::Overloaded => (6, "", 0),
+        DispatchError::AppTimeout => (7, "", 0),
+        DispatchError::AppRaised(why) => (8, why, 0),
+        DispatchError::BadResponse(why) => (9, why, 0),
+        DispatchError::WorkerLost(why) => (10, why, 0),
+    };
+    out.put_u8(tag);
+    put_bytes(&mut out, text.as_bytes());
+    out.put_u64_le(number);
+    out.freeze()
+}
+
+/// Reads a [`Kind::Failed`] or [`Kind::BodyFailed`] payload.
+pub fn decode_error(payload: Bytes) -> Result<DispatchError, WireError> {
+    let mut r = Reader::new(payload);
+    let tag = r.u8()?;
+    let text = r.string()?;
+    let number = r.u64()?;
+    r.end()?;
+    Ok(match tag {
+        0 => DispatchError::NoRoute,
+        1 => DispatchError::BadRequest(text),
+        2 => DispatchError::BodyTooLarge { limit: number },
+        3 => DispatchError::BodyTimeout,
+        4 => DispatchError::UpgradeRequired,
+        5 => DispatchError::WebSocketDenied,
+        6 => DispatchError::Overloaded,
+        7 => DispatchError::AppTimeout,
+        8 => DispatchError::AppRaised(text),
+        9 => DispatchError::BadResponse(text),
+        10 => DispatchError::WorkerLost(text),
+        other => return Err(bad(format!("an error tag {other}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head() -> RequestHead {
+        RequestHead {
+            method: "POST".into(),
+            raw_path: Bytes::from_static(b"/app/a%20b"),
+            query: Bytes::from_static(b"x=1"),
+            version: HttpVersion::Http2,
+            headers: vec![(Bytes::from_static(b"host"), Bytes::from_static(b"example"))],
+            tls: Some(TlsInfo {
+                server_cert: Some("PEM".into()),
+                protocol: "TLSv1.3".into(),
+                cipher: "TLS_AES_128_GCM_SHA256".into(),
+                version: Some(0x0304),
+                cipher_suite: Some(0x1301),
+            }),
+            trailers: true,
+            early_hints: false,
+            client: Some("127.0.0.1:5000".parse().unwrap()),
+            server: Some("[::1]:80".parse().unwrap()),
+            body: BodyLength::Known(5),
+        }
+    }
+
+    #[test]
+    fn a_request_survives_the_round_trip() {
+        let route = Route {
+            app: 3,
+            script_name: "/app".into(),
+            path_info: b"/a b".to_vec(),
+        };
+        let body = [Bytes::from_static(b"he"), Bytes::from_static(b"llo")];
+        let payload = encode_request(RequestKind::Http, &head(), &route, Some(&body));
+        let got = decode_request(payload).unwrap();
+        assert_eq!(got.kind, RequestKind::Http);
+        assert_eq!(got.head.method, "POST");
+        assert_eq!(got.head.raw_path, head().raw_path);
+        assert_eq!(got.head.headers, head().headers);
+        assert_eq!(got.head.tls.as_ref().unwrap().cipher_suite, Some(0x1301));
+        assert_eq!(got.head.client, head().client);
+        assert_eq!(got.head.server, head().server);
+        assert_eq!(got.head.body, BodyLength::Known(5));
+        assert!(got.head.trailers && !got.head.early_hints);
+        assert_eq!(got.route.script_name, "/app");
+        assert_eq!(got.route.path_info, b"/a b");
+        assert_eq!(got.body.unwrap(), Bytes::from_static(b"hello"));
+    }
+
+    #[test]
+    fn frames_are_taken_whole_and_one_at_a_time() {
+        let mut wire = BytesMut::new();
+        Frame {
+            kind: Kind::Data,
+            stream: 7,
+            payload: Bytes::from_static(b"abc"),
+        }
+        .encode(&mut wire);
+        Frame::bare(Kind::End, 7).encode(&mut wire);
+        let mut partial = BytesMut::from(&wire[..5]);
+        assert_eq!(decode(&mut partial).unwrap(), None);
+        let first = decode(&mut wire).unwrap().unwrap();
+        assert_eq!(
+            (first.kind, first.stream, &first.payload[..]),
+            (Kind::Data, 7, &b"abc"[..])
+        );
+        assert_eq!(decode(&mut wire).unwrap().unwrap().kind, Kind::End);
+        assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn lies_about_lengths_are_errors_not_allocations() {
+        let mut huge = BytesMut::from(&[0xff, 0xff, 0xff, 0x7f, 19, 0, 0, 0, 1][..]);
+        assert!(decode(&mut huge).is_err());
+        let mut unknown = BytesMut::from(&[0, 0, 0, 0, 99, 0, 0, 0, 1][..]);
+        assert!(decode(&mut unknown).is_err());
+        // A header count of 2^32-1 in a payload of a few bytes.
+        let mut payload = BytesMut::new();
+        payload.put_u32_le(u32::MAX);
+        assert!(decode_headers(payload.freeze()).is_err());
+        assert!(decode_request(Bytes::from_static(b"\x00\x05\x00\x00\x00GE")).is_err());
+    }
+
+    #[test]
+    fn errors_keep_their_status() {
+        for e in [
+            DispatchError::AppRaised("boom".into()),
+            DispatchError::BodyTooLarge { limit: 10 },
+            DispatchError::WorkerLost("killed".into()),
+            DispatchError::Overloaded,
+        ] {
+            let back = decode_error(encode_error(&e)).unwrap();
+            assert_eq!(back, e);
+            assert_eq!(back.status(), e.status());
+        }
+    }
+
+    #[test]
+    fn a_head_the_core_would_refuse_is_refused() {
+        let mut out = BytesMut::new();
+        out.put_u16_le(200);
+        put_bytes(&mut out, b"OK");
+        put_headers(
+            &mut out,
+            &[(
+                Bytes::from_static(b"x-a"),
+                Bytes::from_static(b"1\r\nx-b: 2"),
+            )],
+        );
+        assert!(decode_head(&mut Reader::new(out.freeze())).is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! The worker process's end of its socket: each [`Kind::Request`] is submitted to the app
+//! loaded in this process exactly as an in-process host submits it ([`App::submit`]), and the
+//! exchange's events go back as frames. The worker is a host like the others, whose "client"
+//! is the pool's host process.
+//!
+//! Three threads besides the app's own: the reader (requests, body pieces, cancels, window
+//! updates), a pump that polls the exchanges the apps have woken, and a writer.
+
+use super::wire::{self, Frame, Kind, Reader, RequestKind, DATA_PIECE, INITIAL_WINDOW};
+use crate::dispatcher::App;
+use crate::error::DispatchError;
+use crate::exchange::{AppEvent, BodyPiece, Exchange};
+use bytes::{BufMut, Bytes, BytesMut};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::pin::pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+/// One request in this worker.
+struct WorkerStream {
+    exchange: Exchange,
+    /// Response body bytes the host still lets us send.
+    credit: AtomicI64,
+    waker: Waker,
+}
+
+type Streams = Arc<Mutex<HashMap<u32, Arc<WorkerStream>>>>;
+
+/// Wakes the pump for one stream.
+struct StreamWaker {
+    id: u32,
+    ready: Sender<u32>,
+}
+
+impl Wake for StreamWaker {
+    fn wake(self: Arc<Self>) {
+        let _ = self.ready.send(self.id);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let _ = self.ready.send(self.id);
+    }
+}
+
+/// Serves `app` over `socket` until the host closes it. Says hello first.
+pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
+    let (out, frames) = crossbeam_channel::unbounded::<Frame>();
+    let (ready, woken) = crossbeam_channel::unbounded::<u32>();
+    let streams: Streams = Arc::new(Mutex::new(HashMap::new()));
+
+    let mut hello = BytesMut::new();
+    hello.put_u16_le(wire::VERSION);
+    hello.put_u32_le(std::process::id());
+    out.send(Frame {
+        kind: Kind::Hello,
+        stream: 0,
+        payload: hello.freeze(),
+    })
+    .map_err(|_| std::io::Error::other("the writer stopped"))?;
+
+    let writer = socket.try_clone()?;
+    std::thread::Builder::new()
+        .name("pool-writer".into())
+        .spawn(move || write_frames(writer, frames))?;
+    let pump_streams = streams.clone();
+    let pump_out = out.clone();
+    std::thread::Builder::new()
+        .name("pool-pump".into())
+        .spawn(move || pump(woken, pump_streams, pump_out))?;
+
+    let result = read_requests(socket, app, &streams, &out, &ready);
+    // The host is gone: every request with it.
+    streams.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    result
+}
+
+fn write_frames(mut socket: UnixStream, frames: Receiver<Frame>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Ok(frame) = frames.recv() {
+        frame.encode(&mut buf);
+        while buf.len() < 256 * 1024 {
+            match frames.try_recv() {
+                Ok(frame) => frame.encode(&mut buf),
+                Err(_) => break,
+            }
+        }
+        if socket.write_all(&buf).is_err() {
+            return;
+        }
+        buf.clear();
+    }
+}
+
+fn read_requests(
+    mut socket: UnixStream,
+    app: &App,
+    streams: &Streams,
+    out: &Sender<Frame>,
+    ready: &Sender<u32>,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(frame) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
+            handle(frame, app, streams, out, ready).map_err(std::io::Error::other)?;
+        }
+        match socket.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn handle(
+    frame: Frame,
+    app: &App,
+    streams: &Streams,
+    out: &Sender<Frame>,
+    ready: &Sender<u32>,
+) -> Result<(), wire::WireError> {
+    let id = frame.stream;
+    let lookup = || {
+        streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    };
+    match frame.kind {
+        Kind::Request => {
+            let request = wire::decode_request(frame.payload)?;
+            let submitted = match request.kind {
+                RequestKind::Http => app.submit(
+                    request.head,
+                    request.route,
+                    request.body.map(|body| vec![body]),
+                ),
+                RequestKind::WebSocket => Err(DispatchError::BadRequest(
+                    "WebSockets are not carried to pool workers yet".into(),
+                )),
+            };
+            match submitted {
+                Ok(exchange) => {
+                    let waker = Waker::from(Arc::new(StreamWaker {
+                        id,
+                        ready: ready.clone(),
+                    }));
+                    let stream = Arc::new(WorkerStream {
+                        exchange,
+                        credit: AtomicI64::new(i64::from(INITIAL_WINDOW)),
+                        waker,
+                    });
+                    streams
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, stream);
+                    let _ = ready.send(id);
+                }
+                Err(e) => {
+                    let _ = out.send(Frame {
+                        kind: Kind::Failed,
+                        stream: id,
+                        payload: wire::encode_error(&e),
+                    });
+                }
+            }
+        }
+        Kind::Body | Kind::BodyEnd | Kind::BodyFailed => {
+            let piece = match frame.kind {
+                Kind::Body => BodyPiece::Data(frame.payload),
+                Kind::BodyEnd => BodyPiece::End,
+                _ => BodyPiece::Failed(wire::decode_error(frame.payload)?),
+            };
+            if let Some(stream) = lookup() {
+                stream.exchange.send_body(piece);
+            }
+        }
+        Kind::Cancel => {
+            // Dropping the exchange tells the app the client is gone.
+            streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+        Kind::Window => {
+            let mut r = Reader::new(frame.payload);
+            let increment = r.u32()?;
+            r.end()?;
+            if let Some(stream) = lookup() {
+                stream
+                    .credit
+                    .fetch_add(i64::from(increment), Ordering::AcqRel);
+                let _ = ready.send(id);
+            }
+        }
+        other => return Err(wire::WireError(format!("the host sent a {other:?} frame"))),
+    }
+    Ok(())
+}
+
+/// Polls each woken stream's exchange and sends what the app produced, as long as the host's
+/// window allows.
+fn pump(woken: Receiver<u32>, streams: Streams, out: Sender<Frame>) {
+    while let Ok(id) = woken.recv() {
+        let Some(stream) = streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+        else {
+            continue;
+        };
+        loop {
+            if stream.credit.load(Ordering::Acquire) <= 0 {
+                break;
+            }
+            let event = {
+                let mut cx = Context::from_waker(&stream.waker);
+                let mut next = pin!(stream.exchange.next());
+                match next.as_mut().poll(&mut cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(event) => event,
+                }
+            };
+            let (over, sent) = send_event(id, event, &out);
+            stream.credit.fetch_sub(sent as i64, Ordering::AcqRel);
+            if over {
+                streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                break;
+            }
+        }
+    }
+}
+
+/// Frames for one event; returns whether the stream is over and the body bytes sent.
+fn send_event(id: u32, event: Option<AppEvent>, out: &Sender<Frame>) -> (bool, usize) {
+    let send = |kind: Kind, payload: Bytes| {
+        let _ = out.send(Frame {
+            kind,
+            stream: id,
+            payload,
+        });
+    };
+    let data = |payload: &Bytes| {
+        let mut at = 0;
+        while at < payload.len() {
+            let end = (at + DATA_PIECE).min(payload.len());
+            send(Kind::Data, payload.slice(at..end));
+            at = end;
+        }
+        payload.len()
+    };
+    match event {
+        Some(AppEvent::NeedBody) => send(Kind::NeedBody, Bytes::new()),
+        Some(AppEvent::Head(head)) => {
+            let mut payload = BytesMut::new();
+            wire::encode_head(&head, &mut payload);
+            send(Kind::Head, payload.freeze());
+        }
+        Some(AppEvent::Whole(head, body)) => {
+            let mut payload = BytesMut::with_capacity(256 + body.len().min(DATA_PIECE));
+            wire::encode_head(&head, &mut payload);
+            if body.len() <= DATA_PIECE {
+                payload.put_slice(&body);
+                send(Kind::Whole, payload.freeze());
+                return (true, body.len());
+            }
+            send(Kind::Head, payload.freeze());
+            let sent = data(&body);
+            send(Kind::End, Bytes::new());
+            return (true, sent);
+        }
+        Some(AppEvent::Body(body)) => return (false, data(&body)),
+        Some(AppEvent::File(file)) => {
+            // The file is this process's: its bytes cross the socket.
+            let mut sent = 0usize;
+            let mut offset = file.offset;
+            let mut left = file.len.unwrap_or(u64::MAX);
+            let mut piece = vec![0u8; DATA_PIECE];
+            while left > 0 {
+                let want = (left.min(DATA_PIECE as u64)) as usize;
+                match file.file.read_at(&mut piece[..want], offset) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        send(Kind::Data, Bytes::copy_from_slice(&piece[..n]));
+                        sent += n;
+                        offset += n as u64;
+                        left -= n as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let e =
+                            DispatchError::BadResponse(format!("cannot read the app's file: {e}"));
+                        send(Kind::Failed, wire::encode_error(&e));
+                        return (true, sent);
+                    }
+                }
+            }
+            return (false, sent);
+        }
+        Some(AppEvent::End) => {
+            send(Kind::End, Bytes::new());
+            return (true, 0);
+        }
+        Some(AppEvent::Trailers(fields)) => send(Kind::Trailers, wire::encode_headers(&fields)),
+        Some(AppEvent::EarlyHint(links)) => send(Kind::EarlyHint, wire::encode_links(&links)),
+        Some(AppEvent::Failed(e)) => {
+            send(Kind::Failed, wire::encode_error(&e));
+            return (true, 0);
+        }
+        Some(AppEvent::WsAccept { .. } | AppEvent::WsSend(_) | AppEvent::WsClose { .. }) => {
+            let e = DispatchError::BadResponse("WebSocket event on an HTTP request".into());
+            send(Kind::Failed, wire::encode_error(&e));
+            return (true, 0);
+        }
+        None => {
+            let e = DispatchError::BadResponse("the app thread stopped".into());
+            send(Kind::Failed, wire::encode_error(&e));
+            return (true, 0);
+        }
+    }
+    (false, 0)
+}

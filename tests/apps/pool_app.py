@@ -1,0 +1,32 @@
+"""A WSGI app for the pool tests: it tells which process answered, and can be slow, crash its
+process or raise."""
+
+import os
+import time
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    if path == "/pid":
+        body = str(os.getpid()).encode()
+    elif path == "/slow":
+        time.sleep(float(environ.get("QUERY_STRING") or "1"))
+        body = b"slow done"
+    elif path == "/crash":
+        # The worker process dies mid-request, as a segfaulting extension would take it.
+        os._exit(13)
+    elif path == "/raise":
+        raise RuntimeError("raised on purpose in a pool worker")
+    elif path == "/echo":
+        body = environ["wsgi.input"].read()
+    elif path == "/stream":
+        def pieces():
+            for i in range(3):
+                yield b"piece %d;" % i
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return pieces()
+    else:
+        body = b"Hello from a pool worker"
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("X-Pid", str(os.getpid()))])
+    return [body]
