@@ -3,9 +3,12 @@ starts and supervises, through the same core as in-process hosting. The faults a
 for are shown with real processes: a worker killed with SIGKILL under load, a worker that dies
 mid-request, an app that cannot be imported."""
 
+import json
 import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +144,146 @@ def test_an_app_that_cannot_import_stops_the_start_with_its_error(portico, tmp_p
     assert "No module named 'no_such_module_here'" in log
     # One attempt per worker, not a storm of them.
     assert log.count("a pool worker could not start") == 3, log
+
+
+VERSIONED_APP = '''
+import time
+VERSION = "{version}"
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(2)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [VERSION.encode()]
+'''
+
+
+@pytest.mark.parametrize("how", ["portico reload", "SIGHUP"])
+def test_reload_under_load_fails_no_request(portico, tmp_path, how):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
+    pid_file = tmp_path / "portico.pid"
+    server = portico(app_table("v", "versioned:application", mode="pool", processes=2,
+                               graceful_timeout="10s")
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1),
+                     server_extra=f'pid_file = "{pid_file}"')
+    assert server.get("/")[2] == b"v1"
+    old_workers = set(worker_pids(server))
+    # A request in flight on the old code across the reload.
+    slow = {}
+    holder = threading.Thread(target=lambda: slow.setdefault("r", server.get("/slow", timeout=15)))
+    holder.start()
+
+    results, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _, body = server.get("/", timeout=10)
+                results.append((status, body))
+            except OSError as e:
+                results.append((repr(e), b""))
+    loaders = [threading.Thread(target=load) for _ in range(4)]
+    for t in loaders:
+        t.start()
+    wait_until(lambda: len(results) > 50, what="load to flow")
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v2"))
+    if how == "SIGHUP":
+        os.kill(server.proc.pid, 1)
+    else:
+        done = subprocess.run([str(BINARY), "reload", "--config", str(server_config(server))],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    wait_until(lambda: results and results[-1][1] == b"v2", timeout=15, what="the new code")
+    count = len(results)
+    wait_until(lambda: len(results) > count + 100, what="load on the new generation")
+    stop.set()
+    for t in loaders:
+        t.join()
+    holder.join()
+    failed = [r for r in results if r[0] != 200]
+    assert failed == [], failed[:5]
+    assert {b for _, b in results} == {b"v1", b"v2"}
+    # Once the new code answered, the old never did again.
+    first_v2 = next(i for i, (_, b) in enumerate(results) if b == b"v2")
+    assert all(b == b"v2" for _, b in results[first_v2 + 4:])
+    # The request that was in flight finished on the old code.
+    assert slow["r"][0] == 200 and slow["r"][2] == b"v1"
+    wait_until(lambda: not (set(worker_pids(server)) & old_workers), timeout=15,
+               what="the old generation to exit")
+    server.wait_for_log("generation 2 serves")
+
+
+def server_config(server):
+    """The portico.toml a `portico` fixture server runs."""
+    return next(Path(server.out_path).parent.glob(f"portico-{server.port}.toml"))
+
+
+def test_a_reload_to_code_that_cannot_import_keeps_the_old_workers(portico, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
+    server = portico(app_table("v", "versioned:application", mode="pool", processes=1)
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1))
+    (code / "versioned.py").write_text("this is not python\n")
+    os.kill(server.proc.pid, 1)
+    server.wait_for_log("generation 1 goes on serving", timeout=15)
+    assert server.get("/")[2] == b"v1"
+
+
+def test_max_requests_replaces_a_worker_without_a_failed_request(portico):
+    server = portico(pool_app(processes=1, max_requests=20))
+    first = int(server.get("/pid")[2])
+    statuses, pids = [], set()
+
+    def replaced():
+        status, _, body = server.get("/pid")
+        statuses.append(status)
+        pids.add(int(body) if status == 200 else None)
+        return len(pids) >= 2
+    # Requests go on while the replacement starts: the old worker serves until it is ready.
+    wait_until(replaced, timeout=15, interval=0, what="a second worker")
+    assert set(statuses) == {200}, statuses
+    assert first in pids, pids
+    server.wait_for_log(f"pool worker {first} replaced (it was given max_requests (20))")
+
+
+def test_a_stuck_request_gets_504_and_its_worker_is_replaced(portico):
+    server = portico(pool_app(processes=1, threads=2, request_timeout="1s"))
+    stuck_pid = int(server.get("/pid")[2])
+    assert server.get("/slow?30", timeout=15)[0] == 504
+    server.wait_for_log(f"pool worker {stuck_pid} replaced (a request ran past request_timeout",
+                        timeout=10)
+    status, _, body = server.get("/pid")
+    assert status == 200 and int(body) != stuck_pid
+
+
+def test_a_worker_over_max_memory_is_replaced_after_its_requests(portico):
+    server = portico(pool_app(processes=1, max_memory="48M"))
+    pid = int(server.get("/pid")[2])
+    assert server.get("/grow")[0] == 200
+    server.wait_for_log(f"pool worker {pid} replaced (its memory", timeout=10)
+    assert int(server.get("/pid")[2]) != pid
+
+
+def test_env_reaches_the_workers(portico):
+    server = portico(pool_app(processes=1) + 'env = { PORTICO_POOL_GREETING = "bonjour" }\n')
+    assert server.get("/env?PORTICO_POOL_GREETING")[2] == b"bonjour"
+
+
+def test_portico_status_lists_the_workers(portico, tmp_path):
+    pid_file = tmp_path / "p.pid"
+    server = portico(pool_app(processes=2), server_extra=f'pid_file = "{pid_file}"\n'
+                                                          'status_path = "/_portico/status"')
+    for _ in range(6):
+        server.get("/hello")
+    done = subprocess.run([str(BINARY), "status", "--config", str(server_config(server))],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    for pid in worker_pids(server):
+        assert str(pid) in done.stdout
+    assert "generation 1" in done.stdout and "serving" in done.stdout
+    status = json.loads(server.get("/_portico/status")[2])
+    assert [w["state"] for w in status[0]["workers"]] == ["serving", "serving"]
+    assert sum(w["served"] for w in status[0]["workers"]) >= 6

@@ -62,6 +62,15 @@ pub struct ServerConfig {
     /// `wss`). Default: none.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A file the server writes its process id to, for `portico reload` and `portico
+    /// status`. Default: none.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// A path on the listeners that answers with the pools' status (JSON), as
+    /// `portico status` shows it; reachable by anyone who can reach the listener, so
+    /// choose one that is not guessable or keep it off public listeners. Default: none.
+    #[serde(default)]
+    pub status_path: Option<String>,
 }
 
 /// The `[server.tls]` table.
@@ -105,6 +114,8 @@ impl Default for ServerConfig {
             access_log: Self::default_access_log(),
             keepalive_timeout: Self::default_keepalive_timeout(),
             graceful_timeout: Self::default_graceful_timeout(),
+            pid_file: None,
+            status_path: None,
             h2c: Self::default_h2c(),
             tls: None,
         }
@@ -226,6 +237,36 @@ pub struct AppConfig {
     /// and started again. `0` means no limit. Default: 60 s.
     #[serde(default = "AppConfig::default_startup_timeout")]
     pub startup_timeout: Seconds,
+    /// Pool only: a worker that has been given this many requests is replaced (a new one
+    /// starts, the old one finishes its requests and exits), as gunicorn's and mod_wsgi's
+    /// `maximum-requests`. `0` means never. Default: 0.
+    #[serde(default)]
+    pub max_requests: u64,
+    /// Pool only: up to this many requests are added to `max_requests` at random for each
+    /// worker, so that workers are not all replaced at once. Default: 0.
+    #[serde(default)]
+    pub max_requests_jitter: u64,
+    /// Pool only: a worker whose resident memory grows past this is replaced after its
+    /// current requests. `0` means no limit. Default: 0.
+    #[serde(default = "AppConfig::default_max_memory")]
+    pub max_memory: ByteSize,
+    /// Pool only: how long a worker being replaced (reload, `max_requests`, `max_memory`, a
+    /// request past `request_timeout`) gets to finish its requests before it is killed.
+    /// Default: 30 s.
+    #[serde(default = "AppConfig::default_graceful_timeout")]
+    pub graceful_timeout: Seconds,
+    /// Pool only: the user the workers run as (a name or a number); the server must run as
+    /// root to switch. Default: the server's.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Pool only: the group the workers run as (a name or a number). Default: the user's
+    /// primary group when `user` is set, else the server's.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Pool only: environment variables set for the workers, over the server's own.
+    /// Default: none.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl AppConfig {
@@ -259,6 +300,12 @@ impl AppConfig {
     fn default_startup_timeout() -> Seconds {
         Seconds::from_secs(60)
     }
+    fn default_graceful_timeout() -> Seconds {
+        Seconds::from_secs(30)
+    }
+    fn default_max_memory() -> ByteSize {
+        ByteSize(0)
+    }
 
     /// An app with every optional key at its default.
     pub fn new(name: &str, target: &str) -> AppConfig {
@@ -282,6 +329,13 @@ impl AppConfig {
             websocket_per_message_deflate: true,
             processes: Self::default_processes(),
             startup_timeout: Self::default_startup_timeout(),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_memory: ByteSize(0),
+            graceful_timeout: Self::default_graceful_timeout(),
+            user: None,
+            group: None,
+            env: Default::default(),
         }
     }
 
@@ -350,6 +404,14 @@ impl Config {
         let mut errors = Vec::new();
         let mut err = |key: String, message: String| errors.push(locator.error(&key, message));
 
+        if let Some(path) = &self.server.status_path {
+            if !path.starts_with('/') {
+                err(
+                    "server.status_path".into(),
+                    format!("`{path}` must start with `/`"),
+                );
+            }
+        }
         if self.server.listen.is_empty() && self.server.tls.is_none() {
             err("server.listen".into(), "needs at least one address".into());
         }

@@ -30,6 +30,7 @@ pub struct Portico {
     access_log: AccessLog,
     keepalive_timeout: Duration,
     server_cert: Option<Arc<str>>,
+    status_path: Option<Arc<str>>,
 }
 
 impl Portico {
@@ -45,6 +46,7 @@ impl Portico {
             access_log,
             keepalive_timeout,
             server_cert: None,
+            status_path: None,
         }
     }
 
@@ -52,6 +54,12 @@ impl Portico {
     /// `server_cert`.
     pub fn with_server_cert(mut self, pem: Option<String>) -> Portico {
         self.server_cert = pem.map(Arc::from);
+        self
+    }
+
+    /// Answers GET `path` with the pools' status (JSON, as `portico status` shows it).
+    pub fn with_status_path(mut self, path: Option<String>) -> Portico {
+        self.status_path = path.map(Arc::from);
         self
     }
 

@@ -57,6 +57,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Reload the pooled apps of a running server (SIGHUP to the pid in `server.pid_file`):
+    /// new workers with the new code take over, the old ones finish their requests.
+    Reload {
+        /// The running server's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the running server's pools: each worker's pid, generation, requests served and
+    /// in flight, memory, and the latest restarts with their reasons (from
+    /// `server.status_path`).
+    Status {
+        /// The running server's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the JSON the status path answers with.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -109,6 +127,9 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // SIGHUP (reload) is taken by a thread of its own with sigwait: blocked here, before any
+    // thread starts, so that every thread inherits the mask and none is interrupted by it.
+    block_sighup();
     portico_core::tune_allocator();
     init_logging();
     let cli = Cli::parse();
@@ -121,6 +142,8 @@ fn main() -> ExitCode {
             Ok(c) => (c, config.display().to_string(), Some(config)),
             Err(e) => return config_failed(&e),
         },
+        Command::Reload { config } => return reload(&config),
+        Command::Status { config, json } => return status(&config, json),
         Command::Check { config } => {
             return match Config::load(&config) {
                 Ok(c) => {
@@ -293,6 +316,15 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
         }
     };
 
+    let _pid_file = match PidFile::write(config.server.pid_file.as_deref()) {
+        Ok(pid_file) => pid_file,
+        Err(e) => {
+            eprintln!("portico: {source}: server.pid_file: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    reload_on_sighup(dispatcher.clone());
+
     let conf = ServerConf {
         threads: config.server.threads,
         // Pingora stops accepting at once, then waits the whole grace period for requests in
@@ -314,7 +346,8 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
             .tls
             .as_ref()
             .and_then(|t| leaf_certificate(&t.certificate)),
-    );
+    )
+    .with_status_path(config.server.status_path.clone());
     let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
     // Larger flow-control windows than HTTP/2's 64 KiB default, so uploads are not throttled
     // to one window per round trip.
@@ -371,6 +404,158 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
     dispatcher.shutdown(config.server.graceful_timeout.0);
     log::info!("stopped");
     ExitCode::SUCCESS
+}
+
+fn block_sighup() {
+    // SAFETY: a signal set on the stack, filled by sigemptyset/sigaddset, given to
+    // pthread_sigmask for the calling thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// A thread that reloads the pooled apps on each SIGHUP (blocked everywhere by
+/// [`block_sighup`]).
+fn reload_on_sighup(dispatcher: Arc<Dispatcher>) {
+    let spawned = std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: as in block_sighup; sigwait writes the signal number to `sig`.
+            let waited = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGHUP);
+                libc::sigwait(&set, &mut sig)
+            };
+            if waited != 0 {
+                return;
+            }
+            log::info!("SIGHUP: reloading the pooled apps");
+            for (app, outcome) in dispatcher.reload() {
+                if let Err(e) = outcome {
+                    log::error!("app `{app}`: reload failed, the old workers go on: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the SIGHUP thread (reloads will not work): {e}");
+    }
+}
+
+/// `server.pid_file`, written at start and removed at exit.
+struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    fn write(path: Option<&Path>) -> std::io::Result<PidFile> {
+        if let Some(path) = path {
+            std::fs::write(path, format!("{}\n", std::process::id()))?;
+        }
+        Ok(PidFile(path.map(Path::to_path_buf)))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The config and pid of the server `portico reload`/`status` talk to.
+fn running_server(config_path: &Path) -> Result<(Config, u32), ExitCode> {
+    let config = Config::load(config_path).map_err(|e| config_failed(&e))?;
+    let Some(pid_file) = &config.server.pid_file else {
+        eprintln!(
+            "portico: {}: server.pid_file is not set, so the running server cannot be found",
+            config_path.display()
+        );
+        return Err(ExitCode::from(EXIT_CONFIG));
+    };
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match pid {
+        Some(pid) => Ok((config, pid)),
+        None => {
+            eprintln!(
+                "portico: no server is running for {} (no pid in {})",
+                config_path.display(),
+                pid_file.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn reload(config_path: &Path) -> ExitCode {
+    let pid = match running_server(config_path) {
+        Ok((_, pid)) => pid,
+        Err(code) => return code,
+    };
+    // SAFETY: kill() only sends a signal to the pid the server wrote.
+    if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+        eprintln!(
+            "portico: cannot signal the server (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("portico: reload requested (SIGHUP to pid {pid}); the server's log tells how it went");
+    ExitCode::SUCCESS
+}
+
+fn status(config_path: &Path, json: bool) -> ExitCode {
+    let config = match running_server(config_path) {
+        Ok((config, _)) => config,
+        Err(code) => return code,
+    };
+    let (Some(path), Some(addr)) = (&config.server.status_path, config.server.listen.first())
+    else {
+        eprintln!(
+            "portico: {}: portico status needs server.status_path and a plain server.listen address",
+            config_path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let target = if json {
+        path.clone()
+    } else {
+        format!("{path}?format=text")
+    };
+    match http_get(addr, &target) {
+        Ok(body) => {
+            print!("{body}");
+            if json {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("portico: cannot read the status from http://{addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET of the server's own status path.
+fn http_get(addr: &str, target: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(stream, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        let line = head.lines().next().unwrap_or_default();
+        return Err(std::io::Error::other(format!("the server answered {line}")));
+    }
+    Ok(body.to_owned())
 }
 
 /// The first PEM certificate of a chain file (the leaf).

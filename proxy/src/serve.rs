@@ -29,6 +29,29 @@ const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
 
 pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bool> {
     let raw_path = path_of(session.req_header().raw_path());
+    if portico
+        .status_path
+        .as_deref()
+        .is_some_and(|p| p.as_bytes() == raw_path)
+    {
+        let pools = portico.dispatcher.pool_status();
+        let text = session.req_header().uri.query() == Some("format=text");
+        let (body, content_type) = if text {
+            let lines: Vec<String> = pools.iter().map(|p| p.to_text()).collect();
+            (lines.concat(), "text/plain; charset=utf-8")
+        } else {
+            let objects: Vec<String> = pools.iter().map(|p| p.to_json()).collect();
+            (format!("[{}]", objects.join(",")), "application/json")
+        };
+        let body = Bytes::from(body);
+        let mut resp = ResponseHeader::build(200, Some(3))?;
+        resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        return Ok(true);
+    }
     let Some((app, route)) = portico.dispatcher.route(raw_path) else {
         return Ok(false);
     };

@@ -329,6 +329,36 @@ impl Dispatcher {
         }
     }
 
+    /// Reloads every pooled app: a new generation of workers with the app's code as it is
+    /// now takes over once ready, the old one finishes its requests. In-process apps keep
+    /// their code (their interpreter is the server's). Returns each pool's outcome.
+    pub fn reload(&self) -> Vec<(String, Result<(), String>)> {
+        let mut outcomes = Vec::new();
+        for app in &self.apps {
+            match &app.placement {
+                Placement::Pool(pool) => {
+                    outcomes.push((app.config.name.clone(), pool.reload()));
+                }
+                _ => log::info!(
+                    "app `{}` runs in-process: a reload keeps its code (restart the server to load new code)",
+                    app.config.name
+                ),
+            }
+        }
+        outcomes
+    }
+
+    /// The status of every pooled app (none without pools).
+    pub fn pool_status(&self) -> Vec<crate::pool::PoolStatus> {
+        self.apps
+            .iter()
+            .filter_map(|app| match &app.placement {
+                Placement::Pool(pool) => Some(pool.status()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The loaded apps, in config order.
     pub fn apps(&self) -> &[App] {
         &self.apps

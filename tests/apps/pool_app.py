@@ -4,6 +4,8 @@ process or raise."""
 import os
 import time
 
+LEAK = []
+
 
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "")
@@ -17,6 +19,12 @@ def application(environ, start_response):
         os._exit(13)
     elif path == "/raise":
         raise RuntimeError("raised on purpose in a pool worker")
+    elif path == "/grow":
+        # Keeps 64 MiB for the life of the process (a leak, for max_memory).
+        LEAK.append(bytearray(64 * 1024 * 1024))
+        body = b"grown"
+    elif path == "/env":
+        body = os.environ.get(environ.get("QUERY_STRING", ""), "").encode()
     elif path == "/echo":
         body = environ["wsgi.input"].read()
     elif path == "/stream":

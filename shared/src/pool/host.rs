@@ -20,6 +20,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 /// One live worker process, as the host talks to it.
 pub(crate) struct WorkerConn {
@@ -35,6 +36,13 @@ pub(crate) struct WorkerConn {
     pub(crate) served: AtomicU64,
     /// Requests this worker was given.
     pub(crate) taken: AtomicU64,
+    /// Being replaced: it takes no new requests and finishes those it has.
+    draining: AtomicBool,
+    /// Why it should be replaced, once something asked for that.
+    recycle: Mutex<Option<String>>,
+    /// The app's `request_timeout`: a request cancelled unanswered past it means a stuck
+    /// worker.
+    request_timeout: Option<Duration>,
 }
 
 impl WorkerConn {
@@ -43,6 +51,7 @@ impl WorkerConn {
         socket: UnixStream,
         pid: u32,
         app: &str,
+        request_timeout: Option<Duration>,
     ) -> std::io::Result<Arc<WorkerConn>> {
         let (out, frames) = crossbeam_channel::unbounded();
         let conn = Arc::new(WorkerConn {
@@ -54,6 +63,9 @@ impl WorkerConn {
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             taken: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            recycle: Mutex::new(None),
+            request_timeout,
         });
         let writer = socket.try_clone()?;
         std::thread::Builder::new()
@@ -73,7 +85,30 @@ impl WorkerConn {
 
     /// Whether the worker can take requests.
     pub(crate) fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.alive.load(Ordering::Acquire) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Stops giving the worker requests. A request that raced with this is refused by
+    /// [`WorkerConn::submit`] (and goes to another worker), so once `in_flight` is 0 after
+    /// this, it stays 0.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Asks the supervisor to replace the worker, for `why` (the first reason wins).
+    pub(crate) fn request_recycle(&self, why: String) {
+        let mut recycle = self.recycle.lock().unwrap_or_else(|e| e.into_inner());
+        if recycle.is_none() {
+            *recycle = Some(why);
+        }
+    }
+
+    /// Why the worker should be replaced, if something asked.
+    pub(crate) fn recycle_reason(&self) -> Option<String> {
+        self.recycle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sends a request to the worker; the exchange yields its response.
@@ -84,7 +119,11 @@ impl WorkerConn {
         route: &Route,
         body: Option<&[Bytes]>,
     ) -> Result<Exchange, DispatchError> {
+        // Counted before the drain check (both sequentially consistent): a drainer that
+        // sees no request in flight can be sure none slips in after.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         if !self.is_alive() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(DispatchError::WorkerLost(format!(
                 "worker {} is gone",
                 self.pid
@@ -95,8 +134,10 @@ impl WorkerConn {
         let stream = Arc::new(HostStream {
             id,
             conn: Arc::downgrade(self),
+            started: Instant::now(),
             state: Mutex::new(StreamState {
                 responder: Some(responder),
+                answered: false,
                 queue: VecDeque::new(),
                 awaiting_body: false,
                 unacked: 0,
@@ -104,7 +145,6 @@ impl WorkerConn {
             }),
         });
         self.lock_streams().insert(id, stream.clone());
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.taken.fetch_add(1, Ordering::Relaxed);
         let payload = wire::encode_request(kind, head, route, body);
         if self
@@ -238,6 +278,7 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
 /// One request on a worker, from the host's side.
 struct HostStream {
     id: u32,
+    started: Instant,
     conn: Weak<WorkerConn>,
     state: Mutex<StreamState>,
 }
@@ -245,6 +286,8 @@ struct HostStream {
 struct StreamState {
     /// The app side of the request's exchange; `None` once the request is over.
     responder: Option<Responder>,
+    /// The worker has sent the response head.
+    answered: bool,
     /// The worker's events that the exchange had no room for yet.
     queue: VecDeque<AppEvent>,
     /// The worker waits for a piece of request body.
@@ -285,6 +328,9 @@ impl HostStream {
                 AppEvent::End | AppEvent::Failed(_) | AppEvent::Whole(..)
             ) {
                 state.finished = true;
+            }
+            if matches!(event, AppEvent::Head(_) | AppEvent::Whole(..)) {
+                state.answered = true;
             }
             state.queue.push_back(event);
         }
@@ -351,6 +397,17 @@ impl HostStream {
                 cancel = true;
             }
             if cancel {
+                if let Some(conn) = self.conn.upgrade() {
+                    // Given up on unanswered after request_timeout (the host answered 504):
+                    // the worker's thread is stuck in the app, so the worker is replaced.
+                    if let Some(limit) = conn.request_timeout {
+                        if !state.answered && self.started.elapsed() >= limit {
+                            conn.request_recycle(format!(
+                                "a request ran past request_timeout ({limit:?})"
+                            ));
+                        }
+                    }
+                }
                 frames.push(Frame::bare(Kind::Cancel, self.id));
                 state.queue.clear();
                 state.responder = None;

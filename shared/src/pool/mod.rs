@@ -5,11 +5,17 @@
 //! its app and sends the exchange's events back ([`worker`]), and the host turns them into
 //! the same exchange events again ([`host`]).
 //!
-//! Supervision: one thread per worker slot starts `portico-worker`, waits for its hello,
-//! hands its socket to the pool, and waits for it to exit; then the worker's requests in
-//! flight fail (502), the others go on on the other workers, and the slot starts a new
-//! worker at once, or after a growing pause (0.5 s doubling to 30 s) when workers die young,
-//! as an app that cannot import does: one clear error per attempt, never a spawn storm.
+//! Supervision: a generation of workers is `processes` slots, each a thread that starts
+//! `portico-worker`, waits for its hello, hands its socket to the pool and watches it:
+//! - a worker that exits costs the requests it had in flight (502); the slot starts another
+//!   at once, or after a pause (0.5 s doubling to 30 s) when workers die young or never get
+//!   ready, as an app that cannot import does: one clear error per attempt, no spawn storm;
+//! - a worker to be replaced (`max_requests`, `max_memory`, a request stuck past
+//!   `request_timeout`) is replaced first, then drained: it takes no new requests, finishes
+//!   those it has (up to `graceful_timeout`), and is stopped;
+//! - a reload starts a new generation; once it has loaded the app it takes every new request
+//!   and the old generation drains the same way. If the new code cannot be loaded, the old
+//!   generation goes on serving.
 
 pub mod host;
 pub mod wire;
@@ -21,15 +27,17 @@ use crate::router::Route;
 use bytes::{Buf, Bytes, BytesMut};
 use host::WorkerConn;
 use portico_config::AppConfig;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use wire::{Kind, RequestKind};
 
 /// The descriptor a worker finds its socket on.
@@ -39,6 +47,12 @@ pub const WORKER_FD: i32 = 3;
 /// request died young (of itself, not of a request or a kill): the next start waits, so a
 /// crashing app cannot make the pool spin.
 const YOUNG: Duration = Duration::from_secs(1);
+
+/// How often a slot looks at its worker (exit, memory, replacement).
+const WATCH: Duration = Duration::from_millis(20);
+
+/// How often a worker's memory is read.
+const MEMORY_CHECK: Duration = Duration::from_secs(1);
 
 /// How a host starts its pool workers.
 #[derive(Debug, Clone)]
@@ -51,13 +65,35 @@ pub struct PoolHost {
 
 /// A running pool for one app.
 pub struct Pool {
-    name: String,
-    conns: RwLock<Vec<Arc<WorkerConn>>>,
-    children: Mutex<Vec<u32>>,
+    config: AppConfig,
+    host: PoolHost,
+    /// The generation that takes new requests.
+    current: RwLock<Arc<Generation>>,
+    /// Generations started so far.
+    generations: AtomicU64,
     /// Where the search for the least busy worker starts, turning with each request so
     /// that idle workers share the work.
     turn: AtomicUsize,
     stopping: AtomicBool,
+    /// Live and draining workers, for the status.
+    workers: Mutex<Vec<WorkerRecord>>,
+    /// Worker exits and replacements, newest last, for the status.
+    events: Mutex<VecDeque<String>>,
+    restarts: AtomicU64,
+}
+
+/// A set of workers started together (at start, or by one reload).
+struct Generation {
+    number: u64,
+    conns: RwLock<Vec<Arc<WorkerConn>>>,
+    /// Replaced by a newer generation: its workers drain and are not restarted.
+    retired: AtomicBool,
+}
+
+struct WorkerRecord {
+    conn: Arc<WorkerConn>,
+    generation: u64,
+    started: SystemTime,
 }
 
 impl Pool {
@@ -65,30 +101,54 @@ impl Pool {
     /// failed once). If none could, the app cannot be loaded: the error is the workers'.
     pub fn start(config: &AppConfig, host: &PoolHost) -> Result<Arc<Pool>, LoadError> {
         let pool = Arc::new(Pool {
-            name: config.name.clone(),
-            conns: RwLock::new(Vec::new()),
-            children: Mutex::new(Vec::new()),
+            config: config.clone(),
+            host: host.clone(),
+            current: RwLock::new(Arc::new(Generation {
+                number: 1,
+                conns: RwLock::new(Vec::new()),
+                retired: AtomicBool::new(false),
+            })),
+            generations: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            workers: Mutex::new(Vec::new()),
+            events: Mutex::new(VecDeque::new()),
+            restarts: AtomicU64::new(0),
         });
+        let generation = pool.current();
+        pool.start_generation(&generation).map_err(|message| {
+            pool.stop();
+            LoadError {
+                app: config.name.clone(),
+                message,
+            }
+        })?;
+        Ok(pool)
+    }
+
+    fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts a generation's slots and waits for each slot's first worker; fails (with the
+    /// first error) when none got ready.
+    fn start_generation(self: &Arc<Self>, generation: &Arc<Generation>) -> Result<(), String> {
         let (first_tx, first_rx) = mpsc::channel();
-        let processes = config.processes.max(1);
+        let processes = self.config.processes.max(1);
         for slot in 0..processes {
-            let pool = pool.clone();
-            let host = host.clone();
+            let pool = self.clone();
+            let generation = generation.clone();
             let first = first_tx.clone();
-            let name = config.name.clone();
-            let startup = config
-                .startup_timeout
-                .as_limit()
-                .unwrap_or(Duration::from_secs(3600));
             std::thread::Builder::new()
-                .name(format!("{name}-pool-{slot}"))
-                .spawn(move || supervise(&pool, &host, &name, startup, first))
-                .map_err(|e| LoadError {
-                    app: config.name.clone(),
-                    message: format!("cannot start the pool's supervisor thread: {e}"),
-                })?;
+                .name(format!(
+                    "{}-pool-g{}-{slot}",
+                    self.config.name, generation.number
+                ))
+                .spawn(move || pool.supervise(&generation, first))
+                .map_err(|e| format!("cannot start the pool's supervisor thread: {e}"))?;
         }
         drop(first_tx);
         let mut errors = Vec::new();
@@ -98,16 +158,48 @@ impl Pool {
             }
         }
         if errors.len() == processes {
-            pool.stop();
-            return Err(LoadError {
-                app: config.name.clone(),
-                message: errors.swap_remove(0),
-            });
+            generation.retired.store(true, Ordering::Release);
+            return Err(errors.swap_remove(0));
         }
-        Ok(pool)
+        Ok(())
     }
 
-    /// Sends a request to the least busy live worker.
+    /// Starts a new generation of workers with the app's code as it is now; once it is
+    /// ready it takes every new request and the old one drains. If the new code cannot be
+    /// loaded, the old generation goes on and the error is returned.
+    pub fn reload(self: &Arc<Self>) -> Result<(), String> {
+        let number = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
+        let generation = Arc::new(Generation {
+            number,
+            conns: RwLock::new(Vec::new()),
+            retired: AtomicBool::new(false),
+        });
+        log::info!(
+            "app `{}`: reloading: starting generation {number}",
+            self.config.name
+        );
+        if let Err(e) = self.start_generation(&generation) {
+            log::error!(
+                "app `{}`: generation {number} could not load the app; generation {} goes on serving: {e}",
+                self.config.name,
+                self.current().number
+            );
+            return Err(e);
+        }
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            generation,
+        );
+        old.retired.store(true, Ordering::Release);
+        log::info!(
+            "app `{}`: generation {number} serves; generation {} finishes its requests",
+            self.config.name,
+            old.number
+        );
+        Ok(())
+    }
+
+    /// Sends a request to the least busy live worker of the current generation.
     pub(crate) fn submit(
         &self,
         kind: RequestKind,
@@ -115,115 +207,452 @@ impl Pool {
         route: Route,
         body: Option<Vec<Bytes>>,
     ) -> Result<crate::exchange::Exchange, DispatchError> {
-        let conn = {
-            let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
-            let start = self.turn.fetch_add(1, Ordering::Relaxed);
-            (0..conns.len())
-                .map(|i| &conns[(start + i) % conns.len()])
-                .filter(|c| c.is_alive())
-                .min_by_key(|c| c.in_flight.load(Ordering::Acquire))
-                .cloned()
-        };
-        match conn {
-            Some(conn) => conn.submit(kind, &head, &route, body.as_deref()),
-            // Every worker is starting or restarting.
-            None => Err(DispatchError::Overloaded),
+        // A worker that starts draining between the pick and the submit refuses: pick again.
+        for _ in 0..4 {
+            let conn = {
+                let generation = self.current();
+                let conns = generation.conns.read().unwrap_or_else(|e| e.into_inner());
+                let start = self.turn.fetch_add(1, Ordering::Relaxed);
+                (0..conns.len())
+                    .map(|i| &conns[(start + i) % conns.len()])
+                    .filter(|c| c.is_alive())
+                    .min_by_key(|c| c.in_flight.load(Ordering::Acquire))
+                    .cloned()
+            };
+            let Some(conn) = conn else {
+                // Every worker is starting or restarting.
+                return Err(DispatchError::Overloaded);
+            };
+            match conn.submit(kind, &head, &route, body.as_deref()) {
+                Err(DispatchError::WorkerLost(_)) => continue,
+                submitted => return submitted,
+            }
         }
+        Err(DispatchError::Overloaded)
     }
 
     /// Stops the workers (SIGTERM) and starts no more.
     pub fn stop(&self) {
         if !self.stopping.swap(true, Ordering::AcqRel) {
-            log::info!("app `{}`: stopping its pool workers", self.name);
+            log::info!("app `{}`: stopping its pool workers", self.config.name);
         }
-        for pid in self
-            .children
+        for record in self
+            .workers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            // SAFETY: kill() only sends a signal to a process id we started.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGTERM);
-            }
+            signal(record.conn.pid, libc::SIGTERM);
         }
     }
 
     /// The live workers' process ids.
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.conns
-            .read()
+        self.workers
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|c| c.is_alive())
-            .map(|c| c.pid)
+            .map(|r| r.conn.pid)
             .collect()
+    }
+
+    /// The pool as `portico status` shows it.
+    pub fn status(&self) -> PoolStatus {
+        let workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|record| {
+                let conn = &record.conn;
+                WorkerStatus {
+                    pid: conn.pid,
+                    generation: record.generation,
+                    serving: conn.is_alive(),
+                    served: conn.served.load(Ordering::Relaxed),
+                    in_flight: conn.in_flight.load(Ordering::Relaxed),
+                    rss_bytes: rss_bytes(conn.pid).unwrap_or(0),
+                    started: record
+                        .started
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                }
+            })
+            .collect();
+        PoolStatus {
+            app: self.config.name.clone(),
+            generation: self.current().number,
+            restarts: self.restarts.load(Ordering::Relaxed),
+            workers,
+            events: self
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn record_event(&self, event: String) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.len() == 20 {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    /// One slot of a generation, for as long as the generation serves: start, watch,
+    /// replace or restart.
+    fn supervise(
+        self: Arc<Self>,
+        generation: &Arc<Generation>,
+        first: mpsc::Sender<Result<(), String>>,
+    ) {
+        let name = self.config.name.clone();
+        let startup = self
+            .config
+            .startup_timeout
+            .as_limit()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut first = Some(first);
+        let mut pause = Duration::from_millis(500);
+        // A worker to replace: it serves on until its replacement is ready, then drains.
+        let mut outgoing: Option<(Arc<WorkerConn>, Child, String)> = None;
+        while !self.stopping.load(Ordering::Acquire) && !generation.retired.load(Ordering::Acquire)
+        {
+            let spawned = spawn(&self.config, &self.host, startup);
+            if let Some((old, old_child, why)) = outgoing.take() {
+                self.retire_in_background(generation, old, old_child, why);
+            }
+            let (mut child, conn) = match spawned {
+                Ok(started) => started,
+                Err(why) => {
+                    log::error!("app `{name}`: a pool worker could not start: {why}");
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(why));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            let pid = conn.pid;
+            let ready_at = Instant::now();
+            generation
+                .conns
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn.clone());
+            self.workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(WorkerRecord {
+                    conn: conn.clone(),
+                    generation: generation.number,
+                    started: SystemTime::now(),
+                });
+            log::info!(
+                "app `{name}`: pool worker {pid} started (generation {})",
+                generation.number
+            );
+            if let Some(first) = first.take() {
+                let _ = first.send(Ok(()));
+            }
+            let max_requests = self.max_requests_for(pid);
+            let max_memory = self.config.max_memory.0;
+            let mut memory_checked = Instant::now();
+            let exited = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(describe_exit(status)),
+                    Ok(None) => {}
+                    Err(e) => break Some(format!("could not be waited for: {e}")),
+                }
+                if self.stopping.load(Ordering::Acquire) {
+                    self.retire(generation, &conn, &mut child, "the server stops".into());
+                    return;
+                }
+                if generation.retired.load(Ordering::Acquire) {
+                    self.retire(generation, &conn, &mut child, "a reload replaced it".into());
+                    return;
+                }
+                if max_requests > 0 && conn.taken.load(Ordering::Relaxed) >= max_requests {
+                    conn.request_recycle(format!("it was given max_requests ({max_requests})"));
+                }
+                if max_memory > 0 && memory_checked.elapsed() >= MEMORY_CHECK {
+                    memory_checked = Instant::now();
+                    if let Some(rss) = rss_bytes(pid).filter(|rss| *rss > max_memory) {
+                        conn.request_recycle(format!(
+                            "its memory ({} MiB) passed max_memory ({} MiB)",
+                            rss >> 20,
+                            max_memory >> 20
+                        ));
+                    }
+                }
+                if conn.recycle_reason().is_some() {
+                    // The replacement starts now (the loop goes round); this worker serves
+                    // on until it is ready.
+                    break None;
+                }
+                std::thread::sleep(WATCH);
+            };
+            let Some(how) = exited else {
+                let why = conn.recycle_reason().unwrap_or_default();
+                outgoing = Some((conn, child, why));
+                pause = Duration::from_millis(500);
+                continue;
+            };
+            // The worker exited by itself.
+            let young = ready_at.elapsed() < YOUNG && conn.taken.load(Ordering::Relaxed) == 0;
+            conn.lost("the worker exited");
+            self.forget(generation, &conn);
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+            let event = format!("worker {pid} {how}");
+            log::warn!("app `{name}`: pool {event}; starting another");
+            self.record_event(event);
+            if young {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(30));
+            } else {
+                pause = Duration::from_millis(500);
+            }
+        }
+    }
+
+    /// Drains and stops a worker on a thread of its own.
+    fn retire_in_background(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        conn: Arc<WorkerConn>,
+        mut child: Child,
+        why: String,
+    ) {
+        let pool = self.clone();
+        let generation = generation.clone();
+        let pid = conn.pid;
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-pool-drain-{pid}", self.config.name))
+            .spawn(move || pool.retire(&generation, &conn, &mut child, why));
+        if let Err(e) = spawned {
+            log::error!(
+                "app `{}`: cannot start a drain thread: {e}",
+                self.config.name
+            );
+        }
+    }
+
+    /// `max_requests` plus this worker's share of the jitter (0: no limit).
+    fn max_requests_for(&self, pid: u32) -> u64 {
+        let base = self.config.max_requests;
+        let jitter = self.config.max_requests_jitter;
+        if base == 0 {
+            return 0;
+        }
+        if jitter == 0 {
+            return base;
+        }
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64)
+            ^ (u64::from(pid) << 17);
+        base + seed % (jitter + 1)
+    }
+
+    /// Drains a worker and stops it: no new requests, up to `graceful_timeout` for those it
+    /// has, then SIGTERM (SIGKILL if it lingers).
+    fn retire(
+        &self,
+        generation: &Generation,
+        conn: &Arc<WorkerConn>,
+        child: &mut Child,
+        why: String,
+    ) {
+        let name = &self.config.name;
+        let pid = conn.pid;
+        conn.start_draining();
+        let limit = self
+            .config
+            .graceful_timeout
+            .as_limit()
+            .unwrap_or(Duration::from_secs(3600));
+        let deadline = Instant::now() + limit;
+        while conn.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(WATCH);
+        }
+        let left = conn.in_flight.load(Ordering::SeqCst);
+        signal(pid, libc::SIGTERM);
+        let killed_at = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if killed_at.elapsed() > Duration::from_secs(5) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(WATCH),
+            }
+        }
+        conn.lost("the worker was replaced");
+        self.forget(generation, conn);
+        let event = if left > 0 {
+            format!("worker {pid} replaced ({why}); {left} request(s) cut after graceful_timeout")
+        } else {
+            format!("worker {pid} replaced ({why})")
+        };
+        if !self.stopping.load(Ordering::Acquire) {
+            log::info!("app `{name}`: pool {event}");
+            self.record_event(event);
+        }
+    }
+
+    fn forget(&self, generation: &Generation, conn: &Arc<WorkerConn>) {
+        generation
+            .conns
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| !Arc::ptr_eq(c, conn));
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| !Arc::ptr_eq(&r.conn, conn));
     }
 }
 
-/// One worker slot, for the pool's life: start, serve, wait, restart.
-fn supervise(
-    pool: &Arc<Pool>,
-    host: &PoolHost,
-    name: &str,
-    startup: Duration,
-    first: mpsc::Sender<Result<(), String>>,
-) {
-    let mut first = Some(first);
-    let mut pause = Duration::from_millis(500);
-    while !pool.stopping.load(Ordering::Acquire) {
-        // Whether the worker died young (see YOUNG), or never got ready.
-        let mut young = true;
-        match spawn(host, name, startup) {
-            Ok((mut child, conn)) => {
-                let ready_at = Instant::now();
-                let pid = child.id();
-                pool.children
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(pid);
-                pool.conns
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(conn.clone());
-                log::info!("app `{name}`: pool worker {pid} started");
-                if let Some(first) = first.take() {
-                    let _ = first.send(Ok(()));
-                }
-                let status = child.wait();
-                young = ready_at.elapsed() < YOUNG && conn.taken.load(Ordering::Relaxed) == 0;
-                conn.lost("the worker exited");
-                pool.conns
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|c| !Arc::ptr_eq(c, &conn));
-                pool.children
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|p| *p != pid);
-                if pool.stopping.load(Ordering::Acquire) {
-                    return;
-                }
-                let how = match status {
-                    Ok(status) => describe_exit(status),
-                    Err(e) => format!("could not be waited for: {e}"),
-                };
-                log::warn!("app `{name}`: pool worker {pid} {how}; starting another");
-            }
-            Err(why) => {
-                log::error!("app `{name}`: a pool worker could not start: {why}");
-                if let Some(first) = first.take() {
-                    let _ = first.send(Err(why));
-                }
-            }
+/// A pool's state, for `portico status` and the status URL.
+#[derive(Debug, Clone)]
+pub struct PoolStatus {
+    /// The app's name.
+    pub app: String,
+    /// The generation that takes new requests.
+    pub generation: u64,
+    /// Workers that exited by themselves (crashed, killed) and were started again.
+    pub restarts: u64,
+    /// Live workers, serving or draining.
+    pub workers: Vec<WorkerStatus>,
+    /// The latest exits and replacements with their reasons, oldest first.
+    pub events: Vec<String>,
+}
+
+/// One worker in a [`PoolStatus`].
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    /// Its process id.
+    pub pid: u32,
+    /// The generation it belongs to.
+    pub generation: u64,
+    /// Whether it takes new requests (else it is draining).
+    pub serving: bool,
+    /// Requests it has finished.
+    pub served: u64,
+    /// Requests it has now.
+    pub in_flight: usize,
+    /// Its resident memory.
+    pub rss_bytes: u64,
+    /// When it started, in seconds since the Unix epoch.
+    pub started: u64,
+}
+
+impl PoolStatus {
+    /// As a JSON object.
+    pub fn to_json(&self) -> String {
+        let mut out = format!(
+            "{{\"app\":{},\"generation\":{},\"restarts\":{},\"workers\":[",
+            json_str(&self.app),
+            self.generation,
+            self.restarts
+        );
+        for (i, w) in self.workers.iter().enumerate() {
+            let _ = write!(
+                out,
+                "{}{{\"pid\":{},\"generation\":{},\"state\":\"{}\",\"served\":{},\"in_flight\":{},\"rss_bytes\":{},\"started\":{}}}",
+                if i > 0 { "," } else { "" },
+                w.pid,
+                w.generation,
+                if w.serving { "serving" } else { "draining" },
+                w.served,
+                w.in_flight,
+                w.rss_bytes,
+                w.started
+            );
         }
-        if young {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_secs(30));
-        } else {
-            pause = Duration::from_millis(500);
+        out.push_str("],\"events\":[");
+        let events: Vec<String> = self.events.iter().map(|e| json_str(e)).collect();
+        out.push_str(&events.join(","));
+        out.push_str("]}");
+        out
+    }
+
+    /// As lines for a terminal.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "app {}: generation {}, {} restart(s)\n  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9}\n",
+            self.app,
+            self.generation,
+            self.restarts,
+            "PID",
+            "GEN",
+            "STATE",
+            "SERVED",
+            "IN FLIGHT",
+            "RSS MiB"
+        );
+        for w in &self.workers {
+            let _ = writeln!(
+                out,
+                "  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9.1}",
+                w.pid,
+                w.generation,
+                if w.serving { "serving" } else { "draining" },
+                w.served,
+                w.in_flight,
+                w.rss_bytes as f64 / (1024.0 * 1024.0)
+            );
+        }
+        for event in &self.events {
+            let _ = writeln!(out, "  - {event}");
+        }
+        out
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill() only sends a signal, to a process id of a child we have not reaped.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// A process's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A JSON string literal.
+fn json_str(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
         }
     }
+    out.push('"');
+    out
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
@@ -237,10 +666,11 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 
 /// Starts one worker and waits for its hello.
 fn spawn(
+    config: &AppConfig,
     host: &PoolHost,
-    name: &str,
     startup: Duration,
 ) -> Result<(Child, Arc<WorkerConn>), String> {
+    let identity = worker_identity(config)?;
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let theirs: OwnedFd = theirs.into();
     let fd = theirs.as_raw_fd();
@@ -249,16 +679,31 @@ fn spawn(
         .arg("--config")
         .arg(&host.config_file)
         .arg("--app")
-        .arg(name);
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 (which also clears
-    // close-on-exec on the copy) and prctl.
+        .arg(&config.name)
+        .envs(&config.env);
+    if let Some((uid, gid)) = identity {
+        // std drops the supplementary groups too when it switches user.
+        command.uid(uid).gid(gid);
+    }
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 (the copy has no
+    // close-on-exec), fcntl, prctl, sigemptyset and sigprocmask.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, WORKER_FD) < 0 {
+            if fd == WORKER_FD {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, WORKER_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The worker goes when the process that supervises it goes.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // The server blocks signals for threads of its own (SIGHUP); a worker starts
+            // with none blocked.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             Ok(())
         });
     }
@@ -281,9 +726,67 @@ fn spawn(
             ));
         }
     }
-    let conn = WorkerConn::start(ours, child.id(), name)
-        .map_err(|e| format!("cannot start the pool's threads: {e}"))?;
+    let conn = WorkerConn::start(
+        ours,
+        child.id(),
+        &config.name,
+        config.request_timeout.as_limit(),
+    )
+    .map_err(|e| format!("cannot start the pool's threads: {e}"))?;
     Ok((child, conn))
+}
+
+/// The user and group the workers switch to (`user`, `group`), by name or number.
+fn worker_identity(config: &AppConfig) -> Result<Option<(u32, u32)>, String> {
+    if config.user.is_none() && config.group.is_none() {
+        return Ok(None);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!(
+            "user/group are set, but the server runs as uid {euid}, not root, so it cannot switch"
+        ));
+    }
+    let (uid, primary) = match &config.user {
+        Some(user) => lookup_user(user)?,
+        None => (0, 0),
+    };
+    let gid = match &config.group {
+        Some(group) => lookup_group(group)?,
+        None => primary,
+    };
+    Ok(Some((uid, gid)))
+}
+
+fn lookup_user(user: &str) -> Result<(u32, u32), String> {
+    let name = std::ffi::CString::new(user).map_err(|_| format!("user `{user}` has a NUL"))?;
+    // SAFETY: getpwnam reads the NUL-terminated name and returns null or a static record,
+    // which is read at once (supervisor threads start workers one at a time per slot; the
+    // record is copied before any other lookup).
+    let found = unsafe {
+        let pw = libc::getpwnam(name.as_ptr());
+        (!pw.is_null()).then(|| ((*pw).pw_uid, (*pw).pw_gid))
+    };
+    match (found, user.parse::<u32>()) {
+        (Some(ids), _) => Ok(ids),
+        (None, Ok(uid)) => Ok((uid, uid)),
+        (None, Err(_)) => Err(format!("user `{user}` does not exist")),
+    }
+}
+
+fn lookup_group(group: &str) -> Result<u32, String> {
+    let name = std::ffi::CString::new(group).map_err(|_| format!("group `{group}` has a NUL"))?;
+    // SAFETY: as in lookup_user, with getgrnam.
+    let found = unsafe {
+        let gr = libc::getgrnam(name.as_ptr());
+        (!gr.is_null()).then(|| (*gr).gr_gid)
+    };
+    match (found, group.parse::<u32>()) {
+        (Some(gid), _) => Ok(gid),
+        (None, Ok(gid)) => Ok(gid),
+        (None, Err(_)) => Err(format!("group `{group}` does not exist")),
+    }
 }
 
 /// Reads the worker's [`Kind::Hello`]; returns its pid.
