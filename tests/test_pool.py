@@ -287,3 +287,23 @@ def test_portico_status_lists_the_workers(portico, tmp_path):
     status = json.loads(server.get("/_portico/status")[2])
     assert [w["state"] for w in status[0]["workers"]] == ["serving", "serving"]
     assert sum(w["served"] for w in status[0]["workers"]) >= 6
+
+
+def test_workers_are_added_on_demand_and_stopped_when_idle(portico):
+    server = portico(pool_app(processes=1, max_processes=3, threads=1, idle_timeout="1s"))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    results = []
+    busy = [threading.Thread(target=lambda: results.append(server.get("/slow?1.5", timeout=15)))
+            for _ in range(3)]
+    for t in busy:
+        t.start()
+    # Every thread of the one worker is taken: more workers start, up to max_processes.
+    wait_until(lambda: len(worker_pids(server)) >= 2, timeout=10, what="a worker on demand")
+    for t in busy:
+        t.join()
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert len(worker_pids(server)) <= 3
+    # Idle for idle_timeout, the extra workers stop; the minimum stays.
+    wait_until(lambda: len(worker_pids(server)) == 1, timeout=10, what="back to one worker")
+    server.wait_for_log("(idle)")
+    assert server.get("/hello")[0] == 200

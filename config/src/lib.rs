@@ -230,9 +230,18 @@ pub struct AppConfig {
     #[serde(default = "AppConfig::default_true")]
     pub websocket_per_message_deflate: bool,
     /// Pool only: how many worker processes run the app (each with `threads` threads, or one
-    /// event loop). Default: 2.
+    /// event loop); with `max_processes`, the minimum. Default: 2.
     #[serde(default = "AppConfig::default_processes")]
     pub processes: usize,
+    /// Pool only: up to how many workers run when every worker is busy (all its `threads`
+    /// taken); those above `processes` stop after `idle_timeout` without a request.
+    /// Default: `processes` (a fixed pool).
+    #[serde(default)]
+    pub max_processes: Option<usize>,
+    /// Pool only: how long a worker above `processes` may sit idle before it is stopped.
+    /// Default: 60 s.
+    #[serde(default = "AppConfig::default_idle_timeout")]
+    pub idle_timeout: Seconds,
     /// Pool only: how long a starting worker may take to load the app before it is killed
     /// and started again. `0` means no limit. Default: 60 s.
     #[serde(default = "AppConfig::default_startup_timeout")]
@@ -303,6 +312,9 @@ impl AppConfig {
     fn default_graceful_timeout() -> Seconds {
         Seconds::from_secs(30)
     }
+    fn default_idle_timeout() -> Seconds {
+        Seconds::from_secs(60)
+    }
     fn default_max_memory() -> ByteSize {
         ByteSize(0)
     }
@@ -328,6 +340,8 @@ impl AppConfig {
             websocket_max_message_size: Self::default_websocket_max_message_size(),
             websocket_per_message_deflate: true,
             processes: Self::default_processes(),
+            max_processes: None,
+            idle_timeout: Self::default_idle_timeout(),
             startup_timeout: Self::default_startup_timeout(),
             max_requests: 0,
             max_requests_jitter: 0,
@@ -548,6 +562,14 @@ impl Config {
             }
             if app.processes == 0 {
                 err(key("processes"), "must be at least 1".into());
+            }
+            if let Some(max) = app.max_processes {
+                if max < app.processes {
+                    err(
+                        key("max_processes"),
+                        format!("must be at least processes ({})", app.processes),
+                    );
+                }
             }
             for (k, dir) in app
                 .python_path

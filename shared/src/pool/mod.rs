@@ -88,6 +88,22 @@ struct Generation {
     conns: RwLock<Vec<Arc<WorkerConn>>>,
     /// Replaced by a newer generation: its workers drain and are not restarted.
     retired: AtomicBool,
+    /// Slots running: `processes`, plus those started on demand.
+    slots: AtomicUsize,
+    /// A slot is being added on demand (one at a time).
+    growing: AtomicBool,
+}
+
+impl Generation {
+    fn new(number: u64) -> Generation {
+        Generation {
+            number,
+            conns: RwLock::new(Vec::new()),
+            retired: AtomicBool::new(false),
+            slots: AtomicUsize::new(0),
+            growing: AtomicBool::new(false),
+        }
+    }
 }
 
 struct WorkerRecord {
@@ -103,11 +119,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             config: config.clone(),
             host: host.clone(),
-            current: RwLock::new(Arc::new(Generation {
-                number: 1,
-                conns: RwLock::new(Vec::new()),
-                retired: AtomicBool::new(false),
-            })),
+            current: RwLock::new(Arc::new(Generation::new(1))),
             generations: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -138,17 +150,8 @@ impl Pool {
     fn start_generation(self: &Arc<Self>, generation: &Arc<Generation>) -> Result<(), String> {
         let (first_tx, first_rx) = mpsc::channel();
         let processes = self.config.processes.max(1);
-        for slot in 0..processes {
-            let pool = self.clone();
-            let generation = generation.clone();
-            let first = first_tx.clone();
-            std::thread::Builder::new()
-                .name(format!(
-                    "{}-pool-g{}-{slot}",
-                    self.config.name, generation.number
-                ))
-                .spawn(move || pool.supervise(&generation, first))
-                .map_err(|e| format!("cannot start the pool's supervisor thread: {e}"))?;
+        for _ in 0..processes {
+            self.add_slot(generation, first_tx.clone(), false)?;
         }
         drop(first_tx);
         let mut errors = Vec::new();
@@ -164,16 +167,62 @@ impl Pool {
         Ok(())
     }
 
+    /// Starts a slot thread; an `extra` one (on demand) ends when its worker has been idle
+    /// for `idle_timeout` or exits.
+    fn add_slot(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        first: mpsc::Sender<Result<(), String>>,
+        extra: bool,
+    ) -> Result<(), String> {
+        let slot = generation.slots.fetch_add(1, Ordering::AcqRel);
+        let pool = self.clone();
+        let thread_generation = generation.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!(
+                "{}-pool-g{}-{slot}",
+                self.config.name, generation.number
+            ))
+            .spawn(move || {
+                pool.supervise(&thread_generation, first, extra);
+                thread_generation.slots.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            generation.slots.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!("cannot start the pool's supervisor thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Every worker is busy: one more, up to `max_processes`, if none is starting already.
+    fn grow(self: &Arc<Self>, generation: &Arc<Generation>) {
+        let max = self.config.max_processes.unwrap_or(self.config.processes);
+        if generation.slots.load(Ordering::Acquire) >= max
+            || generation.growing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (ready_tx, ready_rx) = mpsc::channel();
+        if self.add_slot(generation, ready_tx, true).is_err() {
+            generation.growing.store(false, Ordering::Release);
+            return;
+        }
+        // Another may grow once this one is ready (or failed).
+        let generation = generation.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("{}-pool-grow", self.config.name))
+            .spawn(move || {
+                let _ = ready_rx.recv();
+                generation.growing.store(false, Ordering::Release);
+            });
+    }
+
     /// Starts a new generation of workers with the app's code as it is now; once it is
     /// ready it takes every new request and the old one drains. If the new code cannot be
     /// loaded, the old generation goes on and the error is returned.
     pub fn reload(self: &Arc<Self>) -> Result<(), String> {
         let number = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
-        let generation = Arc::new(Generation {
-            number,
-            conns: RwLock::new(Vec::new()),
-            retired: AtomicBool::new(false),
-        });
+        let generation = Arc::new(Generation::new(number));
         log::info!(
             "app `{}`: reloading: starting generation {number}",
             self.config.name
@@ -201,7 +250,7 @@ impl Pool {
 
     /// Sends a request to the least busy live worker of the current generation.
     pub(crate) fn submit(
-        &self,
+        self: &Arc<Self>,
         kind: RequestKind,
         head: RequestHead,
         route: Route,
@@ -209,8 +258,8 @@ impl Pool {
     ) -> Result<crate::exchange::Exchange, DispatchError> {
         // A worker that starts draining between the pick and the submit refuses: pick again.
         for _ in 0..4 {
+            let generation = self.current();
             let conn = {
-                let generation = self.current();
                 let conns = generation.conns.read().unwrap_or_else(|e| e.into_inner());
                 let start = self.turn.fetch_add(1, Ordering::Relaxed);
                 (0..conns.len())
@@ -223,6 +272,10 @@ impl Pool {
                 // Every worker is starting or restarting.
                 return Err(DispatchError::Overloaded);
             };
+            if conn.in_flight.load(Ordering::Acquire) >= self.config.threads {
+                // Even the least busy worker has every thread taken.
+                self.grow(&generation);
+            }
             match conn.submit(kind, &head, &route, body.as_deref()) {
                 Err(DispatchError::WorkerLost(_)) => continue,
                 submitted => return submitted,
@@ -308,6 +361,7 @@ impl Pool {
         self: Arc<Self>,
         generation: &Arc<Generation>,
         first: mpsc::Sender<Result<(), String>>,
+        extra: bool,
     ) {
         let name = self.config.name.clone();
         let startup = self
@@ -362,7 +416,20 @@ impl Pool {
             let max_requests = self.max_requests_for(pid);
             let max_memory = self.config.max_memory.0;
             let mut memory_checked = Instant::now();
+            let idle_limit = self.config.idle_timeout.as_limit();
+            let mut idle_since: Option<Instant> = None;
             let exited = loop {
+                if extra {
+                    if conn.in_flight.load(Ordering::Acquire) > 0 {
+                        idle_since = None;
+                    } else if let Some(limit) = idle_limit {
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= limit {
+                            self.retire(generation, &conn, &mut child, "idle".into());
+                            return;
+                        }
+                    }
+                }
                 match child.try_wait() {
                     Ok(Some(status)) => break Some(describe_exit(status)),
                     Ok(None) => {}
@@ -407,6 +474,13 @@ impl Pool {
             conn.lost("the worker exited");
             self.forget(generation, &conn);
             if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if extra {
+                // Demand brings it back if it is still needed.
+                let event = format!("worker {pid} {how}");
+                log::warn!("app `{name}`: pool {event}");
+                self.record_event(event);
                 return;
             }
             self.restarts.fetch_add(1, Ordering::Relaxed);
@@ -501,10 +575,11 @@ impl Pool {
         }
         conn.lost("the worker was replaced");
         self.forget(generation, conn);
+        let done = if why == "idle" { "stopped" } else { "replaced" };
         let event = if left > 0 {
-            format!("worker {pid} replaced ({why}); {left} request(s) cut after graceful_timeout")
+            format!("worker {pid} {done} ({why}); {left} request(s) cut after graceful_timeout")
         } else {
-            format!("worker {pid} replaced ({why})")
+            format!("worker {pid} {done} ({why})")
         };
         if !self.stopping.load(Ordering::Acquire) {
             log::info!("app `{name}`: pool {event}");
