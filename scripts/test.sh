@@ -29,3 +29,8 @@ echo "==> integration tests against nginx with the module (PORTICO_TEST_HOST=ngi
 PORTICO_TEST_HOST=nginx .venv/bin/python -m pytest tests/test_wsgi.py tests/test_errors.py \
   tests/test_asgi.py tests/test_websocket.py tests/test_http2.py tests/test_frameworks.py \
   tests/test_frameworks_asgi.py tests/test_autobahn.py "$@"
+# And again with every app in a pool of one worker process (mode = "pool"): the pool is a
+# transport around the same execution path, so the same cases must hold.
+echo "==> integration tests with the apps in pool workers (PORTICO_TEST_MODE=pool)"
+PORTICO_TEST_MODE=pool .venv/bin/python -m pytest tests/test_wsgi.py tests/test_errors.py \
+  tests/test_asgi.py tests/test_websocket.py tests/test_http2.py tests/test_autobahn.py "$@"

@@ -147,9 +147,16 @@ def split_response(raw):
         body = body[size + 2:]
 
 
+# PORTICO_TEST_MODE=pool runs every app of the tests in a pool of one worker process instead
+# of in-process: the same cases against the pool's transport.
+POOL_MODE = os.environ.get("PORTICO_TEST_MODE", "").strip().lower() == "pool"
+
+
 def app_table(name, target, mount="/", **extra):
     lines = ["[[app]]", f'name = "{name}"', f'target = "{target}"', f'mount = "{mount}"',
              f'python_path = ["{APPS}"]']
+    if POOL_MODE and "mode" not in extra:
+        extra = {"mode": "pool", "processes": 1, **extra}
     for key, value in extra.items():
         if isinstance(value, str):
             value = f'"{value}"'

@@ -74,8 +74,12 @@ impl App {
     /// Whether the app takes WebSocket connections (ASGI apps do; a WSGI app gets an upgrade
     /// request as a plain HTTP request).
     pub fn accepts_websockets(&self) -> bool {
-        // Pool workers do not carry WebSockets yet: an upgrade reaches them as plain HTTP.
-        matches!(self.placement, Placement::Loop { .. })
+        match &self.placement {
+            Placement::Loop { .. } => true,
+            // The worker runs the app in-process: an ASGI app takes them there.
+            Placement::Pool(_) => self.config.interface == Interface::Asgi,
+            Placement::Threads(_) => false,
+        }
     }
 
     /// Hands a WebSocket handshake to the app (ASGI "Websocket" spec). The exchange yields
@@ -309,7 +313,7 @@ impl Dispatcher {
     pub fn shutdown(&self, timeout: Duration) {
         for app in &self.apps {
             if let Placement::Pool(pool) = &app.placement {
-                pool.stop();
+                pool.stop(timeout);
             }
             if let Placement::Loop {
                 shared,

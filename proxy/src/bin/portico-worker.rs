@@ -60,9 +60,16 @@ fn main() -> ExitCode {
     };
     // Inside the worker the app runs in-process: the pool is the transport around it.
     app.mode = Mode::InProcess;
+    // PEP 3333's `wsgi.multiprocess`: whether other processes may serve the same app, as
+    // mod_wsgi says for a daemon process group of more than one process.
+    let multiprocess = app
+        .max_processes
+        .unwrap_or(app.processes)
+        .max(app.processes)
+        > 1;
     let host = HostInfo {
         server_software: format!("portico/{}", env!("CARGO_PKG_VERSION")),
-        multiprocess: true,
+        multiprocess,
         pool: None,
     };
     let dispatcher = match Dispatcher::load(std::slice::from_ref(&app), &host) {

@@ -8,9 +8,13 @@
 //! reader: what its exchange has no room for waits in the stream's queue, bounded by the
 //! flow-control window the host grants ([`Kind::Window`]) as the host takes the body.
 
-use super::wire::{self, Frame, Kind, Reader, RequestKind, WireError, INITIAL_WINDOW};
+use super::wire::{
+    self, Frame, Kind, Reader, RequestKind, WireError, INITIAL_WINDOW, WS_INBOUND_WINDOW,
+};
 use crate::error::DispatchError;
-use crate::exchange::{self, AppEvent, AppWaker, BodyPiece, Exchange, Responder};
+use crate::exchange::{
+    self, AppEvent, AppWaker, BodyPiece, Exchange, Inbound, Responder, WsMessage,
+};
 use crate::model::RequestHead;
 use crate::router::Route;
 use bytes::{Bytes, BytesMut};
@@ -34,6 +38,8 @@ pub(crate) struct WorkerConn {
     pub(crate) in_flight: AtomicUsize,
     /// Requests this worker has finished.
     pub(crate) served: AtomicU64,
+    /// The socket, to close it from the host's side.
+    socket: UnixStream,
     /// Requests this worker was given.
     pub(crate) taken: AtomicU64,
     /// Being replaced: it takes no new requests and finishes those it has.
@@ -56,6 +62,7 @@ impl WorkerConn {
         let (out, frames) = crossbeam_channel::unbounded();
         let conn = Arc::new(WorkerConn {
             pid,
+            socket: socket.try_clone()?,
             out,
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU32::new(1),
@@ -93,6 +100,11 @@ impl WorkerConn {
     /// this, it stays 0.
     pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the connection: the worker sees its host gone, finishes and exits.
+    pub(crate) fn close(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
     /// Asks the supervisor to replace the worker, for `why` (the first reason wins).
@@ -138,6 +150,10 @@ impl WorkerConn {
             state: Mutex::new(StreamState {
                 responder: Some(responder),
                 answered: false,
+                websocket: kind == RequestKind::WebSocket,
+                inbound_credit: WS_INBOUND_WINDOW,
+                inbound_done: false,
+                assembler: wire::WsAssembler::default(),
                 queue: VecDeque::new(),
                 awaiting_body: false,
                 unacked: 0,
@@ -269,6 +285,36 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
         Kind::Failed => AppEvent::Failed(wire::decode_error(frame.payload)?),
         Kind::Trailers => AppEvent::Trailers(wire::decode_headers(frame.payload)?),
         Kind::EarlyHint => AppEvent::EarlyHint(wire::decode_links(frame.payload)?),
+        Kind::WsAccept => {
+            let (subprotocol, headers) = wire::decode_accept(frame.payload)?;
+            stream.lock().answered = true;
+            AppEvent::WsAccept {
+                subprotocol,
+                headers,
+            }
+        }
+        Kind::WsSend => {
+            let message = stream.lock().assembler.push(frame.payload)?;
+            match message {
+                Some(message) => AppEvent::WsSend(message),
+                None => return Ok(()),
+            }
+        }
+        Kind::WsClose => {
+            let (code, reason) = wire::decode_close(frame.payload)?;
+            AppEvent::WsClose { code, reason }
+        }
+        Kind::WsAck => {
+            let mut r = Reader::new(frame.payload);
+            let count = r.u32()?;
+            r.end()?;
+            {
+                let mut state = stream.lock();
+                state.inbound_credit = state.inbound_credit.saturating_add(count);
+            }
+            stream.service();
+            return Ok(());
+        }
         other => return Err(WireError(format!("a worker sent a {other:?} frame"))),
     };
     stream.deliver(event);
@@ -288,6 +334,14 @@ struct StreamState {
     responder: Option<Responder>,
     /// The worker has sent the response head.
     answered: bool,
+    /// A WebSocket: the client's messages are forwarded to the worker.
+    websocket: bool,
+    /// Client messages the worker still takes before it acknowledges some.
+    inbound_credit: u32,
+    /// The client's side is over (its close went to the worker).
+    inbound_done: bool,
+    /// The app's WebSocket message coming in pieces.
+    assembler: wire::WsAssembler,
     /// The worker's events that the exchange had no room for yet.
     queue: VecDeque<AppEvent>,
     /// The worker waits for a piece of request body.
@@ -353,6 +407,8 @@ impl HostStream {
             while let Some(event) = state.queue.pop_front() {
                 let size = match &event {
                     AppEvent::Body(data) => data.len() as u32,
+                    AppEvent::WsSend(WsMessage::Binary(data)) => data.len() as u32,
+                    AppEvent::WsSend(WsMessage::Text(text)) => text.len() as u32,
                     _ => 0,
                 };
                 match responder.try_send_or_arm(event, &waker) {
@@ -391,6 +447,30 @@ impl HostStream {
                             payload: wire::encode_error(&e),
                         },
                     });
+                }
+            }
+            // The client's WebSocket messages, as far as the worker's window allows.
+            while !cancel && state.websocket && !state.inbound_done && state.inbound_credit > 0 {
+                match responder.try_recv_inbound_or_arm(&waker) {
+                    Some(Inbound::Message(message)) => {
+                        state.inbound_credit -= 1;
+                        for payload in wire::encode_ws_message(&message) {
+                            frames.push(Frame {
+                                kind: Kind::WsIn,
+                                stream: self.id,
+                                payload,
+                            });
+                        }
+                    }
+                    Some(Inbound::Closed { code, reason }) => {
+                        state.inbound_done = true;
+                        frames.push(Frame {
+                            kind: Kind::WsClosed,
+                            stream: self.id,
+                            payload: wire::encode_close(code, &reason),
+                        });
+                    }
+                    None => break,
                 }
             }
             if !cancel && !state.finished && responder.host_gone_or_arm(&waker) {

@@ -129,7 +129,7 @@ impl Pool {
         });
         let generation = pool.current();
         pool.start_generation(&generation).map_err(|message| {
-            pool.stop();
+            pool.stop(Duration::ZERO);
             LoadError {
                 app: config.name.clone(),
                 message,
@@ -285,17 +285,21 @@ impl Pool {
     }
 
     /// Stops the workers (SIGTERM) and starts no more.
-    pub fn stop(&self) {
+    /// Stops the pool: no more workers start, and each worker is closed once its requests
+    /// are done (an ASGI app gets its lifespan shutdown). Waits up to `wait` for them.
+    pub fn stop(&self, wait: Duration) {
         if !self.stopping.swap(true, Ordering::AcqRel) {
             log::info!("app `{}`: stopping its pool workers", self.config.name);
         }
-        for record in self
-            .workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline
+            && !self
+                .workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
         {
-            signal(record.conn.pid, libc::SIGTERM);
+            std::thread::sleep(WATCH);
         }
     }
 
@@ -560,15 +564,22 @@ impl Pool {
             std::thread::sleep(WATCH);
         }
         let left = conn.in_flight.load(Ordering::SeqCst);
-        signal(pid, libc::SIGTERM);
-        let killed_at = Instant::now();
+        // Closing its socket ends the worker the way it ends itself (an ASGI app gets its
+        // lifespan shutdown); SIGTERM, then SIGKILL, for one that does not go.
+        conn.close();
+        let closed_at = Instant::now();
+        let mut terminated = false;
         loop {
             match child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if killed_at.elapsed() > Duration::from_secs(5) => {
+                Ok(None) if closed_at.elapsed() > Duration::from_secs(10) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     break;
+                }
+                Ok(None) if closed_at.elapsed() > Duration::from_secs(5) && !terminated => {
+                    signal(pid, libc::SIGTERM);
+                    terminated = true;
                 }
                 Ok(None) => std::thread::sleep(WATCH),
             }

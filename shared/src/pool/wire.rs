@@ -8,6 +8,7 @@
 //! Streams are requests, numbered by the host; stream 0 is the connection itself.
 
 use crate::error::DispatchError;
+use crate::exchange::WsMessage;
 use crate::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
 use crate::router::Route;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -48,6 +49,10 @@ pub enum Kind {
     Cancel = 6,
     /// Host → worker: `increment: u32`, more response body the worker may send.
     Window = 7,
+    /// Host → worker: a WebSocket message from the client (see [`encode_ws_message`]).
+    WsIn = 8,
+    /// Host → worker: the WebSocket is over: `code: u16`, `reason`.
+    WsClosed = 9,
     /// Worker → host: the app wants the next piece of request body.
     NeedBody = 16,
     /// Worker → host: the response head (see [`encode_head`]).
@@ -64,7 +69,20 @@ pub enum Kind {
     Trailers = 22,
     /// Worker → host: a 103 Early Hints response (`count: u32`, then `Link` values).
     EarlyHint = 23,
+    /// Worker → host: the app accepts the WebSocket: subprotocol (an option), headers.
+    WsAccept = 24,
+    /// Worker → host: a WebSocket message to the client (see [`encode_ws_message`]).
+    WsSend = 25,
+    /// Worker → host: the app closes the WebSocket: `code: u16`, `reason`.
+    WsClose = 26,
+    /// Worker → host: `count: u32` more client messages the app has taken, so the host may
+    /// send that many more [`Kind::WsIn`] (at most [`WS_INBOUND_WINDOW`] outstanding).
+    WsAck = 27,
 }
+
+/// Client WebSocket messages the host may send on a stream before the worker acknowledges
+/// them ([`Kind::WsAck`]): the app's own queue, so a slow app stops the host reading.
+pub const WS_INBOUND_WINDOW: u32 = 16;
 
 impl Kind {
     fn from_u8(byte: u8) -> Option<Kind> {
@@ -76,6 +94,8 @@ impl Kind {
             5 => Kind::BodyFailed,
             6 => Kind::Cancel,
             7 => Kind::Window,
+            8 => Kind::WsIn,
+            9 => Kind::WsClosed,
             16 => Kind::NeedBody,
             17 => Kind::Head,
             18 => Kind::Whole,
@@ -84,6 +104,10 @@ impl Kind {
             21 => Kind::Failed,
             22 => Kind::Trailers,
             23 => Kind::EarlyHint,
+            24 => Kind::WsAccept,
+            25 => Kind::WsSend,
+            26 => Kind::WsClose,
+            27 => Kind::WsAck,
             _ => return None,
         })
     }
@@ -501,6 +525,115 @@ pub fn decode_links(payload: Bytes) -> Result<Vec<Bytes>, WireError> {
     Ok(links)
 }
 
+/// The largest piece of a WebSocket message one frame carries; larger messages go in several
+/// frames (a message may be larger than any frame).
+pub const WS_PIECE: usize = 1 << 20;
+
+/// The payloads of [`Kind::WsIn`] or [`Kind::WsSend`] frames for one message: each starts with
+/// the message's type (`0` text, `1` binary), plus `0x80` while more pieces follow, then up to
+/// [`WS_PIECE`] bytes of the message.
+pub fn encode_ws_message(message: &WsMessage) -> Vec<Bytes> {
+    let (kind, data): (u8, &[u8]) = match message {
+        WsMessage::Text(text) => (0, text.as_bytes()),
+        WsMessage::Binary(data) => (1, data),
+    };
+    let mut pieces = Vec::with_capacity(data.len() / WS_PIECE + 1);
+    let mut at = 0;
+    loop {
+        let end = (at + WS_PIECE).min(data.len());
+        let more = end < data.len();
+        let mut out = BytesMut::with_capacity(1 + end - at);
+        out.put_u8(kind | if more { 0x80 } else { 0 });
+        out.put_slice(&data[at..end]);
+        pieces.push(out.freeze());
+        if !more {
+            return pieces;
+        }
+        at = end;
+    }
+}
+
+/// Puts a WebSocket message back together from the payloads of [`encode_ws_message`].
+#[derive(Debug, Default)]
+pub struct WsAssembler {
+    kind: Option<u8>,
+    data: BytesMut,
+}
+
+impl WsAssembler {
+    /// One piece; returns the message once its last piece is in.
+    pub fn push(&mut self, payload: Bytes) -> Result<Option<WsMessage>, WireError> {
+        let mut r = Reader::new(payload);
+        let head = r.u8()?;
+        let (kind, more) = (head & 0x7f, head & 0x80 != 0);
+        if kind > 1 {
+            return Err(bad(format!("a message type {kind}")));
+        }
+        if self.kind.is_some_and(|k| k != kind) {
+            return Err(bad("a message piece of another type"));
+        }
+        let rest = r.rest();
+        if more {
+            self.kind = Some(kind);
+            self.data.extend_from_slice(&rest);
+            return Ok(None);
+        }
+        let data = if self.kind.take().is_some() {
+            self.data.extend_from_slice(&rest);
+            self.data.split().freeze()
+        } else {
+            rest
+        };
+        Ok(Some(if kind == 0 {
+            WsMessage::Text(
+                String::from_utf8(data.to_vec()).map_err(|_| bad("a text message is not UTF-8"))?,
+            )
+        } else {
+            WsMessage::Binary(data)
+        }))
+    }
+}
+
+/// The payload of a [`Kind::WsClose`] or [`Kind::WsClosed`].
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u16_le(code);
+    put_bytes(&mut out, reason.as_bytes());
+    out.freeze()
+}
+
+/// Reads a [`Kind::WsClose`] or [`Kind::WsClosed`] payload.
+pub fn decode_close(payload: Bytes) -> Result<(u16, String), WireError> {
+    let mut r = Reader::new(payload);
+    let code = r.u16()?;
+    let reason = r.string()?;
+    r.end()?;
+    Ok((code, reason))
+}
+
+/// The payload of a [`Kind::WsAccept`].
+pub fn encode_accept(subprotocol: Option<&str>, headers: &[(Bytes, Bytes)]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_opt_str(&mut out, subprotocol);
+    put_headers(&mut out, headers);
+    out.freeze()
+}
+
+/// A decoded [`Kind::WsAccept`]: the subprotocol and the extra headers.
+pub type Accept = (Option<String>, Vec<(Bytes, Bytes)>);
+
+/// Reads a [`Kind::WsAccept`] payload. The headers are checked as an app's response headers.
+pub fn decode_accept(payload: Bytes) -> Result<Accept, WireError> {
+    let mut r = Reader::new(payload);
+    let subprotocol = read_opt_str(&mut r)?;
+    let headers = read_headers(&mut r)?;
+    r.end()?;
+    let headers = ResponseHead::with_status(200, "", headers)
+        .map_err(|e| bad(format!("WebSocket accept headers the core refuses: {e}")))?
+        .headers;
+    Ok((subprotocol, headers))
+}
+
 /// The payload of a [`Kind::Failed`] or [`Kind::BodyFailed`].
 pub fn encode_error(e: &DispatchError) -> Bytes {
     let mut out = BytesMut::new();
@@ -628,6 +761,20 @@ mod tests {
         payload.put_u32_le(u32::MAX);
         assert!(decode_headers(payload.freeze()).is_err());
         assert!(decode_request(Bytes::from_static(b"\x00\x05\x00\x00\x00GE")).is_err());
+    }
+
+    #[test]
+    fn a_large_message_goes_in_pieces_and_comes_back_whole() {
+        let big = WsMessage::Text("é".repeat(WS_PIECE));
+        let pieces = encode_ws_message(&big);
+        assert_eq!(pieces.len(), 3);
+        let mut assembler = WsAssembler::default();
+        assert_eq!(assembler.push(pieces[0].clone()).unwrap(), None);
+        assert_eq!(assembler.push(pieces[1].clone()).unwrap(), None);
+        assert_eq!(assembler.push(pieces[2].clone()).unwrap(), Some(big));
+        let small = WsMessage::Binary(Bytes::from_static(b"x"));
+        let mut again = encode_ws_message(&small);
+        assert_eq!(assembler.push(again.remove(0)).unwrap(), Some(small));
     }
 
     #[test]

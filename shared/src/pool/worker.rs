@@ -9,10 +9,10 @@
 use super::wire::{self, Frame, Kind, Reader, RequestKind, DATA_PIECE, INITIAL_WINDOW};
 use crate::dispatcher::App;
 use crate::error::DispatchError;
-use crate::exchange::{AppEvent, BodyPiece, Exchange};
+use crate::exchange::{AppEvent, BodyPiece, Exchange, Inbound, WsMessage};
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -28,6 +28,43 @@ struct WorkerStream {
     /// Response body bytes the host still lets us send.
     credit: AtomicI64,
     waker: Waker,
+    /// Client WebSocket items the app's queue had no room for yet (at most the host's
+    /// window), and whether the host cancelled the stream behind them.
+    inbound: Mutex<(VecDeque<Inbound>, bool)>,
+    /// The client's message coming in pieces.
+    assembler: Mutex<wire::WsAssembler>,
+}
+
+impl WorkerStream {
+    /// Hands waiting client items to the app while its queue has room; acknowledges those
+    /// taken. Returns whether the stream is over (cancelled, and nothing left to hand).
+    fn deliver_inbound(&self, id: u32, out: &Sender<Frame>) -> bool {
+        let mut inbound = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = 0u32;
+        while let Some(item) = inbound.0.pop_front() {
+            if let Err(item) = self.exchange.try_push(item) {
+                inbound.0.push_front(item);
+                break;
+            }
+            taken += 1;
+        }
+        if taken > 0 {
+            let _ = out.send(Frame {
+                kind: Kind::WsAck,
+                stream: id,
+                payload: Bytes::copy_from_slice(&taken.to_le_bytes()),
+            });
+        }
+        if !inbound.0.is_empty() {
+            // Arms the waker for when the app has made room; room made meanwhile: look again.
+            let mut cx = Context::from_waker(&self.waker);
+            let mut room = pin!(self.exchange.has_room());
+            if room.as_mut().poll(&mut cx).is_ready() {
+                self.waker.wake_by_ref();
+            }
+        }
+        inbound.1 && inbound.0.is_empty()
+    }
 }
 
 type Streams = Arc<Mutex<HashMap<u32, Arc<WorkerStream>>>>;
@@ -143,9 +180,7 @@ fn handle(
                     request.route,
                     request.body.map(|body| vec![body]),
                 ),
-                RequestKind::WebSocket => Err(DispatchError::BadRequest(
-                    "WebSockets are not carried to pool workers yet".into(),
-                )),
+                RequestKind::WebSocket => app.submit_websocket(request.head, request.route),
             };
             match submitted {
                 Ok(exchange) => {
@@ -157,6 +192,8 @@ fn handle(
                         exchange,
                         credit: AtomicI64::new(i64::from(INITIAL_WINDOW)),
                         waker,
+                        inbound: Mutex::new((VecDeque::new(), false)),
+                        assembler: Mutex::new(wire::WsAssembler::default()),
                     });
                     streams
                         .lock()
@@ -184,11 +221,55 @@ fn handle(
             }
         }
         Kind::Cancel => {
-            // Dropping the exchange tells the app the client is gone.
-            streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            // Dropping the exchange tells the app the client is gone; client items still
+            // waiting for the app go first (the pump drops the stream after them).
+            let stream = lookup();
+            let waiting = stream.as_ref().is_some_and(|s| {
+                let mut inbound = s.inbound.lock().unwrap_or_else(|e| e.into_inner());
+                inbound.1 = true;
+                !inbound.0.is_empty()
+            });
+            if waiting {
+                let _ = ready.send(id);
+            } else {
+                streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
+        }
+        Kind::WsIn | Kind::WsClosed => {
+            let Some(stream) = lookup() else {
+                return Ok(());
+            };
+            let item = if frame.kind == Kind::WsIn {
+                let message = stream
+                    .assembler
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(frame.payload)?;
+                match message {
+                    Some(message) => Inbound::Message(message),
+                    None => return Ok(()),
+                }
+            } else {
+                let (code, reason) = wire::decode_close(frame.payload)?;
+                Inbound::Closed { code, reason }
+            };
+            {
+                stream
+                    .inbound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+                    .push_back(item);
+                if stream.deliver_inbound(id, out) {
+                    streams
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                }
+            }
         }
         Kind::Window => {
             let mut r = Reader::new(frame.payload);
@@ -218,6 +299,13 @@ fn pump(woken: Receiver<u32>, streams: Streams, out: Sender<Frame>) {
         else {
             continue;
         };
+        if stream.deliver_inbound(id, &out) {
+            streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            continue;
+        }
         loop {
             if stream.credit.load(Ordering::Acquire) <= 0 {
                 break;
@@ -319,10 +407,25 @@ fn send_event(id: u32, event: Option<AppEvent>, out: &Sender<Frame>) -> (bool, u
             send(Kind::Failed, wire::encode_error(&e));
             return (true, 0);
         }
-        Some(AppEvent::WsAccept { .. } | AppEvent::WsSend(_) | AppEvent::WsClose { .. }) => {
-            let e = DispatchError::BadResponse("WebSocket event on an HTTP request".into());
-            send(Kind::Failed, wire::encode_error(&e));
-            return (true, 0);
+        Some(AppEvent::WsAccept {
+            subprotocol,
+            headers,
+        }) => send(
+            Kind::WsAccept,
+            wire::encode_accept(subprotocol.as_deref(), &headers),
+        ),
+        Some(AppEvent::WsSend(message)) => {
+            let size = match &message {
+                WsMessage::Text(text) => text.len(),
+                WsMessage::Binary(data) => data.len(),
+            };
+            for payload in wire::encode_ws_message(&message) {
+                send(Kind::WsSend, payload);
+            }
+            return (false, size);
+        }
+        Some(AppEvent::WsClose { code, reason }) => {
+            send(Kind::WsClose, wire::encode_close(code, &reason))
         }
         None => {
             let e = DispatchError::BadResponse("the app thread stopped".into());
