@@ -765,7 +765,7 @@ mod tests {
 
     #[test]
     fn a_large_message_goes_in_pieces_and_comes_back_whole() {
-        let big = WsMessage::Text("é".repeat(WS_PIECE));
+        let big = WsMessage::Text("é".repeat(WS_PIECE + 1));
         let pieces = encode_ws_message(&big);
         assert_eq!(pieces.len(), 3);
         let mut assembler = WsAssembler::default();
