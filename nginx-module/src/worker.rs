@@ -186,6 +186,8 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let host = HostInfo {
         server_software: format!("nginx portico/{}", env!("CARGO_PKG_VERSION")),
         multiprocess: true,
+        // Pools under nginx (a supervisor the module starts) are not there yet.
+        pool: None,
     };
     // Python starts here: its threads block every signal, so nginx's reach this thread.
     let dispatcher = match Dispatcher::load(&configs, &host) {
