@@ -17,10 +17,9 @@ use crate::exchange::{
 };
 use crate::model::RequestHead;
 use crate::router::Route;
-use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, Sender};
+use bytes::Bytes;
+use crossbeam_channel::Sender;
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -77,13 +76,17 @@ impl WorkerConn {
         let writer = socket.try_clone()?;
         std::thread::Builder::new()
             .name(format!("{app}-pool-w{pid}"))
-            .spawn(move || write_frames(writer, frames))?;
+            .spawn(move || super::write_frames(writer, frames))?;
         let reader_conn = conn.clone();
         let name = app.to_owned();
         std::thread::Builder::new()
             .name(format!("{app}-pool-r{pid}"))
             .spawn(move || {
-                let why = read_frames(socket, &reader_conn);
+                let why = match super::read_frames(&socket, |frame| dispatch(&reader_conn, frame)) {
+                    super::ReadEnd::Closed => "the worker closed its socket".to_owned(),
+                    super::ReadEnd::Failed(e) => format!("reading from the worker failed: {e}"),
+                    super::ReadEnd::Protocol(e) => e.to_string(),
+                };
                 reader_conn.lost(&why);
                 log::debug!("app `{name}`: worker {pid}: connection closed: {why}");
             })?;
@@ -210,50 +213,6 @@ impl WorkerConn {
                 "worker {}: {why}",
                 self.pid
             ))));
-        }
-    }
-}
-
-/// Writes frames as they come, several per write when they queue up.
-fn write_frames(mut socket: UnixStream, frames: Receiver<Frame>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Ok(frame) = frames.recv() {
-        frame.encode(&mut buf);
-        while buf.len() < 256 * 1024 {
-            match frames.try_recv() {
-                Ok(frame) => frame.encode(&mut buf),
-                Err(_) => break,
-            }
-        }
-        if socket.write_all(&buf).is_err() {
-            return;
-        }
-        buf.clear();
-    }
-    let _ = socket.shutdown(std::net::Shutdown::Write);
-}
-
-/// Reads the worker's frames until the socket ends; returns why it ended.
-fn read_frames(mut socket: UnixStream, conn: &Arc<WorkerConn>) -> String {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        loop {
-            match wire::decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    if let Err(e) = dispatch(conn, frame) {
-                        return e.to_string();
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return e.to_string(),
-            }
-        }
-        match socket.read(&mut chunk) {
-            Ok(0) => return "the worker closed its socket".into(),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return format!("reading from the worker failed: {e}"),
         }
     }
 }

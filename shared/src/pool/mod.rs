@@ -611,6 +611,69 @@ impl Pool {
     }
 }
 
+/// How a socket's reading ended.
+pub(crate) enum ReadEnd {
+    /// The peer closed the socket.
+    Closed,
+    /// Reading failed.
+    Failed(std::io::Error),
+    /// The peer broke the protocol (or a frame could not be handled).
+    Protocol(wire::WireError),
+}
+
+/// Reads frames off `socket` and hands each to `on_frame`, until the socket ends or a frame
+/// is refused. Both ends of the pool's socket read this way.
+pub(crate) fn read_frames(
+    mut socket: &UnixStream,
+    mut on_frame: impl FnMut(wire::Frame) -> Result<(), wire::WireError>,
+) -> ReadEnd {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        loop {
+            match wire::decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = on_frame(frame) {
+                        return ReadEnd::Protocol(e);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return ReadEnd::Protocol(e),
+            }
+        }
+        match socket.read(&mut chunk) {
+            Ok(0) => return ReadEnd::Closed,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return ReadEnd::Failed(e),
+        }
+    }
+}
+
+/// Writes frames as they come, several per write when they queue up, until the channel or
+/// the socket ends; then shuts the socket's sending side.
+pub(crate) fn write_frames(
+    mut socket: UnixStream,
+    frames: crossbeam_channel::Receiver<wire::Frame>,
+) {
+    use std::io::Write;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Ok(frame) = frames.recv() {
+        frame.encode(&mut buf);
+        while buf.len() < 256 * 1024 {
+            match frames.try_recv() {
+                Ok(frame) => frame.encode(&mut buf),
+                Err(_) => break,
+            }
+        }
+        if socket.write_all(&buf).is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
 /// A pool's state, for `portico status` and the status URL.
 #[derive(Debug, Clone)]
 pub struct PoolStatus {

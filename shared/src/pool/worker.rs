@@ -14,7 +14,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
@@ -104,7 +103,7 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     let writer = socket.try_clone()?;
     std::thread::Builder::new()
         .name("pool-writer".into())
-        .spawn(move || write_frames(writer, frames))?;
+        .spawn(move || super::write_frames(writer, frames))?;
     let pump_streams = streams.clone();
     let pump_out = out.clone();
     std::thread::Builder::new()
@@ -117,42 +116,17 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     result
 }
 
-fn write_frames(mut socket: UnixStream, frames: Receiver<Frame>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Ok(frame) = frames.recv() {
-        frame.encode(&mut buf);
-        while buf.len() < 256 * 1024 {
-            match frames.try_recv() {
-                Ok(frame) => frame.encode(&mut buf),
-                Err(_) => break,
-            }
-        }
-        if socket.write_all(&buf).is_err() {
-            return;
-        }
-        buf.clear();
-    }
-}
-
 fn read_requests(
-    mut socket: UnixStream,
+    socket: UnixStream,
     app: &App,
     streams: &Streams,
     out: &Sender<Frame>,
     ready: &Sender<u32>,
 ) -> std::io::Result<()> {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        while let Some(frame) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
-            handle(frame, app, streams, out, ready).map_err(std::io::Error::other)?;
-        }
-        match socket.read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    match super::read_frames(&socket, |frame| handle(frame, app, streams, out, ready)) {
+        super::ReadEnd::Closed => Ok(()),
+        super::ReadEnd::Failed(e) => Err(e),
+        super::ReadEnd::Protocol(e) => Err(std::io::Error::other(e)),
     }
 }
 
