@@ -3,19 +3,23 @@
 # the load tool pinned to CPU 1, in scenarios for WSGI and ASGI over HTTP/1.1 (wrk), HTTP/2
 # (h2load, h2c with prior knowledge) and WebSocket echo (bench/wsload); and portico's nginx
 # module (one nginx worker hosting the app) against nginx in front of granian (proxy_pass over
-# a Unix socket) and of uWSGI (uwsgi_pass), all on CPU 0 too. Prints one markdown
-# table and writes it to bench/results/latest.md (raw load-tool output and server logs go to
-# bench/results/logs/).
+# a Unix socket) and of uWSGI (uwsgi_pass), all on CPU 0 too; and portico's pool mode
+# (`mode = "pool"`: the app in portico-worker processes) with one worker against in-process
+# hosting, and with two workers against granian --workers 2 and gunicorn -w 2, every process
+# of each server on CPU 0 too. Prints one markdown table and writes it to
+# bench/results/latest.md (raw load-tool output and server logs go to bench/results/logs/).
 #
 #   bench/run.sh
 #   BENCH_ONLY=asgi,h2,ws BENCH_SECONDS=3 bench/run.sh
+#   BENCH_ONLY=hello,asgi,pool bench/run.sh
 #
 # Environment:
 #   BENCH_SECONDS    length of each measured run, in seconds (default 8)
 #   BENCH_ONLY       comma-separated scenarios to run (default: all). A name selects the
 #                    scenario of that name and those named NAME-something: hello, echo, asgi,
 #                    h2 (h2-wsgi, h2-asgi), ws (ws, ws-pipelined), nginx (nginx-wsgi,
-#                    nginx-asgi); wsgi means hello,echo
+#                    nginx-asgi), pool (pool-1-wsgi, pool-1-asgi, pool-2-wsgi; pool-1 and
+#                    pool-2 select by worker count); wsgi means hello,echo
 #   PORTICO_THREADS  portico's --threads for WSGI apps, its Python threads (default 2, its best
 #                    here); also threads= of the nginx module's WSGI app
 #   UWSGI_THREADS    uWSGI's --threads behind nginx (default 2)
@@ -61,7 +65,8 @@ cpus="$(nproc)"
 
 # --- scenarios -----------------------------------------------------------------------------
 
-ALL_SCENARIOS=(hello echo asgi h2-wsgi h2-asgi ws ws-pipelined nginx-wsgi nginx-asgi)
+ALL_SCENARIOS=(hello echo asgi h2-wsgi h2-asgi ws ws-pipelined nginx-wsgi nginx-asgi
+  pool-1-wsgi pool-1-asgi pool-2-wsgi)
 
 SCENARIOS=()
 if [ -z "${BENCH_ONLY:-}" ]; then
@@ -80,7 +85,7 @@ else
     for s in "${ALL_SCENARIOS[@]}"; do
       if [ "$s" = "$w" ] || [[ "$s" == "$w"-* ]]; then ok=1; fi
     done
-    [ $ok = 1 ] || die "BENCH_ONLY: no scenario '$w' (scenarios: ${ALL_SCENARIOS[*]}; also h2, ws, nginx, wsgi)"
+    [ $ok = 1 ] || die "BENCH_ONLY: no scenario '$w' (scenarios: ${ALL_SCENARIOS[*]}; also h2, ws, nginx, pool, pool-1, pool-2, wsgi)"
   done
   [ ${#SCENARIOS[@]} -gt 0 ] || die "BENCH_ONLY='$BENCH_ONLY' selects no scenario"
 fi
@@ -96,19 +101,22 @@ scenario_label() {
     ws-pipelined) echo "WebSocket echo ($WS_MESSAGE B, $WS_PIPE_DEPTH in flight)" ;;
     nginx-wsgi) echo "nginx: WSGI hello (13 B GET)" ;;
     nginx-asgi) echo "nginx: ASGI hello (13 B GET)" ;;
+    pool-1-wsgi) echo "pool, 1 worker: WSGI hello (13 B GET)" ;;
+    pool-1-asgi) echo "pool, 1 worker: ASGI hello (13 B GET)" ;;
+    pool-2-wsgi) echo "2 worker processes: WSGI hello (13 B GET)" ;;
   esac
 }
 scenario_target() {
   case "$1" in
-    hello | h2-wsgi | nginx-wsgi) echo "hello:app" ;;
+    hello | h2-wsgi | nginx-wsgi | pool-*-wsgi) echo "hello:app" ;;
     echo) echo "echo:app" ;;
-    asgi | h2-asgi | nginx-asgi) echo "asgi_hello:app" ;;
+    asgi | h2-asgi | nginx-asgi | pool-*-asgi) echo "asgi_hello:app" ;;
     ws | ws-pipelined) echo "ws_echo:app" ;;
   esac
 }
 scenario_tool() {
   case "$1" in
-    hello | echo | asgi | nginx-*) echo wrk ;;
+    hello | echo | asgi | nginx-* | pool-*) echo wrk ;;
     h2-*) echo h2load ;;
     ws*) echo wsload ;;
   esac
@@ -124,12 +132,23 @@ scenario_servers() {
     # granian alone, without nginx: the reference of the "vs granian" column here too.
     nginx-wsgi) echo nginx-portico granian nginx-granian nginx-uwsgi ;;
     nginx-asgi) echo nginx-portico-asgi granian-asgi nginx-granian-asgi ;;
+    # Pool mode: one worker beside in-process hosting (the transport's cost) ...
+    pool-1-wsgi) echo portico portico-pool1 ;;
+    pool-1-asgi) echo portico-asgi portico-pool1-asgi ;;
+    # ... and two workers beside the peers' two workers (in-process portico for reference).
+    pool-2-wsgi) echo portico-pool2 granian-w2 gunicorn-sync-w2 gunicorn-gthread-w2 portico ;;
   esac
 }
 
 uses_nginx() { # whether a selected scenario runs nginx
   local s
   for s in "${SCENARIOS[@]}"; do [[ "$s" == nginx-* ]] && return 0; done
+  return 1
+}
+
+uses_pool() { # whether a selected scenario is a pool one
+  local s
+  for s in "${SCENARIOS[@]}"; do [[ "$s" == pool-* ]] && return 0; done
   return 1
 }
 
@@ -231,11 +250,14 @@ taskset -p -c "$LOAD_CPU" $$ >/dev/null
 is_h2() { [[ "$1" == h2-* ]]; }
 is_ws() { [[ "$1" == ws* ]]; }
 
-# server_exec SERVER SCENARIO PORT: becomes the server (run it in a subshell).
+# server_exec SERVER SCENARIO PORT: becomes the server (run it in a subshell). SERVER-w2 is
+# SERVER with two worker processes instead of one (granian, gunicorn); all of its processes
+# (master and workers) are pinned to CPU 0 like every other server's.
 server_exec() {
-  local server="$1" scenario="$2" port="$3" target http=()
+  local server="$1" scenario="$2" port="$3" target http=() workers=1
   target="$(scenario_target "$scenario")"
   is_h2 "$scenario" && http=(--http 2)
+  if [[ "$server" == *-w2 ]]; then workers=2 server="${server%-w2}"; fi
   cd "$BENCH/apps"
   case "$server" in
     portico)
@@ -247,19 +269,45 @@ server_exec() {
       PORTICO_LOG=warn exec taskset -c "$SERVER_CPU" "$PORTICO" run "$target" --interface asgi \
         --python-path "$BENCH/apps" --python-home "$VENV" --bind "127.0.0.1:$port" \
         --access-log off ;;
+    portico-pool1 | portico-pool1-asgi | portico-pool2)
+      # Pool mode is configured only through a portico.toml: `portico serve` starts the
+      # workers (portico-worker, beside portico), its children, so pinned to CPU 0 with it.
+      local conf="$LOGS/$scenario-$server.toml" processes=1 app_conf
+      [ "$server" = portico-pool2 ] && processes=2
+      if [ "$server" = portico-pool1-asgi ]; then
+        # The bench venv as the python home, as the in-process ASGI row (uvloop).
+        app_conf="interface = \"asgi\"
+python_home = \"$VENV\""
+      else
+        app_conf="threads = $PORTICO_THREADS"
+      fi
+      cat >"$conf" <<EOF
+[server]
+listen = ["127.0.0.1:$port"]
+access_log = "off"
+
+[[app]]
+name = "bench"
+target = "$target"
+mode = "pool"
+processes = $processes
+python_path = ["$BENCH/apps"]
+$app_conf
+EOF
+      PORTICO_LOG=warn exec taskset -c "$SERVER_CPU" "$PORTICO" serve --config "$conf" ;;
     granian)
       exec taskset -c "$SERVER_CPU" "$VENV/bin/granian" --interface wsgi "${http[@]}" \
-        --workers 1 --blocking-threads 1 --host 127.0.0.1 --port "$port" --no-ws \
+        --workers "$workers" --blocking-threads 1 --host 127.0.0.1 --port "$port" --no-ws \
         --no-access-log --log-level warning "$target" ;;
     granian-asgi)
       exec taskset -c "$SERVER_CPU" "$VENV/bin/granian" --interface asgi "${http[@]}" \
         --workers 1 --host 127.0.0.1 --port "$port" --no-access-log --log-level warning \
         "$target" ;;
     gunicorn-sync)
-      exec taskset -c "$SERVER_CPU" "$VENV/bin/gunicorn" --workers 1 \
+      exec taskset -c "$SERVER_CPU" "$VENV/bin/gunicorn" --workers "$workers" \
         --bind "127.0.0.1:$port" --log-level warning "$target" ;;
     gunicorn-gthread)
-      exec taskset -c "$SERVER_CPU" "$VENV/bin/gunicorn" --workers 1 --worker-class gthread \
+      exec taskset -c "$SERVER_CPU" "$VENV/bin/gunicorn" --workers "$workers" --worker-class gthread \
         --threads 4 --bind "127.0.0.1:$port" --log-level warning "$target" ;;
     uvicorn | uvicorn-websockets | uvicorn-sansio | uvicorn-wsproto)
       local ws=()
@@ -389,12 +437,19 @@ EOF
 }
 
 server_label() { # SERVER SCENARIO
-  local h2="" alone=""
+  local h2="" alone="" inproc=""
   is_h2 "$2" && h2=", --http 2"
   [[ "$2" == nginx-* ]] && alone=" alone"
+  [[ "$2" == pool-* ]] && inproc="in-process, "
   case "$1" in
-    portico) echo "portico (--threads $PORTICO_THREADS)" ;;
-    portico-asgi) echo "portico (asgi)" ;;
+    portico) echo "portico (${inproc}--threads $PORTICO_THREADS)" ;;
+    portico-asgi) echo "portico (${inproc}asgi)" ;;
+    portico-pool1) echo "portico pool (processes = 1, threads = $PORTICO_THREADS)" ;;
+    portico-pool1-asgi) echo "portico pool (asgi, processes = 1)" ;;
+    portico-pool2) echo "portico pool (processes = 2, threads = $PORTICO_THREADS)" ;;
+    granian-w2) echo "granian (wsgi, --workers 2, --blocking-threads 1)" ;;
+    gunicorn-sync-w2) echo "gunicorn sync (-w 2)" ;;
+    gunicorn-gthread-w2) echo "gunicorn gthread (-w 2, --threads 4)" ;;
     granian) echo "granian$alone (wsgi$h2, --blocking-threads 1)" ;;
     granian-asgi) echo "granian$alone (asgi$h2)" ;;
     gunicorn-sync) echo "gunicorn sync" ;;
@@ -560,7 +615,7 @@ wait_ready() {
 check_response() {
   local scenario="$1" port="$2" got
   case "$scenario" in
-    hello | asgi | nginx-*)
+    hello | asgi | nginx-* | pool-*)
       got="$(curl -fsS --max-time 5 "http://127.0.0.1:$port/")" || return 1
       [ "$got" = "Hello, world!" ] ;;
     h2-*)
@@ -620,10 +675,12 @@ percentiles_ms() {
     }'
 }
 
-# parse_load SCENARIO OUTPUT NAME: sets RPS, P50, P99 and NOTE from the load tool's output.
+# parse_load SCENARIO OUTPUT NAME: sets RPS, P50, P99 and NOTE from the load tool's output, and
+# ERRORS to what of NOTE is errors the load tool counted (socket errors, non-2xx responses,
+# failed requests or connections): a row with those gets a ! after its rate.
 parse_load() {
   local scenario="$1" out="$2" name="$3" errors non2xx failed pct
-  RPS="" P50="" P99="" NOTE=""
+  RPS="" P50="" P99="" NOTE="" ERRORS=""
   case "$(scenario_tool "$scenario")" in
     wrk)
       RPS="$(awk '$1 == "Requests/sec:" { printf "%.0f", $2 }' "$out")"
@@ -651,6 +708,7 @@ parse_load() {
       errors="$(awk '$1 == "errors:" && $2 != 0 { print $2 }' "$out")"
       [ -n "$errors" ] && NOTE="wsload: $errors connections failed ($(awk -F': ' '$1 == "first error" { print $2 }' "$out"))" ;;
   esac
+  ERRORS="$NOTE"
   [ -n "$RPS" ] || NOTE="${NOTE:+$NOTE; }could not read the rate from the load tool's output"
 }
 
@@ -673,6 +731,7 @@ nginx_rss() {
 
 # One row per (scenario, server), filled by bench_one.
 ROW_SCENARIO=() ROW_SERVER=() ROW_RPS=() ROW_P50=() ROW_P99=() ROW_RSS=() ROW_LOOP=() ROW_BUSY=()
+ROW_ERRORS=()
 ROW_NGINX_RSS=()
 NOTES=()
 
@@ -680,7 +739,7 @@ NOTES=()
 bench_one() {
   local scenario="$1" server="$2" port pid name="$1-$2" label
   local server_log="$LOGS/$name.server.log" out="$LOGS/$name.load.txt" rss_file="$LOGS/$name.rss"
-  local rps="" p50="" p99="" rss="" note="" busy loop busy_note="" nginx_rss_line=""
+  local rps="" p50="" p99="" rss="" note="" errors="" busy loop busy_note="" nginx_rss_line=""
   label="$(scenario_label "$scenario") / $(server_label "$server" "$scenario")"
   busy="$(wait_quiet)" || {
     echo "bench/run.sh: warning: other load on the machine before $scenario / $server (busy: CPU $SERVER_CPU ${busy% *}%, CPU $LOAD_CPU ${busy#* }%)" >&2
@@ -710,7 +769,10 @@ bench_one() {
       cat "$out" >&2
     else
       parse_load "$scenario" "$out" "$name"
-      rps="$RPS" p50="$P50" p99="$P99" note="$NOTE"
+      rps="$RPS" p50="$P50" p99="$P99" note="$NOTE" errors="$ERRORS"
+      if [ -n "$errors" ]; then
+        echo "bench/run.sh: warning: $scenario / $server: the load tool counted errors: $errors" >&2
+      fi
       kill -0 "$pid" 2>/dev/null || note="${note:+$note; }server died during the run"
       if [[ "$server" == nginx-* ]] && kill -0 "$pid" 2>/dev/null; then
         nginx_rss "$pid"
@@ -742,6 +804,7 @@ bench_one() {
   fi
   ROW_SCENARIO+=("$scenario") ROW_SERVER+=("$server") ROW_RPS+=("$rps") ROW_P50+=("$p50")
   ROW_P99+=("$p99") ROW_RSS+=("$rss") ROW_LOOP+=("$loop") ROW_BUSY+=("${busy_note:+*}")
+  ROW_ERRORS+=("${errors:+!}")
   ROW_NGINX_RSS+=("$nginx_rss_line")
   [ -n "$note" ] && NOTES+=("$label: $note")
   return 0
@@ -785,6 +848,30 @@ ratio() {
   else
     echo "n/a"
   fi
+}
+
+# ratio_to SCENARIO ROW SERVER: like ratio, against the row of exactly SERVER in SCENARIO.
+ratio_to() {
+  local scenario="$1" i="$2" j rps="${ROW_RPS[$2]}" base=""
+  for j in "${!ROW_SCENARIO[@]}"; do
+    [ "${ROW_SCENARIO[$j]}" = "$scenario" ] && [ "${ROW_SERVER[$j]}" = "$3" ] && base="${ROW_RPS[$j]}"
+  done
+  if ! [[ " $(scenario_servers "$scenario") " == *" $3 "* ]]; then
+    echo "-"
+  elif [[ "$rps" =~ ^[0-9]+$ && "$base" =~ ^[0-9]+$ && "$base" != 0 ]]; then
+    awk -v a="$rps" -v b="$base" 'BEGIN { printf "%.2fx", a / b }'
+  else
+    echo "n/a"
+  fi
+}
+
+# inproc_of SCENARIO: the in-process portico row of a pool scenario, the baseline of its
+# "vs in-process" column; nothing for other scenarios.
+inproc_of() {
+  case "$1" in
+    pool-*-wsgi) echo portico ;;
+    pool-*-asgi) echo portico-asgi ;;
+  esac
 }
 
 server_in() { # SCENARIO PEER: whether a server of that peer runs in the scenario
@@ -834,21 +921,39 @@ report() {
       "uWSGI $("$UWSGI" --version 2>/dev/null) with Debian's $(/usr/bin/python3 -V 2>&1);" \
       "nginx and the app server behind it share CPU $SERVER_CPU, and peak RSS counts all their processes"
   fi
+  if uses_pool; then
+    echo "- pool: \`portico serve\` with a portico.toml of the script's own (\`mode = \"pool\"\`," \
+      "\`processes\` workers; WSGI \`threads = $PORTICO_THREADS\` as the in-process row, ASGI with the" \
+      "bench venv as \`python_home\`), in \`bench/results/logs/SCENARIO-SERVER.toml\`; the host process and" \
+      "its portico-worker processes all on CPU $SERVER_CPU. The two-worker rows pin every process of each" \
+      "server (master or host and both workers) to CPU $SERVER_CPU as well, so that no server gets more CPU" \
+      "than another and none shares the load tool's: they measure what the extra processes cost on one core," \
+      "not scaling across cores"
+  fi
   echo "- event loop: the class of the running loop, as the ASGI app saw it; a rate marked * had" \
-    "other load on the machine around its run (see the notes)"
+    "other load on the machine around its run (see the notes); a rate marked ! had errors counted" \
+    "by the load tool (socket errors, non-2xx responses, failed requests; see the notes)"
   echo
   local head="| scenario | server | req/s or msg/s | p50 | p99 | peak RSS MB | event loop | vs granian | vs uvicorn |"
   local rule="|---|---|---:|---:|---:|---:|---|---:|---:|"
   uses_nginx && head="$head vs nginx → granian | vs nginx → uWSGI |" rule="$rule---:|---:|"
+  uses_pool && head="$head vs in-process |" rule="$rule---:|"
   echo "$head"
   echo "$rule"
   for i in "${!ROW_SCENARIO[@]}"; do
     s="${ROW_SCENARIO[$i]}"
     printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |' "$(scenario_label "$s")" \
-      "$(server_label "${ROW_SERVER[$i]}" "$s")" "${ROW_RPS[$i]}${ROW_BUSY[$i]}" "${ROW_P50[$i]:--}" \
+      "$(server_label "${ROW_SERVER[$i]}" "$s")" "${ROW_RPS[$i]}${ROW_BUSY[$i]}${ROW_ERRORS[$i]}" "${ROW_P50[$i]:--}" \
       "${ROW_P99[$i]:--}" "${ROW_RSS[$i]:--}" "${ROW_LOOP[$i]:--}" \
       "$(ratio "$s" "$i" granian)" "$(ratio "$s" "$i" uvicorn)"
     uses_nginx && printf ' %s | %s |' "$(ratio "$s" "$i" nginx-granian)" "$(ratio "$s" "$i" nginx-uwsgi)"
+    if uses_pool; then
+      if [ -n "$(inproc_of "$s")" ]; then
+        printf ' %s |' "$(ratio_to "$s" "$i" "$(inproc_of "$s")")"
+      else
+        printf ' - |'
+      fi
+    fi
     echo
   done
   echo
@@ -858,6 +963,18 @@ report() {
   for i in "${!ROW_SCENARIO[@]}"; do
     [[ "${ROW_SERVER[$i]}" == portico* || "${ROW_SERVER[$i]}" == nginx-portico* ]] || continue
     s="${ROW_SCENARIO[$i]}"
+    if [[ "$s" == pool-* ]]; then
+      # The pool rows against in-process portico and, with two workers, the peers' two workers.
+      [ "${ROW_SERVER[$i]}" = "$(inproc_of "$s")" ] && continue
+      line="- $(scenario_label "$s"), $(server_label "${ROW_SERVER[$i]}" "$s"):"
+      if server_in "$s" granian; then
+        line="$line $(ratio "$s" "$i" granian) $(server_label granian-w2 "$s"),"
+        line="$line $(ratio_to "$s" "$i" gunicorn-sync-w2) $(server_label gunicorn-sync-w2 "$s"),"
+        line="$line $(ratio_to "$s" "$i" gunicorn-gthread-w2) $(server_label gunicorn-gthread-w2 "$s"),"
+      fi
+      echo "$line $(ratio_to "$s" "$i" "$(inproc_of "$s")") in-process"
+      continue
+    fi
     line="- $(scenario_label "$s"): $(ratio "$s" "$i" granian) granian"
     if [[ "$s" == nginx-* ]]; then
       line="- $(scenario_label "$s"), $(server_label "${ROW_SERVER[$i]}" "$s"): $(ratio "$s" "$i" granian) granian alone"
