@@ -310,3 +310,26 @@ def test_workers_are_added_on_demand_and_stopped_when_idle(portico):
     wait_until(lambda: len(worker_pids(server)) == 1, timeout=10, what="back to one worker")
     server.wait_for_log("(idle)")
     assert server.get("/hello")[0] == 200
+
+
+def test_a_websocket_stays_open_on_the_old_generation_across_a_reload(portico):
+    from websockets.sync.client import connect
+    server = portico(asgi_table("echo", "asgi_echo:app", mode="pool", processes=1,
+                                graceful_timeout="20s"))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    old = worker_pids(server)[0]
+    with connect(f"ws://127.0.0.1:{server.port}/", open_timeout=10, close_timeout=10) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=10) == "before"
+        os.kill(server.proc.pid, 1)
+        server.wait_for_log("generation 2 serves", timeout=15)
+        # New connections go to the new generation; this one stays on its worker.
+        with connect(f"ws://127.0.0.1:{server.port}/", open_timeout=10) as fresh:
+            fresh.send("new")
+            assert fresh.recv(timeout=10) == "new"
+        ws.send("after the reload")
+        assert ws.recv(timeout=10) == "after the reload"
+        assert old in worker_pids(server)
+    # Closed, the old worker has nothing left and goes.
+    wait_until(lambda: old not in worker_pids(server), timeout=10, what="the old worker to go")
+    server.wait_for_log(f"pool worker {old} replaced (a reload replaced it)")
