@@ -303,16 +303,6 @@ impl Pool {
         }
     }
 
-    /// The live workers' process ids.
-    pub fn worker_pids(&self) -> Vec<u32> {
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|r| r.conn.pid)
-            .collect()
-    }
-
     /// The pool as `portico status` shows it.
     pub fn status(&self) -> PoolStatus {
         let workers = self
