@@ -34,3 +34,7 @@ PORTICO_TEST_HOST=nginx .venv/bin/python -m pytest tests/test_wsgi.py tests/test
 echo "==> integration tests with the apps in pool workers (PORTICO_TEST_MODE=pool)"
 PORTICO_TEST_MODE=pool .venv/bin/python -m pytest tests/test_wsgi.py tests/test_errors.py \
   tests/test_asgi.py tests/test_websocket.py tests/test_http2.py tests/test_autobahn.py "$@"
+echo "==> the same, against nginx, whose master starts the pool (both variables)"
+PORTICO_TEST_HOST=nginx PORTICO_TEST_MODE=pool .venv/bin/python -m pytest tests/test_wsgi.py \
+  tests/test_errors.py tests/test_asgi.py tests/test_websocket.py tests/test_http2.py \
+  tests/test_autobahn.py "$@"

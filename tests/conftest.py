@@ -377,6 +377,7 @@ http {{
     # The apps' own max_body_size is the limit under test (nginx's default would be 1m).
     client_max_body_size 0;
 {temp_paths}
+    portico_pool_binary {BINARY.resolve()};
 {http}
     server {{
 {listen}

@@ -5,6 +5,7 @@ mid-request, an app that cannot be imported."""
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -33,6 +34,13 @@ def worker_pids(server):
     return sorted(p for p in set(pids)
                   if os.path.exists(f"/proc/{p}/cmdline")
                   and b"portico-worker" in open(f"/proc/{p}/cmdline", "rb").read())
+
+
+class pool_proc:
+    """A `portico pool` process, where `worker_pids` looks for workers."""
+
+    def __init__(self, proc):
+        self.proc = proc
 
 
 def test_requests_are_served_by_the_worker_processes(portico):
@@ -333,3 +341,64 @@ def test_a_websocket_stays_open_on_the_old_generation_across_a_reload(portico):
     # Closed, the old worker has nothing left and goes.
     wait_until(lambda: old not in worker_pids(server), timeout=10, what="the old worker to go")
     server.wait_for_log(f"pool worker {old} replaced (a reload replaced it)")
+
+
+def start_pool_server(tmp_path, *tables, extra_args=()):
+    """`portico pool --config FILE` for [[app]] tables with pool_socket; waits for each
+    socket. Returns (process, config)."""
+    config = tmp_path / "pool.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1"]\n' + "\n".join(tables))
+    log = open(tmp_path / "pool.log", "ab")
+    proc = subprocess.Popen([str(BINARY), "pool", "--config", str(config), *extra_args],
+                            stdout=log, stderr=subprocess.STDOUT)
+    sockets = [Path(line.split('"')[1]) for table in tables for line in table.splitlines()
+               if line.startswith("pool_socket")]
+    wait_until(lambda: all(s.exists() for s in sockets) or proc.poll() is not None,
+               timeout=30, what="the pool server's sockets")
+    assert proc.poll() is None, (tmp_path / "pool.log").read_text()
+    return proc, config
+
+
+def test_portico_serve_uses_a_pool_run_on_its_own_and_reconnects(portico, tmp_path):
+    """`pool_socket`: `portico serve` starts no workers and forwards to the `portico pool`
+    listening there. While that pool is down its requests get 502; once it is back the same
+    `portico serve` is served by the new pool, without a restart."""
+    sock = tmp_path / "pool.sock"
+    table = pool_app(pool_socket=str(sock))
+    pool, config = start_pool_server(tmp_path, table)
+    try:
+        server = portico(table)
+        assert worker_pids(server) == [], "the host starts no workers of its own"
+        pool_workers = sorted(worker_pids(pool_proc(pool)))
+        assert len(pool_workers) == 2
+        pids = {int(server.get("/pid")[2]) for _ in range(8)}
+        assert pids == set(pool_workers)
+        assert server.get("/raise")[0] == 500
+
+        pool.send_signal(signal.SIGTERM)
+        pool.wait(30)
+        assert not sock.exists()
+        status, _, body = server.get("/pid")
+        assert status == 502
+        server.wait_for_log("cannot connect to")
+
+        pool, _ = start_pool_server(tmp_path, table)
+        new_workers = set(worker_pids(pool_proc(pool)))
+        assert {int(server.get("/pid")[2]) for _ in range(8)} == new_workers
+        assert not new_workers & set(pool_workers)
+    finally:
+        pool.terminate()
+        pool.wait(30)
+
+
+def test_portico_pool_refuses_an_app_it_cannot_place(run_portico, tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1"]\n'
+                      + pool_app("nosocket") + app_table("inproc", "pool_app:application",
+                                                         mount="/x", mode="in-process"))
+    done = run_portico("pool", "--config", str(config))
+    assert done.returncode == 64
+    assert "app `nosocket` has no pool_socket" in done.stderr, done.stderr
+    done = run_portico("pool", "--config", str(config), "--app", "inproc")
+    assert done.returncode == 64
+    assert "app `inproc` is not mode = \"pool\"" in done.stderr, done.stderr

@@ -276,6 +276,13 @@ pub struct AppConfig {
     /// Default: none.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Pool only: the Unix socket of a pool that runs on its own (`portico pool --config
+    /// FILE`, e.g. under systemd). `portico pool` listens on it; `portico serve` and nginx
+    /// connect to it instead of starting workers. A relative path is relative to the config
+    /// file's directory. Default: none (`portico serve` starts the workers itself, and nginx
+    /// starts a `portico pool` of its own).
+    #[serde(default)]
+    pub pool_socket: Option<PathBuf>,
 }
 
 impl AppConfig {
@@ -350,6 +357,7 @@ impl AppConfig {
             user: None,
             group: None,
             env: Default::default(),
+            pool_socket: None,
         }
     }
 
@@ -398,6 +406,7 @@ impl Config {
             app.python_path.iter_mut().for_each(resolve);
             app.python_home.iter_mut().for_each(resolve);
             app.chdir.iter_mut().for_each(resolve);
+            app.pool_socket.iter_mut().for_each(resolve);
         }
         if let Some(tls) = &mut self.server.tls {
             resolve(&mut tls.certificate);
@@ -585,6 +594,33 @@ impl Config {
             {
                 if !dir.is_dir() {
                     err(key(&k), format!("`{}` is not a directory", dir.display()));
+                }
+            }
+            if let Some(socket) = &app.pool_socket {
+                if app.mode != Mode::Pool {
+                    err(
+                        key("pool_socket"),
+                        "is only for mode = \"pool\" (an in-process app has no pool to connect to)"
+                            .into(),
+                    );
+                }
+                if let Some(j) = self.app[..i]
+                    .iter()
+                    .position(|other| other.pool_socket.as_ref() == Some(socket))
+                {
+                    err(
+                        key("pool_socket"),
+                        format!("`{}` is also the pool_socket of app[{j}]", socket.display()),
+                    );
+                }
+                if socket.as_os_str().len() > 107 {
+                    err(
+                        key("pool_socket"),
+                        format!(
+                            "`{}` is longer than a Unix socket path may be (107 bytes)",
+                            socket.display()
+                        ),
+                    );
                 }
             }
             if app.mode == Mode::InProcess {

@@ -145,3 +145,22 @@ fn relative_paths_are_relative_to_the_config_file() {
     );
     assert_eq!(c.app[0].chdir, Some(PathBuf::from("/etc/portico/work")));
 }
+
+#[test]
+fn pool_socket_is_for_pools_and_one_per_app() {
+    let errors = load(
+        "[server]\nlisten = [\"127.0.0.1:1\"]\n\
+         [[app]]\nname = \"a\"\ntarget = \"m:app\"\nmount = \"/a\"\npool_socket = \"/run/a.sock\"\n\
+         [[app]]\nname = \"b\"\ntarget = \"m:app\"\nmount = \"/b\"\nmode = \"pool\"\npool_socket = \"/run/a.sock\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("app[0].pool_socket") && errors.contains("only for mode = \"pool\""),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("app[1].pool_socket") && errors.contains("also the pool_socket of app[0]"),
+        "{errors}"
+    );
+}

@@ -32,6 +32,11 @@ pub struct MainConf {
     pub python_home: Option<PathBuf>,
     /// `portico_config`: the apps of a `portico.toml`, for `portico_pass`.
     pub config: Option<LoadedConfig>,
+    /// `portico_pool_binary`: the `portico` executable that runs the pooled apps.
+    pub pool_binary: Option<PathBuf>,
+    /// The user and group nginx's workers run as (when the master is root): the owner of
+    /// the pool's sockets, and the user of pool workers whose app sets none.
+    pub pool_identity: Option<(u32, u32)>,
 }
 
 /// The `portico.toml` of `portico_config`.
@@ -50,6 +55,9 @@ pub struct AppEntry {
     pub label: String,
     /// Where the directive is, for messages: `file:line`.
     pub source: String,
+    /// The app's name in the `portico.toml` (`config.name` may have gained `@location`):
+    /// the pool nginx starts serves it under this name.
+    pub toml_name: String,
 }
 
 /// The module's location configuration.
@@ -57,6 +65,8 @@ pub struct AppEntry {
 pub struct LocConf {
     /// The index of the app this location serves in [`MainConf::apps`], if any.
     pub app: Option<usize>,
+    /// `portico_status`: the location answers with the pools' status.
+    pub status: bool,
 }
 
 impl ngx::http::Merge for LocConf {
@@ -146,7 +156,7 @@ pub unsafe extern "C" fn cmd_portico_app(
 ) -> *mut c_char {
     // SAFETY: `conf` is this module's location configuration, created by `create_loc_conf`.
     let loc = unsafe { &mut *conf.cast::<LocConf>() };
-    if loc.app.is_some() {
+    if loc.app.is_some() || loc.status {
         return c"is duplicate".as_ptr().cast_mut();
     }
     // SAFETY: nginx calls directive handlers with a valid `cf`.
@@ -255,6 +265,7 @@ unsafe fn add_app(
     let Some(main) = (unsafe { PorticoModule::main_conf_mut(&*cf) }) else {
         return conf_error(cf, &format!("{label}: no http configuration"));
     };
+    let toml_name = app.name.clone();
     // Names are for logs; two locations may serve the same app (two thread pools).
     if main.apps.iter().any(|a| a.config.name == app.name) {
         app.name = format!("{}@{location}", app.name);
@@ -269,6 +280,7 @@ unsafe fn add_app(
         config: app,
         label,
         source,
+        toml_name,
     });
     clcf.handler = Some(crate::handler::content_handler);
     core::ptr::null_mut()
@@ -326,7 +338,7 @@ pub unsafe extern "C" fn cmd_portico_pass(
 ) -> *mut c_char {
     // SAFETY: `conf` is this module's location configuration, created by `create_loc_conf`.
     let loc = unsafe { &mut *conf.cast::<LocConf>() };
-    if loc.app.is_some() {
+    if loc.app.is_some() || loc.status {
         return c"is duplicate".as_ptr().cast_mut();
     }
     // SAFETY: nginx calls directive handlers with a valid `cf`.
@@ -364,6 +376,63 @@ pub unsafe extern "C" fn cmd_portico_pass(
     let label = format!("portico_pass \"{name}\" ({})", loaded.file.display());
     // SAFETY: nginx calls directive handlers with a valid `cf`; `loc` is this location's.
     unsafe { add_app(cf, loc, app, &location, label, source) }
+}
+
+/// `portico_pool_binary FILE;` at `http` level: the `portico` executable (with
+/// `portico-worker` beside it) that nginx starts to run the apps with `mode = "pool"`.
+/// Default: `portico`, looked up in the master's `PATH`.
+///
+/// # Safety
+/// Called by nginx with the configuration being parsed and this module's main
+/// configuration (`conf`).
+pub unsafe extern "C" fn cmd_portico_pool_binary(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main configuration, created by `create_main_conf`.
+    let main = unsafe { &mut *conf.cast::<MainConf>() };
+    if main.pool_binary.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: nginx calls directive handlers with a valid `cf`.
+    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
+    let file = prefix.join(String::from_utf8_lossy(args[1]).as_ref());
+    if !file.is_file() {
+        return conf_error(
+            cf,
+            &format!("portico_pool_binary \"{}\" is not a file", file.display()),
+        );
+    }
+    main.pool_binary = Some(file);
+    core::ptr::null_mut()
+}
+
+/// `portico_status;` in a location: it answers with the status of every pooled app (JSON;
+/// `?format=text` for lines), as `portico serve`'s `status_path` does. Restrict it as any
+/// location (`allow`, `deny`).
+///
+/// # Safety
+/// Called by nginx with the configuration being parsed and this module's location
+/// configuration (`conf`).
+pub unsafe extern "C" fn cmd_portico_status(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's location configuration, created by `create_loc_conf`.
+    let loc = unsafe { &mut *conf.cast::<LocConf>() };
+    if loc.app.is_some() || loc.status {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: `cf->ctx` is the location's HTTP context while a location-level directive is
+    // parsed, so the core module's location configuration is there.
+    let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
+        return conf_error(cf, "portico_status: no location configuration");
+    };
+    loc.status = true;
+    clcf.handler = Some(crate::handler::content_handler);
+    core::ptr::null_mut()
 }
 
 /// `portico_python_home DIR;` at `http` level: the virtualenv every app imports from.
@@ -464,6 +533,7 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     }
     // SAFETY: `cf` is the configuration being read.
     let (identity, environment) = unsafe { (worker_identity(cf), worker_environment(cf)) };
+    main.pool_identity = identity;
     for entry in &main.apps {
         if let Err(why) = check_import(&entry.config, identity, &environment) {
             // SAFETY: `cf->log` is the log of the configuration being read.

@@ -161,16 +161,30 @@ unsafe fn app_index(r: *mut ngx_http_request_t) -> Option<usize> {
     unsafe { PorticoModule::location_conf(&*r) }.and_then(|c| c.app)
 }
 
+/// Whether the location `r` runs in has `portico_status`.
+///
+/// # Safety
+/// `r` must be a live request.
+unsafe fn is_status(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: the request's location configuration array holds ours at our index.
+    unsafe { PorticoModule::location_conf(&*r) }.is_some_and(|c| c.status)
+}
+
 /// The content handler of every location with `portico_app` or `portico_pass`.
 ///
 /// # Safety
 /// Called by nginx on the nginx thread with a live request.
 pub unsafe extern "C" fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a live request.
-    let Some(index) = (unsafe { app_index(r) }) else {
+    let (index, status) = unsafe { (app_index(r), is_status(r)) };
+    if index.is_none() && !status {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    };
-    let Some(limit) = worker::with(|w| w.dispatcher.apps()[index].config().max_body_size.0) else {
+    }
+    let limit = worker::with(|w| match index {
+        Some(index) => w.dispatcher.apps()[index].config().max_body_size.0,
+        None => 0,
+    });
+    let Some(limit) = limit else {
         // SAFETY: the request's connection and its log are live.
         let log = unsafe { (*(*r).connection).log };
         ngx::ngx_log_error!(
@@ -201,10 +215,11 @@ pub unsafe extern "C" fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_
 unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
     // SAFETY: nginx calls the body handler with the live request, on the nginx thread.
     unsafe {
-        let Some(index) = app_index(r) else {
+        let index = app_index(r);
+        if index.is_none() && !is_status(r) {
             ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
             return;
-        };
+        }
         let mut first = Vec::new();
         if let Err(e) = take_body(r, &mut first) {
             ngx::ngx_log_error!(
@@ -219,6 +234,13 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
         let more = (*r).reading_body() != 0;
         let head = request_head(r);
         let submitted = worker::with(|w| {
+            let Some(index) = index else {
+                // `portico_status`: the page is the exchange's one event.
+                let text = query_is(r, b"format=text");
+                let exchange = w.dispatcher.status_exchange(text);
+                let (id, waker) = w.register(r);
+                return Ok((exchange, None, id, waker, (None, None, 0)));
+            };
             let app = &w.dispatcher.apps()[index];
             let route = route_of(r, index, &app.config().mount);
             let limit = app.config().max_body_size.0;
@@ -302,6 +324,21 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
         (*r).read_event_handler = Some(if more { on_body_read } else { watch_client });
         (*r).write_event_handler = Some(on_write);
         poll(r, ctx);
+    }
+}
+
+/// Whether the request's query string is exactly `query`.
+///
+/// # Safety
+/// `r` must be a live request.
+unsafe fn query_is(r: *mut ngx_http_request_t, query: &[u8]) -> bool {
+    // SAFETY: `args` is the query string in the request's pool (or empty).
+    unsafe {
+        let args = &(*r).args;
+        if args.len == 0 || args.data.is_null() {
+            return query.is_empty();
+        }
+        args.len == query.len() && core::slice::from_raw_parts(args.data, args.len) == query
     }
 }
 
@@ -527,6 +564,15 @@ pub(crate) fn next_event(exchange: &Exchange, waker: &Waker) -> Option<Option<Ap
 unsafe fn fail(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, e: DispatchError) {
     // SAFETY: the caller's.
     unsafe {
+        if !(*ctx).out.head_sent && (*ctx).out.head.is_some() && !(*ctx).out.batch.is_empty() {
+            // The app started its response and sent some of the body before it failed, all
+            // in one batch (as a pool worker's frames arrive): the client gets what the app
+            // sent, then the cut, as when the head had gone out before.
+            flush(r, ctx);
+            if (*ctx).finished {
+                return;
+            }
+        }
         let head_sent = (*ctx).out.head_sent;
         let body_failure = (*ctx).body.failed.take();
         finish(ctx);
@@ -772,6 +818,9 @@ pub(crate) unsafe fn finish(ctx: *mut RequestCtx) {
 /// # Safety
 /// `r` is live and has no response head sent; nginx thread only. `r` may be freed on return.
 pub(crate) unsafe fn finalize_error(r: *mut ngx_http_request_t, e: &DispatchError) {
+    if let Some(level) = e.log_level() {
+        log::log!(level, "{e}");
+    }
     // SAFETY: the caller's.
     unsafe {
         for (name, value) in e.extra_headers() {

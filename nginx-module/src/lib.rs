@@ -29,7 +29,8 @@
 //!   backpressure;
 //! - [`request`]: nginx's request head and body as the core's owned data;
 //! - [`websocket`]: the 101 and the takeover of an upgraded connection for ASGI apps;
-//! - [`log_sink`]: the core's `log` records, into nginx's error log.
+//! - [`log_sink`]: the core's `log` records, into nginx's error log;
+//! - [`pool`]: the `portico pool` server the master starts for apps with `mode = "pool"`.
 //!
 //! Threads: nginx objects are touched only on the nginx thread (the worker's event loop);
 //! Python runs only on the apps' own threads. They meet in the core's `Exchange`, whose waker
@@ -38,6 +39,7 @@
 pub mod config;
 pub mod handler;
 pub mod log_sink;
+pub mod pool;
 pub mod request;
 pub mod websocket;
 pub mod worker;
@@ -46,7 +48,7 @@ use core::ffi::{c_char, c_void};
 use core::ptr::{addr_of, addr_of_mut};
 use nginx_sys::{
     ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_module_t, ngx_str_t, ngx_uint_t,
-    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
     NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
@@ -117,7 +119,7 @@ const fn directive(
     }
 }
 
-static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 5] = [
+static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 7] = [
     directive(
         c"portico_app",
         NGX_HTTP_LOC_CONF | NGX_CONF_1MORE,
@@ -142,6 +144,18 @@ static mut NGX_HTTP_PORTICO_COMMANDS: [ngx_command_t; 5] = [
         config::cmd_portico_pass,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
+    directive(
+        c"portico_pool_binary",
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        config::cmd_portico_pool_binary,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    directive(
+        c"portico_status",
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        config::cmd_portico_status,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
     ngx_command_t::empty(),
 ];
 
@@ -153,8 +167,10 @@ pub static mut ngx_http_portico_module: ngx_module_t = ngx_module_t {
     ctx: addr_of!(NGX_HTTP_PORTICO_MODULE_CTX) as *mut _,
     commands: addr_of_mut!(NGX_HTTP_PORTICO_COMMANDS) as *mut _,
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_module: Some(pool::init_module),
     init_process: Some(worker::init_process),
     exit_process: Some(worker::exit_process),
+    exit_master: Some(pool::exit_master),
     ..ngx_module_t::default()
 };
 

@@ -137,7 +137,12 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     crate::log_sink::install(unsafe { (*log).log_level });
     portico_core::tune_allocator();
 
-    if let Some(built) = option_env!("PORTICO_PYTHON_STDLIB") {
+    // Python runs in this process only for in-process apps.
+    let in_process = main
+        .apps
+        .iter()
+        .any(|a| a.config.mode == portico_config::Mode::InProcess);
+    if let (true, Some(built)) = (in_process, option_env!("PORTICO_PYTHON_STDLIB")) {
         // Where Python will look: under $PYTHONHOME when the worker's environment has one
         // (nginx's `env` directive), else where the interpreter was built to find it. A
         // PYTHONHOME of `prefix:exec_prefix` keeps the pure-Python library under `prefix`.
@@ -182,11 +187,23 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
     }
-    let configs: Vec<_> = main.apps.iter().map(|a| a.config.clone()).collect();
+    // A pooled app without pool_socket is served by the pool the master started.
+    let pool_dir = crate::pool::socket_dir();
+    let configs: Vec<_> = main
+        .apps
+        .iter()
+        .map(|a| {
+            let mut config = a.config.clone();
+            if let (true, Some(dir)) = (crate::pool::is_managed(&config), &pool_dir) {
+                config.pool_socket = Some(dir.join(format!("{}.sock", a.toml_name)));
+            }
+            config
+        })
+        .collect();
     let host = HostInfo {
         server_software: format!("nginx portico/{}", env!("CARGO_PKG_VERSION")),
         multiprocess: true,
-        // Pools under nginx (a supervisor the module starts) are not there yet.
+        // Workers connect to pools (pool_socket); they start none themselves.
         pool: None,
     };
     // Python starts here: its threads block every signal, so nginx's reach this thread.

@@ -74,6 +74,8 @@ def application(environ, start_response):
             time.sleep(0.005)
         size = int(environ.get("QUERY_STRING") or 0)
         body = ("slow " + VERSION).encode() + slow_padding(name, size)
+    elif path == "/pid":
+        body = str(os.getpid()).encode()
     elif path == "/whoami":
         import hashlib, json, socket, ssl, sqlite3  # extension modules of lib-dynload
         body = json.dumps({{"version": VERSION, "uid": os.getuid(), "gid": os.getgid()}}).encode()
@@ -104,7 +106,7 @@ def padding(name, size):
 # --- nginx ------------------------------------------------------------------------------
 
 def write_conf(prefix, port, locations, *, user="root", workers=1, before_http="",
-               after_http=""):
+               after_http="", in_http=""):
     for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / d).mkdir(exist_ok=True)
     temp_paths = "\n".join(
@@ -125,6 +127,7 @@ events {{ worker_connections 256; }}
 http {{
     access_log off;
 {temp_paths}
+{in_http}
     server {{
         listen 127.0.0.1:{port};
 {locations}

@@ -4,6 +4,8 @@
 //! codes: 64 for a configuration error (EX_USAGE), 70 for an app that cannot be loaded
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
+mod pool_cmd;
+
 use clap::{Parser, Subcommand};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -57,6 +59,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the pooled apps (mode = "pool") on their own, each on its `pool_socket`, for
+    /// `portico serve` and nginx to connect to (e.g. as a systemd service). SIGHUP reloads.
+    Pool(Box<pool_cmd::PoolArgs>),
     /// Reload the pooled apps of a running server (SIGHUP to the pid in `server.pid_file`):
     /// new workers with the new code take over, the old ones finish their requests.
     Reload {
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
             Err(e) => return config_failed(&e),
         },
         Command::Reload { config } => return reload(&config),
+        Command::Pool(args) => return pool_cmd::run(*args),
         Command::Status { config, json } => return status(&config, json),
         Command::Check { config } => {
             return match Config::load(&config) {
@@ -274,6 +280,7 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
         Some(PoolHost {
             worker_binary,
             config_file: std::path::absolute(&file).unwrap_or(file),
+            default_identity: None,
         })
     });
     let host = HostInfo {
@@ -510,6 +517,19 @@ fn reload(config_path: &Path) -> ExitCode {
 }
 
 fn status(config_path: &Path, json: bool) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => return config_failed(&e),
+    };
+    let pooled: Vec<&AppConfig> = config
+        .app
+        .iter()
+        .filter(|a| a.mode == portico_config::Mode::Pool)
+        .collect();
+    if !pooled.is_empty() && pooled.iter().all(|a| a.pool_socket.is_some()) {
+        // A `portico pool` runs them: ask it on each socket.
+        return pool_status(&pooled, json);
+    }
     let config = match running_server(config_path) {
         Ok((config, _)) => config,
         Err(code) => return code,
@@ -539,6 +559,33 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
             eprintln!("portico: cannot read the status from http://{addr}{path}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The status of pools run by `portico pool`, asked on their sockets.
+fn pool_status(apps: &[&AppConfig], json: bool) -> ExitCode {
+    let mut failed = false;
+    let mut objects = Vec::new();
+    for app in apps {
+        let socket = app.pool_socket.as_deref().unwrap_or(Path::new(""));
+        match portico_core::pool::remote::RemotePool::new(app, socket)
+            .status(std::time::Duration::from_secs(5))
+        {
+            Ok(status) if json => objects.push(status.to_json()),
+            Ok(status) => print!("{}", status.to_text()),
+            Err(e) => {
+                eprintln!("portico: app `{}`: {e}", app.name);
+                failed = true;
+            }
+        }
+    }
+    if json {
+        println!("[{}]", objects.join(","));
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -34,22 +34,22 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
         .as_deref()
         .is_some_and(|p| p.as_bytes() == raw_path)
     {
-        let pools = portico.dispatcher.pool_status();
         let text = session.req_header().uri.query() == Some("format=text");
-        let (body, content_type) = if text {
-            let lines: Vec<String> = pools.iter().map(|p| p.to_text()).collect();
-            (lines.concat(), "text/plain; charset=utf-8")
-        } else {
-            let objects: Vec<String> = pools.iter().map(|p| p.to_json()).collect();
-            (format!("[{}]", objects.join(",")), "application/json")
-        };
-        let body = Bytes::from(body);
-        let mut resp = ResponseHeader::build(200, Some(3))?;
-        resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await?;
+        // Pools in other processes are asked off this thread; the page is one event.
+        let exchange = portico.dispatcher.status_exchange(text);
+        match exchange.next().await {
+            Some(AppEvent::Whole(head, body)) => {
+                let mut resp = ResponseHeader::build(head.status, Some(head.headers.len() + 1))?;
+                append_headers(&mut resp, head.headers)?;
+                resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+                session.write_response_header(Box::new(resp), false).await?;
+                session.write_response_body(Some(body), true).await?;
+            }
+            _ => {
+                let e = DispatchError::BadResponse("the status page failed".into());
+                respond_error(session, &e).await?;
+            }
+        }
         return Ok(true);
     }
     let Some((app, route)) = portico.dispatcher.route(raw_path) else {
@@ -243,6 +243,9 @@ fn cipher_suite_number(name: &str) -> Option<u16> {
 /// Writes the error response for `e`: its status from [`DispatchError::status`], a short
 /// text body, and any headers the error carries (`Retry-After`).
 pub(crate) async fn respond_error(session: &mut Session, e: &DispatchError) -> Result<()> {
+    if let Some(level) = e.log_level() {
+        log::log!(level, "{e}");
+    }
     let status = e.status();
     let body = Bytes::from(format!(
         "{} {}\n",

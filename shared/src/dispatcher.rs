@@ -3,8 +3,10 @@
 use crate::error::{DispatchError, LoadError};
 use crate::exchange::{self, Exchange};
 use crate::model::RequestHead;
+use crate::model::ResponseHead;
+use crate::pool::remote::RemotePool;
 use crate::pool::wire::RequestKind;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolStatus};
 use crate::python::asgi::{AsgiContext, LifespanOutcome};
 use crate::python::event_loop::{self, LoopShared, Work};
 use crate::python::threads::{Job, JobKind, ThreadPool};
@@ -48,12 +50,22 @@ enum Placement {
     },
     /// `mode = "pool"`: worker processes, each running the app through this same core.
     Pool(Arc<Pool>),
+    /// `mode = "pool"` with `pool_socket`: the workers of a pool server in another process.
+    Remote(Arc<RemotePool>),
 }
 
 impl App {
     /// The app's configuration.
     pub fn config(&self) -> &AppConfig {
         &self.config
+    }
+
+    /// The status of the app's pool, when this process runs it.
+    pub fn pool_status(&self) -> Option<PoolStatus> {
+        match &self.placement {
+            Placement::Pool(pool) => Some(pool.status()),
+            _ => None,
+        }
     }
 
     /// Queues a request for the app's Python threads. The returned [`Exchange`] yields the
@@ -77,7 +89,7 @@ impl App {
         match &self.placement {
             Placement::Loop { .. } => true,
             // The worker runs the app in-process: an ASGI app takes them there.
-            Placement::Pool(_) => self.config.interface == Interface::Asgi,
+            Placement::Pool(_) | Placement::Remote(_) => self.config.interface == Interface::Asgi,
             Placement::Threads(_) => false,
         }
     }
@@ -135,12 +147,14 @@ impl App {
         route: Route,
         body: Option<Vec<Bytes>>,
     ) -> Result<Exchange, DispatchError> {
-        if let Placement::Pool(pool) = &self.placement {
-            let kind = match kind {
-                JobKind::Http => RequestKind::Http,
-                JobKind::WebSocket => RequestKind::WebSocket,
-            };
-            return pool.submit(kind, head, route, body);
+        let wire_kind = match kind {
+            JobKind::Http => RequestKind::Http,
+            JobKind::WebSocket => RequestKind::WebSocket,
+        };
+        match &self.placement {
+            Placement::Pool(pool) => return pool.submit(wire_kind, head, route, body),
+            Placement::Remote(remote) => return remote.submit(wire_kind, head, route, body),
+            _ => {}
         }
         let (exchange, responder) = exchange::channel();
         let job = Job {
@@ -161,7 +175,7 @@ impl App {
                     true
                 }
             }
-            Placement::Pool(_) => unreachable!("submitted above"),
+            Placement::Pool(_) | Placement::Remote(_) => unreachable!("submitted above"),
         };
         if queued {
             Ok(exchange)
@@ -169,6 +183,12 @@ impl App {
             Err(DispatchError::Overloaded)
         }
     }
+}
+
+/// Where a status page gets a pool's status from.
+enum StatusSource {
+    Local(Arc<Pool>),
+    Remote(Arc<RemotePool>),
 }
 
 /// All the apps of one server, and the router between them.
@@ -196,15 +216,19 @@ impl Dispatcher {
                 message,
             };
             if config.mode == Mode::Pool {
-                let Some(pool_host) = &host.pool else {
-                    return Err(fail(
-                        "mode = \"pool\" is not available on this host yet; use \"in-process\""
-                            .into(),
-                    ));
+                let placement = match (&config.pool_socket, &host.pool) {
+                    (Some(socket), _) => Placement::Remote(RemotePool::new(config, socket)),
+                    (None, Some(pool_host)) => Placement::Pool(Pool::start(config, pool_host)?),
+                    (None, None) => {
+                        return Err(fail(
+                            "mode = \"pool\" needs a pool_socket on this host (a `portico pool` to connect to)"
+                                .into(),
+                        ))
+                    }
                 };
                 apps.push(App {
                     config: config.clone(),
-                    placement: Placement::Pool(Pool::start(config, pool_host)?),
+                    placement,
                 });
                 continue;
             }
@@ -315,6 +339,9 @@ impl Dispatcher {
             if let Placement::Pool(pool) = &app.placement {
                 pool.stop(timeout);
             }
+            if let Placement::Remote(remote) = &app.placement {
+                remote.close();
+            }
             if let Placement::Loop {
                 shared,
                 lifespan: true,
@@ -343,6 +370,11 @@ impl Dispatcher {
                 Placement::Pool(pool) => {
                     outcomes.push((app.config.name.clone(), pool.reload()));
                 }
+                Placement::Remote(remote) => log::info!(
+                    "app `{}` is pooled by the server at {}: reload that server (`kill -HUP`, or `systemctl reload`)",
+                    app.config.name,
+                    remote.socket().display()
+                ),
                 _ => log::info!(
                     "app `{}` runs in-process: a reload keeps its code (restart the server to load new code)",
                     app.config.name
@@ -352,15 +384,76 @@ impl Dispatcher {
         outcomes
     }
 
-    /// The status of every pooled app (none without pools).
-    pub fn pool_status(&self) -> Vec<crate::pool::PoolStatus> {
-        self.apps
+    /// The status page of every pooled app, as an exchange whose one event is the whole
+    /// response (JSON, or lines of text with `text`): pools in other processes are asked on
+    /// a thread of its own, so the host's thread never waits for them. Both hosts serve
+    /// their status URL with it.
+    pub fn status_exchange(&self, text: bool) -> Exchange {
+        let sources: Vec<(String, StatusSource)> = self
+            .apps
             .iter()
-            .filter_map(|app| match &app.placement {
-                Placement::Pool(pool) => Some(pool.status()),
-                _ => None,
+            .filter_map(|app| {
+                let source = match &app.placement {
+                    Placement::Pool(pool) => StatusSource::Local(pool.clone()),
+                    Placement::Remote(remote) => StatusSource::Remote(remote.clone()),
+                    _ => return None,
+                };
+                Some((app.config.name.clone(), source))
             })
-            .collect()
+            .collect();
+        let (exchange, responder) = exchange::channel();
+        let render = move || {
+            let pools: Vec<Result<PoolStatus, (String, String)>> = sources
+                .into_iter()
+                .map(|(name, source)| match source {
+                    StatusSource::Local(pool) => Ok(pool.status()),
+                    StatusSource::Remote(remote) => remote
+                        .status(Duration::from_secs(2))
+                        .map_err(|why| (name, why)),
+                })
+                .collect();
+            let (body, content_type) = if text {
+                let lines: Vec<String> = pools
+                    .iter()
+                    .map(|p| match p {
+                        Ok(status) => status.to_text(),
+                        Err((app, why)) => format!("app {app}: unavailable: {why}\n"),
+                    })
+                    .collect();
+                (lines.concat(), "text/plain; charset=utf-8")
+            } else {
+                let objects: Vec<String> = pools
+                    .iter()
+                    .map(|p| match p {
+                        Ok(status) => status.to_json(),
+                        Err((app, why)) => crate::pool::unavailable_json(app, why),
+                    })
+                    .collect();
+                (format!("[{}]", objects.join(",")), "application/json")
+            };
+            let headers = vec![
+                (
+                    Bytes::from_static(b"content-type"),
+                    Bytes::from_static(content_type.as_bytes()),
+                ),
+                (
+                    Bytes::from_static(b"cache-control"),
+                    Bytes::from_static(b"no-store"),
+                ),
+            ];
+            let event = match ResponseHead::with_status(200, "OK", headers) {
+                Ok(head) => exchange::AppEvent::Whole(head, Bytes::from(body)),
+                Err(e) => exchange::AppEvent::Failed(DispatchError::BadResponse(e)),
+            };
+            let _ = responder.send_blocking(event);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("portico-status".into())
+            .spawn(render)
+        {
+            log::error!("cannot start the status thread: {e}");
+        }
+        exchange
     }
 
     /// The loaded apps, in config order.

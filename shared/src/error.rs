@@ -34,6 +34,8 @@ pub enum DispatchError {
     /// The pool worker running the request went away (it crashed, was killed or broke the
     /// protocol) before the response was complete.
     WorkerLost(String),
+    /// A pool server (`pool_socket`) could not be reached; why.
+    PoolUnreachable(String),
 }
 
 impl DispatchError {
@@ -47,9 +49,21 @@ impl DispatchError {
             DispatchError::WebSocketDenied => 403,
             DispatchError::UpgradeRequired => 426,
             DispatchError::AppRaised(_) | DispatchError::BadResponse(_) => 500,
-            DispatchError::WorkerLost(_) => 502,
+            DispatchError::WorkerLost(_) | DispatchError::PoolUnreachable(_) => 502,
             DispatchError::Overloaded => 503,
             DispatchError::AppTimeout => 504,
+        }
+    }
+
+    /// How loudly a host logs this error when it answers with it: the faults of the pool,
+    /// which nothing else has logged; `None` for the client's mistakes and for errors the
+    /// app's thread has logged already (with the traceback).
+    pub fn log_level(&self) -> Option<log::Level> {
+        match self {
+            DispatchError::WorkerLost(_) | DispatchError::PoolUnreachable(_) => {
+                Some(log::Level::Error)
+            }
+            _ => None,
         }
     }
 
@@ -85,6 +99,9 @@ impl fmt::Display for DispatchError {
             DispatchError::AppRaised(why) => write!(f, "the app raised: {why}"),
             DispatchError::BadResponse(why) => write!(f, "invalid response from the app: {why}"),
             DispatchError::WorkerLost(why) => write!(f, "the app's worker process was lost: {why}"),
+            DispatchError::PoolUnreachable(why) => {
+                write!(f, "the app's pool is unreachable: {why}")
+            }
         }
     }
 }

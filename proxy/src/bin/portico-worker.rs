@@ -68,7 +68,10 @@ fn main() -> ExitCode {
         .max(app.processes)
         > 1;
     let host = HostInfo {
-        server_software: format!("portico/{}", env!("CARGO_PKG_VERSION")),
+        // The front end's name when it is not `portico serve` (the pool nginx starts sets
+        // it), so that the app sees the same SERVER_SOFTWARE pooled or in-process.
+        server_software: std::env::var("PORTICO_SERVER_SOFTWARE")
+            .unwrap_or_else(|_| format!("portico/{}", env!("CARGO_PKG_VERSION"))),
         multiprocess,
         pool: None,
     };

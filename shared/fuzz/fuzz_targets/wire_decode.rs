@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
             Kind::Trailers => wire::decode_headers(payload).map(drop),
             Kind::EarlyHint => wire::decode_links(payload).map(drop),
             Kind::Failed | Kind::BodyFailed => wire::decode_error(payload).map(drop),
+            Kind::Status => wire::decode_status(payload).map(drop),
             _ => Ok(()),
         };
     }

@@ -11,6 +11,7 @@
 use super::wire::{
     self, Frame, Kind, Reader, RequestKind, WireError, INITIAL_WINDOW, WS_INBOUND_WINDOW,
 };
+use super::PoolStatus;
 use crate::error::DispatchError;
 use crate::exchange::{
     self, AppEvent, AppWaker, BodyPiece, Exchange, Inbound, Responder, WsMessage,
@@ -22,7 +23,7 @@ use crossbeam_channel::Sender;
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// One live worker process, as the host talks to it.
@@ -48,6 +49,8 @@ pub(crate) struct WorkerConn {
     /// The app's `request_timeout`: a request cancelled unanswered past it means a stuck
     /// worker.
     request_timeout: Option<Duration>,
+    /// Status queries waiting for their answer, by stream.
+    status_waiters: Mutex<HashMap<u32, mpsc::Sender<Option<PoolStatus>>>>,
 }
 
 impl WorkerConn {
@@ -72,6 +75,7 @@ impl WorkerConn {
             draining: AtomicBool::new(false),
             recycle: Mutex::new(None),
             request_timeout,
+            status_waiters: Mutex::new(HashMap::new()),
         });
         let writer = socket.try_clone()?;
         std::thread::Builder::new()
@@ -166,15 +170,15 @@ impl WorkerConn {
         self.lock_streams().insert(id, stream.clone());
         self.taken.fetch_add(1, Ordering::Relaxed);
         let payload = wire::encode_request(kind, head, route, body);
-        if self
-            .out
-            .send(Frame {
-                kind: Kind::Request,
-                stream: id,
-                payload,
-            })
-            .is_err()
-        {
+        let sent = self.out.send(Frame {
+            kind: Kind::Request,
+            stream: id,
+            payload,
+        });
+        if sent.is_err() {
+            // The writer is gone with the socket: no request goes to this worker again (the
+            // pool picks another at once, before the reader reports the worker lost).
+            self.alive.store(false, Ordering::Release);
             self.remove(id);
             return Err(DispatchError::WorkerLost(format!(
                 "worker {} is gone",
@@ -184,6 +188,24 @@ impl WorkerConn {
         // Watches for the client leaving from now on.
         stream.service();
         Ok(exchange)
+    }
+
+    /// Asks the peer (a pool server) for its pool's status and waits up to `limit` for the
+    /// answer; `None` when it has no pool, errors when it does not answer.
+    pub(crate) fn query_status(&self, limit: Duration) -> Result<Option<PoolStatus>, String> {
+        let (tx, rx) = mpsc::channel();
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.status_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        self.send(Frame::bare(Kind::StatusQuery, id));
+        let answer = rx.recv_timeout(limit);
+        self.status_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        answer.map_err(|_| format!("no answer within {limit:?}"))
     }
 
     fn lock_streams(&self) -> MutexGuard<'_, HashMap<u32, Arc<HostStream>>> {
@@ -219,6 +241,36 @@ impl WorkerConn {
 
 /// One frame from the worker, to its stream.
 fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
+    match frame.kind {
+        Kind::Hello => {
+            // A pool server's connection is used before its hello is read (so that
+            // connecting never waits on the host's thread): the version is checked here.
+            let mut r = Reader::new(frame.payload);
+            let version = r.u16()?;
+            r.u32()?;
+            r.end()?;
+            if version != wire::VERSION {
+                return Err(WireError(format!(
+                    "the peer speaks pool protocol {version}, this host {}: its binary is of another version",
+                    wire::VERSION
+                )));
+            }
+            return Ok(());
+        }
+        Kind::Status => {
+            let status = wire::decode_status(frame.payload)?;
+            let waiter = conn
+                .status_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&frame.stream);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(status);
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let Some(stream) = conn.lock_streams().get(&frame.stream).cloned() else {
         // A request the host has given up on (the client left): its frames are dropped.
         return Ok(());
@@ -440,7 +492,10 @@ impl HostStream {
                     // Given up on unanswered after request_timeout (the host answered 504):
                     // the worker's thread is stuck in the app, so the worker is replaced.
                     if let Some(limit) = conn.request_timeout {
-                        if !state.answered && self.started.elapsed() >= limit {
+                        // Less a margin: behind a pool server, the host that timed out
+                        // started its clock a hop earlier.
+                        let margin = (limit / 20).min(Duration::from_millis(500));
+                        if !state.answered && self.started.elapsed() + margin >= limit {
                             conn.request_recycle(format!(
                                 "a request ran past request_timeout ({limit:?})"
                             ));

@@ -18,6 +18,8 @@
 //!   generation goes on serving.
 
 pub mod host;
+pub mod remote;
+pub mod server;
 pub mod wire;
 pub mod worker;
 
@@ -61,6 +63,10 @@ pub struct PoolHost {
     pub worker_binary: PathBuf,
     /// The portico.toml the workers read their app from.
     pub config_file: PathBuf,
+    /// The user and group (uid, gid) workers run as when their app sets no `user`/`group`:
+    /// nginx's workers' user for the pool nginx starts (as mod_wsgi's daemon processes run
+    /// as Apache's user); `None`: the server's own.
+    pub default_identity: Option<(u32, u32)>,
 }
 
 /// A running pool for one app.
@@ -776,6 +782,15 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// A pool that could not be asked, as an entry of the status JSON.
+pub(crate) fn unavailable_json(app: &str, why: &str) -> String {
+    format!(
+        "{{\"app\":{},\"unavailable\":{}}}",
+        json_str(app),
+        json_str(why)
+    )
+}
+
 /// A JSON string literal.
 fn json_str(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
@@ -809,7 +824,10 @@ fn spawn(
     host: &PoolHost,
     startup: Duration,
 ) -> Result<(Child, Arc<WorkerConn>), String> {
-    let identity = worker_identity(config)?;
+    let identity = match worker_identity(config)? {
+        Some(identity) => Some(identity),
+        None => host.default_identity,
+    };
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let theirs: OwnedFd = theirs.into();
     let fd = theirs.as_raw_fd();

@@ -7,6 +7,7 @@
 //! A frame: `len: u32 LE` (of the payload) | `kind: u8` | `stream: u32 LE` | payload.
 //! Streams are requests, numbered by the host; stream 0 is the connection itself.
 
+use super::{PoolStatus, WorkerStatus};
 use crate::error::DispatchError;
 use crate::exchange::WsMessage;
 use crate::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
@@ -16,7 +17,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -53,6 +54,9 @@ pub enum Kind {
     WsIn = 8,
     /// Host → worker: the WebSocket is over: `code: u16`, `reason`.
     WsClosed = 9,
+    /// Host → pool server, on a stream of its own: the pool's status, answered with
+    /// [`Kind::Status`]. (A worker has no pool and answers with an empty one.)
+    StatusQuery = 10,
     /// Worker → host: the app wants the next piece of request body.
     NeedBody = 16,
     /// Worker → host: the response head (see [`encode_head`]).
@@ -78,6 +82,9 @@ pub enum Kind {
     /// Worker → host: `count: u32` more client messages the app has taken, so the host may
     /// send that many more [`Kind::WsIn`] (at most [`WS_INBOUND_WINDOW`] outstanding).
     WsAck = 27,
+    /// Pool server → host: the answer to [`Kind::StatusQuery`] (see [`encode_status`]); the
+    /// stream is over.
+    Status = 28,
 }
 
 /// Client WebSocket messages the host may send on a stream before the worker acknowledges
@@ -96,6 +103,7 @@ impl Kind {
             7 => Kind::Window,
             8 => Kind::WsIn,
             9 => Kind::WsClosed,
+            10 => Kind::StatusQuery,
             16 => Kind::NeedBody,
             17 => Kind::Head,
             18 => Kind::Whole,
@@ -108,6 +116,7 @@ impl Kind {
             25 => Kind::WsSend,
             26 => Kind::WsClose,
             27 => Kind::WsAck,
+            28 => Kind::Status,
             _ => return None,
         })
     }
@@ -649,6 +658,7 @@ pub fn encode_error(e: &DispatchError) -> Bytes {
         DispatchError::AppRaised(why) => (8, why, 0),
         DispatchError::BadResponse(why) => (9, why, 0),
         DispatchError::WorkerLost(why) => (10, why, 0),
+        DispatchError::PoolUnreachable(why) => (11, why, 0),
     };
     out.put_u8(tag);
     put_bytes(&mut out, text.as_bytes());
@@ -675,8 +685,69 @@ pub fn decode_error(payload: Bytes) -> Result<DispatchError, WireError> {
         8 => DispatchError::AppRaised(text),
         9 => DispatchError::BadResponse(text),
         10 => DispatchError::WorkerLost(text),
+        11 => DispatchError::PoolUnreachable(text),
         other => return Err(bad(format!("an error tag {other}"))),
     })
+}
+
+/// The payload of a [`Kind::Status`]: a pool's status, or nothing (no pool).
+pub fn encode_status(status: Option<&PoolStatus>) -> Bytes {
+    let mut out = BytesMut::new();
+    let Some(status) = status else {
+        return out.freeze();
+    };
+    put_bytes(&mut out, status.app.as_bytes());
+    out.put_u64_le(status.generation);
+    out.put_u64_le(status.restarts);
+    out.put_u32_le(status.workers.len() as u32);
+    for w in &status.workers {
+        out.put_u32_le(w.pid);
+        out.put_u64_le(w.generation);
+        out.put_u8(u8::from(w.serving));
+        out.put_u64_le(w.served);
+        out.put_u64_le(w.in_flight as u64);
+        out.put_u64_le(w.rss_bytes);
+        out.put_u64_le(w.started);
+    }
+    out.put_u32_le(status.events.len() as u32);
+    for event in &status.events {
+        put_bytes(&mut out, event.as_bytes());
+    }
+    out.freeze()
+}
+
+/// Reads a [`Kind::Status`] payload.
+pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let mut r = Reader::new(payload);
+    let app = r.string()?;
+    let generation = r.u64()?;
+    let restarts = r.u64()?;
+    let n = r.count(45)?;
+    let mut workers = Vec::with_capacity(n);
+    for _ in 0..n {
+        workers.push(WorkerStatus {
+            pid: r.u32()?,
+            generation: r.u64()?,
+            serving: r.u8()? != 0,
+            served: r.u64()?,
+            in_flight: usize::try_from(r.u64()?).map_err(|_| bad("in_flight overflows"))?,
+            rss_bytes: r.u64()?,
+            started: r.u64()?,
+        });
+    }
+    let n = r.count(4)?;
+    let events = (0..n).map(|_| r.string()).collect::<Result<_, _>>()?;
+    r.end()?;
+    Ok(Some(PoolStatus {
+        app,
+        generation,
+        restarts,
+        workers,
+        events,
+    }))
 }
 
 #[cfg(test)]
@@ -826,9 +897,37 @@ mod tests {
                 let _ = decode_request(frame.payload.clone());
                 let _ = decode_head(&mut Reader::new(frame.payload.clone()));
                 let _ = decode_error(frame.payload.clone());
+                let _ = decode_status(frame.payload.clone());
                 let _ = decode_links(frame.payload);
             }
         }
+    }
+
+    #[test]
+    fn a_status_round_trips() {
+        let status = PoolStatus {
+            app: "site".into(),
+            generation: 3,
+            restarts: 1,
+            workers: vec![WorkerStatus {
+                pid: 42,
+                generation: 3,
+                serving: true,
+                served: 7,
+                in_flight: 2,
+                rss_bytes: 1 << 20,
+                started: 1_700_000_000,
+            }],
+            events: vec!["worker 41 was killed by signal 9".into()],
+        };
+        let decoded = decode_status(encode_status(Some(&status)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded.to_json(), status.to_json());
+        assert!(decode_status(encode_status(None)).unwrap().is_none());
+        let mut cut = encode_status(Some(&status)).to_vec();
+        cut.pop();
+        assert!(decode_status(Bytes::from(cut)).is_err());
     }
 
     #[test]

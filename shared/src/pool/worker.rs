@@ -3,6 +3,9 @@
 //! exchange's events go back as frames. The worker is a host like the others, whose "client"
 //! is the pool's host process.
 //!
+//! A pool server (`portico pool`) serves each host that connects to it the same way: there
+//! the app's placement is a pool, so [`App::submit`] hands the request on to a worker.
+//!
 //! Three threads besides the app's own: the reader (requests, body pieces, cancels, window
 //! updates), a pump that polls the exchanges the apps have woken, and a writer.
 
@@ -255,6 +258,13 @@ fn handle(
                     .fetch_add(i64::from(increment), Ordering::AcqRel);
                 let _ = ready.send(id);
             }
+        }
+        Kind::StatusQuery => {
+            let _ = out.send(Frame {
+                kind: Kind::Status,
+                stream: id,
+                payload: wire::encode_status(app.pool_status().as_ref()),
+            });
         }
         other => return Err(wire::WireError(format!("the host sent a {other:?} frame"))),
     }

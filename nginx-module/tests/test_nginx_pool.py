@@ -1,0 +1,331 @@
+"""Pooled apps under nginx (issue 5): the module's master starts a `portico pool` server for
+the apps with `mode = "pool"`, nginx's workers forward their requests to it, and it lives
+through reloads and crashed nginx workers and goes when nginx does. A pool run on its own
+(`portico pool`, as systemd would) serves nginx and `portico serve` at once.
+
+Real nginx, the real `portico` and `portico-worker` binaries, real CPython apps in temporary
+directories, real HTTP clients over loopback; every state change polled with a deadline.
+
+    .venv/bin/python -m pytest nginx-module/tests/test_nginx_pool.py -v
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import BINARY, free_port, wait_until  # noqa: E402
+from test_nginx_lifecycle import (MODULE, NGINX, Load, Nginx, assert_clean_log,  # noqa: E402
+                                  write_app, write_conf)
+
+pytestmark = [
+    pytest.mark.skipif(not MODULE.is_file() or not os.access(NGINX, os.X_OK)
+                       or not BINARY.is_file(),
+                       reason="needs the built module (scripts/nginx-module.sh), nginx and "
+                              "the portico binaries"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="runs nginx as root, as the other nginx tests"),
+]
+
+
+def portico_toml(path, app_dir, **extra):
+    lines = ['[server]', 'listen = ["127.0.0.1:1"]', '[[app]]', 'name = "ver"',
+             'target = "ver:application"', f'python_path = ["{app_dir}"]', 'mode = "pool"',
+             'processes = 2', 'threads = 4']
+    for key, value in extra.items():
+        lines.append(f'{key} = {json.dumps(value)}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pool_conf(prefix, port, toml, workers=2):
+    write_conf(prefix, port, """
+        location / { portico_pass ver; }
+        location = /pool-status { portico_status; }
+""", workers=workers, in_http=f"""
+    portico_config {toml};
+    portico_pool_binary {BINARY};
+""")
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def pool_server_of(server):
+    """The `portico pool` process nginx's master started."""
+    found = [p for p in children(server.proc.pid) if " pool " in cmdline(p)]
+    assert len(found) == 1, [(p, cmdline(p)) for p in children(server.proc.pid)]
+    return found[0]
+
+
+def pool_workers(pool_pid):
+    return [p for p in children(pool_pid) if "portico-worker" in cmdline(p) and alive(p)]
+
+
+def served_pids(server, n=12):
+    pids = set()
+    for _ in range(n):
+        status, body = server.get("/pid")
+        assert status == 200, body
+        pids.add(int(body))
+    return pids
+
+
+def status(server):
+    got, body = server.get("/pool-status")
+    assert got == 200, body
+    return json.loads(body)
+
+
+def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
+    """nginx's master starts `portico pool`; requests are served by its workers, not by
+    nginx's; `portico_status` lists them; a pool worker killed with SIGKILL is replaced."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    port = free_port()
+    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"v1")
+        pool = pool_server_of(server)
+        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
+        workers = set(pool_workers(pool))
+        assert served_pids(server) == workers, "both pool workers take requests"
+        assert not workers & set(server.workers())
+
+        [app] = status(server)
+        assert app["app"] == "ver" and app["generation"] == 1
+        assert {w["pid"] for w in app["workers"]} == workers
+        assert all(w["state"] == "serving" and w["rss_bytes"] > 0 for w in app["workers"])
+        text = server.get("/pool-status?format=text")[1].decode()
+        assert "app ver: generation 1" in text and str(min(workers)) in text
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: len(pool_workers(pool)) == 2 and victim not in pool_workers(pool),
+                   timeout=5, what="the killed worker's replacement")
+        healed = time.monotonic() - killed
+        assert healed < 1.0, f"the pool took {healed:.2f}s to heal"
+        assert victim not in served_pids(server)
+        [app] = status(server)
+        assert app["restarts"] == 1, app
+        assert any(f"worker {victim} was killed by signal 9" in e for e in app["events"])
+        print(f"pool healed in {healed * 1000:.0f} ms under nginx")
+    finally:
+        server.stop()
+    assert_clean_log(server.error_log())
+
+
+def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_path):
+    """`nginx -s reload` while six clients hammer a pooled app: the pool server (the same
+    process) starts a new generation with the new code, no request fails, every client ends
+    on the new code, and the old generation's workers go."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    port = free_port()
+    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
+    server = Nginx(tmp_path, port)
+    load = None
+    try:
+        server.wait_serving(b"v1")
+        pool = pool_server_of(server)
+        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
+        old = set(pool_workers(pool))
+
+        load = Load(port).start()
+        began = time.monotonic()
+        wait_until(lambda: load.count() >= 200 and time.monotonic() - began >= 1.0,
+                   timeout=10, what="a second of load")
+        write_app(app_dir, "v2-reloaded")
+        server.signal("reload")
+        wait_until(lambda: load.latest() == [b"v2-reloaded"] * len(load.threads),
+                   timeout=20, what="every client to be answered by the new code")
+        switched = time.monotonic()
+        before = load.count()
+        wait_until(lambda: load.count() >= before + 300 and time.monotonic() - switched >= 1.0,
+                   timeout=10, what="a second more load after the switch")
+        load.finish()
+
+        assert load.failures == [], load.failures[:20]
+        bodies = [body for _, _, _, body in load.results]
+        assert set(bodies) == {b"v1", b"v2-reloaded"}
+        late_v1 = [r for r in load.results if r[1] > switched and r[3] != b"v2-reloaded"]
+        assert late_v1 == [], late_v1[:10]
+
+        assert pool_server_of(server) == pool, "a reload keeps the pool server"
+        wait_until(lambda: not old & set(pool_workers(pool)), timeout=15,
+                   what="the old generation to go")
+        assert len(pool_workers(pool)) == 2
+        [app] = status(server)
+        assert app["generation"] == 2
+        print(f"reload under load: {len(bodies)} requests, 0 failed")
+    finally:
+        if load is not None:
+            load.finish()
+        server.stop()
+    assert_clean_log(server.error_log())
+
+
+def test_the_pool_outlives_a_crashed_nginx_worker_and_goes_with_nginx(tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    port = free_port()
+    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"v1")
+        pool = pool_server_of(server)
+        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
+        workers = set(pool_workers(pool))
+        nginx_workers = [p for p in server.workers() if p != pool]
+        os.kill(nginx_workers[0], signal.SIGKILL)
+        wait_until(lambda: nginx_workers[0] not in server.workers()
+                   and len([p for p in server.workers() if p != pool]) == 2,
+                   what="nginx to replace its worker")
+        for _ in range(10):
+            assert server.get("/")[0:2] == (200, b"v1")
+        assert pool_server_of(server) == pool and set(pool_workers(pool)) == workers, \
+            "a crashed nginx worker does not touch the pool"
+
+        sockets = [p for p in Path("/tmp").glob("portico-nginx-*") if (p / "ver.sock").exists()]
+        assert sockets, "the pool's socket directory"
+        server.stop()
+        assert server.proc.returncode == 0
+        # nginx's master waits for its pool before it exits.
+        assert not alive(pool) and not any(alive(p) for p in workers)
+        assert "stopping: no new connections" in server.error_log()
+        assert not any(p.exists() for p in sockets), "the socket directory is removed"
+    finally:
+        server.stop()
+
+
+def test_the_pool_goes_when_nginx_is_killed_outright(tmp_path):
+    """SIGKILL to nginx's master and workers: no hook runs, yet the pool goes with the last
+    nginx process (it watches a pipe they hold)."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    port = free_port()
+    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"v1")
+        pool = pool_server_of(server)
+        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
+        workers = pool_workers(pool)
+        nginx_workers = [p for p in server.workers() if p != pool]
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        assert alive(pool), "the nginx workers still hold the pool"
+        for pid in nginx_workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pool) and not any(alive(p) for p in workers), timeout=15,
+                   what="the pool to go with the last nginx process")
+        assert "the processes that started this pool are gone" in server.error_log()
+    finally:
+        server.stop()
+
+
+def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
+    """`portico pool --config FILE` (as under systemd) with `pool_socket`: nginx and
+    `portico serve` both connect to it and are served by the same workers; SIGHUP reloads it,
+    and `portico status` reads it from its socket."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    sock = tmp_path / "ver.sock"
+    serve_port = free_port()
+    toml = portico_toml(tmp_path / "portico.toml", app_dir, pool_socket=str(sock))
+    toml.write_text(toml.read_text().replace('"127.0.0.1:1"', f'"127.0.0.1:{serve_port}"'))
+    log = open(tmp_path / "pool.log", "wb")
+    pool = subprocess.Popen([str(BINARY), "pool", "--config", str(toml)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    serve = nginx = None
+    try:
+        wait_until(lambda: sock.exists() or pool.poll() is not None, timeout=30,
+                   what="the pool's socket")
+        assert pool.poll() is None, (tmp_path / "pool.log").read_text()
+        workers = set(pool_workers(pool.pid))
+        assert len(workers) == 2
+
+        port = free_port()
+        (tmp_path / "nginx").mkdir()
+        pool_conf(tmp_path / "nginx", port, toml)
+        nginx = Nginx(tmp_path / "nginx", port)
+        nginx.wait_serving(b"v1")
+        assert not [p for p in nginx.workers() if " pool " in cmdline(p)], \
+            "nginx starts no pool of its own for an app with pool_socket"
+        serve = subprocess.Popen([str(BINARY), "serve", "--config", str(toml)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        serve_client = Nginx.__new__(Nginx)
+        serve_client.port = serve_port
+
+        def serve_ok():
+            try:
+                return serve_client.get("/", timeout=2) == (200, b"v1")
+            except OSError:
+                return False
+        wait_until(serve_ok, timeout=20, what="portico serve to answer")
+
+        assert served_pids(nginx) == workers
+        assert served_pids(serve_client) == workers
+
+        done = subprocess.run([str(BINARY), "status", "--config", str(toml), "--json"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        [app] = json.loads(done.stdout)
+        assert {w["pid"] for w in app["workers"]} == workers
+        assert sum(w["served"] for w in app["workers"]) >= 24
+
+        write_app(app_dir, "v2-reloaded")
+        pool.send_signal(signal.SIGHUP)
+        wait_until(lambda: nginx.get("/") == (200, b"v2-reloaded")
+                   and serve_client.get("/") == (200, b"v2-reloaded"),
+                   timeout=20, what="both hosts to get the new code")
+        wait_until(lambda: not workers & set(pool_workers(pool.pid)), timeout=15,
+                   what="the old generation to go")
+    finally:
+        if serve is not None:
+            serve.send_signal(signal.SIGINT)
+            serve.wait(15)
+        if nginx is not None:
+            nginx.stop()
+        pool.terminate()
+        pool.wait(30)
+    assert not sock.exists(), "the pool removes its socket when it stops"

@@ -1,0 +1,219 @@
+//! `portico pool`: run the pooled apps of a portico.toml on their own, for hosts in other
+//! processes (`portico serve` and nginx, with `pool_socket`). systemd runs it as a service;
+//! the nginx module starts one for the pooled apps that name no `pool_socket`.
+//!
+//! Signals: SIGHUP reloads (a new generation of workers), SIGTERM and SIGINT stop it after
+//! the requests in flight. With `--lifeline-fd`, end-of-file on that descriptor stops it too:
+//! nginx's processes hold the other end, so the pool goes when the last of them does.
+
+use portico_config::{Config, Mode};
+use portico_core::pool::server::PoolServer;
+use portico_core::pool::PoolHost;
+use portico_core::{Dispatcher, HostInfo};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `portico pool` is asked to do.
+#[derive(clap::Args)]
+pub(crate) struct PoolArgs {
+    /// The config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Serve only this app (repeat for several). Default: every app with mode = "pool".
+    #[arg(long = "app")]
+    apps: Vec<String>,
+    /// Where the sockets of apps without `pool_socket` go: DIR/NAME.sock.
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+    /// UID:GID that owns the sockets (only it may connect) and that workers run as when
+    /// their app sets no `user`: what nginx passes for its workers' user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Stop when this descriptor reads end-of-file (the nginx module's lifeline).
+    #[arg(long)]
+    lifeline_fd: Option<i32>,
+    /// Write the process id here (for `kill -HUP`), removed at exit.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+}
+
+/// Runs the pool server until it is told to stop.
+pub(crate) fn run(args: PoolArgs) -> ExitCode {
+    let mut config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => return crate::config_failed(&e),
+    };
+    let usage = |message: String| {
+        eprintln!("portico pool: {}: {message}", args.config.display());
+        ExitCode::from(crate::EXIT_CONFIG)
+    };
+    for name in &args.apps {
+        match config.app.iter().find(|a| &a.name == name) {
+            None => return usage(format!("no app named `{name}`")),
+            Some(app) if app.mode != Mode::Pool => {
+                return usage(format!("app `{name}` is not mode = \"pool\""))
+            }
+            Some(_) => {}
+        }
+    }
+    config
+        .app
+        .retain(|a| a.mode == Mode::Pool && (args.apps.is_empty() || args.apps.contains(&a.name)));
+    if config.app.is_empty() {
+        return usage("no app with mode = \"pool\" to serve".into());
+    }
+    let mut sockets = Vec::new();
+    for (i, app) in config.app.iter_mut().enumerate() {
+        // Here the pool runs: the app's socket is where it listens, not where to connect.
+        let path = match (app.pool_socket.take(), &args.socket_dir) {
+            (Some(path), _) => path,
+            (None, Some(dir)) => dir.join(format!("{}.sock", app.name)),
+            (None, None) => {
+                return usage(format!(
+                    "app `{}` has no pool_socket (set one, or give --socket-dir)",
+                    app.name
+                ))
+            }
+        };
+        sockets.push((i, path));
+    }
+    let owner = match args.user.as_deref().map(parse_ids).transpose() {
+        Ok(owner) => owner,
+        Err(e) => return usage(format!("--user: {e}")),
+    };
+
+    // Signals are taken by sigwait below: blocked before any thread starts, so every thread
+    // inherits the mask (SIGHUP is blocked already by main).
+    let signals = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT];
+    // SAFETY: a signal set on the stack, filled by sigemptyset/sigaddset, given to
+    // pthread_sigmask for the calling thread only.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    if let Some(fd) = args.lifeline_fd {
+        watch_lifeline(fd);
+    }
+
+    let worker_binary = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("portico-worker"),
+        Err(e) => {
+            eprintln!("portico pool: cannot find my own executable: {e}");
+            return ExitCode::from(crate::EXIT_APP);
+        }
+    };
+    let host = HostInfo {
+        server_software: format!("portico/{}", env!("CARGO_PKG_VERSION")),
+        multiprocess: true,
+        pool: Some(PoolHost {
+            worker_binary,
+            config_file: std::path::absolute(&args.config).unwrap_or(args.config.clone()),
+            default_identity: owner,
+        }),
+    };
+    let dispatcher = match Dispatcher::load(&config.app, &host) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            eprintln!("portico pool: {e}");
+            return ExitCode::from(crate::EXIT_APP);
+        }
+    };
+    let server = match PoolServer::start(dispatcher.clone(), &sockets, owner) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("portico pool: {e}");
+            dispatcher.shutdown(Duration::ZERO);
+            return ExitCode::from(crate::EXIT_BIND);
+        }
+    };
+    let _pid_file = match crate::PidFile::write(args.pid_file.as_deref()) {
+        Ok(pid_file) => pid_file,
+        Err(e) => {
+            eprintln!("portico pool: --pid-file: {e}");
+            return ExitCode::from(crate::EXIT_CONFIG);
+        }
+    };
+    log::info!("pool server {} ready", std::process::id());
+
+    loop {
+        let mut sig = 0;
+        // SAFETY: sigwait reads the set built above and writes the signal number to `sig`.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        if sig != libc::SIGHUP {
+            break;
+        }
+        log::info!("SIGHUP: reloading the pools");
+        for (app, outcome) in dispatcher.reload() {
+            if let Err(e) = outcome {
+                log::error!("app `{app}`: reload failed, the old workers go on: {e}");
+            }
+        }
+    }
+    log::info!("stopping: no new connections; the pools finish their requests");
+    server.stop_accepting();
+    let graceful = config
+        .app
+        .iter()
+        .filter_map(|a| a.graceful_timeout.as_limit())
+        .max()
+        .unwrap_or(Duration::from_secs(30));
+    dispatcher.shutdown(graceful + Duration::from_secs(10));
+    if let Some(dir) = &args.socket_dir {
+        // Ours when nginx made it for us; left alone if anything else is in it.
+        let _ = std::fs::remove_dir(dir);
+    }
+    log::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// `UID:GID`, numbers (or a bare UID, whose group is the same number).
+fn parse_ids(text: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = text.split_once(':').unwrap_or((text, text));
+    match (uid.parse(), gid.parse()) {
+        (Ok(uid), Ok(gid)) => Ok((uid, gid)),
+        _ => Err(format!("`{text}` is not UID:GID")),
+    }
+}
+
+/// A thread that stops the server (SIGTERM to itself) when `fd` reads end-of-file.
+fn watch_lifeline(fd: i32) {
+    let spawned = std::thread::Builder::new()
+        .name("lifeline".into())
+        .spawn(move || {
+            // SAFETY: fcntl on the descriptor we were given: workers must not inherit it.
+            unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+            let mut byte = [0u8; 1];
+            loop {
+                // SAFETY: reads at most one byte into a live buffer from the descriptor we
+                // were given, which nothing else in this process uses.
+                let n = unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+                if n < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                    continue;
+                }
+                if n <= 0 {
+                    break;
+                }
+            }
+            log::info!("the processes that started this pool are gone: stopping");
+            // SAFETY: kill() sends SIGTERM to this very process, which sigwait takes.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the lifeline thread: {e}");
+    }
+}
