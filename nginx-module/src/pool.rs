@@ -9,7 +9,8 @@
 //!   reload, which leaves the running configuration in place.
 //! - Reload (`nginx -s reload`): the same pooled apps with the same settings get a SIGHUP:
 //!   a new generation of workers loads the code as it is now, the old one finishes its
-//!   requests. Other settings start a new pool server; the old one drains and goes.
+//!   requests. Other settings start a new pool server for the new nginx workers; the old one
+//!   serves the old workers until the last of them exits (see [`retire`]).
 //! - Crashed nginx workers do not touch it: the master forks new ones, which connect again.
 //! - Stop: every nginx process holds the write end of a pipe (the lifeline) whose read end
 //!   the pool server watches. When the last of them exits, it reads end-of-file and stops.
@@ -25,7 +26,7 @@ use ngx::http::HttpModuleMainConf;
 use portico_config::{AppConfig, Mode};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -352,26 +353,14 @@ fn make_socket_dir(identity: Option<(u32, u32)>) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// A pool server that is no longer wanted: SIGTERM, so it stops taking connections and
-/// drains; its lifeline end closes with `old`. Not waited for: it may drain for up to its
-/// apps' `graceful_timeout`, and the master does not block on it.
+/// A pool server that is no longer wanted. The old nginx workers still use it: they take
+/// requests until the master tells them to quit, and finish those they have. So it is not
+/// stopped here: the master closes its end of the old lifeline, which the new workers (forked
+/// after this) do not inherit, so the old pool server reads end-of-file once the last old
+/// worker has exited, and then stops (and removes its socket directory).
 fn retire(old: Running) {
-    signal(&old.child, libc::SIGTERM);
-    let dir = old.dir.clone();
-    // nginx's master reaps it when it exits (it waits for any child).
-    drop(old.child);
-    remove_dir_soon(&dir);
-}
-
-/// Removes the socket directory once the server has removed its sockets, which it does
-/// at once on SIGTERM (waits at most half a second).
-fn remove_dir_soon(dir: &Path) {
-    for _ in 0..50 {
-        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // nginx's master reaps the process when it exits (it waits for any child).
+    drop(old);
 }
 
 fn signal(child: &Child, sig: i32) {

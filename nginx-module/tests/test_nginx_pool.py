@@ -136,29 +136,36 @@ def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
-        wait_until(lambda: len(pool_workers(pool)) == 2 and victim not in pool_workers(pool),
-                   timeout=5, what="the killed worker's replacement")
+
+        def whole():
+            [app] = status(server)
+            serving = {w["pid"] for w in app["workers"] if w["state"] == "serving"}
+            return len(serving) == 2 and victim not in serving and app["restarts"] == 1 \
+                and serving == set(pool_workers(pool))
+        wait_until(whole, timeout=5, what="the pool to report the killed worker replaced")
         healed = time.monotonic() - killed
         assert healed < 1.0, f"the pool took {healed:.2f}s to heal"
         assert victim not in served_pids(server)
         [app] = status(server)
-        assert app["restarts"] == 1, app
-        assert any(f"worker {victim} was killed by signal 9" in e for e in app["events"])
+        assert any(f"worker {victim} was killed by signal 9" in e for e in app["events"]), app
         print(f"pool healed in {healed * 1000:.0f} ms under nginx")
     finally:
         server.stop()
     assert_clean_log(server.error_log())
 
 
-def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_path):
-    """`nginx -s reload` while six clients hammer a pooled app: the pool server (the same
-    process) starts a new generation with the new code, no request fails, every client ends
-    on the new code, and the old generation's workers go."""
+@pytest.mark.parametrize("settings", ["same", "changed"])
+def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_path, settings):
+    """`nginx -s reload` while six clients hammer a pooled app: no request fails, every
+    client ends on the new code, and the old workers go. With the same pool settings the
+    pool server (the same process) starts a new generation; with changed ones a new pool
+    server takes the new nginx workers while the old one serves the old until they exit."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     write_app(app_dir, "v1")
     port = free_port()
-    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    pool_conf(tmp_path, port, toml)
     server = Nginx(tmp_path, port)
     load = None
     try:
@@ -172,6 +179,8 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
         wait_until(lambda: load.count() >= 200 and time.monotonic() - began >= 1.0,
                    timeout=10, what="a second of load")
         write_app(app_dir, "v2-reloaded")
+        if settings == "changed":
+            toml.write_text(toml.read_text().replace("threads = 4", "threads = 3"))
         server.signal("reload")
         wait_until(lambda: load.latest() == [b"v2-reloaded"] * len(load.threads),
                    timeout=20, what="every client to be answered by the new code")
@@ -187,16 +196,51 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
         late_v1 = [r for r in load.results if r[1] > switched and r[3] != b"v2-reloaded"]
         assert late_v1 == [], late_v1[:10]
 
-        assert pool_server_of(server) == pool, "a reload keeps the pool server"
-        wait_until(lambda: not old & set(pool_workers(pool)), timeout=15,
-                   what="the old generation to go")
-        assert len(pool_workers(pool)) == 2
-        [app] = status(server)
-        assert app["generation"] == 2
-        print(f"reload under load: {len(bodies)} requests, 0 failed")
+        if settings == "same":
+            assert pool_server_of(server) == pool, "a reload keeps the pool server"
+            wait_until(lambda: not old & set(pool_workers(pool)), timeout=15,
+                       what="the old generation to go")
+            assert len(pool_workers(pool)) == 2
+            [app] = status(server)
+            assert app["generation"] == 2
+        else:
+            wait_until(lambda: not alive(pool) and not any(alive(p) for p in old),
+                       timeout=15, what="the old pool server to go")
+            assert len(pool_workers(pool_server_of(server))) == 2
+        print(f"reload under load ({settings} settings): {len(bodies)} requests, 0 failed")
     finally:
         if load is not None:
             load.finish()
+        server.stop()
+    assert_clean_log(server.error_log())
+
+
+def test_a_reload_with_new_pool_settings_replaces_the_pool_server(tmp_path):
+    """`processes` 2 -> 3 and `nginx -s reload`: a new pool server with three workers takes
+    over, and the old one (with its workers and its socket directory) goes."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    port = free_port()
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    pool_conf(tmp_path, port, toml)
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"v1")
+        old = pool_server_of(server)
+        wait_until(lambda: len(pool_workers(old)) == 2, what="two pool workers")
+        old_workers = pool_workers(old)
+        toml.write_text(toml.read_text().replace("processes = 2", "processes = 3"))
+        server.signal("reload")
+        wait_until(lambda: not alive(old), timeout=15, what="the old pool server to go")
+        new = pool_server_of(server)
+        assert new != old
+        wait_until(lambda: len(pool_workers(new)) == 3, what="three pool workers")
+        assert not any(alive(p) for p in old_workers)
+        assert served_pids(server, 18) == set(pool_workers(new))
+        assert len([p for p in Path("/tmp").glob("portico-nginx-*")
+                    if (p / "ver.sock").exists()]) >= 1
+    finally:
         server.stop()
     assert_clean_log(server.error_log())
 
@@ -321,11 +365,19 @@ def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
         wait_until(lambda: not workers & set(pool_workers(pool.pid)), timeout=15,
                    what="the old generation to go")
     finally:
+        # Each stops whatever happened to the others.
         if serve is not None:
             serve.send_signal(signal.SIGINT)
-            serve.wait(15)
+            try:
+                serve.wait(15)
+            except subprocess.TimeoutExpired:
+                serve.kill()
         if nginx is not None:
             nginx.stop()
         pool.terminate()
-        pool.wait(30)
+        try:
+            pool.wait(30)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            raise
     assert not sock.exists(), "the pool removes its socket when it stops"
