@@ -102,6 +102,11 @@ impl WorkerConn {
         self.alive.load(Ordering::Acquire) && !self.draining.load(Ordering::SeqCst)
     }
 
+    /// Whether the worker is gone (exited, or its socket failed).
+    pub(crate) fn is_lost(&self) -> bool {
+        !self.alive.load(Ordering::Acquire)
+    }
+
     /// Stops giving the worker requests. A request that raced with this is refused by
     /// [`WorkerConn::submit`] (and goes to another worker), so once `in_flight` is 0 after
     /// this, it stays 0.

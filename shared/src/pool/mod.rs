@@ -321,7 +321,13 @@ impl Pool {
                 WorkerStatus {
                     pid: conn.pid,
                     generation: record.generation,
-                    serving: conn.is_alive(),
+                    state: if conn.is_alive() {
+                        WorkerState::Serving
+                    } else if conn.is_lost() {
+                        WorkerState::Lost
+                    } else {
+                        WorkerState::Draining
+                    },
                     served: conn.served.load(Ordering::Relaxed),
                     in_flight: conn.in_flight.load(Ordering::Relaxed),
                     rss_bytes: rss_bytes(conn.pid).unwrap_or(0),
@@ -692,8 +698,8 @@ pub struct WorkerStatus {
     pub pid: u32,
     /// The generation it belongs to.
     pub generation: u64,
-    /// Whether it takes new requests (else it is draining).
-    pub serving: bool,
+    /// Whether it takes new requests.
+    pub state: WorkerState,
     /// Requests it has finished.
     pub served: u64,
     /// Requests it has now.
@@ -702,6 +708,28 @@ pub struct WorkerStatus {
     pub rss_bytes: u64,
     /// When it started, in seconds since the Unix epoch.
     pub started: u64,
+}
+
+/// Where a worker is in its life, for the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// It takes new requests.
+    Serving,
+    /// Being replaced: it finishes its requests and takes no new ones.
+    Draining,
+    /// Gone (its exit is being handled): it is about to leave the list.
+    Lost,
+}
+
+impl WorkerState {
+    /// As the status shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Serving => "serving",
+            WorkerState::Draining => "draining",
+            WorkerState::Lost => "lost",
+        }
+    }
 }
 
 impl PoolStatus {
@@ -720,7 +748,7 @@ impl PoolStatus {
                 if i > 0 { "," } else { "" },
                 w.pid,
                 w.generation,
-                if w.serving { "serving" } else { "draining" },
+                w.state.name(),
                 w.served,
                 w.in_flight,
                 w.rss_bytes,
@@ -754,7 +782,7 @@ impl PoolStatus {
                 "  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9.1}",
                 w.pid,
                 w.generation,
-                if w.serving { "serving" } else { "draining" },
+                w.state.name(),
                 w.served,
                 w.in_flight,
                 w.rss_bytes as f64 / (1024.0 * 1024.0)

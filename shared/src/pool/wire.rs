@@ -7,7 +7,7 @@
 //! A frame: `len: u32 LE` (of the payload) | `kind: u8` | `stream: u32 LE` | payload.
 //! Streams are requests, numbered by the host; stream 0 is the connection itself.
 
-use super::{PoolStatus, WorkerStatus};
+use super::{PoolStatus, WorkerState, WorkerStatus};
 use crate::error::DispatchError;
 use crate::exchange::WsMessage;
 use crate::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
@@ -703,7 +703,11 @@ pub fn encode_status(status: Option<&PoolStatus>) -> Bytes {
     for w in &status.workers {
         out.put_u32_le(w.pid);
         out.put_u64_le(w.generation);
-        out.put_u8(u8::from(w.serving));
+        out.put_u8(match w.state {
+            WorkerState::Draining => 0,
+            WorkerState::Serving => 1,
+            WorkerState::Lost => 2,
+        });
         out.put_u64_le(w.served);
         out.put_u64_le(w.in_flight as u64);
         out.put_u64_le(w.rss_bytes);
@@ -731,7 +735,12 @@ pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
         workers.push(WorkerStatus {
             pid: r.u32()?,
             generation: r.u64()?,
-            serving: r.u8()? != 0,
+            state: match r.u8()? {
+                0 => WorkerState::Draining,
+                1 => WorkerState::Serving,
+                2 => WorkerState::Lost,
+                other => return Err(bad(format!("a worker state {other}"))),
+            },
             served: r.u64()?,
             in_flight: usize::try_from(r.u64()?).map_err(|_| bad("in_flight overflows"))?,
             rss_bytes: r.u64()?,
@@ -912,7 +921,7 @@ mod tests {
             workers: vec![WorkerStatus {
                 pid: 42,
                 generation: 3,
-                serving: true,
+                state: WorkerState::Serving,
                 served: 7,
                 in_flight: 2,
                 rss_bytes: 1 << 20,
