@@ -6,6 +6,7 @@ mid-request, an app that cannot be imported."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -343,14 +344,15 @@ def test_a_websocket_stays_open_on_the_old_generation_across_a_reload(portico):
     server.wait_for_log(f"pool worker {old} replaced (a reload replaced it)")
 
 
-def start_pool_server(tmp_path, *tables, extra_args=()):
+def start_pool_server(tmp_path, *tables, extra_args=(), env=None):
     """`portico pool --config FILE` for [[app]] tables with pool_socket; waits for each
     socket. Returns (process, config)."""
     config = tmp_path / "pool.toml"
     config.write_text('[server]\nlisten = ["127.0.0.1:1"]\n' + "\n".join(tables))
     log = open(tmp_path / "pool.log", "ab")
     proc = subprocess.Popen([str(BINARY), "pool", "--config", str(config), *extra_args],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     sockets = [Path(line.split('"')[1]) for table in tables for line in table.splitlines()
                if line.startswith("pool_socket")]
     wait_until(lambda: all(s.exists() for s in sockets) or proc.poll() is not None,
@@ -402,3 +404,27 @@ def test_portico_pool_refuses_an_app_it_cannot_place(run_portico, tmp_path):
     done = run_portico("pool", "--config", str(config), "--app", "inproc")
     assert done.returncode == 64
     assert "app `inproc` is not mode = \"pool\"" in done.stderr, done.stderr
+
+
+def test_portico_pool_tells_systemd_when_it_is_ready_reloading_and_stopping(tmp_path):
+    """Under systemd (`Type=notify`, NOTIFY_SOCKET set) the pool says READY=1 once its
+    workers have loaded the app and its socket listens, RELOADING=1 then READY=1 around a
+    SIGHUP, and STOPPING=1."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    sock = tmp_path / "pool.sock"
+    pool, _ = start_pool_server(tmp_path, pool_app(processes=1, pool_socket=str(sock)),
+                                env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        assert notify.recv(100) == b"READY=1"
+        assert sock.exists()
+        pool.send_signal(signal.SIGHUP)
+        assert notify.recv(100) == b"RELOADING=1"
+        assert notify.recv(100) == b"READY=1"
+        pool.send_signal(signal.SIGTERM)
+        assert notify.recv(100) == b"STOPPING=1"
+        assert pool.wait(30) == 0
+    finally:
+        pool.kill()
+        notify.close()

@@ -141,6 +141,7 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         }
     };
     log::info!("pool server {} ready", std::process::id());
+    notify_systemd("READY=1");
 
     loop {
         let mut sig = 0;
@@ -152,13 +153,16 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             break;
         }
         log::info!("SIGHUP: reloading the pools");
+        notify_systemd("RELOADING=1");
         for (app, outcome) in dispatcher.reload() {
             if let Err(e) = outcome {
                 log::error!("app `{app}`: reload failed, the old workers go on: {e}");
             }
         }
+        notify_systemd("READY=1");
     }
     log::info!("stopping: no new connections; the pools finish their requests");
+    notify_systemd("STOPPING=1");
     server.stop_accepting();
     let graceful = config
         .app
@@ -173,6 +177,30 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     }
     log::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Tells systemd (a `Type=notify` service) how the server is doing: READY=1 once every
+/// socket listens and every pool has loaded its app, RELOADING=1 and STOPPING=1. Does
+/// nothing outside systemd (no `NOTIFY_SOCKET`). The protocol is sd_notify(3)'s: one
+/// datagram to the socket named by `NOTIFY_SOCKET` (`@` for the abstract namespace).
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::path::Path::new(&path)),
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        let addr = addr?;
+        socket.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd ({state}): {e}");
+    }
 }
 
 /// `UID:GID`, numbers (or a bare UID, whose group is the same number).
