@@ -291,6 +291,21 @@ impl Exchange {
         None
     }
 
+    /// Registers `waker` for the app's next event without taking one. True when an event
+    /// (or the app's end) is there already, so the caller should look now: then the waker
+    /// may not fire for it.
+    pub fn arm(&self, waker: &Waker) -> bool {
+        let mut state = self.shared.lock();
+        if !state.events.is_empty() || state.app_gone {
+            return true;
+        }
+        match &state.host_waker {
+            Some(current) if current.will_wake(waker) => {}
+            _ => state.host_waker = Some(waker.clone()),
+        }
+        false
+    }
+
     /// Answers a [`AppEvent::NeedBody`]. Never blocks: only one piece is ever outstanding.
     pub fn send_body(&self, piece: BodyPiece) {
         let mut state = self.shared.lock();

@@ -175,8 +175,12 @@ fn handle(
                     streams
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(id, stream);
-                    let _ = ready.send(id);
+                        .insert(id, stream.clone());
+                    // The pump hears from the exchange when the app has something; it is
+                    // woken now only if the app was that quick (saves it a look per request).
+                    if stream.exchange.arm(&stream.waker) {
+                        let _ = ready.send(id);
+                    }
                 }
                 Err(e) => {
                     let _ = out.send(Frame {
