@@ -12,10 +12,12 @@
 //!   requests. Other settings start a new pool server for the new nginx workers; the old one
 //!   serves the old workers until the last of them exits (see [`retire`]).
 //! - Crashed nginx workers do not touch it: the master forks new ones, which connect again.
-//! - Stop: every nginx process holds the write end of a pipe (the lifeline) whose read end
-//!   the pool server watches. When the last of them exits, it reads end-of-file and stops.
-//!   A pipe rather than a parent-death signal, because the master that daemonizes is not
-//!   the process that started the pool.
+//! - Stop: `exit_master` stops the pool and waits for it, so nginx is gone only after its
+//!   apps' lifespan shutdown. Should no hook run (nginx killed outright), the lifeline does
+//!   it: every nginx process holds the write end of a pipe whose read end the pool server
+//!   watches; when the last of them exits, it reads end-of-file and stops. A pipe rather
+//!   than a parent-death signal, because the master that daemonizes is not the process that
+//!   started the pool.
 //!
 //! All of this runs on the master's one thread, while it (re)reads its configuration.
 
