@@ -135,6 +135,16 @@ unsafe fn prefix_of(cf: *mut ngx_conf_t) -> PathBuf {
     }
 }
 
+/// The directive's one argument as a path; a relative one is relative to the server prefix.
+///
+/// # Safety
+/// `cf` must be the configuration nginx passed to a directive handler of one argument.
+unsafe fn path_argument(cf: *mut ngx_conf_t) -> PathBuf {
+    // SAFETY: the caller's.
+    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
+    prefix.join(String::from_utf8_lossy(args[1]).as_ref())
+}
+
 /// Logs a configuration error at `emerg` with the directive's file and line and returns
 /// nginx's "configuration failed" value.
 fn conf_error(cf: *mut ngx_conf_t, message: &str) -> *mut c_char {
@@ -305,8 +315,7 @@ pub unsafe extern "C" fn cmd_portico_config(
         return c"is duplicate".as_ptr().cast_mut();
     }
     // SAFETY: nginx calls directive handlers with a valid `cf`.
-    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
-    let file = prefix.join(String::from_utf8_lossy(args[1]).as_ref());
+    let file = unsafe { path_argument(cf) };
     match Config::load(&file) {
         Ok(config) => {
             main.config = Some(LoadedConfig {
@@ -396,8 +405,7 @@ pub unsafe extern "C" fn cmd_portico_pool_binary(
         return c"is duplicate".as_ptr().cast_mut();
     }
     // SAFETY: nginx calls directive handlers with a valid `cf`.
-    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
-    let file = prefix.join(String::from_utf8_lossy(args[1]).as_ref());
+    let file = unsafe { path_argument(cf) };
     if !file.is_file() {
         return conf_error(
             cf,
@@ -451,8 +459,7 @@ pub unsafe extern "C" fn cmd_portico_python_home(
         return c"is duplicate".as_ptr().cast_mut();
     }
     // SAFETY: nginx calls directive handlers with a valid `cf`.
-    let (args, prefix) = unsafe { (args(cf), prefix_of(cf)) };
-    let dir = prefix.join(String::from_utf8_lossy(args[1]).as_ref());
+    let dir = unsafe { path_argument(cf) };
     if !dir.is_dir() {
         return conf_error(
             cf,

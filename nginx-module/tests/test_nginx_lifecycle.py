@@ -227,16 +227,7 @@ class Nginx:
 
     def workers(self):
         """The pids of the master's children (its workers)."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    pids.append(int(entry))
-        return sorted(pids)
+        return children(self.proc.pid)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -247,6 +238,20 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def children(pid):
+    """The pids of the processes whose parent is `pid`, sorted."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry))
+    return sorted(pids)
 
 
 def nginx_t(prefix, wrapper=(), env=None):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import BINARY, free_port, wait_until  # noqa: E402
 from test_nginx_lifecycle import (MODULE, NGINX, Load, Nginx, assert_clean_log,  # noqa: E402
-                                  write_app, write_conf)
+                                  children, write_app, write_conf)
 
 pytestmark = [
     pytest.mark.skipif(not MODULE.is_file() or not os.access(NGINX, os.X_OK)
@@ -53,19 +53,6 @@ def pool_conf(prefix, port, toml, workers=2):
     portico_config {toml};
     portico_pool_binary {BINARY};
 """)
-
-
-def children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
 
 
 def cmdline(pid):
@@ -109,19 +96,31 @@ def status(server):
     return json.loads(body)
 
 
-def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
-    """nginx's master starts `portico pool`; requests are served by its workers, not by
-    nginx's; `portico_status` lists them; a pool worker killed with SIGKILL is replaced."""
+def start_pooled(tmp_path):
+    """nginx serving ver.py ("v1") from the pool its master starts (two workers), ready.
+    Returns (nginx, the pool server's pid, the app's directory, the portico.toml)."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     write_app(app_dir, "v1")
     port = free_port()
-    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    pool_conf(tmp_path, port, toml)
     server = Nginx(tmp_path, port)
     try:
         server.wait_serving(b"v1")
         pool = pool_server_of(server)
         wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
+    except BaseException:
+        server.stop()
+        raise
+    return server, pool, app_dir, toml
+
+
+def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
+    """nginx's master starts `portico pool`; requests are served by its workers, not by
+    nginx's; `portico_status` lists them; a pool worker killed with SIGKILL is replaced."""
+    server, pool, _, _ = start_pooled(tmp_path)
+    try:
         workers = set(pool_workers(pool))
         assert served_pids(server) == workers, "both pool workers take requests"
         assert not workers & set(server.workers())
@@ -160,21 +159,12 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
     client ends on the new code, and the old workers go. With the same pool settings the
     pool server (the same process) starts a new generation; with changed ones a new pool
     server takes the new nginx workers while the old one serves the old until they exit."""
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    write_app(app_dir, "v1")
-    port = free_port()
-    toml = portico_toml(tmp_path / "portico.toml", app_dir)
-    pool_conf(tmp_path, port, toml)
-    server = Nginx(tmp_path, port)
+    server, pool, app_dir, toml = start_pooled(tmp_path)
     load = None
     try:
-        server.wait_serving(b"v1")
-        pool = pool_server_of(server)
-        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
         old = set(pool_workers(pool))
 
-        load = Load(port).start()
+        load = Load(server.port).start()
         began = time.monotonic()
         wait_until(lambda: load.count() >= 200 and time.monotonic() - began >= 1.0,
                    timeout=10, what="a second of load")
@@ -218,17 +208,8 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
 def test_a_reload_with_new_pool_settings_replaces_the_pool_server(tmp_path):
     """`processes` 2 -> 3 and `nginx -s reload`: a new pool server with three workers takes
     over, and the old one (with its workers and its socket directory) goes."""
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    write_app(app_dir, "v1")
-    port = free_port()
-    toml = portico_toml(tmp_path / "portico.toml", app_dir)
-    pool_conf(tmp_path, port, toml)
-    server = Nginx(tmp_path, port)
+    server, old, app_dir, toml = start_pooled(tmp_path)
     try:
-        server.wait_serving(b"v1")
-        old = pool_server_of(server)
-        wait_until(lambda: len(pool_workers(old)) == 2, what="two pool workers")
         old_workers = pool_workers(old)
         toml.write_text(toml.read_text().replace("processes = 2", "processes = 3"))
         server.signal("reload")
@@ -246,16 +227,8 @@ def test_a_reload_with_new_pool_settings_replaces_the_pool_server(tmp_path):
 
 
 def test_the_pool_outlives_a_crashed_nginx_worker_and_goes_with_nginx(tmp_path):
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    write_app(app_dir, "v1")
-    port = free_port()
-    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
-    server = Nginx(tmp_path, port)
+    server, pool, _, _ = start_pooled(tmp_path)
     try:
-        server.wait_serving(b"v1")
-        pool = pool_server_of(server)
-        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
         workers = set(pool_workers(pool))
         nginx_workers = [p for p in server.workers() if p != pool]
         os.kill(nginx_workers[0], signal.SIGKILL)
@@ -282,16 +255,8 @@ def test_the_pool_outlives_a_crashed_nginx_worker_and_goes_with_nginx(tmp_path):
 def test_the_pool_goes_when_nginx_is_killed_outright(tmp_path):
     """SIGKILL to nginx's master and workers: no hook runs, yet the pool goes with the last
     nginx process (it watches a pipe they hold)."""
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    write_app(app_dir, "v1")
-    port = free_port()
-    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir))
-    server = Nginx(tmp_path, port)
+    server, pool, _, _ = start_pooled(tmp_path)
     try:
-        server.wait_serving(b"v1")
-        pool = pool_server_of(server)
-        wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
         workers = pool_workers(pool)
         nginx_workers = [p for p in server.workers() if p != pool]
         os.kill(server.proc.pid, signal.SIGKILL)
