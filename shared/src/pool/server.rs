@@ -106,6 +106,8 @@ fn accept(listener: UnixListener, dispatcher: Arc<Dispatcher>, app: usize, stop:
         let conn = match conn {
             Ok(conn) => conn,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // stop_accepting shut the listener down.
+            Err(_) if stop.load(Ordering::Acquire) => return,
             Err(e) => {
                 log::error!("app `{name}`: pool server: accept failed: {e}");
                 // EMFILE and the like pass; do not spin while they last.
