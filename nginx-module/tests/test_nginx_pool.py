@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import BINARY, free_port, wait_until  # noqa: E402
-from test_nginx_lifecycle import (MODULE, NGINX, Load, Nginx, assert_clean_log,  # noqa: E402
-                                  children, write_app, write_conf)
+from test_nginx_lifecycle import (MODULE, NGINX, NOBODY_UID, Load, Nginx,  # noqa: E402
+                                  assert_clean_log, children, public_tmp, python_view,
+                                  write_app, write_conf)
 
 pytestmark = [
     pytest.mark.skipif(not MODULE.is_file() or not os.access(NGINX, os.X_OK)
@@ -45,11 +46,11 @@ def portico_toml(path, app_dir, **extra):
     return path
 
 
-def pool_conf(prefix, port, toml, workers=2):
+def pool_conf(prefix, port, toml, workers=2, user="root"):
     write_conf(prefix, port, """
         location / { portico_pass ver; }
         location = /pool-status { portico_status; }
-""", workers=workers, in_http=f"""
+""", workers=workers, user=user, in_http=f"""
     portico_config {toml};
     portico_pool_binary {BINARY};
 """)
@@ -346,3 +347,35 @@ def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
             pool.kill()
             raise
     assert not sock.exists(), "the pool removes its socket when it stops"
+
+
+def test_with_nginx_as_nobody_the_pool_workers_run_as_nobody(public_tmp):
+    """`user nobody nogroup;`: the pool server (root, as the master) gives its sockets to
+    nobody, mode 0600, in a directory only root may list, and runs the app's workers as
+    nobody, as mod_wsgi's daemon processes run as Apache's user."""
+    wrapper = python_view(public_tmp)
+    app_dir = public_tmp / "app"
+    app_dir.mkdir(mode=0o755)
+    write_app(app_dir, "v1")
+    prefix = public_tmp / "prefix"
+    prefix.mkdir()
+    port = free_port()
+    toml = portico_toml(public_tmp / "portico.toml", app_dir)
+    pool_conf(prefix, port, toml, user="nobody nogroup")
+    server = Nginx(prefix, port, wrapper)
+    try:
+        server.wait_serving(b"v1")
+        code, body = server.get("/whoami")
+        assert code == 200, body
+        assert json.loads(body) == {"version": "v1", "uid": NOBODY_UID, "gid": NOBODY_UID}
+        pool = pool_server_of(server)
+        assert Path(f"/proc/{pool}/status").read_text().count("Uid:\t0\t") == 1
+        [sock] = [p / "ver.sock" for p in Path("/tmp").glob("portico-nginx-*")
+                  if f"--socket-dir {p} " in cmdline(pool)]
+        info = sock.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (NOBODY_UID, 0o600)
+        assert sock.parent.stat().st_mode & 0o777 == 0o711
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+    assert_clean_log(server.error_log())
