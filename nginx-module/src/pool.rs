@@ -47,6 +47,20 @@ struct Running {
     _lifeline: OwnedFd,
 }
 
+impl Running {
+    /// Whether the pool server still runs.
+    fn is_alive(&mut self) -> bool {
+        match self.child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(_)) => false,
+            // Reaped by nginx's own SIGCHLD handler, or not our child any more (the master
+            // daemonized after starting it): ask the kernel.
+            // SAFETY: kill() with signal 0 only checks that the process exists.
+            Err(_) => unsafe { libc::kill(self.child.id() as i32, 0) == 0 },
+        }
+    }
+}
+
 /// What a pool server is started with.
 #[derive(PartialEq)]
 struct Plan {
@@ -121,14 +135,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         identity: main.pool_identity,
     };
     if let Some(current) = running.as_mut() {
-        let alive = match current.child.try_wait() {
-            Ok(None) => true,
-            Ok(Some(_)) => false,
-            // Not our child any more (the master daemonized after starting it): ask the
-            // kernel. SAFETY: kill() with signal 0 only checks that the process exists.
-            Err(_) => unsafe { libc::kill(current.child.id() as i32, 0) == 0 },
-        };
-        if alive && current.plan == plan {
+        if current.is_alive() && current.plan == plan {
             ngx::ngx_log_error!(
                 NGX_LOG_NOTICE,
                 log,
@@ -186,17 +193,9 @@ pub unsafe extern "C" fn exit_master(_cycle: *mut ngx_cycle_t) {
         .max()
         .unwrap_or(Duration::from_secs(30))
         + Duration::from_secs(10);
-    let pid = running.child.id() as i32;
     let started = Instant::now();
     while started.elapsed() < limit {
-        let gone = match running.child.try_wait() {
-            Ok(Some(_)) => true,
-            Ok(None) => false,
-            // Reaped by nginx's own SIGCHLD handler, or not our child (daemonized).
-            // SAFETY: kill() with signal 0 only checks that the process exists.
-            Err(_) => unsafe { libc::kill(pid, 0) != 0 },
-        };
-        if gone {
+        if !running.is_alive() {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -260,23 +259,9 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
         command.stderr(Stdio::from(stderr));
     }
     let fd = read_end.as_raw_fd();
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2/fcntl (the copy has
-    // no close-on-exec), sigemptyset and sigprocmask.
+    // SAFETY: runs between fork and exec, with the read end open until after the spawn.
     unsafe {
-        command.pre_exec(move || {
-            if fd == LIFELINE_FD {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, LIFELINE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // A reloading master has its signals blocked; the pool server starts with none.
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            Ok(())
-        });
+        command.pre_exec(move || portico_core::pool::prepare_child(fd, LIFELINE_FD));
     }
     let mut child = command.spawn().map_err(|e| {
         format!(

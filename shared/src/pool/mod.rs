@@ -846,6 +846,31 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// In a child between fork and exec: puts `fd` on descriptor `at` for the program to find
+/// (without close-on-exec), and unblocks every signal, which the child inherits blocked
+/// from a server's threads or a reloading nginx master. Both the pool's workers and the
+/// pool server nginx starts are set up this way.
+///
+/// # Safety
+/// Only between fork and exec (it makes only async-signal-safe calls), with `fd` open.
+pub unsafe fn prepare_child(fd: i32, at: i32) -> std::io::Result<()> {
+    // SAFETY: the caller's; dup2, fcntl, sigemptyset and sigprocmask are async-signal-safe.
+    unsafe {
+        if fd == at {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        } else if libc::dup2(fd, at) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+    Ok(())
+}
+
 /// Starts one worker and waits for its hello.
 fn spawn(
     config: &AppConfig,
@@ -874,21 +899,11 @@ fn spawn(
     // close-on-exec), fcntl, prctl, sigemptyset and sigprocmask.
     unsafe {
         command.pre_exec(move || {
-            if fd == WORKER_FD {
-                // dup2 onto itself keeps close-on-exec: clear it instead.
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, WORKER_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The worker goes when the process that supervises it goes.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             // The server blocks signals for threads of its own (SIGHUP); a worker starts
             // with none blocked.
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            prepare_child(fd, WORKER_FD)?;
+            // The worker goes when the process that supervises it goes.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
     }
