@@ -171,6 +171,7 @@ impl WorkerConn {
                 unacked: 0,
                 finished: false,
             }),
+            wakes: AtomicUsize::new(0),
         });
         self.lock_streams().insert(id, stream.clone());
         self.taken.fetch_add(1, Ordering::Relaxed);
@@ -343,6 +344,11 @@ struct HostStream {
     started: Instant,
     conn: Weak<WorkerConn>,
     state: Mutex<StreamState>,
+    /// Calls to [`HostStream::service`] not yet answered: the one that raises it from zero
+    /// runs the service until it is back to zero. So the service runs on one thread at a
+    /// time, and a wake from inside it (a pool server's worker end pumps the exchange on the
+    /// thread that fills it) asks it to look again instead of taking the lock it holds.
+    wakes: AtomicUsize,
 }
 
 struct StreamState {
@@ -411,6 +417,19 @@ impl HostStream {
     /// body piece the worker waits for out, window updates out, and a cancel when the
     /// client left. Runs on the reader thread or, through [`AppWaker`], on the host's.
     fn service(self: &Arc<Self>) {
+        if self.wakes.fetch_add(1, Ordering::AcqRel) != 0 {
+            return;
+        }
+        loop {
+            let seen = self.wakes.load(Ordering::Acquire);
+            self.service_once();
+            if self.wakes.fetch_sub(seen, Ordering::AcqRel) == seen {
+                return;
+            }
+        }
+    }
+
+    fn service_once(self: &Arc<Self>) {
         let waker: Arc<dyn AppWaker> = self.clone();
         let mut frames = Vec::new();
         let mut over = false;
