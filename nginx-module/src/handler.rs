@@ -418,6 +418,11 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
                     // The app waits for the client's body: the client is the slow one, and
                     // its own timeouts apply; look again shortly.
                     ngx_add_timer(ev, 100);
+                } else if (*ctx).body.failed.is_some() {
+                    // The client's body failed first and the app has been told, but has not
+                    // answered yet: the client's failure (408, 413...) is the answer, not the
+                    // app's timeout, as the Pingora host decides.
+                    fail(r, ctx, DispatchError::AppTimeout);
                 } else {
                     ngx::ngx_log_error!(
                         NGX_LOG_ERR,

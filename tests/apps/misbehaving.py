@@ -3,6 +3,7 @@ would catch the mistakes before the server could."""
 
 import sys
 import threading
+import time
 
 BLOCK = threading.Event()
 
@@ -91,6 +92,15 @@ def application(environ, start_response):
         import io
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](io.BytesIO(b"from a BytesIO" * 1000), 100)
+    if path == "/slow-to-give-up":
+        # Told that the client's body failed, the app takes its time before it gives up.
+        try:
+            environ["wsgi.input"].read()
+        except Exception:
+            time.sleep(0.5)
+            raise
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"never"]
     if path == "/slow-read":
         data = environ["wsgi.input"].read()
         start_response("200 OK", [("Content-Type", "text/plain")])
