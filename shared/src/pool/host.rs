@@ -344,10 +344,9 @@ struct HostStream {
     started: Instant,
     conn: Weak<WorkerConn>,
     state: Mutex<StreamState>,
-    /// Calls to [`HostStream::service`] not yet answered: the one that raises it from zero
-    /// runs the service until it is back to zero. So the service runs on one thread at a
-    /// time, and a wake from inside it (a pool server's worker end pumps the exchange on the
-    /// thread that fills it) asks it to look again instead of taking the lock it holds.
+    /// Calls to [`HostStream::service`] not yet answered ([`super::one_at_a_time`]): a pool
+    /// server's worker end pumps the exchange on the thread that fills it, which can wake
+    /// this stream again from inside its service.
     wakes: AtomicUsize,
 }
 
@@ -417,16 +416,7 @@ impl HostStream {
     /// body piece the worker waits for out, window updates out, and a cancel when the
     /// client left. Runs on the reader thread or, through [`AppWaker`], on the host's.
     fn service(self: &Arc<Self>) {
-        if self.wakes.fetch_add(1, Ordering::AcqRel) != 0 {
-            return;
-        }
-        loop {
-            let seen = self.wakes.load(Ordering::Acquire);
-            self.service_once();
-            if self.wakes.fetch_sub(seen, Ordering::AcqRel) == seen {
-                return;
-            }
-        }
+        super::one_at_a_time(&self.wakes, || self.service_once());
     }
 
     fn service_once(self: &Arc<Self>) {

@@ -623,6 +623,24 @@ pub(crate) enum ReadEnd {
     Protocol(wire::WireError),
 }
 
+/// Runs `work` on this thread unless another thread is running it under the same `wakes`,
+/// which then runs it once more. Both ends of a stream service it this way: whichever thread
+/// wakes the stream does the work, one at a time, so what it sends stays in order; and a wake
+/// from inside `work` (an exchange waking its other side, which wakes this one back) asks for
+/// another round instead of taking a lock its own thread holds.
+pub(crate) fn one_at_a_time(wakes: &AtomicUsize, mut work: impl FnMut()) {
+    if wakes.fetch_add(1, Ordering::AcqRel) != 0 {
+        return;
+    }
+    loop {
+        let seen = wakes.load(Ordering::Acquire);
+        work();
+        if wakes.fetch_sub(seen, Ordering::AcqRel) == seen {
+            return;
+        }
+    }
+}
+
 /// Reads frames off `socket` and hands each to `on_frame`, until the socket ends or a frame
 /// is refused. Both ends of the pool's socket read this way.
 pub(crate) fn read_frames(
@@ -1028,4 +1046,27 @@ fn read_hello(mut socket: &UnixStream, limit: Duration) -> Result<u32, String> {
         ));
     }
     Ok(payload.get_u32_le())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_at_a_time;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_wake_from_inside_the_work_runs_it_once_more_on_the_same_thread() {
+        let wakes = AtomicUsize::new(0);
+        let mut runs = 0;
+        one_at_a_time(&wakes, || {
+            runs += 1;
+            if runs == 1 {
+                // Would deadlock on a lock; here it only asks for another round.
+                one_at_a_time(&wakes, || panic!("ran inside the running work"));
+            }
+        });
+        assert_eq!(runs, 2);
+        assert_eq!(wakes.load(Ordering::Acquire), 0);
+        one_at_a_time(&wakes, || runs += 1);
+        assert_eq!(runs, 3, "free again once done");
+    }
 }

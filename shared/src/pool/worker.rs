@@ -39,8 +39,8 @@ struct WorkerStream {
     inbound: Mutex<(VecDeque<Inbound>, bool)>,
     /// The client's message coming in pieces.
     assembler: Mutex<wire::WsAssembler>,
-    /// Wake-ups not yet looked at; whoever raises it from zero pumps the stream until it is
-    /// back to zero, so one thread at a time sends the stream's frames, in order.
+    /// Wake-ups not yet looked at ([`super::one_at_a_time`]): one thread at a time pumps the
+    /// stream, so its frames go out in order.
     wakes: AtomicUsize,
 }
 
@@ -106,16 +106,7 @@ impl Wake for StreamWaker {
 
 /// Runs [`pump`] for `stream` unless another thread is running it, which then looks again.
 fn wake_stream(id: u32, stream: &Arc<WorkerStream>, link: &Link) {
-    if stream.wakes.fetch_add(1, Ordering::AcqRel) != 0 {
-        return;
-    }
-    loop {
-        let seen = stream.wakes.load(Ordering::Acquire);
-        pump(id, stream, link);
-        if stream.wakes.fetch_sub(seen, Ordering::AcqRel) == seen {
-            return;
-        }
-    }
+    super::one_at_a_time(&stream.wakes, || pump(id, stream, link));
 }
 
 /// Serves `app` over `socket` until the host closes it. Says hello first.
