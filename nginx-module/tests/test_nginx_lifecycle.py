@@ -398,6 +398,16 @@ class Load:
             t.join(30)
         assert not any(t.is_alive() for t in self.threads), "a load thread hangs"
 
+    def assert_switched(self, old, new, switched):
+        """No request failed; every answer was `old` or `new`, and both came; none started
+        after `switched` got `old`. Returns the bodies in the order they were recorded."""
+        assert self.failures == [], self.failures[:20]
+        bodies = [body for _, _, _, body in self.results]
+        assert set(bodies) == {old, new}
+        late = [r for r in self.results if r[1] > switched and r[3] != new]
+        assert late == [], late[:10]
+        return bodies
+
 
 class SlowRequest:
     """GET /slow/NAME?SIZE on its own keep-alive connection, in a thread."""
@@ -479,12 +489,8 @@ def test_reload_under_load_fails_no_request(tmp_path):
                    timeout=10, what="1.5 s more load after the switch")
         load.finish()
 
-        assert load.failures == [], load.failures[:20]
-        bodies = [body for _, _, _, body in load.results]
-        assert set(bodies) == {b"v1", b"v2-reloaded"}
+        bodies = load.assert_switched(b"v1", b"v2-reloaded", switched)
         assert bodies.count(b"v1") >= 100 and bodies.count(b"v2-reloaded") >= 300
-        late_v1 = [r for r in load.results if r[1] > switched and r[3] != b"v2-reloaded"]
-        assert late_v1 == [], late_v1[:10]
 
         # The old workers exit once their requests are done, normally.
         wait_until(lambda: not set(old_workers) & set(server.workers()), timeout=10,
