@@ -145,6 +145,18 @@ def embedded_libpython():
     return Path(found.group(1))
 
 
+def public_site(base):
+    """What a test of nginx as `nobody` starts from: the `python_view` wrapper, the app's v1
+    in a directory every user may read, an nginx prefix and a free port."""
+    wrapper = python_view(base)
+    app_dir = base / "app"
+    app_dir.mkdir(mode=0o755)
+    write_app(app_dir, "v1")
+    prefix = base / "prefix"
+    prefix.mkdir()
+    return wrapper, app_dir, prefix, free_port()
+
+
 def python_view(base):
     """argv prefix that runs a command in a private mount namespace where the embedded
     Python (under /root, unreadable to `nobody`) is readable by every user at its own
@@ -565,13 +577,7 @@ def test_nobody_workers_serve_when_python_is_readable(public_tmp):
     """`user nobody nogroup;` with the embedded Python and the app readable by everyone:
     `nginx -t` (which imports the app as nobody) passes, the workers run as nobody, serve,
     import extension modules, and pick up new code on reload."""
-    wrapper = python_view(public_tmp)
-    app_dir = public_tmp / "app"
-    app_dir.mkdir(mode=0o755)
-    write_app(app_dir, "v1")
-    prefix = public_tmp / "prefix"
-    prefix.mkdir()
-    port = free_port()
+    wrapper, app_dir, prefix, port = public_site(public_tmp)
     write_conf(prefix, port, app_location(app_dir, threads=2), user="nobody nogroup")
     server = Nginx(prefix, port, wrapper)
     try:
@@ -636,16 +642,10 @@ def test_worker_that_cannot_read_python_exits_once_instead_of_respawning(public_
     the configuration-time import check cannot see it) points the workers' Python at a
     directory nobody cannot read. Each worker logs which user and which path, exits with
     nginx's fatal code 2 and is not respawned; the master stays up and quits cleanly."""
-    wrapper = python_view(public_tmp)
+    wrapper, app_dir, prefix, port = public_site(public_tmp)
     private = public_tmp / "private-python"
     (private / "lib").mkdir(parents=True)
     os.chmod(private, 0o700)
-    app_dir = public_tmp / "app"
-    app_dir.mkdir(mode=0o755)
-    write_app(app_dir, "v1")
-    prefix = public_tmp / "prefix"
-    prefix.mkdir()
-    port = free_port()
     write_conf(prefix, port, app_location(app_dir, threads=2), user="nobody nogroup",
                workers=2, after_http=f"env PYTHONHOME={private};")
     server = Nginx(prefix, port, wrapper)
@@ -714,16 +714,11 @@ def application(environ, start_response):
 def test_nginx_t_names_the_user_and_an_unreadable_pythonhome(public_tmp):
     """`env PYTHONHOME=` in the main context, where the import check sees it: `nginx -t`
     fails as the workers would, naming the user and the Python home."""
-    wrapper = python_view(public_tmp)
+    wrapper, app_dir, prefix, port = public_site(public_tmp)
     private = public_tmp / "private-python"
     (private / "lib").mkdir(parents=True)
     os.chmod(private, 0o700)
-    app_dir = public_tmp / "app"
-    app_dir.mkdir(mode=0o755)
-    write_app(app_dir, "v1")
-    prefix = public_tmp / "prefix"
-    prefix.mkdir()
-    write_conf(prefix, free_port(), app_location(app_dir, threads=1), user="nobody nogroup",
+    write_conf(prefix, port, app_location(app_dir, threads=1), user="nobody nogroup",
                before_http=f"env PYTHONHOME={private};")
     checked = nginx_t(prefix, wrapper)
     assert checked.returncode != 0

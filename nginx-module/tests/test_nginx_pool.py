@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import BINARY, free_port, wait_until  # noqa: E402
 from test_nginx_lifecycle import (MODULE, NGINX, NOBODY_UID, Load, Nginx,  # noqa: E402
-                                  assert_clean_log, children, public_tmp, python_view,
+                                  assert_clean_log, children, public_site, public_tmp,
                                   write_app, write_conf)
 
 pytestmark = [
@@ -349,13 +349,7 @@ def test_with_nginx_as_nobody_the_pool_workers_run_as_nobody(public_tmp):
     """`user nobody nogroup;`: the pool server (root, as the master) gives its sockets to
     nobody, mode 0600, in a directory only root may list, and runs the app's workers as
     nobody, as mod_wsgi's daemon processes run as Apache's user."""
-    wrapper = python_view(public_tmp)
-    app_dir = public_tmp / "app"
-    app_dir.mkdir(mode=0o755)
-    write_app(app_dir, "v1")
-    prefix = public_tmp / "prefix"
-    prefix.mkdir()
-    port = free_port()
+    wrapper, app_dir, prefix, port = public_site(public_tmp)
     toml = portico_toml(public_tmp / "portico.toml", app_dir)
     pool_conf(prefix, port, toml, user="nobody nogroup")
     server = Nginx(prefix, port, wrapper)
