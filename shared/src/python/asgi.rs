@@ -632,11 +632,11 @@ fn connection_scope<'py>(
     }
     scope.set_item(intern!(py, "headers"), headers)?;
     match head.client {
-        Some(a) => scope.set_item(intern!(py, "client"), (a.ip().to_string(), a.port()))?,
+        Some(a) => scope.set_item(intern!(py, "client"), (super::ip_text(a.ip()), a.port()))?,
         None => scope.set_item(intern!(py, "client"), py.None())?,
     }
     match head.server {
-        Some(a) => scope.set_item(intern!(py, "server"), (a.ip().to_string(), a.port()))?,
+        Some(a) => scope.set_item(intern!(py, "server"), (super::ip_text(a.ip()), a.port()))?,
         None => scope.set_item(intern!(py, "server"), py.None())?,
     }
     scope.set_item(intern!(py, "state"), ctx.state.bind(py).copy()?)?;

@@ -90,7 +90,7 @@ impl WsgiRunner {
             env.set_item(intern!(py, "portico.tls_cipher"), tls.cipher.as_str())?;
         }
         if let Some(client) = head.client {
-            env.set_item(intern!(py, "REMOTE_ADDR"), client.ip().to_string())?;
+            env.set_item(intern!(py, "REMOTE_ADDR"), super::ip_text(client.ip()))?;
             env.set_item(intern!(py, "REMOTE_PORT"), client.port().to_string())?;
         }
         let (server_name, server_port) = server_name_port(head);
