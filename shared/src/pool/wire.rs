@@ -14,7 +14,7 @@ use crate::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
 use crate::router::Route;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
 pub const VERSION: u16 = 3;
@@ -245,10 +245,12 @@ impl Reader {
         Ok(self.buf.split_to(len))
     }
 
-    /// The next `len` bytes, without a length before them.
-    pub fn fixed(&mut self, len: usize) -> Result<Bytes, WireError> {
-        self.need(len)?;
-        Ok(self.buf.split_to(len))
+    /// The next `N` bytes, without a length before them.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        self.need(N)?;
+        let mut out = [0; N];
+        self.buf.copy_to_slice(&mut out);
+        Ok(out)
     }
 
     /// Like [`Reader::bytes`], valid UTF-8.
@@ -339,15 +341,13 @@ fn read_addr(r: &mut Reader) -> Result<Option<SocketAddr>, WireError> {
     match r.u8()? {
         0 => Ok(None),
         4 => {
-            let ip = <[u8; 4]>::try_from(&r.fixed(4)?[..]).map_err(|_| bad("an address"))?;
-            let port = r.u16()?;
-            Ok(Some(SocketAddr::from((ip, port))))
+            let ip = r.array::<4>()?;
+            Ok(Some(SocketAddr::from((ip, r.u16()?))))
         }
         6 => {
-            let ip = <[u8; 16]>::try_from(&r.fixed(16)?[..]).map_err(|_| bad("an address"))?;
-            let port = r.u16()?;
-            let scope = r.u32()?;
-            Ok(Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+            let ip = r.array::<16>()?;
+            let (port, scope) = (r.u16()?, r.u32()?);
+            Ok(Some(SocketAddr::V6(SocketAddrV6::new(
                 ip.into(),
                 port,
                 0,
