@@ -823,7 +823,10 @@ fn server_name_port(head: &RequestHead) -> (Vec<u8>, String) {
         };
     }
     match head.server {
-        Some(addr) => (super::ip_text(addr.ip()).into_bytes(), addr.port().to_string()),
+        Some(addr) => (
+            super::ip_text(addr.ip()).into_bytes(),
+            addr.port().to_string(),
+        ),
         None => (b"localhost".to_vec(), default_port.to_owned()),
     }
 }
