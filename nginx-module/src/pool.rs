@@ -12,6 +12,8 @@
 //!   requests. Other settings start a new pool server for the new nginx workers; the old one
 //!   serves the old workers until the last of them exits (see [`retire`]).
 //! - Crashed nginx workers do not touch it: the master forks new ones, which connect again.
+//!   A crashed pool server is started again by its watchdog (`portico pool --watchdog`, the
+//!   process the master starts and signals), since nginx has no hook to restart a helper.
 //! - Stop: `exit_master` stops the pool and waits for it, so nginx is gone only after its
 //!   apps' lifespan shutdown. Should no hook run (nginx killed outright), the lifeline does
 //!   it: every nginx process holds the write end of a pipe whose read end the pool server
@@ -153,7 +155,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             ngx::ngx_log_error!(
                 NGX_LOG_NOTICE,
                 log,
-                "portico: pool server {} serves the pooled apps at {}",
+                "portico: the pool (watchdog {}) serves the pooled apps at {}",
                 fresh.child.id(),
                 fresh.dir.display()
             );
@@ -238,6 +240,7 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
     let mut command = Command::new(&plan.binary);
     command
         .arg("pool")
+        .arg("--watchdog")
         .arg("--config")
         .arg(&plan.config_file)
         .arg("--socket-dir")

@@ -71,10 +71,19 @@ def alive(pid):
     return state != "Z"
 
 
-def pool_server_of(server):
-    """The `portico pool` process nginx's master started."""
+def watchdog_of(server):
+    """The `portico pool --watchdog` process nginx's master started."""
     found = [p for p in children(server.proc.pid) if " pool " in cmdline(p)]
     assert len(found) == 1, [(p, cmdline(p)) for p in children(server.proc.pid)]
+    assert " --watchdog " in cmdline(found[0]), cmdline(found[0])
+    return found[0]
+
+
+def pool_server_of(server):
+    """The pool server: the `portico pool` process the watchdog runs."""
+    watchdog = watchdog_of(server)
+    found = [p for p in children(watchdog) if " pool " in cmdline(p) and alive(p)]
+    assert len(found) == 1, [(p, cmdline(p)) for p in children(watchdog)]
     return found[0]
 
 
@@ -227,10 +236,11 @@ def test_the_pool_outlives_a_crashed_nginx_worker_and_goes_with_nginx(tmp_path):
     server, pool, _, _ = start_pooled(tmp_path)
     try:
         workers = set(pool_workers(pool))
-        nginx_workers = [p for p in server.workers() if p != pool]
+        watchdog = watchdog_of(server)
+        nginx_workers = [p for p in server.workers() if p != watchdog]
         os.kill(nginx_workers[0], signal.SIGKILL)
         wait_until(lambda: nginx_workers[0] not in server.workers()
-                   and len([p for p in server.workers() if p != pool]) == 2,
+                   and len([p for p in server.workers() if p != watchdog]) == 2,
                    what="nginx to replace its worker")
         for _ in range(10):
             assert server.get("/")[0:2] == (200, b"v1")
@@ -242,7 +252,7 @@ def test_the_pool_outlives_a_crashed_nginx_worker_and_goes_with_nginx(tmp_path):
         server.stop()
         assert server.proc.returncode == 0
         # nginx's master waits for its pool before it exits.
-        assert not alive(pool) and not any(alive(p) for p in workers)
+        assert not alive(watchdog) and not alive(pool) and not any(alive(p) for p in workers)
         assert "stopping: no new connections" in server.error_log()
         assert not any(p.exists() for p in sockets), "the socket directory is removed"
     finally:
@@ -255,17 +265,63 @@ def test_the_pool_goes_when_nginx_is_killed_outright(tmp_path):
     server, pool, _, _ = start_pooled(tmp_path)
     try:
         workers = pool_workers(pool)
-        nginx_workers = [p for p in server.workers() if p != pool]
+        watchdog = watchdog_of(server)
+        nginx_workers = [p for p in server.workers() if p != watchdog]
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(10)
         assert alive(pool), "the nginx workers still hold the pool"
         for pid in nginx_workers:
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not alive(pool) and not any(alive(p) for p in workers), timeout=15,
+        wait_until(lambda: not alive(watchdog) and not alive(pool)
+                   and not any(alive(p) for p in workers), timeout=15,
                    what="the pool to go with the last nginx process")
         assert "the processes that started this pool are gone" in server.error_log()
     finally:
         server.stop()
+
+
+def test_a_killed_pool_server_is_started_again_by_its_watchdog(tmp_path):
+    """SIGKILL to the pool server (not a worker): its watchdog starts another, which starts
+    its own workers; nginx's workers connect to it at their next request, and meanwhile
+    answer 502. The watchdog and nginx's master are untouched, and the new pool server
+    goes with nginx as the first would have."""
+    server, pool, _, _ = start_pooled(tmp_path)
+    try:
+        watchdog = watchdog_of(server)
+        old_workers = pool_workers(pool)
+        log_from = len(server.error_log().encode())
+        os.kill(pool, signal.SIGKILL)
+        killed = time.monotonic()
+        seen = []
+
+        def served_again():
+            code, body = server.get("/")
+            seen.append(code)
+            return (code, body) == (200, b"v1")
+        wait_until(served_again, timeout=10, what="a new pool server to serve")
+        healed = time.monotonic() - killed
+        assert set(seen) <= {200, 502}, seen
+
+        assert watchdog_of(server) == watchdog
+        fresh = pool_server_of(server)
+        assert fresh != pool and not alive(pool)
+        wait_until(lambda: len(pool_workers(fresh)) == 2, what="the new pool's two workers")
+        fresh_workers = pool_workers(fresh)
+        wait_until(lambda: not any(alive(p) for p in old_workers),
+                   what="the dead pool server's workers to go")
+        assert served_pids(server) == set(fresh_workers)
+        log = server.error_log(log_from)
+        assert f"the pool server {pool} was killed by signal 9; starting another" in log, log
+        assert f"pool server {fresh} started" in log, log
+        print(f"\nnginx served the pool's app again {healed * 1000:.0f} ms after its pool "
+              f"server was killed ({seen.count(502)} answers of 502 meanwhile)")
+        server.stop()
+        assert server.proc.returncode == 0
+        assert not alive(watchdog) and not alive(fresh)
+        assert not any(alive(p) for p in fresh_workers)
+    finally:
+        server.stop()
+    assert_clean_log(server.error_log())
 
 
 def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):

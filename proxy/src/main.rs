@@ -5,6 +5,7 @@
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
 mod pool_cmd;
+mod watchdog;
 
 use clap::{Parser, Subcommand};
 use pingora::server::configuration::ServerConf;

@@ -37,10 +37,45 @@ pub(crate) struct PoolArgs {
     /// Write the process id here (for `kill -HUP`), removed at exit.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// Run the pool server as a child and start it again if it dies (what the nginx module
+    /// asks for): signals are passed on to it, and its pid file is the watchdog's.
+    #[arg(long)]
+    watchdog: bool,
+}
+
+impl PoolArgs {
+    /// The arguments of the pool server a watchdog runs: these, without the watchdog's own
+    /// (`--watchdog`, `--pid-file`).
+    fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out: Vec<std::ffi::OsString> = vec!["--config".into(), self.config.clone().into()];
+        for app in &self.apps {
+            out.extend(["--app".into(), app.into()]);
+        }
+        if let Some(dir) = &self.socket_dir {
+            out.extend(["--socket-dir".into(), dir.clone().into()]);
+        }
+        if let Some(user) = &self.user {
+            out.extend(["--user".into(), user.into()]);
+        }
+        if let Some(fd) = self.lifeline_fd {
+            out.extend(["--lifeline-fd".into(), fd.to_string().into()]);
+        }
+        out
+    }
 }
 
 /// Runs the pool server until it is told to stop.
 pub(crate) fn run(args: PoolArgs) -> ExitCode {
+    if args.watchdog {
+        let _pid_file = match crate::PidFile::write(args.pid_file.as_deref()) {
+            Ok(pid_file) => pid_file,
+            Err(e) => {
+                eprintln!("portico pool: --pid-file: {e}");
+                return ExitCode::from(crate::EXIT_CONFIG);
+            }
+        };
+        return crate::watchdog::run(args.child_args(), args.lifeline_fd);
+    }
     let mut config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => return crate::config_failed(&e),
@@ -184,22 +219,33 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
 /// nothing outside systemd (no `NOTIFY_SOCKET`). The protocol is sd_notify(3)'s: one
 /// datagram to the socket named by `NOTIFY_SOCKET` (`@` for the abstract namespace).
 fn notify_systemd(state: &str) {
+    notify_systemd_raw(
+        std::env::var_os("NOTIFY_SOCKET").as_deref(),
+        state.as_bytes(),
+    );
+}
+
+/// Sends `message` to the sd_notify socket `path` (nothing when there is none).
+pub(crate) fn notify_systemd_raw(path: Option<&std::ffi::OsStr>, message: &[u8]) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(path) = path else {
         return;
     };
     let bytes = path.as_encoded_bytes();
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(std::path::Path::new(&path)),
+        None => SocketAddr::from_pathname(std::path::Path::new(path)),
     };
     let sent = UnixDatagram::unbound().and_then(|socket| {
         let addr = addr?;
-        socket.send_to_addr(state.as_bytes(), &addr)
+        socket.send_to_addr(message, &addr)
     });
     if let Err(e) = sent {
-        log::warn!("cannot notify systemd ({state}): {e}");
+        log::warn!(
+            "cannot notify systemd ({}): {e}",
+            String::from_utf8_lossy(message)
+        );
     }
 }
 
@@ -213,7 +259,7 @@ fn parse_ids(text: &str) -> Result<(u32, u32), String> {
 }
 
 /// A thread that stops the server (SIGTERM to itself) when `fd` reads end-of-file.
-fn watch_lifeline(fd: i32) {
+pub(crate) fn watch_lifeline(fd: i32) {
     let spawned = std::thread::Builder::new()
         .name("lifeline".into())
         .spawn(move || {
