@@ -281,10 +281,11 @@ def test_the_pool_goes_when_nginx_is_killed_outright(tmp_path):
 
 
 def test_a_killed_pool_server_is_started_again_by_its_watchdog(tmp_path):
-    """SIGKILL to the pool server (not a worker): its watchdog starts another, which starts
-    its own workers; nginx's workers connect to it at their next request, and meanwhile
-    answer 502. The watchdog and nginx's master are untouched, and the new pool server
-    goes with nginx as the first would have."""
+    """SIGKILL to the pool server (not a worker): its watchdog starts another at once, which
+    starts its own workers; nginx's workers connect to it at their next request, and
+    meanwhile answer 502. Killed again soon after, the next one comes after a pause. The
+    watchdog and nginx's master are untouched, and the last pool server goes with nginx as
+    the first would have."""
     server, pool, _, _ = start_pooled(tmp_path)
     try:
         watchdog = watchdog_of(server)
@@ -311,10 +312,22 @@ def test_a_killed_pool_server_is_started_again_by_its_watchdog(tmp_path):
                    what="the dead pool server's workers to go")
         assert served_pids(server) == set(fresh_workers)
         log = server.error_log(log_from)
-        assert f"the pool server {pool} was killed by signal 9; starting another" in log, log
+        assert f"the pool server {pool} was killed by signal 9; starting another now" in log, log
         assert f"pool server {fresh} started" in log, log
         print(f"\nnginx served the pool's app again {healed * 1000:.0f} ms after its pool "
               f"server was killed ({seen.count(502)} answers of 502 meanwhile)")
+
+        # Killed again young: the next one comes after a pause (no spawn storm), and serves.
+        log_from = len(server.error_log().encode())
+        os.kill(fresh, signal.SIGKILL)
+        wait_until(lambda: server.get("/") == (200, b"v1"), timeout=10,
+                   what="a third pool server to serve")
+        log = server.error_log(log_from)
+        assert f"the pool server {fresh} was killed by signal 9; starting another in 100ms" \
+            in log, log
+        fresh = pool_server_of(server)
+        wait_until(lambda: len(pool_workers(fresh)) == 2, what="the third pool's two workers")
+        fresh_workers = pool_workers(fresh)
         server.stop()
         assert server.proc.returncode == 0
         assert not alive(watchdog) and not alive(fresh)

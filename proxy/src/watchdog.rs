@@ -11,9 +11,10 @@
 //!   watchdog exits with the pool server's status once it has stopped.
 //! - A pool server that fails before it is ready the first time ends the watchdog with its
 //!   status, so a pool that cannot start fails nginx's start as before. After that, a pool
-//!   server that dies (a signal, or an exit other than 0) is started again, after 100 ms
-//!   doubling up to 10 s while it keeps dying within 10 s of its start. One that exits with
-//!   0 stopped because it was told to (its lifeline, a signal): the watchdog stops too.
+//!   server that dies (a signal, or an exit other than 0) is started again at once; while
+//!   new ones keep dying within 10 s of their start, after 100 ms, doubling up to 10 s, so
+//!   a crash at start-up is no spawn storm. One that exits with 0 stopped because it was told
+//!   to (its lifeline, a signal): the watchdog stops too.
 //! - Readiness comes over sd_notify(3)'s protocol: the child gets a `NOTIFY_SOCKET` of the
 //!   watchdog's, and what it says there is passed on to systemd when the watchdog has a
 //!   `NOTIFY_SOCKET` of its own.
@@ -29,11 +30,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The first pause before a dead pool server is started again.
+/// The pause before the second of several quick restarts (the first is at once).
 const FIRST_DELAY: Duration = Duration::from_millis(100);
 /// The longest pause between restarts.
 const LONGEST_DELAY: Duration = Duration::from_secs(10);
-/// A pool server that lived this long is healthy: the next restart pauses [`FIRST_DELAY`].
+/// A pool server that lived this long was healthy: if it dies, the next starts at once.
 const STABLE: Duration = Duration::from_secs(10);
 
 /// Runs the pool server (`child_args` after `portico pool`) under the watchdog until it
@@ -103,7 +104,7 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
             return ExitCode::from(crate::EXIT_APP);
         }
     };
-    let mut delay = FIRST_DELAY;
+    let mut delay = Duration::ZERO;
     let mut restart_at: Option<Instant> = None;
     let mut stopping = false;
     loop {
@@ -151,14 +152,18 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
                     return exit_code(status);
                 }
                 if lived >= STABLE {
-                    delay = FIRST_DELAY;
+                    delay = Duration::ZERO;
                 }
+                let when = match delay.is_zero() {
+                    true => "now".to_owned(),
+                    false => format!("in {delay:?}"),
+                };
                 log::error!(
-                    "watchdog: the pool server {pid} {}; starting another in {delay:?}",
+                    "watchdog: the pool server {pid} {}; starting another {when}",
                     describe(status)
                 );
                 restart_at = Some(Instant::now() + delay);
-                delay = (delay * 2).min(LONGEST_DELAY);
+                delay = next_delay(delay);
             }
             None => {
                 // The pause after a death is over.
@@ -171,12 +176,17 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
                     Err(e) => {
                         log::error!("watchdog: cannot start the pool server: {e}");
                         restart_at = Some(Instant::now() + delay);
-                        delay = (delay * 2).min(LONGEST_DELAY);
+                        delay = next_delay(delay);
                     }
                 }
             }
         }
     }
+}
+
+/// The pause after `delay`, for a pool server that died young again.
+fn next_delay(delay: Duration) -> Duration {
+    (delay * 2).clamp(FIRST_DELAY, LONGEST_DELAY)
 }
 
 /// The next of the blocked `set`'s signals, or `None` once `limit` has passed.
@@ -260,4 +270,20 @@ fn relay_notifications(name: &str, ready: Arc<AtomicBool>) -> std::io::Result<()
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_slow_down_while_pool_servers_keep_dying_young() {
+        let mut delay = Duration::ZERO;
+        let mut pauses = Vec::new();
+        for _ in 0..9 {
+            pauses.push(delay.as_millis());
+            delay = next_delay(delay);
+        }
+        assert_eq!(pauses, [0, 100, 200, 400, 800, 1600, 3200, 6400, 10000]);
+    }
 }
