@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -406,25 +407,39 @@ def test_portico_pool_refuses_an_app_it_cannot_place(run_portico, tmp_path):
     assert "app `inproc` is not mode = \"pool\"" in done.stderr, done.stderr
 
 
-def test_portico_pool_tells_systemd_when_it_is_ready_reloading_and_stopping(tmp_path):
+@pytest.mark.parametrize("watchdog", [False, True], ids=["plain", "watchdog"])
+def test_portico_pool_tells_systemd_when_it_is_ready_reloading_and_stopping(tmp_path, watchdog):
     """Under systemd (`Type=notify`, NOTIFY_SOCKET set) the pool says READY=1 once its
     workers have loaded the app and its socket listens, RELOADING=1 then READY=1 around a
-    SIGHUP, and STOPPING=1."""
+    SIGHUP, and STOPPING=1. Every message comes from the main process, as systemd's default
+    `NotifyAccess=main` wants: with `--watchdog`, the watchdog passes on what its pool server
+    says, and the signals it gets to the pool server."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     notify.settimeout(30)
     sock = tmp_path / "pool.sock"
     pool, _ = start_pool_server(tmp_path, pool_app(processes=1, pool_socket=str(sock)),
+                                extra_args=("--watchdog",) if watchdog else (),
                                 env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+
+    def message():
+        data, ancillary, _, _ = notify.recvmsg(100, socket.CMSG_SPACE(12))
+        [(level, kind, creds)] = ancillary
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+        sender = struct.unpack("iII", creds)[0]
+        assert sender == pool.pid, f"{data!r} came from {sender}, not the main pid {pool.pid}"
+        return data
     try:
-        assert notify.recv(100) == b"READY=1"
+        assert message() == b"READY=1"
         assert sock.exists()
         pool.send_signal(signal.SIGHUP)
-        assert notify.recv(100) == b"RELOADING=1"
-        assert notify.recv(100) == b"READY=1"
+        assert message() == b"RELOADING=1"
+        assert message() == b"READY=1"
         pool.send_signal(signal.SIGTERM)
-        assert notify.recv(100) == b"STOPPING=1"
+        assert message() == b"STOPPING=1"
         assert pool.wait(30) == 0
+        assert not sock.exists()
     finally:
         pool.kill()
         notify.close()
