@@ -130,7 +130,7 @@ scenario_servers() {
     ws | ws-pipelined)
       echo portico-asgi granian-asgi uvicorn-websockets uvicorn-sansio uvicorn-wsproto wsload-echo ;;
     # granian alone, without nginx: the reference of the "vs granian" column here too.
-    nginx-wsgi) echo nginx-portico granian nginx-granian nginx-uwsgi ;;
+    nginx-wsgi) echo nginx-portico nginx-portico-pool granian nginx-granian nginx-uwsgi ;;
     nginx-asgi) echo nginx-portico-asgi granian-asgi nginx-granian-asgi ;;
     # Pool mode: one worker beside in-process hosting (the transport's cost) ...
     pool-1-wsgi) echo portico portico-pool1 ;;
@@ -332,6 +332,26 @@ EOF
         nginx-portico)
           module="$NGINX_MODULE"
           location="portico_app $target interface=wsgi threads=$PORTICO_THREADS python_path=$BENCH/apps;" ;;
+        nginx-portico-pool)
+          # The app in a pool the module's master starts (`portico pool --watchdog` and one
+          # portico-worker, children of the master, so on CPU 0 too): nginx's worker forwards
+          # each request to the pool server, which hands it on to its worker.
+          module="$NGINX_MODULE"
+          cat >"$prefix.toml" <<EOF
+[server]
+listen = ["127.0.0.1:1"]
+
+[[app]]
+name = "bench"
+target = "$target"
+mode = "pool"
+processes = 1
+threads = $PORTICO_THREADS
+python_path = ["$BENCH/apps"]
+EOF
+          http_conf="portico_config $prefix.toml;
+    portico_pool_binary $PORTICO;"
+          location="portico_pass bench;" ;;
         nginx-portico-asgi)
           # The bench venv as the python home, as portico's own ASGI rows (uvloop).
           module="$NGINX_MODULE"
@@ -461,6 +481,7 @@ server_label() { # SERVER SCENARIO
     wsload-echo) echo "wsload's Rust echo server (load-tool ceiling, not a peer)" ;;
     nginx-portico) echo "nginx + portico module (in the worker, threads=$PORTICO_THREADS)" ;;
     nginx-portico-asgi) echo "nginx + portico module (in the worker, asgi)" ;;
+    nginx-portico-pool) echo "nginx + portico pool (portico_pass; processes = 1, threads = $PORTICO_THREADS)" ;;
     nginx-granian) echo "nginx → granian (proxy_pass, Unix socket; wsgi, --blocking-threads 1)" ;;
     nginx-granian-asgi) echo "nginx → granian (proxy_pass, Unix socket; asgi)" ;;
     nginx-uwsgi) echo "nginx → uWSGI (uwsgi_pass, Unix socket; 1 process, --threads $UWSGI_THREADS)" ;;
