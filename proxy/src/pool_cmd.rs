@@ -259,7 +259,7 @@ fn parse_ids(text: &str) -> Result<(u32, u32), String> {
 }
 
 /// A thread that stops the server (SIGTERM to itself) when `fd` reads end-of-file.
-pub(crate) fn watch_lifeline(fd: i32) {
+fn watch_lifeline(fd: i32) {
     let spawned = std::thread::Builder::new()
         .name("lifeline".into())
         .spawn(move || {

@@ -4,8 +4,9 @@
 //! pool server, which holds the sockets every nginx worker connects to, must not stay dead
 //! until the next reload.
 //!
-//! The watchdog runs no app code and starts no thread that touches one, so what would kill
-//! the pool server (a bug, the OOM killer, a stray `kill -9`) is unlikely to kill it too.
+//! The watchdog runs no app code and has one thread, which waits in `poll` on a signalfd,
+//! the pool server's notify socket and the lifeline, so what would kill the pool server (a
+//! bug, the OOM killer, a stray `kill -9`) is unlikely to kill it too.
 //!
 //! - Signals: SIGHUP is passed on (a reload); SIGTERM and SIGINT are passed on and the
 //!   watchdog exits with the pool server's status once it has stopped.
@@ -17,17 +18,18 @@
 //!   to (its lifeline, a signal): the watchdog stops too.
 //! - Readiness comes over sd_notify(3)'s protocol: the child gets a `NOTIFY_SOCKET` of the
 //!   watchdog's, and what it says there is passed on to systemd when the watchdog has a
-//!   `NOTIFY_SOCKET` of its own.
+//!   `NOTIFY_SOCKET` of its own (from the watchdog's pid, as `NotifyAccess=main` wants). The
+//!   socket is read before the signals each time round, so a `READY=1` sent just before a
+//!   crash is counted before the crash is.
 //! - The lifeline (`--lifeline-fd`) is handed down to each pool server; the watchdog watches
 //!   it too, so it goes with nginx even while no pool server runs.
 
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitCode, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The pause before the second of several quick restarts (the first is at once).
@@ -37,36 +39,42 @@ const LONGEST_DELAY: Duration = Duration::from_secs(10);
 /// A pool server that lived this long was healthy: if it dies, the next starts at once.
 const STABLE: Duration = Duration::from_secs(10);
 
+/// The running pool server, and when it started.
+struct Running {
+    child: Child,
+    started: Instant,
+}
+
 /// Runs the pool server (`child_args` after `portico pool`) under the watchdog until it
 /// stops for good; returns its exit status.
 pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCode {
+    let fail = |what: &str, e: std::io::Error| {
+        eprintln!("portico pool --watchdog: {what}: {e}");
+        ExitCode::from(crate::EXIT_APP)
+    };
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("portico pool --watchdog: cannot find my own executable: {e}");
-            return ExitCode::from(crate::EXIT_APP);
-        }
+        Err(e) => return fail("cannot find my own executable", e),
     };
-    let signals = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGCHLD];
-    // SAFETY: a signal set on the stack, filled by sigemptyset/sigaddset, given to
-    // pthread_sigmask for the calling thread before any thread starts.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in signals {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+    let signals = match block_signals() {
+        Ok(fd) => fd,
+        Err(e) => return fail("signalfd", e),
     };
-    let ready = Arc::new(AtomicBool::new(false));
     let notify_name = format!("portico-watchdog-{}", std::process::id());
-    if let Err(e) = relay_notifications(&notify_name, ready.clone()) {
-        eprintln!("portico pool --watchdog: cannot open its notify socket: {e}");
-        return ExitCode::from(crate::EXIT_APP);
-    }
+    let notify = match SocketAddr::from_abstract_name(notify_name.as_bytes())
+        .and_then(|addr| UnixDatagram::bind_addr(&addr))
+        .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+    {
+        Ok(socket) => socket,
+        Err(e) => return fail("cannot open its notify socket", e),
+    };
+    let upstream = std::env::var_os("NOTIFY_SOCKET");
     if let Some(fd) = lifeline_fd {
-        crate::pool_cmd::watch_lifeline(fd);
+        // SAFETY: fcntl on the descriptor we were given: only a pool server inherits it
+        // (its pre_exec clears the flag again), never anything else we start.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
     }
     let start = || {
         let mut command = Command::new(&exe);
@@ -74,11 +82,11 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
             .arg("pool")
             .args(&child_args)
             .env("NOTIFY_SOCKET", format!("@{notify_name}"));
-        // SAFETY: runs between fork and exec; fcntl and sigprocmask are async-signal-safe.
+        // SAFETY: runs between fork and exec; fcntl, sigemptyset, sigaddset and sigprocmask
+        // are async-signal-safe.
         unsafe {
             command.pre_exec(move || {
                 if let Some(fd) = lifeline_fd {
-                    // The watchdog keeps the lifeline close-on-exec; the child needs it open.
                     if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -94,90 +102,116 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
                 Ok(())
             });
         }
-        command.spawn()
+        command.spawn().map(|child| Running {
+            child,
+            started: Instant::now(),
+        })
     };
 
-    let mut child: Option<(Child, Instant)> = match start() {
-        Ok(child) => Some((child, Instant::now())),
-        Err(e) => {
-            eprintln!("portico pool --watchdog: cannot start the pool server: {e}");
-            return ExitCode::from(crate::EXIT_APP);
-        }
+    let mut running = match start() {
+        Ok(running) => Some(running),
+        Err(e) => return fail("cannot start the pool server", e),
     };
+    let mut ready = false;
     let mut delay = Duration::ZERO;
     let mut restart_at: Option<Instant> = None;
     let mut stopping = false;
+    let mut lifeline = lifeline_fd;
     loop {
-        match wait_signal(
-            &set,
-            restart_at.map(|at| at.saturating_duration_since(Instant::now())),
-        ) {
-            Some(libc::SIGHUP) => {
-                if let Some((running, _)) = &child {
-                    pass_on(running, libc::SIGHUP);
-                }
+        let timeout = restart_at.map(|at| at.saturating_duration_since(Instant::now()));
+        let woken = wait(&signals, &notify, lifeline, timeout);
+
+        // What the pool server said first: it was sent before anything that followed it.
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = notify.recv(&mut buf) {
+            let message = &buf[..n];
+            if message
+                .split(|&b| b == b'\n')
+                .any(|line| line == b"READY=1")
+            {
+                ready = true;
             }
-            Some(sig @ (libc::SIGTERM | libc::SIGINT)) => {
+            crate::pool_cmd::notify_systemd_raw(upstream.as_deref(), message);
+        }
+        if let Some(fd) = lifeline.filter(|_| woken.lifeline) {
+            if lifeline_closed(fd) {
+                log::info!("the processes that started this pool are gone: stopping");
+                lifeline = None;
                 stopping = true;
-                match &child {
-                    Some((running, _)) => pass_on(running, sig),
+                match &running {
+                    Some(r) => pass_on(&r.child, libc::SIGTERM),
                     None => return ExitCode::SUCCESS,
                 }
             }
-            Some(_) => {
-                // SIGCHLD: the pool server's status, if it is the one that changed.
-                let Some((running, started)) = &mut child else {
-                    continue;
-                };
-                let status = match running.try_wait() {
-                    Ok(Some(status)) => status,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        log::error!("watchdog: cannot wait for the pool server: {e}");
-                        continue;
+        }
+        for sig in read_signals(&signals) {
+            match sig {
+                libc::SIGHUP => {
+                    if let Some(r) = &running {
+                        pass_on(&r.child, libc::SIGHUP);
                     }
-                };
-                let (pid, lived) = (running.id(), started.elapsed());
-                child = None;
-                if stopping || status.success() {
-                    return exit_code(status);
                 }
-                if !ready.load(Ordering::Acquire) {
-                    // Never served: a configuration or app that cannot start. Restarting
-                    // would only repeat it; the one who started us hears of it instead.
+                libc::SIGTERM | libc::SIGINT => {
+                    stopping = true;
+                    match &running {
+                        Some(r) => pass_on(&r.child, sig),
+                        None => return ExitCode::SUCCESS,
+                    }
+                }
+                _ => {
+                    // SIGCHLD: the pool server's status, if it is the one that changed.
+                    let Some(r) = &mut running else {
+                        continue;
+                    };
+                    let status = match r.child.try_wait() {
+                        Ok(Some(status)) => status,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            log::error!("watchdog: cannot wait for the pool server: {e}");
+                            continue;
+                        }
+                    };
+                    let (pid, lived) = (r.child.id(), r.started.elapsed());
+                    running = None;
+                    if stopping || status.success() {
+                        return exit_code(status);
+                    }
+                    if !ready {
+                        // Never served: a configuration or app that cannot start. Restarting
+                        // would only repeat it; the one who started us hears of it instead.
+                        log::error!(
+                            "watchdog: the pool server {pid} {} before it was ready",
+                            describe(status)
+                        );
+                        return exit_code(status);
+                    }
+                    if lived >= STABLE {
+                        delay = Duration::ZERO;
+                    }
+                    let when = match delay.is_zero() {
+                        true => "now".to_owned(),
+                        false => format!("in {delay:?}"),
+                    };
                     log::error!(
-                        "watchdog: the pool server {pid} {} before it was ready",
+                        "watchdog: the pool server {pid} {}; starting another {when}",
                         describe(status)
                     );
-                    return exit_code(status);
+                    restart_at = Some(Instant::now() + delay);
+                    delay = next_delay(delay);
                 }
-                if lived >= STABLE {
-                    delay = Duration::ZERO;
-                }
-                let when = match delay.is_zero() {
-                    true => "now".to_owned(),
-                    false => format!("in {delay:?}"),
-                };
-                log::error!(
-                    "watchdog: the pool server {pid} {}; starting another {when}",
-                    describe(status)
-                );
-                restart_at = Some(Instant::now() + delay);
-                delay = next_delay(delay);
             }
-            None => {
-                // The pause after a death is over.
-                restart_at = None;
-                match start() {
-                    Ok(fresh) => {
-                        log::info!("watchdog: pool server {} started", fresh.id());
-                        child = Some((fresh, Instant::now()));
-                    }
-                    Err(e) => {
-                        log::error!("watchdog: cannot start the pool server: {e}");
-                        restart_at = Some(Instant::now() + delay);
-                        delay = next_delay(delay);
-                    }
+        }
+        if restart_at.is_some_and(|at| at <= Instant::now()) && !stopping {
+            restart_at = None;
+            match start() {
+                Ok(fresh) => {
+                    log::info!("watchdog: pool server {} started", fresh.child.id());
+                    running = Some(fresh);
+                }
+                Err(e) => {
+                    log::error!("watchdog: cannot start the pool server: {e}");
+                    restart_at = Some(Instant::now() + delay);
+                    delay = next_delay(delay);
                 }
             }
         }
@@ -189,36 +223,95 @@ fn next_delay(delay: Duration) -> Duration {
     (delay * 2).clamp(FIRST_DELAY, LONGEST_DELAY)
 }
 
-/// The next of the blocked `set`'s signals, or `None` once `limit` has passed.
-fn wait_signal(set: &libc::sigset_t, limit: Option<Duration>) -> Option<i32> {
-    loop {
-        let sig = match limit {
-            // SAFETY: sigwait reads the set and writes the signal number to `sig`.
-            None => unsafe {
-                let mut sig = 0;
-                if libc::sigwait(set, &mut sig) != 0 {
-                    continue;
-                }
-                sig
-            },
-            Some(limit) => {
-                let timeout = libc::timespec {
-                    tv_sec: limit.as_secs() as libc::time_t,
-                    tv_nsec: limit.subsec_nanos() as libc::c_long,
-                };
-                // SAFETY: sigtimedwait reads the set and the timeout; no siginfo is asked for.
-                let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
-                if sig < 0 {
-                    match std::io::Error::last_os_error().raw_os_error() {
-                        Some(libc::EAGAIN) => return None,
-                        _ => continue,
-                    }
-                }
-                sig
-            }
-        };
-        return Some(sig);
+/// Blocks the signals the watchdog handles and returns a signalfd that reads them.
+fn block_signals() -> std::io::Result<OwnedFd> {
+    // SAFETY: a signal set on the stack, filled by sigemptyset/sigaddset, given to
+    // pthread_sigmask for this (the only) thread, then to signalfd, which returns a new
+    // descriptor that we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
     }
+}
+
+/// What woke [`wait`] up, besides the signalfd and the notify socket (always read).
+struct Woken {
+    lifeline: bool,
+}
+
+/// Waits until a signal, a notification or the lifeline is there, or `timeout` has passed.
+fn wait(
+    signals: &OwnedFd,
+    notify: &UnixDatagram,
+    lifeline: Option<i32>,
+    timeout: Option<Duration>,
+) -> Woken {
+    let mut fds = vec![
+        libc::pollfd {
+            fd: signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: notify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    if let Some(fd) = lifeline {
+        fds.push(libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    let millis = timeout.map_or(-1, |t| {
+        i32::try_from(t.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+    });
+    // SAFETY: poll reads and writes `fds.len()` live pollfd entries.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+    Woken {
+        lifeline: n > 0 && fds.get(2).is_some_and(|p| p.revents != 0),
+    }
+}
+
+/// The signals waiting on the signalfd (none when it would block).
+fn read_signals(signals: &OwnedFd) -> Vec<i32> {
+    let mut got = Vec::new();
+    loop {
+        // SAFETY: signalfd_siginfo is a plain C struct; zeroed is a valid value.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, from our own signalfd.
+        let n = unsafe {
+            libc::read(
+                signals.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n != size as isize {
+            return got;
+        }
+        got.push(info.ssi_signo as i32);
+    }
+}
+
+/// Whether the lifeline reads end-of-file (or fails) now that poll says it is readable.
+fn lifeline_closed(fd: i32) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: reads at most one byte into a live buffer, from the descriptor we were given.
+    let n = unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+    n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
 }
 
 fn pass_on(child: &Child, sig: i32) {
@@ -245,31 +338,6 @@ fn exit_code(status: ExitStatus) -> ExitCode {
         _ => 1,
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
-}
-
-/// Listens on the abstract socket `name` for what the pool server tells systemd: `READY=1`
-/// sets `ready`, and every message goes on to the watchdog's own `NOTIFY_SOCKET`, if any.
-fn relay_notifications(name: &str, ready: Arc<AtomicBool>) -> std::io::Result<()> {
-    let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
-    let upstream = std::env::var_os("NOTIFY_SOCKET");
-    std::thread::Builder::new()
-        .name("notify-relay".into())
-        .spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = socket.recv(&mut buf) {
-                let message = &buf[..n];
-                if message
-                    .split(|&b| b == b'\n')
-                    .any(|line| line == b"READY=1")
-                {
-                    ready.store(true, Ordering::Release);
-                }
-                if upstream.is_some() {
-                    crate::pool_cmd::notify_systemd_raw(upstream.as_deref(), message);
-                }
-            }
-        })?;
-    Ok(())
 }
 
 #[cfg(test)]
