@@ -67,12 +67,9 @@ impl PoolArgs {
 /// Runs the pool server until it is told to stop.
 pub(crate) fn run(args: PoolArgs) -> ExitCode {
     if args.watchdog {
-        let _pid_file = match crate::PidFile::write(args.pid_file.as_deref()) {
+        let _pid_file = match pid_file(&args) {
             Ok(pid_file) => pid_file,
-            Err(e) => {
-                eprintln!("portico pool: --pid-file: {e}");
-                return ExitCode::from(crate::EXIT_CONFIG);
-            }
+            Err(code) => return code,
         };
         return crate::watchdog::run(args.child_args(), args.lifeline_fd);
     }
@@ -168,12 +165,9 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             return ExitCode::from(crate::EXIT_BIND);
         }
     };
-    let _pid_file = match crate::PidFile::write(args.pid_file.as_deref()) {
+    let _pid_file = match pid_file(&args) {
         Ok(pid_file) => pid_file,
-        Err(e) => {
-            eprintln!("portico pool: --pid-file: {e}");
-            return ExitCode::from(crate::EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     log::info!("pool server {} ready", std::process::id());
     notify_systemd("READY=1");
@@ -212,6 +206,14 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     }
     log::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Writes `--pid-file` (the watchdog's or the pool server's own pid, whichever runs).
+fn pid_file(args: &PoolArgs) -> Result<crate::PidFile, ExitCode> {
+    crate::PidFile::write(args.pid_file.as_deref()).map_err(|e| {
+        eprintln!("portico pool: --pid-file: {e}");
+        ExitCode::from(crate::EXIT_CONFIG)
+    })
 }
 
 /// Tells systemd (a `Type=notify` service) how the server is doing: READY=1 once every
