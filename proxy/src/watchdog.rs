@@ -24,6 +24,7 @@
 //! - The lifeline (`--lifeline-fd`) is handed down to each pool server; the watchdog watches
 //!   it too, so it goes with nginx even while no pool server runs.
 
+use portico_core::pool::describe_exit;
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
@@ -181,7 +182,7 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
                         // would only repeat it; the one who started us hears of it instead.
                         log::error!(
                             "watchdog: the pool server {pid} {} before it was ready",
-                            describe(status)
+                            describe_exit(status)
                         );
                         return exit_code(status);
                     }
@@ -194,7 +195,7 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
                     };
                     log::error!(
                         "watchdog: the pool server {pid} {}; starting another {when}",
-                        describe(status)
+                        describe_exit(status)
                     );
                     restart_at = Some(Instant::now() + delay);
                     delay = next_delay(delay);
@@ -318,15 +319,6 @@ fn pass_on(child: &Child, sig: i32) {
     // SAFETY: kill() only sends a signal, to the pool server we started and have not reaped.
     unsafe {
         libc::kill(child.id() as i32, sig);
-    }
-}
-
-/// How a pool server ended, as the log says it.
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (_, Some(sig)) => format!("was killed by signal {sig}"),
-        (Some(code), _) => format!("exited with status {code}"),
-        _ => status.to_string(),
     }
 }
 

@@ -855,7 +855,9 @@ fn json_str(text: &str) -> String {
     out
 }
 
-fn describe_exit(status: std::process::ExitStatus) -> String {
+/// How a child process ended, for a log line: "exited with code N" or "was killed by
+/// signal N".
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
