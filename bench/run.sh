@@ -123,7 +123,9 @@ scenario_tool() {
 }
 scenario_servers() {
   case "$1" in
-    hello | echo) echo portico granian gunicorn-sync gunicorn-gthread ;;
+    # pingora-fixed: Pingora answering on its own, the floor under every portico row.
+    hello) echo portico granian gunicorn-sync gunicorn-gthread pingora-fixed ;;
+    echo) echo portico granian gunicorn-sync gunicorn-gthread ;;
     asgi) echo portico-asgi granian-asgi uvicorn ;;
     h2-wsgi) echo portico granian ;;
     h2-asgi) echo portico-asgi granian-asgi ;;
@@ -136,7 +138,7 @@ scenario_servers() {
     pool-1-wsgi) echo portico portico-pool1 ;;
     pool-1-asgi) echo portico-asgi portico-pool1-asgi ;;
     # ... and two workers beside the peers' two workers (in-process portico for reference).
-    pool-2-wsgi) echo portico-pool2 granian-w2 gunicorn-sync-w2 gunicorn-gthread-w2 portico ;;
+    pool-2-wsgi) echo portico-pool2 granian-w2 gunicorn-sync-w2 gunicorn-gthread-w2 portico pingora-fixed ;;
   esac
 }
 
@@ -149,6 +151,12 @@ uses_nginx() { # whether a selected scenario runs nginx
 uses_pool() { # whether a selected scenario is a pool one
   local s
   for s in "${SCENARIOS[@]}"; do [[ "$s" == pool-* ]] && return 0; done
+  return 1
+}
+
+uses_server() { # SERVER: whether a selected scenario runs it
+  local s
+  for s in "${SCENARIOS[@]}"; do [[ " $(scenario_servers "$s") " == *" $1 "* ]] && return 0; done
   return 1
 }
 
@@ -216,6 +224,14 @@ if uses_nginx; then
   [ -x "$UWSGI" ] || die "no uwsgi at $UWSGI after installing uwsgi"
   # The Unix sockets between nginx and the app servers (short paths: sun_path is 108 bytes).
   RUNTMP="$(mktemp -d /tmp/portico-bench.XXXXXX)"
+fi
+
+FIXED_RESPONSE="$ROOT/target/release/examples/fixed_response"
+if uses_server pingora-fixed; then
+  command -v cargo >/dev/null || [ ! -x "$HOME/.cargo/bin/cargo" ] || export PATH="$HOME/.cargo/bin:$PATH"
+  log "building the pingora-fixed row (proxy/examples/fixed_response.rs)"
+  PYO3_PYTHON="$PY" cargo build --release --locked --quiet --example fixed_response -p portico-proxy >&2
+  [ -x "$FIXED_RESPONSE" ] || die "$FIXED_RESPONSE was not built"
 fi
 
 if uses_tool wsload; then
@@ -321,6 +337,8 @@ EOF
         "$target" ;;
     wsload-echo)
       exec taskset -c "$SERVER_CPU" "$WSLOAD" --serve "127.0.0.1:$port" ;;
+    pingora-fixed)
+      exec taskset -c "$SERVER_CPU" "$FIXED_RESPONSE" "127.0.0.1:$port" ;;
     nginx-*)
       # nginx with one worker; behind it, where there is one, the app server on a Unix socket,
       # started first as a child of this shell, so of nginx's master once it replaces the
@@ -479,6 +497,7 @@ server_label() { # SERVER SCENARIO
     uvicorn-sansio) echo "uvicorn (--ws websockets-sansio)" ;;
     uvicorn-wsproto) echo "uvicorn (--ws wsproto)" ;;
     wsload-echo) echo "wsload's Rust echo server (load-tool ceiling, not a peer)" ;;
+    pingora-fixed) echo "Pingora alone, a fixed response from request_filter (portico's floor, not a peer)" ;;
     nginx-portico) echo "nginx + portico module (in the worker, threads=$PORTICO_THREADS)" ;;
     nginx-portico-asgi) echo "nginx + portico module (in the worker, asgi)" ;;
     nginx-portico-pool) echo "nginx + portico pool (portico_pass; processes = 1, threads = $PORTICO_THREADS)" ;;
@@ -856,11 +875,15 @@ base_rps() {
   return 0
 }
 
+# is_reference SERVER: whether the row is a ceiling or floor shown for reference (the load
+# tool's own echo server, Pingora answering on its own), compared with nothing.
+is_reference() { [ "$1" = wsload-echo ] || [ "$1" = pingora-fixed ]; }
+
 # ratio SCENARIO ROW PEER: "1.08x", "n/a" (failed), or "-" (no such peer in this scenario,
 # or the row is not a server being compared).
 ratio() {
   local scenario="$1" i="$2" peer="$3" base rps="${ROW_RPS[$2]}"
-  [ "${ROW_SERVER[$i]}" = wsload-echo ] && { echo "-"; return; }
+  is_reference "${ROW_SERVER[$i]}" && { echo "-"; return; }
   if ! server_in "$scenario" "$peer"; then echo "-"; return; fi
   base="$(base_rps "$scenario" "$peer")"
   base="${base% *}"
@@ -874,6 +897,7 @@ ratio() {
 # ratio_to SCENARIO ROW SERVER: like ratio, against the row of exactly SERVER in SCENARIO.
 ratio_to() {
   local scenario="$1" i="$2" j rps="${ROW_RPS[$2]}" base=""
+  is_reference "${ROW_SERVER[$i]}" && { echo "-"; return; }
   for j in "${!ROW_SCENARIO[@]}"; do
     [ "${ROW_SCENARIO[$j]}" = "$scenario" ] && [ "${ROW_SERVER[$j]}" = "$3" ] && base="${ROW_RPS[$j]}"
   done
