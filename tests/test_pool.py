@@ -443,3 +443,73 @@ def test_portico_pool_tells_systemd_when_it_is_ready_reloading_and_stopping(tmp_
     finally:
         pool.kill()
         notify.close()
+
+
+def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp_path):
+    """With systemd's fd store (`FileDescriptorStoreMax=`, which sets FDSTORE), `portico
+    pool` hands its listening socket over (`FDSTORE=1` with the descriptor) before READY=1.
+    After a crash systemd starts it again with that socket (`LISTEN_FDS=1`, descriptor 3,
+    `LISTEN_PID` its pid), as it does for a socket unit: the new pool binds nothing and
+    serves the very socket, so a host that connected while no pool ran is served, not
+    refused. On SIGTERM the socket, which is not its own, stays for the next one."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    sock = tmp_path / "pool.sock"
+    table = pool_app(processes=1, pool_socket=str(sock))
+    pool, config = start_pool_server(tmp_path, table, env={
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "4"})
+    stored = None
+    try:
+        data, fds, _, _ = socket.recv_fds(notify, 100, 4)
+        assert data == b"FDSTORE=1\nFDNAME=portico-pool", data
+        [stored] = fds
+        listener = socket.socket(fileno=stored)
+        assert listener.getsockname() == str(sock)
+        assert notify.recv(100) == b"READY=1"
+        inode = sock.stat().st_ino
+
+        server = portico(table)
+        assert server.get("/hello")[0] == 200
+        pool.kill()
+        pool.wait(30)
+        assert sock.stat().st_ino == inode, "a crash leaves the socket file"
+
+        # Meanwhile a request: it waits in the socket's queue, which the store kept open. The
+        # host may try the connection of the dead pool first (what it had in flight there
+        # fails), then connects again: to the queue, not to a refusal.
+        seen = []
+
+        def request():
+            for _ in range(2):
+                seen.append(None)
+                seen[-1] = server.get("/pid")
+                if seen[-1][0] != 502:
+                    return
+        waiting = threading.Thread(target=request)
+        waiting.start()
+        wait_until(lambda: seen and (seen[-1] is None or seen[-1][0] != 502),
+                   what="the host to connect again")
+        log = open(tmp_path / "pool.log", "ab")
+        pool = subprocess.Popen(
+            ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@"', str(BINARY),
+             "pool", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, pass_fds=(3,),
+            preexec_fn=lambda: os.dup2(stored, 3))
+        waiting.join(30)
+        status, _, body = seen[-1]
+        assert status == 200, seen
+        assert int(body) in worker_pids(pool_proc(pool))
+        assert sock.stat().st_ino == inode, "the new pool bound no socket of its own"
+        assert "listening on the inherited socket" in (tmp_path / "pool.log").read_text()
+
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        assert sock.exists(), "the socket belongs to whoever gave it"
+        # Still listening for the next pool: a connection is queued, not refused.
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(str(sock))
+    finally:
+        pool.kill()
+        notify.close()
+        if stored is not None:
+            os.close(stored)

@@ -45,7 +45,7 @@ pub(crate) struct PoolArgs {
 
 impl PoolArgs {
     /// The arguments of the pool server a watchdog runs: these, without the watchdog's own
-    /// (`--watchdog`, `--pid-file`).
+    /// (`--watchdog`, `--pid-file`) and the lifeline, which the watchdog passes on itself.
     fn child_args(&self) -> Vec<std::ffi::OsString> {
         let mut out: Vec<std::ffi::OsString> = vec!["--config".into(), self.config.clone().into()];
         for app in &self.apps {
@@ -56,9 +56,6 @@ impl PoolArgs {
         }
         if let Some(user) = &self.user {
             out.extend(["--user".into(), user.into()]);
-        }
-        if let Some(fd) = self.lifeline_fd {
-            out.extend(["--lifeline-fd".into(), fd.to_string().into()]);
         }
         out
     }
@@ -71,8 +68,10 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             Ok(pid_file) => pid_file,
             Err(code) => return code,
         };
-        return crate::watchdog::run(args.child_args(), args.lifeline_fd);
+        return crate::watchdog::run(args.child_args(), args.lifeline_fd, args.socket_dir);
     }
+    // Taken first, so that no descriptor of them leaks into anything this process starts.
+    let inherited = listen_fds();
     let mut config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(e) => return crate::config_failed(&e),
@@ -157,7 +156,7 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             return ExitCode::from(crate::EXIT_APP);
         }
     };
-    let server = match PoolServer::start(dispatcher.clone(), &sockets, owner) {
+    let server = match PoolServer::start(dispatcher.clone(), &sockets, owner, inherited) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("portico pool: {e}");
@@ -165,6 +164,9 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             return ExitCode::from(crate::EXIT_BIND);
         }
     };
+    if store_sockets(&server) {
+        server.handed_over();
+    }
     let _pid_file = match pid_file(&args) {
         Ok(pid_file) => pid_file,
         Err(code) => return code,
@@ -248,6 +250,98 @@ pub(crate) fn notify_systemd_raw(path: Option<&std::ffi::OsStr>, message: &[u8])
             "cannot notify systemd ({}): {e}",
             String::from_utf8_lossy(message)
         );
+    }
+}
+
+/// The listening sockets this process was given by sd_listen_fds(3)'s protocol: `LISTEN_FDS`
+/// descriptors from 3 on, when `LISTEN_PID` is this process (systemd's socket activation, or
+/// the watchdog handing over the sockets of the pool server before this one). The variables
+/// are removed, so the workers do not see them; descriptors that are no Unix socket are
+/// closed.
+pub(crate) fn listen_fds() -> Vec<std::os::unix::net::UnixListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let count = std::env::var("LISTEN_FDS").ok();
+    let for_me = std::env::var("LISTEN_PID").ok() == Some(std::process::id().to_string());
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let Some(count) = count.and_then(|n| n.parse::<i32>().ok()).filter(|_| for_me) else {
+        return Vec::new();
+    };
+    let mut listeners = Vec::new();
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START.saturating_add(count.clamp(0, 1024)) {
+        // SAFETY: LISTEN_PID names this process, so by the protocol the descriptors from 3
+        // to 3 + LISTEN_FDS are open and were handed to us alone; fcntl only marks each one
+        // close-on-exec, and each is owned once, here.
+        let owned = unsafe {
+            if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+                log::warn!("LISTEN_FDS: descriptor {fd} is not open");
+                continue;
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        let listener = std::os::unix::net::UnixListener::from(owned);
+        match listener.local_addr() {
+            Ok(addr) if addr.as_pathname().is_some() => listeners.push(listener),
+            _ => log::warn!("LISTEN_FDS: descriptor {fd} is no Unix socket with a path: closed"),
+        }
+    }
+    listeners
+}
+
+/// The first descriptor of sd_listen_fds(3).
+pub(crate) const SD_LISTEN_FDS_START: i32 = 3;
+
+/// The name the pool server gives its sockets in the fd store (`FDNAME=`).
+pub(crate) const FDSTORE_NAME: &str = "portico-pool";
+
+/// Hands the listening sockets to the service manager's fd store (sd_notify(3)'s `FDSTORE=1`,
+/// with the descriptors attached) when it has one: systemd sets `FDSTORE` to its size when a
+/// unit has `FileDescriptorStoreMax=`, and the watchdog does. The next pool server gets them
+/// back as `LISTEN_FDS`, so no host is refused while none runs. Whether they were taken.
+fn store_sockets(server: &PoolServer) -> bool {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let room = std::env::var("FDSTORE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|_| room > 0) else {
+        return false;
+    };
+    let fds: Vec<i32> = server.listeners().iter().map(|fd| fd.as_raw_fd()).collect();
+    if fds.len() > room {
+        log::warn!(
+            "the fd store has room for {room} sockets, not {}: not handing them over",
+            fds.len()
+        );
+        return false;
+    }
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name),
+        None => UnixAddr::new(std::path::Path::new(&path)),
+    };
+    let message = format!("FDSTORE=1\nFDNAME={FDSTORE_NAME}");
+    let sent = std::os::unix::net::UnixDatagram::unbound()
+        .map_err(|e| e.to_string())
+        .and_then(|socket| {
+            let addr = addr.map_err(|e| e.to_string())?;
+            sendmsg(
+                socket.as_raw_fd(),
+                &[std::io::IoSlice::new(message.as_bytes())],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                Some(&addr),
+            )
+            .map_err(|e| e.to_string())
+        });
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            log::warn!("cannot hand the sockets to the fd store: {e}");
+            false
+        }
     }
 }
 

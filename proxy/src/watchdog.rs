@@ -21,6 +21,10 @@
 //!   `NOTIFY_SOCKET` of its own (from the watchdog's pid, as `NotifyAccess=main` wants). The
 //!   socket is read before the signals each time round, so a `READY=1` sent just before a
 //!   crash is counted before the crash is.
+//! - The listening sockets outlive a pool server: each one hands its sockets over once they
+//!   listen (`FDSTORE=1` with the descriptors, as to systemd's fd store) and the watchdog
+//!   gives them to the next (sd_listen_fds(3): `LISTEN_FDS` from descriptor 3, `LISTEN_PID`).
+//!   Hosts that connect meanwhile wait in the sockets' queues instead of being refused.
 //! - The lifeline (`--lifeline-fd`) is handed down to each pool server; the watchdog watches
 //!   it too, so it goes with nginx even while no pool server runs.
 
@@ -28,8 +32,9 @@ use portico_core::pool::describe_exit;
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -48,7 +53,11 @@ struct Running {
 
 /// Runs the pool server (`child_args` after `portico pool`) under the watchdog until it
 /// stops for good; returns its exit status.
-pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCode {
+pub(crate) fn run(
+    child_args: Vec<OsString>,
+    lifeline_fd: Option<i32>,
+    socket_dir: Option<PathBuf>,
+) -> ExitCode {
     let fail = |what: &str, e: std::io::Error| {
         eprintln!("portico pool --watchdog: {what}: {e}");
         ExitCode::from(crate::EXIT_APP)
@@ -70,21 +79,30 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
         Err(e) => return fail("cannot open its notify socket", e),
     };
     let upstream = std::env::var_os("NOTIFY_SOCKET");
-    if let Some(fd) = lifeline_fd {
-        // SAFETY: fcntl on the descriptor we were given: only a pool server inherits it
-        // (its pre_exec clears the flag again), never anything else we start.
-        unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        }
-    }
-    let start = || {
+    // Sockets from systemd's socket activation start the store; each pool server then
+    // hands over its own (the same ones, or those it bound).
+    let mut store = Store::activated(crate::pool_cmd::listen_fds(), socket_dir);
+    // The pool servers' environment is this process's own, not Command::env: with that,
+    // std would exec with an environment built before fork, and the LISTEN_PID that only the
+    // child can know (its pid) could not be added to it. This process has one thread.
+    std::env::set_var("NOTIFY_SOCKET", format!("@{notify_name}"));
+    std::env::set_var("FDSTORE", STORE_ROOM.to_string());
+    let lifeline_fd = match lifeline_fd.map(move_out_of_the_way).transpose() {
+        Ok(fd) => fd,
+        Err(e) => return fail("cannot keep the lifeline", e),
+    };
+    let start = |store: &[OwnedFd]| {
         let mut command = Command::new(&exe);
-        command
-            .arg("pool")
-            .args(&child_args)
-            .env("NOTIFY_SOCKET", format!("@{notify_name}"));
-        // SAFETY: runs between fork and exec; fcntl, sigemptyset, sigaddset and sigprocmask
-        // are async-signal-safe.
+        command.arg("pool").args(&child_args);
+        if let Some(fd) = lifeline_fd {
+            command.args(["--lifeline-fd".to_owned(), fd.to_string()]);
+        }
+        let stored: Vec<i32> = store.iter().map(|fd| fd.as_raw_fd()).collect();
+        let count = std::ffi::CString::new(stored.len().to_string()).unwrap_or_default();
+        // SAFETY: runs between fork and exec, in the child of a process with one thread, so
+        // no lock (malloc's, the environment's) can be held by another thread: fcntl, dup2,
+        // getpid, sigemptyset, sigaddset and sigprocmask are async-signal-safe, and setenv
+        // and unsetenv only touch this child's copy of the environment.
         unsafe {
             command.pre_exec(move || {
                 if let Some(fd) = lifeline_fd {
@@ -92,6 +110,7 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                hand_down(&stored, &count)?;
                 // Stop signals stay blocked across exec (std's spawn clears the mask) until
                 // the pool server's sigwait takes them: one sent early is late, not fatal.
                 let mut stops: libc::sigset_t = std::mem::zeroed();
@@ -109,7 +128,7 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
         })
     };
 
-    let mut running = match start() {
+    let mut running = match start(&store.fds) {
         Ok(running) => Some(running),
         Err(e) => return fail("cannot start the pool server", e),
     };
@@ -123,16 +142,23 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
         let woken = wait(&signals, &notify, lifeline, timeout);
 
         // What the pool server said first: it was sent before anything that followed it.
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = notify.recv(&mut buf) {
-            let message = &buf[..n];
-            if message
-                .split(|&b| b == b'\n')
-                .any(|line| line == b"READY=1")
-            {
+        while let Some((message, fds)) = receive(&notify) {
+            let lines: Vec<&[u8]> = message.split(|&b| b == b'\n').collect();
+            if lines.contains(&&b"READY=1"[..]) {
                 ready = true;
             }
-            crate::pool_cmd::notify_systemd_raw(upstream.as_deref(), message);
+            if lines.contains(&&b"FDSTORE=1"[..]) {
+                // The newest pool server's sockets replace what the store held.
+                store.fds = fds;
+            }
+            // The store is the watchdog's own; the rest is passed on.
+            let rest: Vec<&[u8]> = lines
+                .into_iter()
+                .filter(|l| *l != b"FDSTORE=1" && !l.starts_with(b"FDNAME=") && !l.is_empty())
+                .collect();
+            if !rest.is_empty() {
+                crate::pool_cmd::notify_systemd_raw(upstream.as_deref(), &rest.join(&b'\n'));
+            }
         }
         if let Some(fd) = lifeline.filter(|_| woken.lifeline) {
             if lifeline_closed(fd) {
@@ -204,7 +230,7 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
         }
         if restart_at.is_some_and(|at| at <= Instant::now()) && !stopping {
             restart_at = None;
-            match start() {
+            match start(&store.fds) {
                 Ok(fresh) => {
                     log::info!("watchdog: pool server {} started", fresh.child.id());
                     running = Some(fresh);
@@ -217,6 +243,151 @@ pub(crate) fn run(child_args: Vec<OsString>, lifeline_fd: Option<i32>) -> ExitCo
             }
         }
     }
+}
+
+/// The listening sockets the pool servers hand over (`FDSTORE=1`), kept open while the next
+/// one starts. When the watchdog ends, it removes their files (and nginx's socket
+/// directory), which pool servers leave to it; not those of sockets from systemd's socket
+/// activation, whose unit owns them.
+struct Store {
+    fds: Vec<OwnedFd>,
+    activated: Vec<PathBuf>,
+    socket_dir: Option<PathBuf>,
+}
+
+impl Store {
+    fn activated(listeners: Vec<UnixListener>, socket_dir: Option<PathBuf>) -> Store {
+        let fds: Vec<OwnedFd> = listeners.into_iter().map(OwnedFd::from).collect();
+        Store {
+            activated: fds.iter().filter_map(socket_path).collect(),
+            fds,
+            socket_dir,
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        for path in self.fds.iter().filter_map(socket_path) {
+            if !self.activated.contains(&path) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(dir) = &self.socket_dir {
+            // Ours when nginx made it for us; left alone if anything else is in it.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// The path a listening socket is bound to.
+fn socket_path(fd: &OwnedFd) -> Option<PathBuf> {
+    let addr = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd.as_raw_fd()).ok()?;
+    addr.path().map(|p| p.to_owned())
+}
+
+/// How many sockets a pool server may hand over (`FDSTORE`): one per app.
+const STORE_ROOM: usize = 64;
+
+/// Where [`move_out_of_the_way`] puts a descriptor: above those a pool server is given.
+const FIRST_FREE_FD: i32 = crate::pool_cmd::SD_LISTEN_FDS_START + STORE_ROOM as i32;
+
+/// Moves `fd` to a number at or above [`FIRST_FREE_FD`] (close-on-exec), so that handing
+/// down the stored sockets, from 3 on, never lands on it; returns the new number.
+fn move_out_of_the_way(fd: i32) -> std::io::Result<i32> {
+    if fd >= FIRST_FREE_FD {
+        // SAFETY: fcntl marks the descriptor we were given close-on-exec: only a pool server
+        // inherits it (its pre_exec clears the flag again), never anything else we start.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of the one we were given, at the lowest
+    // free number from FIRST_FREE_FD, and closing the old number leaves the new one open.
+    unsafe {
+        let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
+        if moved < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+        Ok(moved)
+    }
+}
+
+/// In a pool server between fork and exec: the stored sockets become descriptors 3, 4, ...
+/// with `LISTEN_FDS` and `LISTEN_PID` as sd_listen_fds(3) wants them. Allocates nothing.
+fn hand_down(stored: &[i32], count: &std::ffi::CStr) -> std::io::Result<()> {
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error;
+    let mut moved = [0i32; STORE_ROOM];
+    for (slot, &fd) in moved.iter_mut().zip(stored) {
+        // SAFETY: duplicates our own descriptor above the target range first, so that
+        // the dup2s below never overwrite one that is still to be placed.
+        *slot = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD) };
+        if *slot < 0 {
+            return Err(err());
+        }
+    }
+    for (i, &fd) in moved.iter().take(stored.len()).enumerate() {
+        // SAFETY: dup2 onto 3 + i, which the exec'd pool server inherits (dup2 clears
+        // close-on-exec); what was there is the child's copy of a watchdog descriptor.
+        if unsafe { libc::dup2(fd, crate::pool_cmd::SD_LISTEN_FDS_START + i as i32) } < 0 {
+            return Err(err());
+        }
+    }
+    let mut pid = [0u8; 12];
+    // SAFETY: getpid cannot fail.
+    let mut n = unsafe { libc::getpid() } as u32;
+    let mut at = pid.len() - 1; // the last byte stays the terminating NUL
+    loop {
+        at -= 1;
+        pid[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // SAFETY: NUL-terminated names and values that live through the calls.
+    unsafe {
+        if libc::setenv(c"LISTEN_FDS".as_ptr(), count.as_ptr(), 1) < 0
+            || libc::setenv(c"LISTEN_PID".as_ptr(), pid[at..].as_ptr().cast(), 1) < 0
+        {
+            return Err(err());
+        }
+    }
+    Ok(())
+}
+
+/// One message from the notify socket, and the descriptors that came with it; `None` when
+/// none is waiting.
+fn receive(notify: &UnixDatagram) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut buf = [0u8; 4096];
+    let mut space = nix::cmsg_space!([i32; STORE_ROOM]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let received = recvmsg::<UnixAddr>(
+        notify.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = received.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                // SAFETY: the kernel has just installed these descriptors in this process
+                // for this message; each is owned once, here.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+    }
+    let n = received.bytes;
+    Some((buf[..n].to_vec(), fds))
 }
 
 /// The pause after `delay`, for a pool server that died young again.

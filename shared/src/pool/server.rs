@@ -7,7 +7,7 @@
 //! cancels only its own requests.
 
 use crate::Dispatcher;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,27 +16,69 @@ use std::sync::Arc;
 
 /// The listening sockets of a running pool server.
 pub struct PoolServer {
-    sockets: Vec<(PathBuf, UnixListener)>,
+    sockets: Vec<Socket>,
     stopping: Arc<AtomicBool>,
+    /// Something outside holds the sockets too (a watchdog, systemd's fd store) and hands
+    /// them to the next pool server: stopping must leave them open and their files in place.
+    handed_over: AtomicBool,
+}
+
+/// One listening socket of a pool server.
+struct Socket {
+    path: PathBuf,
+    listener: UnixListener,
+    /// Inherited: whoever gave it (systemd's socket unit, a watchdog) owns it and its file.
+    inherited: bool,
 }
 
 impl PoolServer {
-    /// Binds one socket per `(app index, path)` and serves each app's pool on it. Every
-    /// socket is bound before any is served, so one that cannot be fails the start. With
-    /// `owner` (uid, gid), each socket belongs to that user and only it may connect (nginx
-    /// gives its workers' user); else the umask decides.
+    /// Listens on one socket per `(app index, path)` and serves each app's pool on it. Every
+    /// socket listens before any is served, so one that cannot fails the start.
+    ///
+    /// A socket of `inherited` (sd_listen_fds(3): from systemd's socket activation, or from
+    /// the watchdog that ran the pool server before this one) bound to a path is used for
+    /// that path as it is: connections that waited in its queue while no pool server ran
+    /// are served now. Other paths are bound here. With `owner` (uid, gid), each socket
+    /// bound here belongs to that user and only it may connect (nginx gives its workers'
+    /// user); else the umask decides. Inherited sockets that match no path are closed.
     pub fn start(
         dispatcher: Arc<Dispatcher>,
         sockets: &[(usize, PathBuf)],
         owner: Option<(u32, u32)>,
+        mut inherited: Vec<UnixListener>,
     ) -> Result<PoolServer, String> {
         let mut bound = Vec::new();
         for (_, path) in sockets {
-            bound.push((path.clone(), bind(path, owner)?));
+            let socket = match take_inherited(&mut inherited, path) {
+                Some(listener) => {
+                    log::info!("{}: listening on the inherited socket", path.display());
+                    Socket {
+                        path: path.clone(),
+                        listener,
+                        inherited: true,
+                    }
+                }
+                None => Socket {
+                    path: path.clone(),
+                    listener: bind(path, owner)?,
+                    inherited: false,
+                },
+            };
+            bound.push(socket);
+        }
+        for extra in inherited {
+            let at = extra.local_addr().ok();
+            let path = at.as_ref().and_then(|a| a.as_pathname());
+            log::warn!(
+                "an inherited socket ({}) is none of this pool's: closing it",
+                path.map_or("unnamed".into(), |p| p.display().to_string())
+            );
         }
         let stopping = Arc::new(AtomicBool::new(false));
-        for ((app, _), (path, listener)) in sockets.iter().zip(&bound) {
-            let listener = listener
+        for ((app, _), socket) in sockets.iter().zip(&bound) {
+            let path = &socket.path;
+            let listener = socket
+                .listener
                 .try_clone()
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             let dispatcher = dispatcher.clone();
@@ -52,14 +94,35 @@ impl PoolServer {
         Ok(PoolServer {
             sockets: bound,
             stopping,
+            handed_over: AtomicBool::new(false),
         })
     }
 
+    /// The listening sockets, in the order of the paths given to [`PoolServer::start`]: what
+    /// a watchdog or systemd keeps for the next pool server (sd_notify(3)'s `FDSTORE=1`).
+    pub fn listeners(&self) -> Vec<BorrowedFd<'_>> {
+        self.sockets.iter().map(|s| s.listener.as_fd()).collect()
+    }
+
+    /// Says that something outside now holds the sockets too: [`PoolServer::stop_accepting`]
+    /// then leaves them listening, and their files in place, for the next pool server.
+    pub fn handed_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+
     /// Stops taking connections and removes the socket files; connections already made go
-    /// on until their hosts close them or the pools stop.
+    /// on until their hosts close them or the pools stop. Sockets that were inherited or
+    /// handed over stay as they are, for their owner: a connection accepted on one from now
+    /// on is closed at once, and those after it wait in its queue for the next pool server.
     pub fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::Release);
-        for (path, listener) in &self.sockets {
+        let handed_over = self.handed_over.load(Ordering::Acquire);
+        for socket in &self.sockets {
+            if handed_over || socket.inherited {
+                // shutdown() would end the listening socket for its next owner too.
+                continue;
+            }
+            let (path, listener) = (&socket.path, &socket.listener);
             // SAFETY: shutdown() on our own listening descriptor, which stays open; on Linux
             // it wakes the thread blocked in accept().
             unsafe {
@@ -74,6 +137,19 @@ impl Drop for PoolServer {
     fn drop(&mut self) {
         self.stop_accepting();
     }
+}
+
+/// Takes the socket of `inherited` that is bound to `path`, if one is.
+fn take_inherited(inherited: &mut Vec<UnixListener>, path: &Path) -> Option<UnixListener> {
+    let wanted = std::path::absolute(path).ok()?;
+    let at = inherited.iter().position(|listener| {
+        listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().and_then(|p| std::path::absolute(p).ok()))
+            .is_some_and(|p| p == wanted)
+    })?;
+    Some(inherited.swap_remove(at))
 }
 
 /// Binds `path`, replacing a socket file that nothing listens on any more (left by a server
