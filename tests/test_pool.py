@@ -466,6 +466,7 @@ def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp
         [stored] = fds
         listener = socket.socket(fileno=stored)
         assert listener.getsockname() == str(sock)
+        listener.detach()  # `stored` stays open, closed once below
         assert notify.recv(100) == b"READY=1"
         inode = sock.stat().st_ino
 

@@ -231,26 +231,44 @@ fn notify_systemd(state: &str) {
 
 /// Sends `message` to the sd_notify socket `path` (nothing when there is none).
 pub(crate) fn notify_systemd_raw(path: Option<&std::ffi::OsStr>, message: &[u8]) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = path else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(std::path::Path::new(path)),
-    };
-    let sent = UnixDatagram::unbound().and_then(|socket| {
-        let addr = addr?;
-        socket.send_to_addr(message, &addr)
-    });
-    if let Err(e) = sent {
+    if let Err(e) = notify_with_fds(path, message, &[]) {
         log::warn!(
             "cannot notify systemd ({}): {e}",
             String::from_utf8_lossy(message)
         );
     }
+}
+
+/// Sends `message` to the sd_notify socket `path`, with `fds` attached (`SCM_RIGHTS`, for
+/// `FDSTORE=1`). `path` starting with `@` is in the abstract namespace.
+fn notify_with_fds(
+    path: Option<&std::ffi::OsStr>,
+    message: &[u8],
+    fds: &[i32],
+) -> Result<(), String> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name),
+        None => UnixAddr::new(std::path::Path::new(path)),
+    }
+    .map_err(|e| e.to_string())?;
+    let socket = std::os::unix::net::UnixDatagram::unbound().map_err(|e| e.to_string())?;
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg(
+        socket.as_raw_fd(),
+        &[std::io::IoSlice::new(message)],
+        cmsgs,
+        MsgFlags::empty(),
+        Some(&addr),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// The listening sockets this process was given by sd_listen_fds(3)'s protocol: `LISTEN_FDS`
@@ -300,7 +318,6 @@ pub(crate) const FDSTORE_NAME: &str = "portico-pool";
 /// unit has `FileDescriptorStoreMax=`, and the watchdog does. The next pool server gets them
 /// back as `LISTEN_FDS`, so no host is refused while none runs. Whether they were taken.
 fn store_sockets(server: &PoolServer) -> bool {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
     use std::os::fd::AsRawFd;
     let room = std::env::var("FDSTORE")
         .ok()
@@ -317,27 +334,9 @@ fn store_sockets(server: &PoolServer) -> bool {
         );
         return false;
     }
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => UnixAddr::new_abstract(name),
-        None => UnixAddr::new(std::path::Path::new(&path)),
-    };
     let message = format!("FDSTORE=1\nFDNAME={FDSTORE_NAME}");
-    let sent = std::os::unix::net::UnixDatagram::unbound()
-        .map_err(|e| e.to_string())
-        .and_then(|socket| {
-            let addr = addr.map_err(|e| e.to_string())?;
-            sendmsg(
-                socket.as_raw_fd(),
-                &[std::io::IoSlice::new(message.as_bytes())],
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::empty(),
-                Some(&addr),
-            )
-            .map_err(|e| e.to_string())
-        });
-    match sent {
-        Ok(_) => true,
+    match notify_with_fds(Some(&path), message.as_bytes(), &fds) {
+        Ok(()) => true,
         Err(e) => {
             log::warn!("cannot hand the sockets to the fd store: {e}");
             false

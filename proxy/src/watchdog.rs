@@ -257,7 +257,14 @@ struct Store {
 
 impl Store {
     fn activated(listeners: Vec<UnixListener>, socket_dir: Option<PathBuf>) -> Store {
-        let fds: Vec<OwnedFd> = listeners.into_iter().map(OwnedFd::from).collect();
+        if listeners.len() > STORE_ROOM {
+            log::warn!("LISTEN_FDS: only the first {STORE_ROOM} sockets are kept");
+        }
+        let fds: Vec<OwnedFd> = listeners
+            .into_iter()
+            .take(STORE_ROOM)
+            .map(OwnedFd::from)
+            .collect();
         Store {
             activated: fds.iter().filter_map(socket_path).collect(),
             fds,
