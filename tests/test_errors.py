@@ -62,6 +62,16 @@ def test_missing_start_response_is_500(server):
     server.wait_for_log("without calling start_response")
 
 
+def test_what_the_app_sent_before_failing_reaches_the_client(server):
+    """The head and a first piece went out earlier; a second piece and the failure come
+    together: both pieces reach the client, then the connection is cut (no last chunk)."""
+    data = server.raw(b"GET /bad/exc-info-after-a-pause HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert b"first;" in data and b"sent;" in data and b"never" not in data, data
+    assert not data.endswith(b"0\r\n\r\n")
+    server.wait_for_log("RuntimeError: too late")
+
+
 def test_exc_info_after_headers_sent_aborts(server):
     data = server.raw(b"GET /bad/exc-info-after-send HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200") and b"sent;" in data and b"never" not in data

@@ -569,10 +569,19 @@ pub(crate) fn next_event(exchange: &Exchange, waker: &Waker) -> Option<Option<Ap
 unsafe fn fail(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, e: DispatchError) {
     // SAFETY: the caller's.
     unsafe {
-        if !(*ctx).out.head_sent && (*ctx).out.head.is_some() && !(*ctx).out.batch.is_empty() {
+        if (*ctx).out.head_sent {
+            // The app's last pieces came with its failure (as a pool worker's frames
+            // arrive): they go out before the cut, behind a flush buffer, since nginx holds
+            // small output back (postpone_output) and the abort below would discard it.
+            if write_body(r, ctx, false) == NGX_ERROR as ngx_int_t {
+                finish(ctx);
+                ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+                return;
+            }
+        } else if (*ctx).out.head.is_some() && !(*ctx).out.batch.is_empty() {
             // The app started its response and sent some of the body before it failed, all
-            // in one batch (as a pool worker's frames arrive): the client gets what the app
-            // sent, then the cut, as when the head had gone out before.
+            // in one batch: the client gets what the app sent, then the cut, as when the head
+            // had gone out before.
             flush(r, ctx);
             if (*ctx).finished {
                 return;

@@ -37,6 +37,21 @@ def application(environ, start_response):
         return ["a str is not bytes"]
     if path == "/no-start-response":
         return [b"forgot start_response"]
+    if path == "/exc-info-after-a-pause":
+        # The head and a first piece go out on their own; the second piece and the failure
+        # then reach the host together.
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def paused():
+            yield b"first;"
+            time.sleep(0.2)
+            yield b"sent;"
+            try:
+                raise RuntimeError("too late")
+            except RuntimeError:
+                start_response("500 Oops", [], sys.exc_info())
+            yield b"never"
+        return paused()
     if path == "/exc-info-after-send":
         start_response("200 OK", [("Content-Type", "text/plain")])
 
