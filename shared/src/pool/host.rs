@@ -11,6 +11,7 @@
 use super::wire::{
     self, Frame, Kind, Reader, RequestKind, WireError, INITIAL_WINDOW, WS_INBOUND_WINDOW,
 };
+use super::Delivery;
 use super::PoolStatus;
 use crate::error::DispatchError;
 use crate::exchange::{
@@ -23,7 +24,7 @@ use crossbeam_channel::Sender;
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// One live worker process, as the host talks to it.
@@ -51,7 +52,20 @@ pub(crate) struct WorkerConn {
     request_timeout: Option<Duration>,
     /// Status queries waiting for their answer, by stream.
     status_waiters: Mutex<HashMap<u32, mpsc::Sender<Option<PoolStatus>>>>,
+    /// What the writer did with the requests: those it never wrote whole can go elsewhere.
+    delivery: Arc<Delivery>,
+    /// Request frames given to the writer (counted under the stream table's lock).
+    queued: AtomicU64,
+    /// Where a request that never reached this worker goes instead, once it is lost: another
+    /// worker of the pool, or a new connection to the pool server.
+    redirect: OnceLock<Redirect>,
 }
+
+/// Gives the connection a request that never reached a lost one should go to.
+pub(crate) type Redirect = Box<dyn Fn() -> Option<Arc<WorkerConn>> + Send + Sync>;
+
+/// How often one request may be moved to another connection.
+const MOST_MOVES: u8 = 2;
 
 impl WorkerConn {
     /// Starts the reader and writer threads on a socket whose worker has said hello.
@@ -76,11 +90,15 @@ impl WorkerConn {
             recycle: Mutex::new(None),
             request_timeout,
             status_waiters: Mutex::new(HashMap::new()),
+            delivery: Arc::new(Delivery::default()),
+            queued: AtomicU64::new(0),
+            redirect: OnceLock::new(),
         });
         let writer = socket.try_clone()?;
+        let delivery = conn.delivery.clone();
         std::thread::Builder::new()
             .name(format!("{app}-pool-w{pid}"))
-            .spawn(move || super::write_frames(writer, frames))?;
+            .spawn(move || super::write_frames(writer, frames, Some(&delivery)))?;
         let reader_conn = conn.clone();
         let name = app.to_owned();
         std::thread::Builder::new()
@@ -143,57 +161,69 @@ impl WorkerConn {
         route: &Route,
         body: Option<&[Bytes]>,
     ) -> Result<Exchange, DispatchError> {
+        let (exchange, responder) = exchange::channel();
+        let request = Moved {
+            started: Instant::now(),
+            state: StreamState {
+                responder: Some(responder),
+                websocket: kind == RequestKind::WebSocket,
+                inbound_credit: WS_INBOUND_WINDOW,
+                ..StreamState::default()
+            },
+            payload: wire::encode_request(kind, head, route, body),
+        };
+        match self.enqueue(request) {
+            Ok(()) => Ok(exchange),
+            Err(_) => Err(DispatchError::WorkerLost(format!(
+                "worker {} is gone",
+                self.pid
+            ))),
+        }
+    }
+
+    /// Gives the worker a request (new, or one that never reached a lost worker); hands it
+    /// back when this worker takes none.
+    fn enqueue(self: &Arc<Self>, request: Moved) -> Result<(), Box<Moved>> {
         // Counted before the drain check (both sequentially consistent): a drainer that
         // sees no request in flight can be sure none slips in after.
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if !self.is_alive() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(DispatchError::WorkerLost(format!(
-                "worker {} is gone",
-                self.pid
-            )));
-        }
-        let (exchange, responder) = exchange::channel();
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let stream = Arc::new(HostStream {
-            id,
-            conn: Arc::downgrade(self),
-            started: Instant::now(),
-            state: Mutex::new(StreamState {
-                responder: Some(responder),
-                answered: false,
-                websocket: kind == RequestKind::WebSocket,
-                inbound_credit: WS_INBOUND_WINDOW,
-                inbound_done: false,
-                assembler: wire::WsAssembler::default(),
-                queue: VecDeque::new(),
-                awaiting_body: false,
-                unacked: 0,
-                finished: false,
-            }),
-            wakes: AtomicUsize::new(0),
-        });
-        self.lock_streams().insert(id, stream.clone());
+        let stream = {
+            // Checked and sent under the table's lock, which `lost` takes to end the
+            // connection: every request it does not find in the table was never sent.
+            let mut streams = self.lock_streams();
+            if !self.is_alive() {
+                drop(streams);
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return Err(Box::new(request));
+            }
+            let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+            let stream = Arc::new(HostStream {
+                id,
+                conn: Arc::downgrade(self),
+                started: request.started,
+                payload: request.payload.clone(),
+                state: Mutex::new(request.state),
+                wakes: AtomicUsize::new(0),
+            });
+            streams.insert(id, stream.clone());
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            // The writer lives as long as this connection: the send cannot fail.
+            let _ = self.out.send(Frame {
+                kind: Kind::Request,
+                stream: id,
+                payload: request.payload,
+            });
+            stream
+        };
         self.taken.fetch_add(1, Ordering::Relaxed);
-        let payload = wire::encode_request(kind, head, route, body);
-        let sent = self.out.send(Frame {
-            kind: Kind::Request,
-            stream: id,
-            payload,
-        });
-        if sent.is_err() {
-            // The writer is gone with the socket: no request goes to this worker again (the
-            // pool picks another at once, before the reader reports the worker lost).
-            self.alive.store(false, Ordering::Release);
-            self.remove(id);
-            return Err(DispatchError::WorkerLost(format!(
-                "worker {} is gone",
-                self.pid
-            )));
-        }
         // Watches for the client leaving from now on.
         stream.service();
-        Ok(exchange)
+        Ok(())
+    }
+
+    /// Sets where requests that never reached this worker go once it is lost.
+    pub(crate) fn set_redirect(&self, redirect: Redirect) {
+        let _ = self.redirect.set(redirect);
     }
 
     /// Asks the peer (a pool server) for its pool's status and waits up to `limit` for the
@@ -232,15 +262,65 @@ impl WorkerConn {
 
     /// The worker is gone (it exited, or broke the protocol): every request it had fails
     /// with 502 (or, after its head, is cut), and it takes no more.
+    ///
+    /// Requests the writer never wrote whole never reached it, so they go to another worker
+    /// (or a new connection to the pool server) instead, as nginx passes a request it could
+    /// not send to the next upstream. One sent on this connection in the moment between the
+    /// worker's end and its reader seeing it is not lost that way.
     pub(crate) fn lost(&self, why: &str) {
-        self.alive.store(false, Ordering::Release);
-        let streams: Vec<Arc<HostStream>> = self.lock_streams().drain().map(|(_, s)| s).collect();
+        let (streams, queued) = {
+            let mut table = self.lock_streams();
+            self.alive.store(false, Ordering::Release);
+            let streams: Vec<Arc<HostStream>> = table.drain().map(|(_, s)| s).collect();
+            (streams, self.queued.load(Ordering::Relaxed))
+        };
+        // The writer's next write fails, and a write it is blocked in returns.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let unwritten = self.delivery.unwritten(queued, Duration::from_secs(1));
         for stream in streams {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            if unwritten.contains(&stream.id) && self.redirect(&stream) {
+                continue;
+            }
             stream.deliver(AppEvent::Failed(DispatchError::WorkerLost(format!(
                 "worker {}: {why}",
                 self.pid
             ))));
+        }
+    }
+
+    /// Moves a request that never reached this worker to where [`WorkerConn::set_redirect`]
+    /// says; whether it went.
+    fn redirect(&self, stream: &Arc<HostStream>) -> bool {
+        let Some(redirect) = self.redirect.get() else {
+            return false;
+        };
+        let mut moved = {
+            let mut state = stream.lock();
+            if state.moves >= MOST_MOVES || state.responder.is_none() {
+                return false;
+            }
+            Moved {
+                started: stream.started,
+                state: std::mem::take(&mut *state),
+                payload: stream.payload.clone(),
+            }
+        };
+        moved.state.moves += 1;
+        let next = redirect();
+        match next.map(|conn| conn.enqueue(moved)) {
+            Some(Ok(())) => {
+                log::debug!(
+                    "worker {}: a request it never got went to another",
+                    self.pid
+                );
+                true
+            }
+            Some(Err(back)) => {
+                *stream.lock() = back.state;
+                false
+            }
+            None => false,
         }
     }
 }
@@ -338,10 +418,19 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A request on its way to a worker: its exchange's app side, and what is sent.
+struct Moved {
+    started: Instant,
+    state: StreamState,
+    payload: Bytes,
+}
+
 /// One request on a worker, from the host's side.
 struct HostStream {
     id: u32,
     started: Instant,
+    /// The request as sent, for another worker if this one never got it.
+    payload: Bytes,
     conn: Weak<WorkerConn>,
     state: Mutex<StreamState>,
     /// Calls to [`HostStream::service`] not yet answered ([`super::one_at_a_time`]): a pool
@@ -350,7 +439,10 @@ struct HostStream {
     wakes: AtomicUsize,
 }
 
+#[derive(Default)]
 struct StreamState {
+    /// Times the request was moved to another connection.
+    moves: u8,
     /// The app side of the request's exchange; `None` once the request is over.
     responder: Option<Responder>,
     /// The worker has sent the response head.
@@ -534,5 +626,111 @@ impl HostStream {
                 conn.remove(self.id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BodyLength, HttpVersion};
+    use std::net::Shutdown;
+
+    fn get(path: &'static [u8]) -> RequestHead {
+        RequestHead {
+            method: "GET".into(),
+            raw_path: Bytes::from_static(path),
+            query: Bytes::new(),
+            version: HttpVersion::Http11,
+            headers: Vec::new(),
+            tls: None,
+            trailers: false,
+            early_hints: false,
+            client: None,
+            server: None,
+            body: BodyLength::Known(0),
+        }
+    }
+
+    /// The first `Request` frame that arrives on `peer`.
+    fn first_request(mut peer: &UnixStream) -> wire::DecodedRequest {
+        use std::io::Read;
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(frame) = wire::decode(&mut buf).unwrap() {
+                if frame.kind == Kind::Request {
+                    return wire::decode_request(frame.payload).unwrap();
+                }
+            }
+            let n = peer.read(&mut chunk).expect("a request frame within 5 s");
+            assert!(n > 0, "the connection ended before a request came");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[test]
+    fn a_request_the_worker_never_got_goes_to_another() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (other, other_peer) = UnixStream::pair().unwrap();
+        let gone = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let next = WorkerConn::start(other, 2, "test", None).unwrap();
+        let to = next.clone();
+        gone.set_redirect(Box::new(move || Some(to.clone())));
+        // The first worker reads nothing more: writing to it fails, while its reader has
+        // seen nothing yet, so the request is taken as for a live worker.
+        theirs.shutdown(Shutdown::Read).unwrap();
+        let route = Route {
+            app: 0,
+            script_name: String::new(),
+            path_info: b"/moved".to_vec(),
+        };
+        let mut exchange = gone
+            .submit(RequestKind::Http, &get(b"/moved"), &route, None)
+            .unwrap();
+        let got = first_request(&other_peer);
+        assert_eq!(got.head.raw_path, Bytes::from_static(b"/moved"));
+        assert!(gone.is_lost());
+        assert_eq!(next.in_flight.load(Ordering::Acquire), 1);
+        assert_eq!(gone.in_flight.load(Ordering::Acquire), 0);
+        // Still waiting for its answer, from the second worker: not failed.
+        assert!(exchange.try_next().is_none());
+    }
+
+    #[test]
+    fn a_request_the_worker_got_is_not_sent_again() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (other, other_peer) = UnixStream::pair().unwrap();
+        let gone = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let next = WorkerConn::start(other, 2, "test", None).unwrap();
+        let to = next.clone();
+        gone.set_redirect(Box::new(move || Some(to.clone())));
+        let route = Route {
+            app: 0,
+            script_name: String::new(),
+            path_info: b"/once".to_vec(),
+        };
+        let _exchange = gone
+            .submit(RequestKind::Http, &get(b"/once"), &route, None)
+            .unwrap();
+        // The worker read it, then went away.
+        assert_eq!(
+            first_request(&theirs).head.raw_path,
+            Bytes::from_static(b"/once")
+        );
+        drop(theirs);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !gone.is_lost() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(gone.is_lost());
+        assert_eq!(next.in_flight.load(Ordering::Acquire), 0);
+        use std::io::Read;
+        other_peer.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            (&other_peer).read(&mut byte).is_err(),
+            "nothing went to the second worker"
+        );
     }
 }

@@ -265,16 +265,7 @@ impl Pool {
         // A worker that starts draining between the pick and the submit refuses: pick again.
         for _ in 0..4 {
             let generation = self.current();
-            let conn = {
-                let conns = generation.conns.read().unwrap_or_else(|e| e.into_inner());
-                let start = self.turn.fetch_add(1, Ordering::Relaxed);
-                (0..conns.len())
-                    .map(|i| &conns[(start + i) % conns.len()])
-                    .filter(|c| c.is_alive())
-                    .min_by_key(|c| c.in_flight.load(Ordering::Acquire))
-                    .cloned()
-            };
-            let Some(conn) = conn else {
+            let Some(conn) = least_busy(&generation, &self.turn) else {
                 // Every worker is starting or restarting.
                 return Err(DispatchError::Overloaded);
             };
@@ -288,6 +279,11 @@ impl Pool {
             }
         }
         Err(DispatchError::Overloaded)
+    }
+
+    /// The worker a request goes to now (the least busy live one), if any.
+    fn pick(&self) -> Option<Arc<WorkerConn>> {
+        least_busy(&self.current(), &self.turn)
     }
 
     /// Stops the workers (SIGTERM) and starts no more.
@@ -399,6 +395,8 @@ impl Pool {
             };
             let pid = conn.pid;
             let ready_at = Instant::now();
+            let pool = Arc::downgrade(&self);
+            conn.set_redirect(Box::new(move || pool.upgrade()?.pick()));
             generation
                 .conns
                 .write()
@@ -641,6 +639,18 @@ pub(crate) fn one_at_a_time(wakes: &AtomicUsize, mut work: impl FnMut()) {
     }
 }
 
+/// The least busy live worker of a generation; `turn` rotates where the search starts, so
+/// that idle workers share the requests.
+fn least_busy(generation: &Generation, turn: &AtomicUsize) -> Option<Arc<WorkerConn>> {
+    let conns = generation.conns.read().unwrap_or_else(|e| e.into_inner());
+    let start = turn.fetch_add(1, Ordering::Relaxed);
+    (0..conns.len())
+        .map(|i| &conns[(start + i) % conns.len()])
+        .filter(|c| c.is_alive())
+        .min_by_key(|c| c.in_flight.load(Ordering::Acquire))
+        .cloned()
+}
+
 /// Reads frames off `socket` and hands each to `on_frame`, until the socket ends or a frame
 /// is refused. Both ends of the pool's socket read this way.
 pub(crate) fn read_frames(
@@ -670,25 +680,106 @@ pub(crate) fn read_frames(
     }
 }
 
-/// Writes frames as they come, several per write when they queue up, until the channel or
-/// the socket ends; then shuts the socket's sending side.
+/// What became of the requests a writer was given: which of them never went out whole, so
+/// never reached the peer (a worker cannot act on part of a frame) and may go to another.
+#[derive(Default)]
+pub(crate) struct Delivery {
+    state: Mutex<DeliveryState>,
+    settled: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    /// Request frames written whole or given up on.
+    settled: u64,
+    /// The streams of those given up on.
+    unwritten: Vec<u32>,
+    /// Someone waits in [`Delivery::unwritten`] (a notify is a system call otherwise).
+    waiting: bool,
+}
+
+impl Delivery {
+    fn settle(&self, count: u64, unwritten: impl IntoIterator<Item = u32>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.settled += count;
+        state.unwritten.extend(unwritten);
+        if state.waiting {
+            self.settled.notify_all();
+        }
+    }
+
+    /// Once the first `queued` request frames are settled (or `limit` passed): the streams
+    /// of those that never went out.
+    pub(crate) fn unwritten(&self, queued: u64, limit: Duration) -> Vec<u32> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.waiting = true;
+        let (state, _) = self
+            .settled
+            .wait_timeout_while(state, limit, |s| s.settled < queued)
+            .unwrap_or_else(|e| e.into_inner());
+        state.unwritten.clone()
+    }
+}
+
+/// Writes frames as they come, several per write when they queue up, until the channel
+/// ends or, without `delivery`, a write fails; then shuts the socket's sending side. With
+/// `delivery` (the host's writer), it accounts for every `Request` frame: written whole, or
+/// not (the socket failed first). After a failed write it shuts the socket down, so the
+/// reader ends too, and goes on only to account for what still comes.
 pub(crate) fn write_frames(
     mut socket: UnixStream,
     frames: crossbeam_channel::Receiver<wire::Frame>,
+    delivery: Option<&Delivery>,
 ) {
     use std::io::Write;
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // The Request frames in `buf`: where each ends, and its stream.
+    let mut requests: Vec<(usize, u32)> = Vec::new();
+    let mut broken = false;
     while let Ok(frame) = frames.recv() {
-        frame.encode(&mut buf);
+        let mut add = |frame: wire::Frame, buf: &mut BytesMut| {
+            let request = (frame.kind == Kind::Request).then_some(frame.stream);
+            frame.encode(buf);
+            if let Some(stream) = request {
+                requests.push((buf.len(), stream));
+            }
+        };
+        add(frame, &mut buf);
         while buf.len() < 256 * 1024 {
             match frames.try_recv() {
-                Ok(frame) => frame.encode(&mut buf),
+                Ok(frame) => add(frame, &mut buf),
                 Err(_) => break,
             }
         }
-        if socket.write_all(&buf).is_err() {
-            return;
+        let mut written = 0;
+        while !broken && written < buf.len() {
+            match socket.write(&buf[written..]) {
+                Ok(0) => broken = true,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => broken = true,
+            }
+            if broken {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
         }
+        let Some(delivery) = delivery else {
+            // Nothing to account for (a worker's writer): a failed write ends it, and every
+            // send after that fails, which tells the worker its host is gone.
+            if broken {
+                return;
+            }
+            buf.clear();
+            continue;
+        };
+        if !requests.is_empty() {
+            let unwritten = requests
+                .iter()
+                .filter(|(end, _)| *end > written)
+                .map(|(_, stream)| *stream);
+            delivery.settle(requests.len() as u64, unwritten);
+        }
+        requests.clear();
         buf.clear();
     }
     let _ = socket.shutdown(std::net::Shutdown::Write);

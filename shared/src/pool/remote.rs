@@ -49,7 +49,7 @@ impl RemotePool {
     /// The live connection, connecting when there is none. Connecting to a Unix socket does
     /// not wait on the server (the kernel queues the connection), and the server's hello is
     /// checked by the reader as it comes, so the host's thread never waits here.
-    fn connection(&self) -> Result<Arc<WorkerConn>, DispatchError> {
+    fn connection(self: &Arc<Self>) -> Result<Arc<WorkerConn>, DispatchError> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(live) = conn.as_ref().filter(|c| c.is_alive()) {
             return Ok(live.clone());
@@ -64,13 +64,16 @@ impl RemotePool {
         let stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
         let fresh =
             WorkerConn::start(stream, 0, &self.app, self.request_timeout).map_err(unreachable)?;
+        // What never reached a pool server that went away goes to the next one.
+        let pool = Arc::downgrade(self);
+        fresh.set_redirect(Box::new(move || pool.upgrade()?.connection().ok()));
         *conn = Some(fresh.clone());
         Ok(fresh)
     }
 
     /// Sends a request to the pool server.
     pub(crate) fn submit(
-        &self,
+        self: &Arc<Self>,
         kind: RequestKind,
         head: RequestHead,
         route: Route,
@@ -89,7 +92,7 @@ impl RemotePool {
     }
 
     /// The pool's status, as the server reports it (waits up to `limit`).
-    pub fn status(&self, limit: Duration) -> Result<PoolStatus, String> {
+    pub fn status(self: &Arc<Self>, limit: Duration) -> Result<PoolStatus, String> {
         let conn = self.connection().map_err(|e| e.to_string())?;
         match conn.query_status(limit)? {
             Some(status) => Ok(status),

@@ -127,7 +127,7 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     let writer = socket.try_clone()?;
     std::thread::Builder::new()
         .name("pool-writer".into())
-        .spawn(move || super::write_frames(writer, frames))?;
+        .spawn(move || super::write_frames(writer, frames, None))?;
     let link = Arc::new(Link {
         streams: streams.clone(),
         out: out.clone(),
