@@ -265,8 +265,8 @@ impl WorkerConn {
     ///
     /// Requests the writer never wrote whole never reached it, so they go to another worker
     /// (or a new connection to the pool server) instead, as nginx passes a request it could
-    /// not send to the next upstream. One sent on this connection in the moment between the
-    /// worker's end and its reader seeing it is not lost that way.
+    /// not send to the next upstream. One written whole may have been read and acted on,
+    /// even if the worker died a moment later: it fails like any other in flight.
     pub(crate) fn lost(&self, why: &str) {
         let (streams, queued) = {
             let mut table = self.lock_streams();
