@@ -102,7 +102,7 @@ pub(crate) fn run(
         // SAFETY: runs between fork and exec, in the child of a process with one thread, so
         // no lock (malloc's, the environment's) can be held by another thread: fcntl, dup2,
         // getpid, sigemptyset, sigaddset and sigprocmask are async-signal-safe, and setenv
-        // and unsetenv only touch this child's copy of the environment.
+        // (which allocates) only touches this child's copy of the environment.
         unsafe {
             command.pre_exec(move || {
                 if let Some(fd) = lifeline_fd {
@@ -321,7 +321,8 @@ fn move_out_of_the_way(fd: i32) -> std::io::Result<i32> {
 }
 
 /// In a pool server between fork and exec: the stored sockets become descriptors 3, 4, ...
-/// with `LISTEN_FDS` and `LISTEN_PID` as sd_listen_fds(3) wants them. Allocates nothing.
+/// with `LISTEN_FDS` and `LISTEN_PID` as sd_listen_fds(3) wants them. Only `setenv`
+/// allocates, which is safe in the child of a process with one thread.
 fn hand_down(stored: &[i32], count: &std::ffi::CStr) -> std::io::Result<()> {
     if stored.is_empty() {
         return Ok(());
