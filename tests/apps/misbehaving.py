@@ -8,6 +8,20 @@ import time
 BLOCK = threading.Event()
 
 
+def too_late(start_response, first=None):
+    """A body that sends `first` (then pauses) and `sent;`, then calls start_response with
+    exc_info after the head went out: PEP 3333 says that re-raises, ending the response."""
+    if first:
+        yield first
+        time.sleep(0.2)
+    yield b"sent;"
+    try:
+        raise RuntimeError("too late")
+    except RuntimeError:
+        start_response("500 Oops", [], sys.exc_info())
+    yield b"never"
+
+
 def application(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/raise":
@@ -41,28 +55,10 @@ def application(environ, start_response):
         # The head and a first piece go out on their own; the second piece and the failure
         # then reach the host together.
         start_response("200 OK", [("Content-Type", "text/plain")])
-
-        def paused():
-            yield b"first;"
-            time.sleep(0.2)
-            yield b"sent;"
-            try:
-                raise RuntimeError("too late")
-            except RuntimeError:
-                start_response("500 Oops", [], sys.exc_info())
-            yield b"never"
-        return paused()
+        return too_late(start_response, first=b"first;")
     if path == "/exc-info-after-send":
         start_response("200 OK", [("Content-Type", "text/plain")])
-
-        def body():
-            yield b"sent;"
-            try:
-                raise RuntimeError("too late")
-            except RuntimeError:
-                start_response("500 Oops", [], sys.exc_info())
-            yield b"never"
-        return body()
+        return too_late(start_response)
     if path == "/block":
         print("blocking in /block", file=environ["wsgi.errors"])
         environ["wsgi.errors"].flush()

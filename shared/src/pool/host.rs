@@ -669,25 +669,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_request_the_worker_never_got_goes_to_another() {
+    /// Two workers, as sockets whose far ends the test holds; requests that never reached
+    /// the first go to the second.
+    fn two_workers() -> (Arc<WorkerConn>, UnixStream, Arc<WorkerConn>, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let (other, other_peer) = UnixStream::pair().unwrap();
-        let gone = WorkerConn::start(ours, 1, "test", None).unwrap();
-        let next = WorkerConn::start(other, 2, "test", None).unwrap();
-        let to = next.clone();
-        gone.set_redirect(Box::new(move || Some(to.clone())));
-        // The first worker reads nothing more: writing to it fails, while its reader has
-        // seen nothing yet, so the request is taken as for a live worker.
-        theirs.shutdown(Shutdown::Read).unwrap();
+        let first = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let second = WorkerConn::start(other, 2, "test", None).unwrap();
+        let to = second.clone();
+        first.set_redirect(Box::new(move || Some(to.clone())));
+        (first, theirs, second, other_peer)
+    }
+
+    fn send(conn: &Arc<WorkerConn>, path: &'static [u8]) -> Exchange {
         let route = Route {
             app: 0,
             script_name: String::new(),
-            path_info: b"/moved".to_vec(),
+            path_info: path.to_vec(),
         };
-        let mut exchange = gone
-            .submit(RequestKind::Http, &get(b"/moved"), &route, None)
-            .unwrap();
+        conn.submit(RequestKind::Http, &get(path), &route, None)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_request_the_worker_never_got_goes_to_another() {
+        let (gone, theirs, next, other_peer) = two_workers();
+        // The first worker reads nothing more: writing to it fails, while its reader has
+        // seen nothing yet, so the request is taken as for a live worker.
+        theirs.shutdown(Shutdown::Read).unwrap();
+        let mut exchange = send(&gone, b"/moved");
         let got = first_request(&other_peer);
         assert_eq!(got.head.raw_path, Bytes::from_static(b"/moved"));
         assert!(gone.is_lost());
@@ -699,20 +709,8 @@ mod tests {
 
     #[test]
     fn a_request_the_worker_got_is_not_sent_again() {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let (other, other_peer) = UnixStream::pair().unwrap();
-        let gone = WorkerConn::start(ours, 1, "test", None).unwrap();
-        let next = WorkerConn::start(other, 2, "test", None).unwrap();
-        let to = next.clone();
-        gone.set_redirect(Box::new(move || Some(to.clone())));
-        let route = Route {
-            app: 0,
-            script_name: String::new(),
-            path_info: b"/once".to_vec(),
-        };
-        let _exchange = gone
-            .submit(RequestKind::Http, &get(b"/once"), &route, None)
-            .unwrap();
+        let (gone, theirs, next, other_peer) = two_workers();
+        let _exchange = send(&gone, b"/once");
         // The worker read it, then went away.
         assert_eq!(
             first_request(&theirs).head.raw_path,
