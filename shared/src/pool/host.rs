@@ -279,7 +279,7 @@ impl WorkerConn {
         let unwritten = self.delivery.unwritten(queued, Duration::from_secs(1));
         for stream in streams {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            if unwritten.contains(&stream.id) && self.redirect(&stream) {
+            if unwritten.contains(&stream.id) && self.move_elsewhere(&stream) {
                 continue;
             }
             stream.deliver(AppEvent::Failed(DispatchError::WorkerLost(format!(
@@ -291,7 +291,7 @@ impl WorkerConn {
 
     /// Moves a request that never reached this worker to where [`WorkerConn::set_redirect`]
     /// says; whether it went.
-    fn redirect(&self, stream: &Arc<HostStream>) -> bool {
+    fn move_elsewhere(&self, stream: &Arc<HostStream>) -> bool {
         let Some(redirect) = self.redirect.get() else {
             return false;
         };

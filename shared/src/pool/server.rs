@@ -49,22 +49,18 @@ impl PoolServer {
     ) -> Result<PoolServer, String> {
         let mut bound = Vec::new();
         for (_, path) in sockets {
-            let socket = match take_inherited(&mut inherited, path) {
+            let (listener, given) = match take_inherited(&mut inherited, path) {
                 Some(listener) => {
                     log::info!("{}: listening on the inherited socket", path.display());
-                    Socket {
-                        path: path.clone(),
-                        listener,
-                        inherited: true,
-                    }
+                    (listener, true)
                 }
-                None => Socket {
-                    path: path.clone(),
-                    listener: bind(path, owner)?,
-                    inherited: false,
-                },
+                None => (bind(path, owner)?, false),
             };
-            bound.push(socket);
+            bound.push(Socket {
+                path: path.clone(),
+                listener,
+                inherited: given,
+            });
         }
         for extra in inherited {
             let at = extra.local_addr().ok();
