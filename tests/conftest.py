@@ -52,7 +52,13 @@ def wait_until(predicate, timeout=15.0, interval=0.02, what="condition"):
 class Server:
     """A running server process with a log we can read."""
 
+    # Every server started in this session, oldest first: a failed test's report ends with
+    # their logs (see pytest_runtest_makereport).
+    started = []
+
     def __init__(self, argv, tmp_path, port, env=None, **popen):
+        Server.started.append(self)
+        self.argv = argv
         self.port = port
         self.out_path = tmp_path / f"server-{port}.out"
         self.err_path = tmp_path / f"server-{port}.err"
@@ -120,6 +126,39 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# A failed test shows what its servers logged: a flake on a CI machine is then read from the
+# report, not guessed at. The servers are those started during the test, and those of wider
+# fixtures still running (function fixtures are torn down only after the report).
+LOG_TAIL = 8000
+_first_server_of_test = 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _first_server_of_test
+    _first_server_of_test = len(Server.started)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or report.when == "teardown":
+        return
+    for index, server in enumerate(Server.started):
+        if index < _first_server_of_test and server.proc.poll() is not None:
+            continue
+        try:
+            log = server.log()
+        except OSError as e:
+            log = f"(unreadable: {e})"
+        state = "running" if server.proc.poll() is None else f"exited {server.proc.returncode}"
+        title = f"log of {Path(server.argv[0]).name} on port {server.port} ({state})"
+        if len(log) > LOG_TAIL:
+            log = f"[... {len(log) - LOG_TAIL} characters before ...]\n" + log[-LOG_TAIL:]
+        report.sections.append((title, log or "(empty)"))
 
 
 def read_all(sock):
