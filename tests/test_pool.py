@@ -451,7 +451,9 @@ def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp
     After a crash systemd starts it again with that socket (`LISTEN_FDS=1`, descriptor 3,
     `LISTEN_PID` its pid), as it does for a socket unit: the new pool binds nothing and
     serves the very socket, so a host that connected while no pool ran is served, not
-    refused. On SIGTERM the socket, which is not its own, stays for the next one."""
+    refused. On SIGTERM the socket, which is not its own, stays for the next one: a host
+    that connects while it stops is left in the queue for the next pool server. Its workers
+    never see the variables systemd gave it."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(30)
@@ -461,6 +463,8 @@ def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp
         "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "4"})
     stored = None
     try:
+        # What an earlier pool stored under the name goes, then its own socket is stored.
+        assert notify.recv(100) == b"FDSTOREREMOVE=1\nFDNAME=portico-pool"
         data, fds, _, _ = socket.recv_fds(notify, 100, 4)
         assert data == b"FDSTORE=1\nFDNAME=portico-pool", data
         [stored] = fds
@@ -472,6 +476,8 @@ def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp
 
         server = portico(table)
         assert server.get("/hello")[0] == 200
+        for name in ("NOTIFY_SOCKET", "FDSTORE", "LISTEN_FDS", "LISTEN_PID"):
+            assert server.get(f"/env?{name}")[2] == b"", f"a worker sees {name}"
         pool.kill()
         pool.wait(30)
         assert sock.stat().st_ino == inode, "a crash leaves the socket file"
@@ -492,11 +498,14 @@ def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp
         wait_until(lambda: seen and (seen[-1] is None or seen[-1][0] != 502),
                    what="the host to connect again")
         log = open(tmp_path / "pool.log", "ab")
-        pool = subprocess.Popen(
-            ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@"', str(BINARY),
-             "pool", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, pass_fds=(3,),
-            preexec_fn=lambda: os.dup2(stored, 3))
+
+        def restart():
+            return subprocess.Popen(
+                ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@"', str(BINARY),
+                 "pool", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT, pass_fds=(3,),
+                preexec_fn=lambda: os.dup2(stored, 3))
+        pool = restart()
         waiting.join(30)
         status, _, body = seen[-1]
         assert status == 200, seen
@@ -504,13 +513,81 @@ def test_portico_pool_hands_its_socket_to_systemd_and_takes_it_back(portico, tmp
         assert sock.stat().st_ino == inode, "the new pool bound no socket of its own"
         assert "listening on the inherited socket" in (tmp_path / "pool.log").read_text()
 
+        # SIGTERM while a request is in flight: the pool stops taking connections and waits
+        # for it. A host that connects meanwhile is not taken (and dropped) by the stopping
+        # pool: it waits in the queue and is greeted by the next one.
+        flag = tmp_path / "release"
+        held = []
+        holder = threading.Thread(target=lambda: held.append(server.get(f"/hold?{flag}")))
+        holder.start()
+        wait_until(lambda: Path(f"{flag}.started").exists(), what="the held request")
         pool.send_signal(signal.SIGTERM)
+        stopped_accepting = "stopping: no new connections"
+        wait_until(lambda: stopped_accepting in (tmp_path / "pool.log").read_text(),
+                   what="the pool to stop accepting")
+        latecomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        latecomer.connect(str(sock))
+        assert pool.poll() is None, "the host connected while the pool was stopping"
+        flag.touch()
+        holder.join(30)
+        assert held and held[0][0] == 200, held
         assert pool.wait(30) == 0
         assert sock.exists(), "the socket belongs to whoever gave it"
-        # Still listening for the next pool: a connection is queued, not refused.
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(str(sock))
+        pool = restart()
+        latecomer.settimeout(30)
+        hello = latecomer.recv(64)
+        assert struct.pack("<I", pool.pid) in hello, f"{hello!r}: not the next pool's greeting"
+        latecomer.close()
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
     finally:
         pool.kill()
         notify.close()
         if stored is not None:
             os.close(stored)
+
+
+def test_the_watchdog_hears_only_its_pool_server(portico, tmp_path):
+    """`portico pool --watchdog` (how nginx runs a pool) hears its pool server on an abstract
+    socket, which any process on the machine can send to. The kernel names each sender, and
+    what any other process sends is dropped: an empty `FDSTORE=1` does not empty the store
+    (the next pool server still gets the socket), and a stranger's socket is neither handed
+    down nor removed when the watchdog ends."""
+    sock = tmp_path / "pool.sock"
+    table = pool_app(processes=1, pool_socket=str(sock))
+    watchdog, _ = start_pool_server(tmp_path, table, extra_args=("--watchdog",))
+    log = tmp_path / "pool.log"
+
+    def pool_server():
+        children = Path(f"/proc/{watchdog.pid}/task/{watchdog.pid}/children").read_text()
+        return int(children.split()[0]) if children.split() else None
+    try:
+        server = portico(table)
+        assert server.get("/hello")[0] == 200  # ready, so its socket is in the store
+
+        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stranger.bind(str(tmp_path / "stranger.sock"))
+        stranger.listen()
+        to_watchdog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = f"\0portico-watchdog-{watchdog.pid}"
+        # (socket.send_fds drops its address argument before Python 3.12: sendmsg does not.)
+        to_watchdog.sendmsg([b"FDSTORE=1\nFDNAME=portico-pool"],
+                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              struct.pack("i", stranger.fileno()))], 0, address)
+        to_watchdog.sendto(b"FDSTORE=1", address)
+        to_watchdog.sendto(b"FDSTOREREMOVE=1\nFDNAME=portico-pool", address)
+        ignored = f"ignored a notification from pid {os.getpid()}"
+        wait_until(lambda: log.read_text().count(ignored) == 3, what="three ignored messages")
+
+        first = pool_server()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: pool_server() not in (None, first), what="the next pool server")
+        wait_until(lambda: server.get("/pid")[0] == 200, what="the pool to serve again")
+        assert "listening on the inherited socket" in log.read_text()
+
+        watchdog.send_signal(signal.SIGTERM)
+        assert watchdog.wait(30) == 0
+        assert (tmp_path / "stranger.sock").exists(), "a stranger's socket file was removed"
+        assert not sock.exists(), "the watchdog removes the pool's socket when it ends"
+    finally:
+        watchdog.kill()

@@ -192,9 +192,9 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         }
         notify_systemd("READY=1");
     }
-    log::info!("stopping: no new connections; the pools finish their requests");
     notify_systemd("STOPPING=1");
     server.stop_accepting();
+    log::info!("stopping: no new connections; the pools finish their requests");
     let graceful = config
         .app
         .iter()
@@ -316,7 +316,8 @@ pub(crate) const FDSTORE_NAME: &str = "portico-pool";
 /// Hands the listening sockets to the service manager's fd store (sd_notify(3)'s `FDSTORE=1`,
 /// with the descriptors attached) when it has one: systemd sets `FDSTORE` to its size when a
 /// unit has `FileDescriptorStoreMax=`, and the watchdog does. The next pool server gets them
-/// back as `LISTEN_FDS`, so no host is refused while none runs. Whether they were taken.
+/// back as `LISTEN_FDS`, so no host is refused while none runs. Those stored before under
+/// the same name are removed first (`FDSTOREREMOVE=1`). Whether they were taken.
 fn store_sockets(server: &PoolServer) -> bool {
     use std::os::fd::AsRawFd;
     let room = std::env::var("FDSTORE")
@@ -334,8 +335,13 @@ fn store_sockets(server: &PoolServer) -> bool {
         );
         return false;
     }
+    // What an earlier pool server stored goes first: a socket this one no longer serves
+    // (its `pool_socket` changed) must not be handed to the next one forever.
+    let forget = format!("FDSTOREREMOVE=1\nFDNAME={FDSTORE_NAME}");
     let message = format!("FDSTORE=1\nFDNAME={FDSTORE_NAME}");
-    match notify_with_fds(Some(&path), message.as_bytes(), &fds) {
+    match notify_with_fds(Some(&path), forget.as_bytes(), &[])
+        .and_then(|()| notify_with_fds(Some(&path), message.as_bytes(), &fds))
+    {
         Ok(()) => true,
         Err(e) => {
             log::warn!("cannot hand the sockets to the fd store: {e}");

@@ -20,7 +20,8 @@
 //!   watchdog's, and what it says there is passed on to systemd when the watchdog has a
 //!   `NOTIFY_SOCKET` of its own (from the watchdog's pid, as `NotifyAccess=main` wants). The
 //!   socket is read before the signals each time round, so a `READY=1` sent just before a
-//!   crash is counted before the crash is.
+//!   crash is counted before the crash is. Only the running pool server is heard: the
+//!   kernel names each sender (SO_PASSCRED), and what anyone else sends is dropped.
 //! - The listening sockets outlive a pool server: each one hands its sockets over once they
 //!   listen (`FDSTORE=1` with the descriptors, as to systemd's fd store) and the watchdog
 //!   gives them to the next (sd_listen_fds(3): `LISTEN_FDS` from descriptor 3, `LISTEN_PID`).
@@ -28,6 +29,7 @@
 //! - The lifeline (`--lifeline-fd`) is handed down to each pool server; the watchdog watches
 //!   it too, so it goes with nginx even while no pool server runs.
 
+use crate::pool_cmd::SD_LISTEN_FDS_START;
 use portico_core::pool::describe_exit;
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -71,10 +73,17 @@ pub(crate) fn run(
         Err(e) => return fail("signalfd", e),
     };
     let notify_name = format!("portico-watchdog-{}", std::process::id());
+    // An abstract name has no permissions: anyone may send to it. Each message carries its
+    // sender's pid (SO_PASSCRED), and only the running pool server's are heard, as systemd's
+    // `NotifyAccess=main` hears only the main process.
     let notify = match SocketAddr::from_abstract_name(notify_name.as_bytes())
         .and_then(|addr| UnixDatagram::bind_addr(&addr))
         .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
-    {
+        .and_then(|socket| {
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)
+                .map(|()| socket)
+                .map_err(std::io::Error::from)
+        }) {
         Ok(socket) => socket,
         Err(e) => return fail("cannot open its notify socket", e),
     };
@@ -99,6 +108,9 @@ pub(crate) fn run(
         }
         let stored: Vec<i32> = store.iter().map(|fd| fd.as_raw_fd()).collect();
         let count = std::ffi::CString::new(stored.len().to_string()).unwrap_or_default();
+        // The numbers the child's dup2s will take are held until the spawn is done, so that
+        // std's own pipe (which reports a failed exec) cannot be given one of them.
+        let _held = hold_fds(SD_LISTEN_FDS_START + stored.len() as i32)?;
         // SAFETY: runs between fork and exec, in the child of a process with one thread, so
         // no lock (malloc's, the environment's) can be held by another thread: fcntl, dup2,
         // getpid, sigemptyset, sigaddset and sigprocmask are async-signal-safe, and setenv
@@ -142,19 +154,41 @@ pub(crate) fn run(
         let woken = wait(&signals, &notify, lifeline, timeout);
 
         // What the pool server said first: it was sent before anything that followed it.
-        while let Some((message, fds)) = receive(&notify) {
-            let lines: Vec<&[u8]> = message.split(|&b| b == b'\n').collect();
+        // (It is read while the pool server is still `running`: its SIGCHLD comes later.)
+        while let Some(Message {
+            text,
+            mut fds,
+            sender,
+        }) = receive(&notify)
+        {
+            let pool_server = running.as_ref().map(|r| r.child.id() as i32);
+            if sender.is_none() || sender != pool_server {
+                // Its descriptors, if any, are closed as `fds` drops.
+                log::warn!(
+                    "watchdog: ignored a notification from {}: only the pool server may send one",
+                    sender.map_or("an unknown process".to_owned(), |pid| format!("pid {pid}"))
+                );
+                continue;
+            }
+            let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
             if lines.contains(&&b"READY=1"[..]) {
                 ready = true;
             }
+            if lines.contains(&&b"FDSTOREREMOVE=1"[..]) {
+                store.fds.clear();
+            }
             if lines.contains(&&b"FDSTORE=1"[..]) {
                 // The newest pool server's sockets replace what the store held.
+                if fds.len() > STORE_ROOM {
+                    log::warn!("watchdog: only the first {STORE_ROOM} sockets are kept");
+                    fds.truncate(STORE_ROOM);
+                }
                 store.fds = fds;
             }
             // The store is the watchdog's own; the rest is passed on.
             let rest: Vec<&[u8]> = lines
                 .into_iter()
-                .filter(|l| *l != b"FDSTORE=1" && !l.starts_with(b"FDNAME=") && !l.is_empty())
+                .filter(|l| !is_store_line(l) && !l.is_empty())
                 .collect();
             if !rest.is_empty() {
                 crate::pool_cmd::notify_systemd_raw(upstream.as_deref(), &rest.join(&b'\n'));
@@ -297,7 +331,7 @@ fn socket_path(fd: &OwnedFd) -> Option<PathBuf> {
 const STORE_ROOM: usize = 64;
 
 /// Where [`move_out_of_the_way`] puts a descriptor: above those a pool server is given.
-const FIRST_FREE_FD: i32 = crate::pool_cmd::SD_LISTEN_FDS_START + STORE_ROOM as i32;
+const FIRST_FREE_FD: i32 = SD_LISTEN_FDS_START + STORE_ROOM as i32;
 
 /// Moves `fd` to a number at or above [`FIRST_FREE_FD`] (close-on-exec), so that handing
 /// down the stored sockets, from 3 on, never lands on it; returns the new number.
@@ -340,7 +374,7 @@ fn hand_down(stored: &[i32], count: &std::ffi::CStr) -> std::io::Result<()> {
     for (i, &fd) in moved.iter().take(stored.len()).enumerate() {
         // SAFETY: dup2 onto 3 + i, which the exec'd pool server inherits (dup2 clears
         // close-on-exec); what was there is the child's copy of a watchdog descriptor.
-        if unsafe { libc::dup2(fd, crate::pool_cmd::SD_LISTEN_FDS_START + i as i32) } < 0 {
+        if unsafe { libc::dup2(fd, SD_LISTEN_FDS_START + i as i32) } < 0 {
             return Err(err());
         }
     }
@@ -367,12 +401,36 @@ fn hand_down(stored: &[i32], count: &std::ffi::CStr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One message from the notify socket, and the descriptors that came with it; `None` when
-/// none is waiting.
-fn receive(notify: &UnixDatagram) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+/// Whether a line of a notification is about the fd store, which is the watchdog's own and
+/// is not passed on to systemd.
+fn is_store_line(line: &[u8]) -> bool {
+    line == b"FDSTORE=1" || line == b"FDSTOREREMOVE=1" || line.starts_with(b"FDNAME=")
+}
+
+/// One message of the notify socket.
+struct Message {
+    text: Vec<u8>,
+    /// The descriptors that came with it (`FDSTORE=1`); closed unless kept.
+    fds: Vec<OwnedFd>,
+    /// Who sent it, as the kernel tells (SO_PASSCRED); `None` if it did not.
+    sender: Option<i32>,
+}
+
+/// The most descriptors one message can carry (the kernel's SCM_MAX_FD).
+const MOST_FDS_PER_MESSAGE: usize = 253;
+
+/// The next message of the notify socket; `None` when none is waiting. The control buffer
+/// has room for every descriptor a message can carry, so none is ever cut off (and left
+/// open in this process, unowned).
+fn receive(notify: &UnixDatagram) -> Option<Message> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials};
     let mut buf = [0u8; 4096];
-    let mut space = nix::cmsg_space!([i32; STORE_ROOM]);
+    let mut space = nix::cmsg_space!([i32; MOST_FDS_PER_MESSAGE], UnixCredentials);
+    let mut message = Message {
+        text: Vec::new(),
+        fds: Vec::new(),
+        sender: None,
+    };
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let received = recvmsg::<UnixAddr>(
         notify.as_raw_fd(),
@@ -381,21 +439,47 @@ fn receive(notify: &UnixDatagram) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
         MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
     )
     .ok()?;
-    let mut fds = Vec::new();
+    let (length, truncated) = (
+        received.bytes,
+        received.flags.contains(MsgFlags::MSG_CTRUNC),
+    );
     if let Ok(cmsgs) = received.cmsgs() {
         for cmsg in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: the kernel has just installed these descriptors in this process
-                // for this message; each is owned once, here.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+            match cmsg {
+                ControlMessageOwned::ScmRights(raw) => {
+                    // SAFETY: the kernel has just installed these descriptors in this
+                    // process for this message; each is owned once, here.
+                    message.fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+                ControlMessageOwned::ScmCredentials(credentials) => {
+                    message.sender = Some(credentials.pid());
+                }
+                _ => {}
             }
         }
     }
-    let n = received.bytes;
-    Some((buf[..n].to_vec(), fds))
+    if truncated {
+        // Cannot happen with the room above; were it to, a cut message is not trusted.
+        message.sender = None;
+    }
+    message.text = buf[..length].to_vec();
+    Some(message)
+}
+
+/// Takes every free descriptor number below `end` (from 3), with /dev/null, until the
+/// returned files are dropped: what opens descriptors meanwhile gets numbers from `end` on.
+fn hold_fds(end: i32) -> std::io::Result<Vec<std::fs::File>> {
+    let mut held = Vec::new();
+    loop {
+        let file = std::fs::File::open("/dev/null")?;
+        if file.as_raw_fd() >= end {
+            return Ok(held);
+        }
+        held.push(file);
+    }
 }
 
 /// The pause after `delay`, for a pool server that died young again.

@@ -14,6 +14,15 @@ def application(environ, start_response):
     elif path == "/slow":
         time.sleep(float(environ.get("QUERY_STRING") or "1"))
         body = b"slow done"
+    elif path == "/hold":
+        # Says it started (QUERY_STRING + ".started"), then runs until the test creates the
+        # file QUERY_STRING: a request in flight for exactly as long as a test needs one.
+        flag = environ["QUERY_STRING"]
+        open(flag + ".started", "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        body = b"held"
     elif path == "/crash":
         # The worker process dies mid-request, as a segfaulting extension would take it.
         os._exit(13)

@@ -982,6 +982,19 @@ pub unsafe fn prepare_child(fd: i32, at: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What a service manager tells the process it started (sd_notify(3), sd_listen_fds(3),
+/// sd_watchdog_enabled(3)): the server's, not its workers'. An app that speaks sd_notify
+/// must not report as the server, or hand sockets to its fd store.
+const SERVICE_MANAGER_VARIABLES: [&str; 7] = [
+    "NOTIFY_SOCKET",
+    "FDSTORE",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
 /// Starts one worker and waits for its hello.
 fn spawn(
     config: &AppConfig,
@@ -1000,8 +1013,11 @@ fn spawn(
         .arg("--config")
         .arg(&host.config_file)
         .arg("--app")
-        .arg(&config.name)
-        .envs(&config.env);
+        .arg(&config.name);
+    for name in SERVICE_MANAGER_VARIABLES {
+        command.env_remove(name);
+    }
+    command.envs(&config.env);
     if let Some((uid, gid)) = identity {
         // std drops the supplementary groups too when it switches user.
         command.uid(uid).gid(gid);

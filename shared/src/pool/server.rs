@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The listening sockets of a running pool server.
 pub struct PoolServer {
@@ -21,6 +21,9 @@ pub struct PoolServer {
     /// Something outside holds the sockets too (a watchdog, systemd's fd store) and hands
     /// them to the next pool server: stopping must leave them open and their files in place.
     handed_over: AtomicBool,
+    /// Dropped to stop the accept threads, each of which polls the other end beside its
+    /// listener: a socket that outlives this server cannot be shut down to wake them.
+    wake: Mutex<Option<UnixStream>>,
 }
 
 /// One listening socket of a pool server.
@@ -65,17 +68,30 @@ impl PoolServer {
         for extra in inherited {
             let at = extra.local_addr().ok();
             let path = at.as_ref().and_then(|a| a.as_pathname());
+            let absolute = |p: &Path| std::path::absolute(p).ok();
+            let twice = path.and_then(absolute).is_some_and(|p| {
+                bound
+                    .iter()
+                    .any(|s| s.inherited && absolute(&s.path) == Some(p.clone()))
+            });
+            if twice {
+                // The same socket twice: from a socket unit and from the fd store.
+                log::debug!("a second descriptor of an inherited socket: closed");
+                continue;
+            }
             log::warn!(
                 "an inherited socket ({}) is none of this pool's: closing it",
                 path.map_or("unnamed".into(), |p| p.display().to_string())
             );
         }
         let stopping = Arc::new(AtomicBool::new(false));
+        let (wake, woken) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
         for ((app, _), socket) in sockets.iter().zip(&bound) {
             let path = &socket.path;
-            let listener = socket
+            let (listener, woken) = socket
                 .listener
                 .try_clone()
+                .and_then(|listener| Ok((listener, woken.try_clone()?)))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             let dispatcher = dispatcher.clone();
             let stopping = stopping.clone();
@@ -83,7 +99,7 @@ impl PoolServer {
             let name = dispatcher.apps()[app].config().name.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-accept"))
-                .spawn(move || accept(listener, dispatcher, app, stopping))
+                .spawn(move || accept(listener, woken, dispatcher, app, stopping))
                 .map_err(|e| format!("cannot start the accept thread: {e}"))?;
             log::info!("app `{name}`: pool listening on {}", path.display());
         }
@@ -91,6 +107,7 @@ impl PoolServer {
             sockets: bound,
             stopping,
             handed_over: AtomicBool::new(false),
+            wake: Mutex::new(Some(wake)),
         })
     }
 
@@ -108,10 +125,11 @@ impl PoolServer {
 
     /// Stops taking connections and removes the socket files; connections already made go
     /// on until their hosts close them or the pools stop. Sockets that were inherited or
-    /// handed over stay as they are, for their owner: a connection accepted on one from now
-    /// on is closed at once, and those after it wait in its queue for the next pool server.
+    /// handed over stay as they are, for their owner: connections not yet accepted wait in
+    /// their queues for the next pool server.
     pub fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::Release);
+        drop(self.wake.lock().unwrap_or_else(|e| e.into_inner()).take());
         let handed_over = self.handed_over.load(Ordering::Acquire);
         for socket in &self.sockets {
             if handed_over || socket.inherited {
@@ -119,8 +137,8 @@ impl PoolServer {
                 continue;
             }
             let (path, listener) = (&socket.path, &socket.listener);
-            // SAFETY: shutdown() on our own listening descriptor, which stays open; on Linux
-            // it wakes the thread blocked in accept().
+            // SAFETY: shutdown() on our own listening descriptor, which stays open: the
+            // connections still in its queue are refused rather than left waiting.
             unsafe {
                 libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
             }
@@ -169,13 +187,22 @@ fn bind(path: &Path, owner: Option<(u32, u32)>) -> Result<UnixListener, String> 
     Ok(listener)
 }
 
-fn accept(listener: UnixListener, dispatcher: Arc<Dispatcher>, app: usize, stop: Arc<AtomicBool>) {
+/// Accepts the connections of one app's socket until the server stops (`woken` reads
+/// end-of-file). It polls first and accepts only a connection that is there, so that after
+/// the stop none is taken from a socket the next pool server will serve.
+fn accept(
+    listener: UnixListener,
+    woken: UnixStream,
+    dispatcher: Arc<Dispatcher>,
+    app: usize,
+    stop: Arc<AtomicBool>,
+) {
     let name = dispatcher.apps()[app].config().name.clone();
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
+    loop {
+        if !wait_for_connection(&listener, &woken) || stop.load(Ordering::Acquire) {
             return;
         }
-        let conn = match conn {
+        let conn = match listener.accept().map(|(conn, _)| conn) {
             Ok(conn) => conn,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // stop_accepting shut the listener down.
@@ -199,5 +226,31 @@ fn accept(listener: UnixListener, dispatcher: Arc<Dispatcher>, app: usize, stop:
         if let Err(e) = spawned {
             log::error!("app `{name}`: pool server: cannot start a connection thread: {e}");
         }
+    }
+}
+
+/// Waits until `listener` has a connection to accept (`true`) or `woken` is readable, which
+/// is the server stopping (`false`).
+fn wait_for_connection(listener: &UnixListener, woken: &UnixStream) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll reads and writes the two live pollfd entries of `fds`.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        // A failed poll is treated as a stop rather than spun on.
+        return n > 0 && fds[1].revents == 0;
     }
 }
