@@ -345,6 +345,20 @@ def test_a_websocket_stays_open_on_the_old_generation_across_a_reload(portico):
     server.wait_for_log(f"pool worker {old} replaced (a reload replaced it)")
 
 
+def kill_with_children(proc):
+    """Kills a process and its children (a watchdog's pool server would outlive it: without
+    nginx's lifeline, nothing tells it that its watchdog is gone)."""
+    if proc.poll() is None:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        for pid in (children.read_text().split() if children.exists() else []):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.kill()
+    proc.wait()
+
+
 def start_pool_server(tmp_path, *tables, extra_args=(), env=None):
     """`portico pool --config FILE` for [[app]] tables with pool_socket; waits for each
     socket. Returns (process, config)."""
@@ -441,7 +455,7 @@ def test_portico_pool_tells_systemd_when_it_is_ready_reloading_and_stopping(tmp_
         assert pool.wait(30) == 0
         assert not sock.exists()
     finally:
-        pool.kill()
+        kill_with_children(pool)
         notify.close()
 
 
@@ -590,4 +604,4 @@ def test_the_watchdog_hears_only_its_pool_server(portico, tmp_path):
         assert (tmp_path / "stranger.sock").exists(), "a stranger's socket file was removed"
         assert not sock.exists(), "the watchdog removes the pool's socket when it ends"
     finally:
-        watchdog.kill()
+        kill_with_children(watchdog)
