@@ -68,13 +68,10 @@ impl PoolServer {
         for extra in inherited {
             let at = extra.local_addr().ok();
             let path = at.as_ref().and_then(|a| a.as_pathname());
-            let absolute = |p: &Path| std::path::absolute(p).ok();
-            let twice = path.and_then(absolute).is_some_and(|p| {
-                bound
-                    .iter()
-                    .any(|s| s.inherited && absolute(&s.path) == Some(p.clone()))
-            });
-            if twice {
+            if bound
+                .iter()
+                .any(|s| s.inherited && is_bound_to(&extra, &s.path))
+            {
                 // The same socket twice: from a socket unit and from the fd store.
                 log::debug!("a second descriptor of an inherited socket: closed");
                 continue;
@@ -155,15 +152,22 @@ impl Drop for PoolServer {
 
 /// Takes the socket of `inherited` that is bound to `path`, if one is.
 fn take_inherited(inherited: &mut Vec<UnixListener>, path: &Path) -> Option<UnixListener> {
-    let wanted = std::path::absolute(path).ok()?;
-    let at = inherited.iter().position(|listener| {
-        listener
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().and_then(|p| std::path::absolute(p).ok()))
-            .is_some_and(|p| p == wanted)
-    })?;
+    let at = inherited
+        .iter()
+        .position(|listener| is_bound_to(listener, path))?;
     Some(inherited.swap_remove(at))
+}
+
+/// Whether `listener` is bound to `path` (both made absolute: a config may name it relative).
+fn is_bound_to(listener: &UnixListener, path: &Path) -> bool {
+    let Ok(wanted) = std::path::absolute(path) else {
+        return false;
+    };
+    listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().and_then(|p| std::path::absolute(p).ok()))
+        .is_some_and(|p| p == wanted)
 }
 
 /// Binds `path`, replacing a socket file that nothing listens on any more (left by a server
