@@ -605,3 +605,42 @@ def test_the_watchdog_hears_only_its_pool_server(portico, tmp_path):
         assert not sock.exists(), "the watchdog removes the pool's socket when it ends"
     finally:
         kill_with_children(watchdog)
+
+
+def test_portico_pool_takes_a_socket_given_twice_once(portico, tmp_path):
+    """systemd may give the same socket twice, from a socket unit (`ListenStream=`) and from
+    the fd store: the pool serves it, closes the second copy quietly, and leaves the socket,
+    which is not its own, in place when it stops."""
+    sock = tmp_path / "pool.sock"
+    table = pool_app(processes=1, pool_socket=str(sock))
+    config = tmp_path / "pool.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1"]\n' + table)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen()
+    copy = os.dup(listener.fileno())
+    log = tmp_path / "pool.log"
+
+    def hand_over():
+        os.dup2(listener.fileno(), 3)
+        os.dup2(copy, 4)
+    pool = subprocess.Popen(
+        ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=2; exec "$0" "$@"', str(BINARY),
+         "pool", "--config", str(config)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, pass_fds=(3, 4),
+        preexec_fn=hand_over)
+    try:
+        wait_until(lambda: "ready" in log.read_text() or pool.poll() is not None,
+                   timeout=30, what="the pool to be ready")
+        server = portico(table)
+        assert server.get("/hello")[0] == 200
+        text = log.read_text()
+        assert "listening on the inherited socket" in text, text
+        assert "none of this pool's" not in text, text
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        assert sock.exists(), "the socket belongs to whoever gave it"
+    finally:
+        kill_with_children(pool)
+        listener.close()
+        os.close(copy)
