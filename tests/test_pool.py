@@ -24,18 +24,24 @@ def pool_app(name="pool", target="pool_app:application", processes=2, **extra):
     return app_table(name, target, mode="pool", processes=processes, **extra)
 
 
+def child_pids(pid):
+    """The children of a process, started from any of its threads, oldest first."""
+    pids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            path = f"/proc/{pid}/task/{task}/children"
+            if os.path.exists(path):
+                pids += [int(p) for p in open(path).read().split()]
+    except FileNotFoundError:
+        pass
+    return sorted(set(pids))
+
+
 def worker_pids(server):
     """The pool workers the server started (its children running portico-worker)."""
-    children = f"/proc/{server.proc.pid}/task/{server.proc.pid}/children"
-    pids = []
-    for task in os.listdir(f"/proc/{server.proc.pid}/task"):
-        path = f"/proc/{server.proc.pid}/task/{task}/children"
-        if os.path.exists(path):
-            pids += [int(p) for p in open(path).read().split()]
-    del children
-    return sorted(p for p in set(pids)
-                  if os.path.exists(f"/proc/{p}/cmdline")
-                  and b"portico-worker" in open(f"/proc/{p}/cmdline", "rb").read())
+    return [p for p in child_pids(server.proc.pid)
+            if os.path.exists(f"/proc/{p}/cmdline")
+            and b"portico-worker" in open(f"/proc/{p}/cmdline", "rb").read()]
 
 
 class pool_proc:
@@ -349,10 +355,9 @@ def kill_with_children(proc):
     """Kills a process and its children (a watchdog's pool server would outlive it: without
     nginx's lifeline, nothing tells it that its watchdog is gone)."""
     if proc.poll() is None:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        for pid in (children.read_text().split() if children.exists() else []):
+        for pid in child_pids(proc.pid):
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     proc.kill()
@@ -573,8 +578,8 @@ def test_the_watchdog_hears_only_its_pool_server(portico, tmp_path):
     log = tmp_path / "pool.log"
 
     def pool_server():
-        children = Path(f"/proc/{watchdog.pid}/task/{watchdog.pid}/children").read_text()
-        return int(children.split()[0]) if children.split() else None
+        children = child_pids(watchdog.pid)  # the watchdog runs one at a time
+        return children[0] if children else None
     try:
         server = portico(table)
         assert server.get("/hello")[0] == 200  # ready, so its socket is in the store
