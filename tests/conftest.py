@@ -191,6 +191,22 @@ def split_response(raw):
 POOL_MODE = os.environ.get("PORTICO_TEST_MODE", "").strip().lower() == "pool"
 
 
+def fill_connection_queue(path):
+    """Connects to the Unix socket at `path`, without waiting, until its listener's queue of
+    pending connections is full. Returns the sockets, to be closed by the caller."""
+    queued = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            s.close()
+            return queued
+        queued.append(s)
+        assert len(queued) < 70000, "the queue never filled"
+
+
 def app_table(name, target, mount="/", **extra):
     lines = ["[[app]]", f'name = "{name}"', f'target = "{target}"', f'mount = "{mount}"',
              f'python_path = ["{APPS}"]']

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BINARY, app_table, asgi_table, needs, wait_until
+from conftest import BINARY, app_table, asgi_table, fill_connection_queue, needs, wait_until
 
 pytestmark = needs("binary")
 
@@ -409,6 +409,49 @@ def test_portico_serve_uses_a_pool_run_on_its_own_and_reconnects(portico, tmp_pa
         assert {int(server.get("/pid")[2]) for _ in range(8)} == new_workers
         assert not new_workers & set(pool_workers)
     finally:
+        pool.terminate()
+        pool.wait(30)
+
+
+def test_a_pool_server_that_accepts_nothing_costs_only_its_own_requests(portico, run_portico,
+                                                                        tmp_path):
+    """A pool server that takes no connection (stopped, its queue of pending connections
+    full) fails only the requests to its app, at once with 502 and a log line that says why:
+    the host's connect does not wait on its event loop, so its other apps are served
+    meanwhile. A second pool server for its socket sees it alive and refuses to start. Once
+    the server accepts again, the same host is served by it."""
+    sock = tmp_path / "pool.sock"
+    table = pool_app(pool_socket=str(sock))
+    pool, config = start_pool_server(tmp_path, table)
+    queued = []
+    try:
+        server = portico(table + app_table("inproc", "pool_app:application", mount="/x",
+                                           mode="in-process"))
+        pool.send_signal(signal.SIGSTOP)
+        queued = fill_connection_queue(sock)
+        # The host connects on its first request to the app, which is now.
+        status, _, _ = server.get("/pid", timeout=10)
+        assert status == 502
+        server.wait_for_log(f"cannot connect to {sock} for app `pool`: its queue of "
+                            "connections is full")
+        status, _, body = server.get("/x/pid", timeout=10)
+        assert (status, body) == (200, str(server.proc.pid).encode())
+        second = run_portico("pool", "--config", str(config))
+        assert second.returncode != 0
+        assert f"cannot listen on {sock}: another pool server is serving there" \
+            in second.stderr, second.stderr
+
+        pool.send_signal(signal.SIGCONT)
+        for s in queued:
+            s.close()
+        workers = set(worker_pids(pool_proc(pool)))
+        wait_until(lambda: server.get("/pid")[0] == 200, timeout=20,
+                   what="the host to be served by the pool again")
+        assert {int(server.get("/pid")[2]) for _ in range(8)} <= workers
+    finally:
+        for s in queued:
+            s.close()
+        pool.send_signal(signal.SIGCONT)
         pool.terminate()
         pool.wait(30)
 

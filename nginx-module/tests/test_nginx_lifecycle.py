@@ -225,14 +225,14 @@ class Nginx:
         finally:
             conn.close()
 
-    def wait_serving(self, body, timeout=20.0):
-        """Polls new connections until one answers 200 with `body`."""
+    def wait_serving(self, body, timeout=20.0, path="/"):
+        """Polls new connections until one answers 200 with `body` at `path`."""
         def serving():
             if self.proc.poll() is not None:
                 raise AssertionError(f"nginx exited with {self.proc.returncode}:\n"
                                      f"{self.stderr()}\n{self.error_log()}")
             try:
-                return self.get("/", timeout=2) == (200, body)
+                return self.get(path, timeout=2) == (200, body)
             except OSError:
                 return False
         wait_until(serving, timeout=timeout, what=f"nginx to answer {body!r}")

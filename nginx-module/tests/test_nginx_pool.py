@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import BINARY, free_port, wait_until  # noqa: E402
+from conftest import BINARY, fill_connection_queue, free_port, wait_until  # noqa: E402
 from test_nginx_lifecycle import (MODULE, NGINX, NOBODY_UID, Load, Nginx,  # noqa: E402
                                   assert_clean_log, children, public_site, public_tmp,
                                   write_app, write_conf)
@@ -417,6 +417,62 @@ def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
             pool.kill()
             raise
     assert not sock.exists(), "the pool removes its socket when it stops"
+
+
+def test_a_pool_server_that_accepts_nothing_does_not_hold_the_nginx_worker(tmp_path):
+    """A pool on its own that takes no connection (stopped, its queue of pending connections
+    full): nginx's worker does not wait for it in connect. Requests to the app get 502 at
+    once, with the reason in the error log, and the worker's other locations are served
+    meanwhile; once the pool accepts again, nginx is served by it."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    sock = tmp_path / "ver.sock"
+    toml = portico_toml(tmp_path / "portico.toml", app_dir, pool_socket=str(sock))
+    log = open(tmp_path / "pool.log", "wb")
+    pool = subprocess.Popen([str(BINARY), "pool", "--config", str(toml)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    nginx = None
+    queued = []
+    try:
+        wait_until(lambda: sock.exists() or pool.poll() is not None, timeout=30,
+                   what="the pool's socket")
+        assert pool.poll() is None, (tmp_path / "pool.log").read_text()
+        port = free_port()
+        (tmp_path / "nginx").mkdir()
+        write_conf(tmp_path / "nginx", port, """
+        location / { portico_pass ver; }
+        location = /plain { return 200 "plain nginx"; }
+""", workers=1, in_http=f"""
+    portico_config {toml};
+    portico_pool_binary {BINARY};
+""")
+        nginx = Nginx(tmp_path / "nginx", port)
+        nginx.wait_serving(b"plain nginx", path="/plain")
+
+        pool.send_signal(signal.SIGSTOP)
+        queued = fill_connection_queue(sock)
+        # The worker connects on its first request to the app, which is now.
+        assert nginx.get("/", timeout=10)[0] == 502
+        assert "its queue of connections is full" in nginx.error_log()
+        assert nginx.get("/plain", timeout=10) == (200, b"plain nginx")
+
+        pool.send_signal(signal.SIGCONT)
+        for s in queued:
+            s.close()
+        nginx.wait_serving(b"v1")
+    finally:
+        for s in queued:
+            s.close()
+        if nginx is not None:
+            nginx.stop()
+        pool.send_signal(signal.SIGCONT)
+        pool.terminate()
+        try:
+            pool.wait(30)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            raise
 
 
 def test_with_nginx_as_nobody_the_pool_workers_run_as_nobody(public_tmp):

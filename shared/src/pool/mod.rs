@@ -651,6 +651,22 @@ fn least_busy(generation: &Generation, turn: &AtomicUsize) -> Option<Arc<WorkerC
         .cloned()
 }
 
+/// Connects to the Unix socket at `path` without waiting. A blocking connect to a Unix
+/// socket waits while the listener's queue of pending connections is full (unix(7)), which
+/// a stopped or stuck server never empties: that would hold the host's event loop (and every
+/// other request on it) for as long. Non-blocking, it fails at once with `WouldBlock`
+/// instead, as nginx's upstream connect does ("Resource temporarily unavailable"). The
+/// stream is made blocking again for the connection's reader and writer threads.
+pub(crate) fn connect_at_once(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    // A Unix stream connect completes or fails in the call: it never answers EINPROGRESS.
+    socket.connect(&SockAddr::unix(path)?)?;
+    socket.set_nonblocking(false)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+}
+
 /// Reads frames off `socket` and hands each to `on_frame`, until the socket ends or a frame
 /// is refused. Both ends of the pool's socket read this way.
 pub(crate) fn read_frames(

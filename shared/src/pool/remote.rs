@@ -14,7 +14,6 @@ use crate::model::RequestHead;
 use crate::router::Route;
 use bytes::Bytes;
 use portico_config::AppConfig;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,22 +45,28 @@ impl RemotePool {
         &self.socket
     }
 
-    /// The live connection, connecting when there is none. Connecting to a Unix socket does
-    /// not wait on the server (the kernel queues the connection), and the server's hello is
-    /// checked by the reader as it comes, so the host's thread never waits here.
+    /// The live connection, connecting when there is none. The connect never waits (see
+    /// [`super::connect_at_once`]), and the server's hello is checked by the reader as it comes,
+    /// so the host's thread (an event loop's) never waits here, nor on this lock.
     fn connection(self: &Arc<Self>) -> Result<Arc<WorkerConn>, DispatchError> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(live) = conn.as_ref().filter(|c| c.is_alive()) {
             return Ok(live.clone());
         }
         let unreachable = |e: std::io::Error| {
+            let why = if e.kind() == std::io::ErrorKind::WouldBlock {
+                "its queue of connections is full: the server accepts none (stopped or stuck?)"
+                    .to_owned()
+            } else {
+                format!("{e} (is `portico pool` running?)")
+            };
             DispatchError::PoolUnreachable(format!(
-                "cannot connect to {} for app `{}`: {e} (is `portico pool` running?)",
+                "cannot connect to {} for app `{}`: {why}",
                 self.socket.display(),
                 self.app
             ))
         };
-        let stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        let stream = super::connect_at_once(&self.socket).map_err(unreachable)?;
         let fresh =
             WorkerConn::start(stream, 0, &self.app, self.request_timeout).map_err(unreachable)?;
         // What never reached a pool server that went away goes to the next one.

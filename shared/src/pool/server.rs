@@ -175,7 +175,12 @@ fn is_bound_to(listener: &UnixListener, path: &Path) -> bool {
 fn bind(path: &Path, owner: Option<(u32, u32)>) -> Result<UnixListener, String> {
     let at = |e: std::io::Error| format!("cannot listen on {}: {e}", path.display());
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+        // A full queue (a stuck server) is a live one too; a blocking connect would wait.
+        let live = match super::connect_at_once(path) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        };
+        if live {
             return Err(format!(
                 "cannot listen on {}: another pool server is serving there",
                 path.display()
