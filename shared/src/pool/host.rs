@@ -67,6 +67,10 @@ pub(crate) type Redirect = Box<dyn Fn() -> Option<Arc<WorkerConn>> + Send + Sync
 /// How often one request may be moved to another connection.
 const MOST_MOVES: u8 = 2;
 
+/// How many connections one move may try: one picked can refuse (lost, or draining since it
+/// was picked), and the next pick passes it over.
+const REDIRECT_TRIES: usize = 3;
+
 impl WorkerConn {
     /// Starts the reader and writer threads on a socket whose worker has said hello.
     pub(crate) fn start(
@@ -307,21 +311,25 @@ impl WorkerConn {
             }
         };
         moved.state.moves += 1;
-        let next = redirect();
-        match next.map(|conn| conn.enqueue(moved)) {
-            Some(Ok(())) => {
-                log::debug!(
-                    "worker {}: a request it never got went to another",
-                    self.pid
-                );
-                true
+        for _ in 0..REDIRECT_TRIES {
+            let Some(next) = redirect() else {
+                break;
+            };
+            match next.enqueue(moved) {
+                Ok(()) => {
+                    log::debug!(
+                        "worker {}: a request it never got went to another",
+                        self.pid
+                    );
+                    return true;
+                }
+                // That one was lost or began draining since it was picked: it is picked no
+                // more, so ask again.
+                Err(back) => moved = *back,
             }
-            Some(Err(back)) => {
-                *stream.lock() = back.state;
-                false
-            }
-            None => false,
         }
+        *stream.lock() = moved.state;
+        false
     }
 }
 
@@ -705,6 +713,30 @@ mod tests {
         assert_eq!(gone.in_flight.load(Ordering::Acquire), 0);
         // Still waiting for its answer, from the second worker: not failed.
         assert!(exchange.try_next().is_none());
+    }
+
+    #[test]
+    fn a_move_refused_by_its_first_target_goes_to_the_next() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (draining_end, _draining_peer) = UnixStream::pair().unwrap();
+        let (live_end, live_peer) = UnixStream::pair().unwrap();
+        let gone = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let draining = WorkerConn::start(draining_end, 2, "test", None).unwrap();
+        let live = WorkerConn::start(live_end, 3, "test", None).unwrap();
+        // Picked first, it starts draining before the request reaches it.
+        draining.start_draining();
+        let picks = Mutex::new(vec![live.clone(), draining.clone()]);
+        gone.set_redirect(Box::new(move || picks.lock().unwrap().pop()));
+        theirs.shutdown(Shutdown::Read).unwrap();
+        let mut exchange = send(&gone, b"/second-pick");
+        let got = first_request(&live_peer);
+        assert_eq!(got.head.raw_path, Bytes::from_static(b"/second-pick"));
+        assert_eq!(draining.in_flight.load(Ordering::Acquire), 0);
+        assert_eq!(live.in_flight.load(Ordering::Acquire), 1);
+        assert!(
+            exchange.try_next().is_none(),
+            "still waiting for its answer"
+        );
     }
 
     #[test]
