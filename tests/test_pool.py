@@ -268,6 +268,74 @@ def test_max_requests_replaces_a_worker_without_a_failed_request(portico):
     server.wait_for_log(f"pool worker {first} replaced (it was given max_requests (20))")
 
 
+def test_a_worker_whose_replacement_cannot_start_serves_on(portico, tmp_path):
+    """max_requests asks for a new worker, but the code on disk no longer imports: the old
+    worker goes on serving (no request gets 503), as a reload to such code keeps the old
+    generation, while its replacement is tried again with backoff. Once the code imports,
+    the replacement takes over."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
+    server = portico(app_table("v", "versioned:application", mode="pool", processes=1,
+                               max_requests=3)
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1))
+    [old] = worker_pids(server)
+    (code / "versioned.py").write_text("this is not python\n")
+    for _ in range(3):
+        assert server.get("/")[::2] == (200, b"v1")
+    server.wait_for_log("a pool worker could not start", timeout=15)
+    for _ in range(10):
+        assert server.get("/")[::2] == (200, b"v1")
+    assert worker_pids(server) == [old]
+    server.wait_for_log(f"pool worker {old} serves on until a replacement starts")
+
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v2"))
+    wait_until(lambda: server.get("/")[2] == b"v2", timeout=40, what="the replacement")
+    server.wait_for_log(f"pool worker {old} replaced (it was given max_requests (3))")
+
+
+def thread_names(pid):
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names.append(open(f"/proc/{pid}/task/{task}/comm").read().strip())
+        except OSError:
+            pass
+    return names
+
+
+def test_a_recycled_worker_finishes_its_requests_after_its_slot_ends(portico, tmp_path):
+    """A worker replaced for max_requests drains on its own thread: a reload right after,
+    which ends the slot that started it, does not cut the request it still runs. (A worker's
+    parent-death signal follows the thread that forked it, not the process.)"""
+    server = portico(pool_app(processes=1, max_requests=2, graceful_timeout="30s"))
+    flag = tmp_path / "release"
+    held = {}
+    holder = threading.Thread(
+        target=lambda: held.setdefault("r", server.get(f"/hold?{flag}", timeout=30)))
+    holder.start()
+    try:
+        wait_until(lambda: Path(f"{flag}.started").exists(), what="the held request")
+        [first] = worker_pids(server)
+        assert int(server.get("/pid")[2]) == first  # its second request: max_requests
+        wait_until(lambda: int(server.get("/pid")[2]) != first, timeout=15,
+                   what="the replacement to serve")
+        [second] = [p for p in worker_pids(server) if p != first]
+
+        os.kill(server.proc.pid, signal.SIGHUP)
+        server.wait_for_log(f"pool worker {second} replaced (a reload replaced it)", timeout=15)
+        # The first generation's slot is over (its thread gone); the first worker is not.
+        wait_until(lambda: not [n for n in thread_names(server.proc.pid) if "-pool-g1-" in n],
+                   what="the first generation's slot thread to end")
+        assert first in worker_pids(server)
+    finally:
+        flag.touch()
+        holder.join(30)
+    assert held["r"][0] == 200 and held["r"][2] == b"held", held
+    wait_until(lambda: first not in worker_pids(server), timeout=15, what="the first to go")
+    server.wait_for_log(f"pool worker {first} replaced (it was given max_requests (2))")
+
+
 def test_a_stuck_request_gets_504_and_its_worker_is_replaced(portico):
     server = portico(pool_app(processes=1, threads=2, request_timeout="1s"))
     stuck_pid = int(server.get("/pid")[2])

@@ -366,25 +366,24 @@ impl Pool {
         extra: bool,
     ) {
         let name = self.config.name.clone();
-        let startup = self
-            .config
-            .startup_timeout
-            .as_limit()
-            .unwrap_or(Duration::from_secs(3600));
+        let startup = self.config.startup_timeout.as_limit();
         let mut first = Some(first);
         let mut pause = Duration::from_millis(500);
         // A worker to replace: it serves on until its replacement is ready, then drains.
         let mut outgoing: Option<(Arc<WorkerConn>, Child, String)> = None;
         while !self.stopping.load(Ordering::Acquire) && !generation.retired.load(Ordering::Acquire)
         {
-            let spawned = spawn(&self.config, &self.host, startup);
-            if let Some((old, old_child, why)) = outgoing.take() {
-                self.retire_in_background(generation, old, old_child, why);
-            }
-            let (mut child, conn) = match spawned {
+            let (mut child, conn) = match spawn(&self.config, &self.host, startup) {
                 Ok(started) => started,
                 Err(why) => {
                     log::error!("app `{name}`: a pool worker could not start: {why}");
+                    if let Some((old, _, _)) = &outgoing {
+                        // Replacing a worker that serves is no reason to stop serving.
+                        log::warn!(
+                            "app `{name}`: pool worker {} serves on until a replacement starts",
+                            old.pid
+                        );
+                    }
                     if let Some(first) = first.take() {
                         let _ = first.send(Err(why));
                     }
@@ -414,6 +413,11 @@ impl Pool {
                 "app `{name}`: pool worker {pid} started (generation {})",
                 generation.number
             );
+            // Only now, with its replacement taking requests, does a recycled worker drain:
+            // no request finds the pool without a live worker meanwhile.
+            if let Some((old, old_child, why)) = outgoing.take() {
+                self.retire_in_background(generation, old, old_child, why);
+            }
             if let Some(first) = first.take() {
                 let _ = first.send(Ok(()));
             }
@@ -498,6 +502,10 @@ impl Pool {
                 pause = Duration::from_millis(500);
             }
         }
+        // Stopped or reloaded while a recycled worker waited for its replacement.
+        if let Some((old, mut old_child, why)) = outgoing.take() {
+            self.retire(generation, &old, &mut old_child, why);
+        }
     }
 
     /// Drains and stops a worker on a thread of its own.
@@ -505,20 +513,32 @@ impl Pool {
         self: &Arc<Self>,
         generation: &Arc<Generation>,
         conn: Arc<WorkerConn>,
-        mut child: Child,
+        child: Child,
         why: String,
     ) {
         let pool = self.clone();
-        let generation = generation.clone();
+        let thread_generation = generation.clone();
         let pid = conn.pid;
+        // Handed over through a slot, so that it is still here should the thread not start.
+        let parcel = Arc::new(Mutex::new(Some((conn, child, why))));
+        let handed = parcel.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("{}-pool-drain-{pid}", self.config.name))
-            .spawn(move || pool.retire(&generation, &conn, &mut child, why));
+            .spawn(move || {
+                let taken = handed.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some((conn, mut child, why)) = taken {
+                    pool.retire(&thread_generation, &conn, &mut child, why);
+                }
+            });
         if let Err(e) = spawned {
             log::error!(
-                "app `{}`: cannot start a drain thread: {e}",
+                "app `{}`: cannot start a drain thread ({e}): draining worker {pid} on the supervisor's",
                 self.config.name
             );
+            let taken = parcel.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((conn, mut child, why)) = taken {
+                self.retire(generation, &conn, &mut child, why);
+            }
         }
     }
 
@@ -551,13 +571,15 @@ impl Pool {
         let name = &self.config.name;
         let pid = conn.pid;
         conn.start_draining();
-        let limit = self
+        // 0: no limit, as a timeout of 0 means everywhere else.
+        let deadline = self
             .config
             .graceful_timeout
             .as_limit()
-            .unwrap_or(Duration::from_secs(3600));
-        let deadline = Instant::now() + limit;
-        while conn.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            .map(|limit| Instant::now() + limit);
+        while conn.in_flight.load(Ordering::SeqCst) > 0
+            && deadline.is_none_or(|deadline| Instant::now() < deadline)
+        {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
@@ -1015,7 +1037,7 @@ const SERVICE_MANAGER_VARIABLES: [&str; 7] = [
 fn spawn(
     config: &AppConfig,
     host: &PoolHost,
-    startup: Duration,
+    startup: Option<Duration>,
 ) -> Result<(Child, Arc<WorkerConn>), String> {
     let identity = match worker_identity(config)? {
         Some(identity) => Some(identity),
@@ -1050,8 +1072,7 @@ fn spawn(
             Ok(())
         });
     }
-    let mut child = command
-        .spawn()
+    let mut child = spawn_from_lasting_thread(command)
         .map_err(|e| format!("cannot run {}: {e}", host.worker_binary.display()))?;
     drop(theirs);
     match read_hello(&ours, startup) {
@@ -1069,14 +1090,56 @@ fn spawn(
             ));
         }
     }
-    let conn = WorkerConn::start(
+    match WorkerConn::start(
         ours,
         child.id(),
         &config.name,
         config.request_timeout.as_limit(),
-    )
-    .map_err(|e| format!("cannot start the pool's threads: {e}"))?;
-    Ok((child, conn))
+    ) {
+        Ok(conn) => Ok((child, conn)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("cannot start the pool's threads: {e}"))
+        }
+    }
+}
+
+/// Runs `command` from a thread that lasts as long as the process. A worker's parent-death
+/// signal (`PR_SET_PDEATHSIG`) fires when the *thread* that forked it ends, not the process
+/// (prctl(2)): forked by a slot's thread, a worker still draining when that slot ended (a
+/// reload or stop right after a recycle, or an on-demand slot going) got SIGTERM mid-request.
+fn spawn_from_lasting_thread(command: Command) -> std::io::Result<Child> {
+    type Order = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<Option<mpsc::Sender<Order>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (orders, taken) = mpsc::channel::<Order>();
+        let started = std::thread::Builder::new()
+            .name("pool-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in taken {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        match started {
+            Ok(_) => Some(orders),
+            Err(e) => {
+                log::warn!("cannot start the pool's spawner thread ({e}): workers are forked by their slots");
+                None
+            }
+        }
+    });
+    let Some(spawner) = spawner else {
+        let mut command = command;
+        return command.spawn();
+    };
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the pool's spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the pool's spawner thread is gone"))?
 }
 
 /// The user and group the workers switch to (`user`, `group`), by name or number.
@@ -1133,9 +1196,9 @@ fn lookup_group(group: &str) -> Result<u32, String> {
 }
 
 /// Reads the worker's [`Kind::Hello`]; returns its pid.
-fn read_hello(mut socket: &UnixStream, limit: Duration) -> Result<u32, String> {
+fn read_hello(mut socket: &UnixStream, limit: Option<Duration>) -> Result<u32, String> {
     socket
-        .set_read_timeout(Some(limit.max(Duration::from_millis(1))))
+        .set_read_timeout(limit.map(|limit| limit.max(Duration::from_millis(1))))
         .map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
     let mut chunk = [0u8; 64];
@@ -1150,7 +1213,8 @@ fn read_hello(mut socket: &UnixStream, limit: Duration) -> Result<u32, String> {
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut =>
             {
-                return Err(format!("no hello within startup_timeout ({limit:?})"))
+                let limit = limit.unwrap_or_default();
+                return Err(format!("no hello within startup_timeout ({limit:?})"));
             }
             Err(e) => return Err(e.to_string()),
         }
