@@ -72,6 +72,56 @@ def test_bodies_stream_both_ways_through_the_pool(portico):
     assert headers["Transfer-Encoding"] == "chunked"
 
 
+def read_chars(pid):
+    """Bytes the process has read with read(2) and its kind (`rchar` in /proc/PID/io)."""
+    for line in open(f"/proc/{pid}/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/io")
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def test_a_file_response_is_read_as_the_client_takes_it(portico, tmp_path):
+    """A file the app answers with (`wsgi.file_wrapper`) is read a piece at a time as the
+    host's window opens, as an in-process host streams it: for a client that reads nothing,
+    neither the worker nor the host holds the file in memory. Then the client gets it all."""
+    size = 128 * 1024 * 1024
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(size)  # sparse: read at memory speed
+    server = portico(app_table("m", "misbehaving:application", mode="pool", processes=1))
+    [worker] = worker_pids(server)
+    host_rss, worker_read = rss_kib(server.proc.pid), read_chars(worker)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(f"GET /file?{big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: read_chars(worker) - worker_read > 1024 * 1024,
+                   what="the worker to start reading the file")
+        # Read whole, the file would be in the worker's queue and the host's in well under
+        # this; paced, the worker stops at the window plus what the sockets buffer.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            assert read_chars(worker) - worker_read < 32 * 1024 * 1024
+            assert rss_kib(server.proc.pid) - host_rss < 32 * 1024
+            time.sleep(0.05)
+        got, head = 0, b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(65536)
+        head, rest = head.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        got = len(rest)
+        while got < size - 10:
+            piece = client.recv(1 << 20)
+            assert piece, f"the response ended after {got} bytes"
+            got += len(piece)
+        assert got == size - 10  # the app seeks to offset 10
+
+
 def test_an_asgi_app_in_a_pool(portico):
     server = portico(asgi_table("asgi", "asgi_probe:app", mode="pool", processes=1))
     status, _, body = server.request("POST", "/echo", body=b"x" * 200_000)

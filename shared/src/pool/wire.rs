@@ -363,7 +363,8 @@ fn read_addr(r: &mut Reader) -> Result<Option<SocketAddr>, WireError> {
 pub enum RequestKind {
     /// An HTTP request.
     Http,
-    /// A WebSocket handshake (not carried by this version of the protocol yet).
+    /// A WebSocket handshake: once accepted, its messages go as [`Kind::WsIn`] and
+    /// [`Kind::WsSend`] frames.
     WebSocket,
 }
 

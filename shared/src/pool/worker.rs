@@ -16,7 +16,7 @@
 use super::wire::{self, Frame, Kind, Reader, RequestKind, DATA_PIECE, INITIAL_WINDOW};
 use crate::dispatcher::App;
 use crate::error::DispatchError;
-use crate::exchange::{AppEvent, BodyPiece, Exchange, Inbound, WsMessage};
+use crate::exchange::{AppEvent, BodyPiece, Exchange, FileBody, Inbound, WsMessage};
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::Sender;
 use std::collections::{HashMap, VecDeque};
@@ -42,6 +42,9 @@ struct WorkerStream {
     /// Wake-ups not yet looked at ([`super::one_at_a_time`]): one thread at a time pumps the
     /// stream, so its frames go out in order.
     wakes: AtomicUsize,
+    /// What is left of a file the app answers with (`wsgi.file_wrapper`, ASGI pathsend): read
+    /// a piece at a time as the host's window allows, as an in-process host streams it.
+    file: Mutex<Option<FileBody>>,
 }
 
 impl WorkerStream {
@@ -180,6 +183,7 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
                         inbound: Mutex::new((VecDeque::new(), false)),
                         assembler: Mutex::new(wire::WsAssembler::default()),
                         wakes: AtomicUsize::new(0),
+                        file: Mutex::new(None),
                     });
                     streams
                         .lock()
@@ -293,6 +297,23 @@ fn pump(id: u32, stream: &WorkerStream, link: &Link) {
         return;
     }
     while stream.credit.load(Ordering::Acquire) > 0 {
+        {
+            let mut file = stream.file.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(body) = file.as_mut() {
+                match send_file_piece(id, body, &link.out) {
+                    Ok(0) => *file = None,
+                    Ok(sent) => {
+                        stream.credit.fetch_sub(sent as i64, Ordering::AcqRel);
+                        continue;
+                    }
+                    Err(()) => {
+                        drop(file);
+                        leave();
+                        return;
+                    }
+                }
+            }
+        }
         let event = {
             let mut cx = Context::from_waker(&stream.waker);
             let mut next = pin!(stream.exchange.next());
@@ -301,6 +322,10 @@ fn pump(id: u32, stream: &WorkerStream, link: &Link) {
                 Poll::Ready(event) => event,
             }
         };
+        if let Some(AppEvent::File(body)) = event {
+            *stream.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(body);
+            continue;
+        }
         let (over, sent) = send_event(id, event, &link.out);
         stream.credit.fetch_sub(sent as i64, Ordering::AcqRel);
         if over {
@@ -349,33 +374,8 @@ fn send_event(id: u32, event: Option<AppEvent>, out: &Sender<Frame>) -> (bool, u
             return (true, sent);
         }
         Some(AppEvent::Body(body)) => return (false, data(&body)),
-        Some(AppEvent::File(file)) => {
-            // The file is this process's: its bytes cross the socket.
-            let mut sent = 0usize;
-            let mut offset = file.offset;
-            let mut left = file.len.unwrap_or(u64::MAX);
-            let mut piece = vec![0u8; DATA_PIECE];
-            while left > 0 {
-                let want = (left.min(DATA_PIECE as u64)) as usize;
-                match file.file.read_at(&mut piece[..want], offset) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        send(Kind::Data, Bytes::copy_from_slice(&piece[..n]));
-                        sent += n;
-                        offset += n as u64;
-                        left -= n as u64;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let e =
-                            DispatchError::BadResponse(format!("cannot read the app's file: {e}"));
-                        send(Kind::Failed, wire::encode_error(&e));
-                        return (true, sent);
-                    }
-                }
-            }
-            return (false, sent);
-        }
+        // Paced by the window in `pump`, which takes these before they get here.
+        Some(AppEvent::File(_)) => {}
         Some(AppEvent::End) => {
             send(Kind::End, Bytes::new());
             return (true, 0);
@@ -413,4 +413,44 @@ fn send_event(id: u32, event: Option<AppEvent>, out: &Sender<Frame>) -> (bool, u
         }
     }
     (false, 0)
+}
+
+/// Sends the next piece of a file response: the bytes sent (0 once the file is done), or
+/// `Err` when reading it failed, which fails the response.
+fn send_file_piece(id: u32, body: &mut FileBody, out: &Sender<Frame>) -> Result<usize, ()> {
+    let want = body.len.unwrap_or(u64::MAX).min(DATA_PIECE as u64) as usize;
+    if want == 0 {
+        return Ok(0);
+    }
+    let mut piece = vec![0u8; want];
+    let read = loop {
+        match body.file.read_at(&mut piece, body.offset) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let e = DispatchError::BadResponse(format!("cannot read the app's file: {e}"));
+                let _ = out.send(Frame {
+                    kind: Kind::Failed,
+                    stream: id,
+                    payload: wire::encode_error(&e),
+                });
+                return Err(());
+            }
+        }
+    };
+    // A file shorter than promised ends where it ends, as the in-process host's does.
+    if read == 0 {
+        return Ok(0);
+    }
+    piece.truncate(read);
+    body.offset += read as u64;
+    if let Some(len) = body.len.as_mut() {
+        *len -= read as u64;
+    }
+    let _ = out.send(Frame {
+        kind: Kind::Data,
+        stream: id,
+        payload: Bytes::from(piece),
+    });
+    Ok(read)
 }
