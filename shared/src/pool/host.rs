@@ -67,6 +67,24 @@ pub(crate) type Redirect = Box<dyn Fn() -> Option<Arc<WorkerConn>> + Send + Sync
 /// How often one request may be moved to another connection.
 const MOST_MOVES: u8 = 2;
 
+/// The largest body that goes inside its request's frame.
+const INLINE_BODY_LIMIT: usize = 1 << 20;
+
+/// A whole body the host has, in pieces of at most [`wire::DATA_PIECE`], then its end.
+fn held_body(pieces: &[Bytes]) -> VecDeque<BodyPiece> {
+    let mut held = VecDeque::new();
+    for piece in pieces {
+        let mut at = 0;
+        while at < piece.len() {
+            let end = (at + wire::DATA_PIECE).min(piece.len());
+            held.push_back(BodyPiece::Data(piece.slice(at..end)));
+            at = end;
+        }
+    }
+    held.push_back(BodyPiece::End);
+    held
+}
+
 /// How many connections one move may try: one picked can refuse (lost, or draining since it
 /// was picked), and the next pick passes it over.
 const REDIRECT_TRIES: usize = 3;
@@ -166,15 +184,23 @@ impl WorkerConn {
         body: Option<&[Bytes]>,
     ) -> Result<Exchange, DispatchError> {
         let (exchange, responder) = exchange::channel();
+        // A body too large for one frame (nginx's client_body_buffer_size can hold more)
+        // goes as Body frames when the worker asks, as a streamed one does.
+        let whole: usize = body.map_or(0, |pieces| pieces.iter().map(Bytes::len).sum());
+        let (inline, held) = match body {
+            Some(pieces) if whole > INLINE_BODY_LIMIT => (None, Some(held_body(pieces))),
+            _ => (body, None),
+        };
         let request = Moved {
             started: Instant::now(),
             state: StreamState {
                 responder: Some(responder),
                 websocket: kind == RequestKind::WebSocket,
                 inbound_credit: WS_INBOUND_WINDOW,
+                held_body: held,
                 ..StreamState::default()
             },
-            payload: wire::encode_request(kind, head, route, body),
+            payload: wire::encode_request(kind, head, route, inline),
         };
         match self.enqueue(request) {
             Ok(()) => Ok(exchange),
@@ -201,8 +227,9 @@ impl WorkerConn {
                 return Err(Box::new(request));
             }
             let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-            let stream = Arc::new(HostStream {
+            let stream = Arc::new_cyclic(|me| HostStream {
                 id,
+                me: me.clone(),
                 conn: Arc::downgrade(self),
                 started: request.started,
                 payload: request.payload.clone(),
@@ -275,7 +302,15 @@ impl WorkerConn {
         let (streams, queued) = {
             let mut table = self.lock_streams();
             self.alive.store(false, Ordering::Release);
-            let streams: Vec<Arc<HostStream>> = table.drain().map(|(_, s)| s).collect();
+            // A response the worker ended whole is not its to lose: it stays in the table,
+            // where its stream's waker finds it, until the client has taken the rest.
+            let ids: Vec<u32> = table
+                .iter()
+                .filter(|(_, stream)| !stream.lock().finished)
+                .map(|(id, _)| *id)
+                .collect();
+            let streams: Vec<Arc<HostStream>> =
+                ids.iter().filter_map(|id| table.remove(id)).collect();
             (streams, self.queued.load(Ordering::Relaxed))
         };
         // The writer's next write fails, and a write it is blocked in returns.
@@ -439,6 +474,9 @@ struct HostStream {
     started: Instant,
     /// The request as sent, for another worker if this one never got it.
     payload: Bytes,
+    /// This stream, for its waker: a response the worker ended whole is served to its end
+    /// even after the connection is gone.
+    me: Weak<HostStream>,
     conn: Weak<WorkerConn>,
     state: Mutex<StreamState>,
     /// Calls to [`HostStream::service`] not yet answered ([`super::one_at_a_time`]): a pool
@@ -467,6 +505,9 @@ struct StreamState {
     queue: VecDeque<AppEvent>,
     /// The worker waits for a piece of request body.
     awaiting_body: bool,
+    /// The request's whole body, when the host had it but it was too large to go with the
+    /// request: given piece by piece as the worker asks, instead of the exchange's.
+    held_body: Option<VecDeque<BodyPiece>>,
     /// Response body taken by the host since the last window update.
     unacked: u32,
     /// The worker has ended the response (or failed): once the queue is empty the stream is
@@ -476,14 +517,8 @@ struct StreamState {
 
 impl AppWaker for HostStream {
     fn wake(&self) {
-        // The waker is always an `Arc<HostStream>` in the stream table or in flight.
-        let Some(conn) = self.conn.upgrade() else {
-            return;
-        };
-        // Looked up in a statement of its own: the table's lock must be released before
-        // `service`, which may take it again to remove the stream.
-        let me = conn.lock_streams().get(&self.id).cloned();
-        if let Some(me) = me {
+        // A stream that is over has no responder left, and its service returns at once.
+        if let Some(me) = self.me.upgrade() {
             me.service();
         }
     }
@@ -557,7 +592,11 @@ impl HostStream {
                 state.unacked = 0;
             }
             if !cancel && state.awaiting_body {
-                if let Some(piece) = responder.try_recv_body_or_arm(&waker) {
+                let piece = match state.held_body.as_mut() {
+                    Some(held) => held.pop_front(),
+                    None => responder.try_recv_body_or_arm(&waker),
+                };
+                if let Some(piece) = piece {
                     state.awaiting_body = false;
                     frames.push(match piece {
                         BodyPiece::Data(data) => Frame {
@@ -736,6 +775,119 @@ mod tests {
         assert!(
             exchange.try_next().is_none(),
             "still waiting for its answer"
+        );
+    }
+
+    #[test]
+    fn a_response_the_worker_ended_survives_the_worker() {
+        use std::io::Write;
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let mut exchange = send(&conn, b"/whole");
+        assert_eq!(first_request(&theirs).head.raw_path, b"/whole".as_slice());
+        // More pieces than the exchange holds, the end, then the worker is gone: the host
+        // has the whole response while its client has taken none of it yet.
+        let head = crate::model::ResponseHead::new("200 OK", Vec::new()).unwrap();
+        let mut payload = bytes::BytesMut::new();
+        wire::encode_head(&head, &mut payload);
+        let mut out = bytes::BytesMut::new();
+        Frame {
+            kind: Kind::Head,
+            stream: 1,
+            payload: payload.freeze(),
+        }
+        .encode(&mut out);
+        for i in 0..10u8 {
+            Frame {
+                kind: Kind::Data,
+                stream: 1,
+                payload: Bytes::from(vec![i; 100]),
+            }
+            .encode(&mut out);
+        }
+        Frame::bare(Kind::End, 1).encode(&mut out);
+        theirs.write_all(&out).unwrap();
+        drop(theirs);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !conn.is_lost() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(conn.is_lost());
+        // And the connection itself is gone (its reader ends after losing it).
+        let gone = Arc::downgrade(&conn);
+        drop(conn);
+        while gone.upgrade().is_some() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(gone.upgrade().is_none(), "the connection was dropped");
+        let mut body = Vec::new();
+        let ended = loop {
+            match exchange.try_next() {
+                Some(Some(AppEvent::Head(_))) => {}
+                Some(Some(AppEvent::Body(piece))) => body.extend_from_slice(&piece),
+                Some(Some(AppEvent::End)) => break true,
+                Some(other) => panic!("not the worker's response: {other:?}"),
+                None if Instant::now() < deadline => std::thread::yield_now(),
+                None => break false,
+            }
+        };
+        assert!(ended, "the response ended after {} bytes", body.len());
+        assert_eq!(body.len(), 1000);
+    }
+
+    #[test]
+    fn a_body_too_large_for_a_frame_goes_in_pieces_as_the_worker_asks() {
+        use std::io::{Read, Write};
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let body: Vec<u8> = (0..20 << 20).map(|i| (i % 251) as u8).collect();
+        let pieces = vec![
+            Bytes::copy_from_slice(&body[..7]),
+            Bytes::copy_from_slice(&body[7..]),
+        ];
+        let route = Route {
+            app: 0,
+            script_name: String::new(),
+            path_info: b"/upload".to_vec(),
+        };
+        let mut head = get(b"/upload");
+        head.body = BodyLength::Known(body.len() as u64);
+        let _exchange = conn
+            .submit(RequestKind::Http, &head, &route, Some(&pieces))
+            .unwrap();
+        let request = first_request(&theirs);
+        assert!(
+            request.body.is_none(),
+            "a 20 MiB body does not go inside the request"
+        );
+        let mut got = Vec::new();
+        let mut buf = bytes::BytesMut::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        'asking: loop {
+            let mut ask = bytes::BytesMut::new();
+            Frame::bare(Kind::NeedBody, 1).encode(&mut ask);
+            theirs.write_all(&ask).unwrap();
+            loop {
+                if let Some(frame) = wire::decode(&mut buf).unwrap() {
+                    match frame.kind {
+                        Kind::Body => {
+                            assert!(frame.payload.len() <= wire::DATA_PIECE);
+                            got.extend_from_slice(&frame.payload);
+                            continue 'asking;
+                        }
+                        Kind::BodyEnd => break 'asking,
+                        _ => continue,
+                    }
+                }
+                let n = theirs.read(&mut chunk).unwrap();
+                assert!(n > 0, "the host closed the connection");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+        assert!(
+            got == body,
+            "the body came whole and in order ({} bytes)",
+            got.len()
         );
     }
 

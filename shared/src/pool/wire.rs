@@ -700,9 +700,26 @@ pub fn encode_error(e: &DispatchError) -> Bytes {
         DispatchError::PoolUnreachable(why) => (11, why, 0),
     };
     out.put_u8(tag);
-    put_bytes(&mut out, text.as_bytes());
+    put_bytes(&mut out, clip(text, ERROR_TEXT_LIMIT).as_bytes());
     out.put_u64_le(number);
     out.freeze()
+}
+
+/// The most of an error's text a frame carries: the text is for the host's log line (the
+/// worker logs the whole traceback itself), and a frame past [`MAX_FRAME`] would end the
+/// connection with every request on it (an app can raise with an upload in its message).
+pub const ERROR_TEXT_LIMIT: usize = 16 * 1024;
+
+/// `text` cut to at most `limit` bytes, at a character boundary, marked when cut.
+fn clip(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return text.into();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len()).into()
 }
 
 /// Reads a [`Kind::Failed`] or [`Kind::BodyFailed`] payload.
@@ -801,6 +818,24 @@ pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_text_too_long_for_a_frame_is_cut_at_a_character() {
+        let long = "é".repeat(ERROR_TEXT_LIMIT);
+        let e = DispatchError::AppRaised(format!("ValueError: {long}"));
+        let back = decode_error(encode_error(&e)).unwrap();
+        let DispatchError::AppRaised(text) = back else {
+            panic!("another error came back: {back:?}");
+        };
+        assert!(text.starts_with("ValueError: éé"));
+        assert!(text.len() < ERROR_TEXT_LIMIT + 64, "{} bytes", text.len());
+        assert!(text.ends_with(&format!("... ({} bytes in all)", 12 + long.len())));
+        let short = DispatchError::AppRaised("ValueError: short".into());
+        assert_eq!(
+            decode_error(encode_error(&short)).unwrap().to_string(),
+            short.to_string()
+        );
+    }
 
     fn head() -> RequestHead {
         RequestHead {
