@@ -49,7 +49,8 @@ struct WorkerStream {
 
 impl WorkerStream {
     /// Hands waiting client items to the app while its queue has room; acknowledges those
-    /// taken. Returns whether the stream is over (cancelled, and nothing left to hand).
+    /// taken. Returns whether the stream is over (cancelled: what fit went to the app, the
+    /// rest is dropped, and dropping the stream tells the app the client is gone).
     fn deliver_inbound(&self, id: u32, out: &Sender<Frame>) -> bool {
         let mut inbound = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
         let mut taken = 0u32;
@@ -67,6 +68,13 @@ impl WorkerStream {
                 payload: Bytes::copy_from_slice(&taken.to_le_bytes()),
             });
         }
+        if inbound.1 {
+            // The client is gone: what the app has no room for is dropped with it, as an
+            // in-process host never reads what its app has no room for. Waiting for room
+            // could wait forever on an app that never receives, which is then never told.
+            inbound.0.clear();
+            return true;
+        }
         if !inbound.0.is_empty() {
             // Arms the waker for when the app has made room; room made meanwhile: look again.
             let mut cx = Context::from_waker(&self.waker);
@@ -75,7 +83,7 @@ impl WorkerStream {
                 self.waker.wake_by_ref();
             }
         }
-        inbound.1 && inbound.0.is_empty()
+        false
     }
 }
 
