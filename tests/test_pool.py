@@ -426,24 +426,44 @@ def test_portico_status_lists_the_workers(portico, tmp_path):
     assert sum(w["served"] for w in status[0]["workers"]) >= 6
 
 
-def test_workers_are_added_on_demand_and_stopped_when_idle(portico):
+def test_workers_are_added_on_demand_and_stopped_when_idle(portico, tmp_path):
     server = portico(pool_app(processes=1, max_processes=3, threads=1, idle_timeout="1s"))
     wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    [first] = worker_pids(server)
+    release = tmp_path / "release"
     results = []
-    busy = [threading.Thread(target=lambda: results.append(server.get("/slow?1.5", timeout=15)))
-            for _ in range(3)]
-    for t in busy:
-        t.start()
-    # Every thread of the one worker is taken: more workers start, up to max_processes.
-    wait_until(lambda: len(worker_pids(server)) >= 2, timeout=10, what="a worker on demand")
-    for t in busy:
-        t.join()
-    assert [r[0] for r in results] == [200, 200, 200]
-    assert len(worker_pids(server)) <= 3
-    # Idle for idle_timeout, the extra workers stop; the minimum stays.
-    wait_until(lambda: len(worker_pids(server)) == 1, timeout=10, what="back to one worker")
+    busy = [threading.Thread(target=lambda n=n: results.append(
+                server.get(f"/hold?{release}-{n}", timeout=30))) for n in range(2)]
+    try:
+        for t in busy:
+            t.start()
+        # Every thread of the one worker is taken: more workers start, up to max_processes.
+        wait_until(lambda: [p for p in worker_pids(server)
+                            if p != first and f"pool worker {p} started" in server.log()],
+                   timeout=10, what="a worker on demand")
+        assert len(worker_pids(server)) <= 3
+        # The first worker is busy: a new request goes to one started on demand.
+        status, headers, _ = server.get("/hello")
+        assert status == 200 and int(headers["X-Pid"]) != first
+    finally:
+        for n in range(2):
+            Path(f"{release}-{n}").touch()
+        for t in busy:
+            t.join()
+    assert [r[0] for r in results] == [200, 200]
+    # Given no request for idle_timeout, the extra workers stop; the minimum stays. A trickle
+    # of requests, which the first worker can take alone, goes to it and not to them.
+    served = []
+
+    def back_to_one():
+        status, headers, _ = server.get("/hello")
+        assert status == 200
+        served.append(int(headers["X-Pid"]))
+        return len(worker_pids(server)) == 1
+    wait_until(back_to_one, timeout=10, what="back to one worker under a trickle of requests")
+    assert set(served) == {first}, served
+    assert worker_pids(server) == [first]
     server.wait_for_log("(idle)")
-    assert server.get("/hello")[0] == 200
 
 
 PUSH_ONLY_APP = """

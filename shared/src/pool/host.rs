@@ -45,6 +45,9 @@ pub(crate) struct WorkerConn {
     pub(crate) taken: AtomicU64,
     /// Being replaced: it takes no new requests and finishes those it has.
     draining: AtomicBool,
+    /// Started on demand, above `processes`: it gets a request only when the others are
+    /// busier, so that it can go idle once the burst is over.
+    pub(crate) on_demand: AtomicBool,
     /// Why it should be replaced, once something asked for that.
     recycle: Mutex<Option<String>>,
     /// The app's `request_timeout`: a request cancelled unanswered past it means a stuck
@@ -109,6 +112,7 @@ impl WorkerConn {
             served: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            on_demand: AtomicBool::new(false),
             recycle: Mutex::new(None),
             request_timeout,
             status_waiters: Mutex::new(HashMap::new()),
@@ -226,7 +230,14 @@ impl WorkerConn {
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 return Err(Box::new(request));
             }
-            let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+            let id = loop {
+                // After 2^32 requests the ids come round: skip 0 (the connection's) and any
+                // still in use (a WebSocket open since then).
+                let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+                if id != 0 && !streams.contains_key(&id) {
+                    break id;
+                }
+            };
             let stream = Arc::new_cyclic(|me| HostStream {
                 id,
                 me: me.clone(),

@@ -393,6 +393,7 @@ impl Pool {
                 }
             };
             let pid = conn.pid;
+            conn.on_demand.store(extra, Ordering::Relaxed);
             let ready_at = Instant::now();
             let pool = Arc::downgrade(&self);
             conn.set_redirect(Box::new(move || pool.upgrade()?.pick()));
@@ -426,9 +427,13 @@ impl Pool {
             let mut memory_checked = Instant::now();
             let idle_limit = self.config.idle_timeout.as_limit();
             let mut idle_since: Option<Instant> = None;
+            let mut taken_before = 0;
             let exited = loop {
                 if extra {
-                    if conn.in_flight.load(Ordering::Acquire) > 0 {
+                    // Idle means given no request: a look every WATCH would miss short ones.
+                    let taken = conn.taken.load(Ordering::Relaxed);
+                    if conn.in_flight.load(Ordering::Acquire) > 0 || taken != taken_before {
+                        taken_before = taken;
                         idle_since = None;
                     } else if let Some(limit) = idle_limit {
                         let since = *idle_since.get_or_insert_with(Instant::now);
@@ -669,7 +674,12 @@ fn least_busy(generation: &Generation, turn: &AtomicUsize) -> Option<Arc<WorkerC
     (0..conns.len())
         .map(|i| &conns[(start + i) % conns.len()])
         .filter(|c| c.is_alive())
-        .min_by_key(|c| c.in_flight.load(Ordering::Acquire))
+        .min_by_key(|c| {
+            (
+                c.in_flight.load(Ordering::Acquire),
+                c.on_demand.load(Ordering::Relaxed),
+            )
+        })
         .cloned()
 }
 
