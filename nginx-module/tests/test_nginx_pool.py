@@ -342,6 +342,32 @@ def test_a_killed_pool_server_is_started_again_by_its_watchdog(tmp_path):
     assert_clean_log(server.error_log())
 
 
+def start_pool_on_its_own(tmp_path, toml, sock):
+    """`portico pool --config TOML`, as systemd runs it; returns once `sock` is there."""
+    log = open(tmp_path / "pool.log", "wb")
+    pool = subprocess.Popen([str(BINARY), "pool", "--config", str(toml)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: sock.exists() or pool.poll() is not None, timeout=30,
+                   what="the pool's socket")
+        assert pool.poll() is None, (tmp_path / "pool.log").read_text()
+    except BaseException:
+        stop_pool(pool)
+        raise
+    return pool
+
+
+def stop_pool(pool):
+    """SIGTERM, as systemd stops it; fails if it lingers (then killed)."""
+    pool.send_signal(signal.SIGCONT)
+    pool.terminate()
+    try:
+        pool.wait(30)
+    except subprocess.TimeoutExpired:
+        pool.kill()
+        raise
+
+
 def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
     """`portico pool --config FILE` (as under systemd) with `pool_socket`: nginx and
     `portico serve` both connect to it and are served by the same workers; SIGHUP reloads it,
@@ -353,14 +379,9 @@ def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
     serve_port = free_port()
     toml = portico_toml(tmp_path / "portico.toml", app_dir, pool_socket=str(sock))
     toml.write_text(toml.read_text().replace('"127.0.0.1:1"', f'"127.0.0.1:{serve_port}"'))
-    log = open(tmp_path / "pool.log", "wb")
-    pool = subprocess.Popen([str(BINARY), "pool", "--config", str(toml)], stdout=log,
-                            stderr=subprocess.STDOUT)
+    pool = start_pool_on_its_own(tmp_path, toml, sock)
     serve = nginx = None
     try:
-        wait_until(lambda: sock.exists() or pool.poll() is not None, timeout=30,
-                   what="the pool's socket")
-        assert pool.poll() is None, (tmp_path / "pool.log").read_text()
         workers = set(pool_workers(pool.pid))
         assert len(workers) == 2
 
@@ -410,12 +431,7 @@ def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
                 serve.kill()
         if nginx is not None:
             nginx.stop()
-        pool.terminate()
-        try:
-            pool.wait(30)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            raise
+        stop_pool(pool)
     assert not sock.exists(), "the pool removes its socket when it stops"
 
 
@@ -429,15 +445,10 @@ def test_a_pool_server_that_accepts_nothing_does_not_hold_the_nginx_worker(tmp_p
     write_app(app_dir, "v1")
     sock = tmp_path / "ver.sock"
     toml = portico_toml(tmp_path / "portico.toml", app_dir, pool_socket=str(sock))
-    log = open(tmp_path / "pool.log", "wb")
-    pool = subprocess.Popen([str(BINARY), "pool", "--config", str(toml)], stdout=log,
-                            stderr=subprocess.STDOUT)
+    pool = start_pool_on_its_own(tmp_path, toml, sock)
     nginx = None
     queued = []
     try:
-        wait_until(lambda: sock.exists() or pool.poll() is not None, timeout=30,
-                   what="the pool's socket")
-        assert pool.poll() is None, (tmp_path / "pool.log").read_text()
         port = free_port()
         (tmp_path / "nginx").mkdir()
         write_conf(tmp_path / "nginx", port, """
@@ -466,13 +477,7 @@ def test_a_pool_server_that_accepts_nothing_does_not_hold_the_nginx_worker(tmp_p
             s.close()
         if nginx is not None:
             nginx.stop()
-        pool.send_signal(signal.SIGCONT)
-        pool.terminate()
-        try:
-            pool.wait(30)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            raise
+        stop_pool(pool)
 
 
 def test_with_nginx_as_nobody_the_pool_workers_run_as_nobody(public_tmp):

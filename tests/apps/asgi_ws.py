@@ -68,6 +68,17 @@ async def app(scope, receive, send):
     await send({"type": "websocket.accept", "subprotocol": chosen,
                 "headers": [(b"x-ws-app", b"asgi_ws"), (b"set-cookie", b"ws=1")]})
 
+    if path == "/push-only":
+        # Pushes and never receives again, as a feed or a ticker does: a gone client is seen
+        # only when a send raises.
+        try:
+            while True:
+                await send({"type": "websocket.send", "text": "tick"})
+                await asyncio.sleep(0.005)
+        except Exception as exc:  # noqa: BLE001 - the class is what the test looks at
+            log(f"push-only send raised {type(exc).__name__} oserror={isinstance(exc, OSError)}")
+            return
+
     if path == "/heartbeat":
         # receive() under a timeout, as heartbeat loops do: a cancelled receive() must neither
         # break the next one nor swallow the message that arrives after it.

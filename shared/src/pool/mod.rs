@@ -537,7 +537,7 @@ impl Pool {
             });
         if let Err(e) = spawned {
             log::error!(
-                "app `{}`: cannot start a drain thread ({e}): draining worker {pid} on the supervisor's",
+                "app `{}`: cannot start a drain thread ({e}): worker {pid} drains on this one",
                 self.config.name
             );
             let taken = parcel.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -1117,9 +1117,9 @@ fn spawn(
 
 /// Runs `command` from a thread that lasts as long as the process. A worker's parent-death
 /// signal (`PR_SET_PDEATHSIG`) fires when the *thread* that forked it ends, not the process
-/// (prctl(2)): forked by a slot's thread, a worker still draining when that slot ended (a
-/// reload or stop right after a recycle, or an on-demand slot going) got SIGTERM mid-request.
-fn spawn_from_lasting_thread(command: Command) -> std::io::Result<Child> {
+/// (prctl(2)); so a worker still draining when the slot that started it ends (a reload or a
+/// stop right after a recycle, or an on-demand slot going) is not sent SIGTERM mid-request.
+fn spawn_from_lasting_thread(mut command: Command) -> std::io::Result<Child> {
     type Order = (Command, mpsc::Sender<std::io::Result<Child>>);
     static SPAWNER: std::sync::OnceLock<Option<mpsc::Sender<Order>>> = std::sync::OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
@@ -1134,13 +1134,14 @@ fn spawn_from_lasting_thread(command: Command) -> std::io::Result<Child> {
         match started {
             Ok(_) => Some(orders),
             Err(e) => {
-                log::warn!("cannot start the pool's spawner thread ({e}): workers are forked by their slots");
+                log::warn!(
+                    "cannot start the pool's spawner thread ({e}): each slot forks its workers"
+                );
                 None
             }
         }
     });
     let Some(spawner) = spawner else {
-        let mut command = command;
         return command.spawn();
     };
     let (reply, answer) = mpsc::channel();

@@ -1,6 +1,6 @@
 //! A pool that runs in another process: a `portico pool` server (started by systemd, or by
 //! the nginx module) listening on a Unix socket. The host connects to it and speaks the same
-//! protocol it speaks to a worker of its own ([`WorkerConn`]); the pool server hands each
+//! protocol it speaks to a worker of its own (`WorkerConn`); the pool server hands each
 //! request on to one of its workers, as Passenger's core does between nginx and the app
 //! processes. So the host needs no supervision of its own: the server starts, recycles and
 //! reloads the workers, and any number of host processes (nginx's workers) share them.

@@ -706,7 +706,7 @@ pub fn encode_error(e: &DispatchError) -> Bytes {
 }
 
 /// The most of an error's text a frame carries: the text is for the host's log line (the
-/// worker logs the whole traceback itself), and a frame past [`MAX_FRAME`] would end the
+/// worker logs the whole traceback itself), and a frame past [`MAX_PAYLOAD`] would end the
 /// connection with every request on it (an app can raise with an upload in its message).
 pub const ERROR_TEXT_LIMIT: usize = 16 * 1024;
 
