@@ -191,6 +191,14 @@ def split_response(raw):
 POOL_MODE = os.environ.get("PORTICO_TEST_MODE", "").strip().lower() == "pool"
 
 
+def status_kib(pid, field="VmRSS"):
+    """A size from /proc/PID/status (VmRSS, VmHWM...), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
 def fill_connection_queue(path):
     """Connects to the Unix socket at `path`, without waiting, until its listener's queue of
     pending connections is full. Returns the sockets, to be closed by the caller."""
@@ -387,10 +395,7 @@ class AsgiServer(Server):
 
     def rss_kib(self, field="VmRSS"):
         """The server's resident memory (or `VmHWM`, its peak) from /proc, in KiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
+        return status_kib(self.proc.pid, field)
 
 
 # --- nginx with the module as the host -----------------------------------------------------
@@ -549,12 +554,7 @@ class NginxServer(AsgiServer):
         apps and the connections, the master neither."""
         pids = self.worker_pids()
         assert pids, f"nginx master {self.proc.pid} has no worker"
-        total = 0
-        for pid in pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
-        return total
+        return sum(status_kib(pid, field) for pid in pids)
 
 
 def serve_config(config, tmp_path, port, env=None, tls_port=None):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BINARY, app_table, asgi_table, fill_connection_queue, needs, wait_until
+from conftest import (BINARY, app_table, asgi_table, fill_connection_queue, needs,
+                      status_kib, wait_until)
 
 pytestmark = needs("binary")
 
@@ -80,13 +81,6 @@ def read_chars(pid):
     raise AssertionError(f"no rchar in /proc/{pid}/io")
 
 
-def rss_kib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
 def test_a_file_response_is_read_as_the_client_takes_it(portico, tmp_path):
     """A file the app answers with (`wsgi.file_wrapper`) is read a piece at a time as the
     host's window opens, as an in-process host streams it: for a client that reads nothing,
@@ -97,7 +91,7 @@ def test_a_file_response_is_read_as_the_client_takes_it(portico, tmp_path):
         f.truncate(size)  # sparse: read at memory speed
     server = portico(app_table("m", "misbehaving:application", mode="pool", processes=1))
     [worker] = worker_pids(server)
-    host_rss, worker_read = rss_kib(server.proc.pid), read_chars(worker)
+    host_rss, worker_read = status_kib(server.proc.pid), read_chars(worker)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
         client.sendall(f"GET /file?{big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         wait_until(lambda: read_chars(worker) - worker_read > 1024 * 1024,
@@ -107,7 +101,7 @@ def test_a_file_response_is_read_as_the_client_takes_it(portico, tmp_path):
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
             assert read_chars(worker) - worker_read < 32 * 1024 * 1024
-            assert rss_kib(server.proc.pid) - host_rss < 32 * 1024
+            assert status_kib(server.proc.pid) - host_rss < 32 * 1024
             time.sleep(0.05)
         got, head = 0, b""
         while b"\r\n\r\n" not in head:
