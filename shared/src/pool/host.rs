@@ -315,13 +315,10 @@ impl WorkerConn {
             self.alive.store(false, Ordering::Release);
             // A response the worker ended whole is not its to lose: it stays in the table,
             // where its stream's waker finds it, until the client has taken the rest.
-            let ids: Vec<u32> = table
-                .iter()
-                .filter(|(_, stream)| !stream.lock().finished)
-                .map(|(id, _)| *id)
+            let streams: Vec<Arc<HostStream>> = table
+                .extract_if(|_, stream| !stream.lock().finished)
+                .map(|(_, stream)| stream)
                 .collect();
-            let streams: Vec<Arc<HostStream>> =
-                ids.iter().filter_map(|id| table.remove(id)).collect();
             (streams, self.queued.load(Ordering::Relaxed))
         };
         // The writer's next write fails, and a write it is blocked in returns.
