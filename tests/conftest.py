@@ -9,9 +9,11 @@ portico.toml through an nginx.conf made from it (see `NginxServer`)."""
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -863,3 +865,54 @@ class H2Client:
         except OSError:
             pass
         self.sock.close()
+
+
+# --- apps run as `nobody` ---------------------------------------------------------------
+
+NOBODY_UID = 65534
+
+
+def readable_by_nobody(path):
+    return subprocess.run(["test", "-r", str(path)], user=NOBODY_UID,
+                          group=NOBODY_UID).returncode == 0
+
+
+def embedded_libpython(binary):
+    """The libpython that `binary` (a portico binary or the nginx module) links."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    found = re.search(r"libpython\S*\s+=>\s+(\S+)", out)
+    assert found, f"{binary} links no libpython:\n{out}"
+    return Path(found.group(1))
+
+
+def python_view(base, binary):
+    """argv prefix that runs a command in a private mount namespace where the Python that
+    `binary` embeds (under /root, unreadable to `nobody`) is readable by every user at its
+    own paths; [] when it already is."""
+    libpython = embedded_libpython(binary)
+    if readable_by_nobody(libpython):
+        return []
+    parts = libpython.parts
+    if parts[:2] != ("/", "root") or len(parts) < 4:
+        pytest.skip(f"the embedded Python ({libpython}) is unreadable to nobody and not under /root")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private mount namespace")
+    top = Path("/root") / parts[2]                      # e.g. /root/.pyenv
+    view = base / "rootview"
+    (view / parts[2]).mkdir(parents=True)
+    os.chmod(view, 0o755)
+    os.chmod(view / parts[2], 0o755)
+    script = (f"set -e; mount --rbind '{top}' '{view / parts[2]}'; "
+              f"mount --rbind '{view}' /root; exec \"$@\"")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
+@pytest.fixture
+def public_tmp():
+    """A temporary directory `nobody` can read (pytest's tmp_path is under a 0700 dir)."""
+    path = Path(tempfile.mkdtemp(prefix="portico-public-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -37,6 +37,21 @@ def test_unknown_key_is_an_error(run_portico, tmp_path):
     assert f"{cfg}:6" in result.stderr and "unknown field `thread`" in result.stderr
 
 
+def test_a_pool_user_or_group_that_does_not_exist_is_a_config_error(run_portico, tmp_path):
+    """As nginx's `user` directive: a name is looked up when the config is read, so a typo
+    stops the start with the file, line and key, not at the first worker's spawn."""
+    cfg = tmp_path / "who.toml"
+    cfg.write_text(app_table("a", "validated:application", mode="pool",
+                             user="no-such-user-here", group="no-such-group-here"))
+    for command in ("check", "serve"):
+        result = run_portico(command, "--config", str(cfg))
+        assert result.returncode == 64, (command, result.stderr)
+        assert f"{cfg}:7: app[0].user: no user `no-such-user-here` on this machine" \
+            in result.stderr
+        assert f"{cfg}:8: app[0].group: no group `no-such-group-here` on this machine" \
+            in result.stderr
+
+
 def test_import_error_shows_traceback_and_binds_nothing(tmp_path):
     port = free_port()
     server = Server([str(BINARY), "run", "broken_import:app",

@@ -5,6 +5,8 @@ mid-request, an app that cannot be imported."""
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import struct
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BINARY, app_table, asgi_table, fill_connection_queue, needs,
+from conftest import (APPS, BINARY, VENV, Server, app_table, asgi_table, fill_connection_queue,
+                      free_port, needs, public_tmp, python_view, readable_by_nobody,  # noqa: F401
                       status_kib, wait_until)
 
 pytestmark = needs("binary")
@@ -401,6 +404,50 @@ def test_a_worker_over_max_memory_is_replaced_after_its_requests(portico):
 def test_env_reaches_the_workers(portico):
     server = portico(pool_app(processes=1) + 'env = { PORTICO_POOL_GREETING = "bonjour" }\n')
     assert server.get("/env?PORTICO_POOL_GREETING")[2] == b"bonjour"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
+        tmp_path, public_tmp):
+    """`user`, `chdir` and `python_home`, as mod_wsgi's `user=`, `home=` and `python-home=`:
+    the workers run as nobody, with nobody's groups (initgroups(3), as nginx's and
+    gunicorn's workers), in the directory given and in the virtualenv given. Everything the
+    workers read is put where nobody can read it."""
+    worker = BINARY.parent / "portico-worker"
+    binary = BINARY
+    if not readable_by_nobody(worker):
+        (public_tmp / "bin").mkdir(mode=0o755)
+        for program in (BINARY, worker):
+            shutil.copy2(program, public_tmp / "bin" / program.name)
+        binary = public_tmp / "bin" / BINARY.name
+    app_dir, work = public_tmp / "app", public_tmp / "work"
+    for directory in (app_dir, work):
+        directory.mkdir(mode=0o755)
+    shutil.copy(APPS / "pool_app.py", app_dir)
+    venv = public_tmp / "venv"
+    subprocess.run([str(VENV / "bin" / "python"), "-m", "venv", "--without-pip", str(venv)],
+                   check=True, timeout=60)
+    [site] = venv.glob("lib/python3*/site-packages")
+    (site / "only_in_this_venv.py").write_text("")
+    port = free_port()
+    config = public_tmp / "portico.toml"
+    config.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\n[[app]]\nname = "pool"\n'
+        f'target = "pool_app:application"\npython_path = ["{app_dir}"]\nmode = "pool"\n'
+        f'processes = 1\nuser = "nobody"\nchdir = "{work}"\npython_home = "{venv}"\n')
+    server = Server(python_view(public_tmp, binary) + [str(binary), "serve", "--config",
+                                                       str(config)], tmp_path, port)
+    try:
+        server.wait_ready()
+        code, _, body = server.get("/whoami")
+        assert code == 200, body
+        nobody = pwd.getpwnam("nobody")
+        assert json.loads(body) == {
+            "uid": nobody.pw_uid, "gid": nobody.pw_gid,
+            "groups": sorted(os.getgrouplist("nobody", nobody.pw_gid)),
+            "cwd": str(work), "prefix": str(venv), "venv_module": True}
+    finally:
+        server.stop()
 
 
 def test_portico_status_lists_the_workers(portico, tmp_path):

@@ -9,9 +9,11 @@
 //! sysadmin-facing version of the same text.
 
 mod error;
+mod identity;
 mod units;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use identity::{groups_of, lookup_group, lookup_user};
 pub use units::{ByteSize, Seconds};
 
 use serde::Deserialize;
@@ -594,6 +596,33 @@ impl Config {
             {
                 if !dir.is_dir() {
                     err(key(&k), format!("`{}` is not a directory", dir.display()));
+                }
+            }
+            // Who the workers run as: named now, so that a typo stops the start here and not
+            // at the first worker. In-process there is nobody to switch: the app runs as the
+            // server, in its environment, and a silent ignore would run it as root.
+            if let Some(user) = &app.user {
+                if let Err(why) = lookup_user(user) {
+                    err(key("user"), why);
+                }
+            }
+            if let Some(group) = &app.group {
+                if let Err(why) = lookup_group(group) {
+                    err(key("group"), why);
+                }
+            }
+            if app.mode == Mode::InProcess {
+                for (k, set) in [
+                    ("user", app.user.is_some()),
+                    ("group", app.group.is_some()),
+                    ("env", !app.env.is_empty()),
+                ] {
+                    if set {
+                        err(
+                            key(k),
+                            "is only for mode = \"pool\" (an in-process app runs as the server, in its environment)".into(),
+                        );
+                    }
                 }
             }
             if let Some(socket) = &app.pool_socket {

@@ -164,3 +164,49 @@ fn pool_socket_is_for_pools_and_one_per_app() {
         "{errors}"
     );
 }
+
+#[test]
+fn pool_users_and_groups_must_exist_and_are_for_pools_only() {
+    let errors = load(
+        "[[app]]\nname = \"a\"\ntarget = \"m:app\"\nmount = \"/a\"\nmode = \"pool\"\n\
+         user = \"no-such-user-here\"\ngroup = \"no-such-group-here\"\n\
+         [[app]]\nname = \"b\"\ntarget = \"m:app\"\nmount = \"/b\"\nuser = \"root\"\n\
+         env = { A = \"1\" }\n",
+    )
+    .unwrap_err()
+    .0;
+    let found: Vec<(Option<usize>, Option<&str>, &str)> = errors
+        .iter()
+        .map(|e| (e.line, e.key.as_deref(), e.message.as_str()))
+        .collect();
+    assert!(
+        found.contains(&(
+            Some(6),
+            Some("app[0].user"),
+            "no user `no-such-user-here` on this machine"
+        )),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(
+            Some(7),
+            Some("app[0].group"),
+            "no group `no-such-group-here` on this machine"
+        )),
+        "{found:?}"
+    );
+    for (line, k) in [(12, "app[1].user"), (13, "app[1].env")] {
+        assert!(
+            found.iter().any(|(l, key, message)| *l == Some(line)
+                && *key == Some(k)
+                && message.starts_with("is only for mode = \"pool\"")),
+            "{k}: {found:?}"
+        );
+    }
+    // Names every machine has, and numbers that name nobody, are accepted.
+    load(
+        "[[app]]\nname = \"a\"\ntarget = \"m:app\"\nmode = \"pool\"\nuser = \"root\"\n\
+         group = \"54321\"\n",
+    )
+    .unwrap();
+}

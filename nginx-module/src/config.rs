@@ -703,7 +703,12 @@ fn check_import(
     let as_user = match identity {
         Some((uid, gid)) if uid != 0 => {
             use std::os::unix::process::CommandExt;
-            command.uid(uid).gid(gid);
+            // With the groups the workers will keep, so the check sees what they will see.
+            let identity = portico_core::pool::ChildIdentity::new(uid, gid);
+            // SAFETY: `assume` makes only async-signal-safe calls, as pre_exec requires.
+            unsafe {
+                command.pre_exec(move || identity.assume());
+            }
             let name = user_name(uid);
             let name = if name.is_empty() {
                 name

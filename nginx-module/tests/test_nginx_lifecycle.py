@@ -34,13 +34,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port, wait_until  # noqa: E402
+from conftest import (NOBODY_UID, embedded_libpython, free_port,  # noqa: E402,F401
+                      public_tmp, python_view, readable_by_nobody, wait_until)
 
 MODULE = Path(os.environ.get("PORTICO_NGINX_MODULE",
                              ROOT / "target" / "release" / "ngx_http_portico_module.so"))
 NGINX = os.environ.get("NGINX_BIN", shutil.which("nginx") or "/usr/sbin/nginx")
-NOBODY_UID = 65534
-
 pytestmark = [
     pytest.mark.skipif(not MODULE.is_file() or not os.access(NGINX, os.X_OK),
                        reason="needs the built module (scripts/nginx-module.sh) and nginx"),
@@ -138,50 +137,16 @@ http {{
     return prefix / "nginx.conf"
 
 
-def embedded_libpython():
-    out = subprocess.run(["ldd", str(MODULE)], capture_output=True, text=True).stdout
-    found = re.search(r"libpython\S*\s+=>\s+(\S+)", out)
-    assert found, f"the module links no libpython:\n{out}"
-    return Path(found.group(1))
-
-
 def public_site(base):
     """What a test of nginx as `nobody` starts from: the `python_view` wrapper, the app's v1
     in a directory every user may read, an nginx prefix and a free port."""
-    wrapper = python_view(base)
+    wrapper = python_view(base, MODULE)
     app_dir = base / "app"
     app_dir.mkdir(mode=0o755)
     write_app(app_dir, "v1")
     prefix = base / "prefix"
     prefix.mkdir()
     return wrapper, app_dir, prefix, free_port()
-
-
-def python_view(base):
-    """argv prefix that runs a command in a private mount namespace where the embedded
-    Python (under /root, unreadable to `nobody`) is readable by every user at its own
-    paths; [] when it already is."""
-    libpython = embedded_libpython()
-    if readable_by_nobody(libpython):
-        return []
-    parts = libpython.parts
-    if parts[:2] != ("/", "root") or len(parts) < 4:
-        pytest.skip(f"the embedded Python ({libpython}) is unreadable to nobody and not under /root")
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a private mount namespace")
-    top = Path("/root") / parts[2]                      # e.g. /root/.pyenv
-    view = base / "rootview"
-    (view / parts[2]).mkdir(parents=True)
-    os.chmod(view, 0o755)
-    os.chmod(view / parts[2], 0o755)
-    script = (f"set -e; mount --rbind '{top}' '{view / parts[2]}'; "
-              f"mount --rbind '{view}' /root; exec \"$@\"")
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-
-
-def readable_by_nobody(path):
-    return subprocess.run(["test", "-r", str(path)], user=NOBODY_UID,
-                          group=NOBODY_UID).returncode == 0
 
 
 class Nginx:
@@ -282,17 +247,6 @@ def assert_clean_log(log):
                      and "Address already in use" in line)]
     for level in ("[alert]", "[crit]", "[emerg]"):
         assert not any(level in line for line in lines), log
-
-
-@pytest.fixture
-def public_tmp():
-    """A temporary directory `nobody` can read (pytest's tmp_path is under a 0700 dir)."""
-    path = Path(tempfile.mkdtemp(prefix="portico-lifecycle-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def app_location(app_dir, threads=8):
@@ -610,7 +564,7 @@ def test_nobody_workers_without_a_readable_python_nginx_refuses_to_start(public_
     """The embedded Python is under /root (0700) and the workers would run as nobody: `nginx -t`
     fails naming the user and the path it cannot use, and nginx does not start at all (no
     worker is ever forked, so none can fail in a loop)."""
-    if readable_by_nobody(embedded_libpython()):
+    if readable_by_nobody(embedded_libpython(MODULE)):
         pytest.skip("the embedded Python is readable by nobody here")
     app_dir = public_tmp / "app"
     app_dir.mkdir(mode=0o755)
@@ -681,7 +635,7 @@ def test_env_directives_reach_the_import_check_and_the_workers(public_tmp):
     """nginx gives its workers only the `env` variables: `nginx -t` imports the app with the
     same ones (set here, and inherited from the master's environment), so an app that reads
     its settings at import passes the test and serves them."""
-    wrapper = python_view(public_tmp)
+    wrapper = python_view(public_tmp, MODULE)
     app_dir = public_tmp / "app"
     app_dir.mkdir(mode=0o755)
     (app_dir / "settings_app.py").write_text('''

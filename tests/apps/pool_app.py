@@ -32,6 +32,19 @@ def application(environ, start_response):
         # Keeps 64 MiB for the life of the process (a leak, for max_memory).
         LEAK.append(bytearray(64 * 1024 * 1024))
         body = b"grown"
+    elif path == "/whoami":
+        # Who, where and in which Python the worker runs, and whether a module only the
+        # python_home's site-packages holds can be imported.
+        try:
+            import only_in_this_venv  # noqa: F401
+            venv_module = True
+        except ImportError:
+            venv_module = False
+        import json
+        import sys
+        body = json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+                           "cwd": os.getcwd(), "prefix": sys.prefix,
+                           "venv_module": venv_module}).encode()
     elif path == "/env":
         body = os.environ.get(environ.get("QUERY_STRING", ""), "").encode()
     elif path == "/echo":

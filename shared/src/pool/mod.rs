@@ -1030,6 +1030,45 @@ pub unsafe fn prepare_child(fd: i32, at: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Who a child process runs as: a user, its primary group, and the groups it keeps.
+#[derive(Debug, Clone)]
+pub struct ChildIdentity {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+impl ChildIdentity {
+    /// `uid` and `gid`, with the user's supplementary groups looked up now: in the parent,
+    /// since the name service is not safe to call between fork and exec.
+    pub fn new(uid: u32, gid: u32) -> Self {
+        Self {
+            uid,
+            gid,
+            groups: portico_config::groups_of(uid, gid),
+        }
+    }
+
+    /// Switches the calling process to this identity: groups, then group, then user, the
+    /// order in which root may still make each call. For `pre_exec`, before anything that
+    /// the switch would undo (a PR_SET_PDEATHSIG is cleared when the user changes).
+    ///
+    /// # Safety
+    /// Only between fork and exec: it makes only async-signal-safe calls.
+    pub unsafe fn assume(&self) -> std::io::Result<()> {
+        // SAFETY: plain system calls on memory this identity owns; the caller's context.
+        let failed = unsafe {
+            libc::setgroups(self.groups.len(), self.groups.as_ptr()) < 0
+                || libc::setgid(self.gid) < 0
+                || libc::setuid(self.uid) < 0
+        };
+        if failed {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// What a service manager tells the process it started (sd_notify(3), sd_listen_fds(3),
 /// sd_watchdog_enabled(3)): the server's, not its workers'. An app that speaks sd_notify
 /// must not report as the server, or hand sockets to its fd store.
@@ -1066,14 +1105,15 @@ fn spawn(
         command.env_remove(name);
     }
     command.envs(&config.env);
-    if let Some((uid, gid)) = identity {
-        // std drops the supplementary groups too when it switches user.
-        command.uid(uid).gid(gid);
-    }
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 (the copy has no
-    // close-on-exec), fcntl, prctl, sigemptyset and sigprocmask.
+    // The workers keep their user's groups, as initgroups(3) gives nginx's and gunicorn's.
+    let identity = identity.map(|(uid, gid)| ChildIdentity::new(uid, gid));
+    // SAFETY: between fork and exec only async-signal-safe calls: setgroups, setgid, setuid,
+    // dup2 (the copy has no close-on-exec), fcntl, prctl, sigemptyset and sigprocmask.
     unsafe {
         command.pre_exec(move || {
+            if let Some(identity) = &identity {
+                identity.assume()?;
+            }
             // The server blocks signals for threads of its own (SIGHUP); a worker starts
             // with none blocked.
             prepare_child(fd, WORKER_FD)?;
@@ -1166,44 +1206,14 @@ fn worker_identity(config: &AppConfig) -> Result<Option<(u32, u32)>, String> {
         ));
     }
     let (uid, primary) = match &config.user {
-        Some(user) => lookup_user(user)?,
+        Some(user) => portico_config::lookup_user(user)?,
         None => (0, 0),
     };
     let gid = match &config.group {
-        Some(group) => lookup_group(group)?,
+        Some(group) => portico_config::lookup_group(group)?,
         None => primary,
     };
     Ok(Some((uid, gid)))
-}
-
-fn lookup_user(user: &str) -> Result<(u32, u32), String> {
-    let name = std::ffi::CString::new(user).map_err(|_| format!("user `{user}` has a NUL"))?;
-    // SAFETY: getpwnam reads the NUL-terminated name and returns null or a static record,
-    // which is read at once (supervisor threads start workers one at a time per slot; the
-    // record is copied before any other lookup).
-    let found = unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        (!pw.is_null()).then(|| ((*pw).pw_uid, (*pw).pw_gid))
-    };
-    match (found, user.parse::<u32>()) {
-        (Some(ids), _) => Ok(ids),
-        (None, Ok(uid)) => Ok((uid, uid)),
-        (None, Err(_)) => Err(format!("user `{user}` does not exist")),
-    }
-}
-
-fn lookup_group(group: &str) -> Result<u32, String> {
-    let name = std::ffi::CString::new(group).map_err(|_| format!("group `{group}` has a NUL"))?;
-    // SAFETY: as in lookup_user, with getgrnam.
-    let found = unsafe {
-        let gr = libc::getgrnam(name.as_ptr());
-        (!gr.is_null()).then(|| (*gr).gr_gid)
-    };
-    match (found, group.parse::<u32>()) {
-        (Some(gid), _) => Ok(gid),
-        (None, Ok(gid)) => Ok(gid),
-        (None, Err(_)) => Err(format!("group `{group}` does not exist")),
-    }
 }
 
 /// Reads the worker's [`Kind::Hello`]; returns its pid.
