@@ -26,6 +26,9 @@ FLASK_CASES = [
     ("POST", "/form", "name=ada&tag=x&tag=y", {"Content-Type": "application/x-www-form-urlencoded"}),
     ("GET", "/login?user=grace", None, {}),
     ("GET", "/stream", None, {}),
+    # werkzeug gives a HEAD no body: the length is the app's, or unknown (RFC 9110 9.3.2).
+    ("HEAD", "/", None, {}),
+    ("HEAD", "/stream", None, {}),
     ("GET", "/missing", None, {}),
     ("GET", "/boom", None, {}),
 ]

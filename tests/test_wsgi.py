@@ -42,6 +42,28 @@ def test_head_has_headers_and_no_body(server):
     assert_clean(server)
 
 
+def head_then_get(server, path):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+                  f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = read_all(s)
+    return data.split(b"HTTP/1.1 200", 2)[1:]
+
+
+def test_head_whose_app_leaves_out_the_body_announces_no_length(server, portico):
+    """RFC 9110 section 9.3.2: a HEAD answer's Content-Length is the GET answer's. An app
+    that gives a HEAD no body and no length (werkzeug, Django) has not said it, so none is
+    sent: `Content-Length: 0` would tell caches and clients the GET body is empty. Both as
+    an iterable (here, the validator's) and as a list."""
+    bare = portico(app_table("bare", "misbehaving:application"))
+    for answering, path in ((server, "/body-not-for-head"), (bare, "/list-not-for-head")):
+        head, get = head_then_get(answering, path)
+        assert head.endswith(b"\r\n\r\n")
+        assert b"content-length" not in head.lower(), (path, head)
+        assert b"the GET body" in get
+    assert_clean(server)
+
+
 def test_post_64k_echo(server):
     payload = os.urandom(65536)
     status, headers, body = server.request("POST", "/echo", body=payload)

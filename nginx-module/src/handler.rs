@@ -944,8 +944,10 @@ unsafe fn send_head(
             // what the app said.
             _ if head.status == 204 => -1,
             (_, app) if head.status == 304 => app.unwrap_or(-1),
-            // A HEAD answer announces the length a GET would have.
+            // A HEAD answer announces the length a GET would have (RFC 9110 section 9.3.2);
+            // with no body and no length from the app, that length is unknown.
             (Some(0), Some(n)) if is_head => n,
+            (Some(0), None) if is_head => -1,
             (Some(n), _) => n as i64,
             (None, Some(n)) => n,
             (None, None) => -1,

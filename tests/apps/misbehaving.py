@@ -103,6 +103,11 @@ def application(environ, start_response):
         import io
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](io.BytesIO(b"from a BytesIO" * 1000), 100)
+    if path == "/list-not-for-head":
+        # Not a mistake: a HEAD answered with an empty list, as a bare app does it. Here
+        # because the validator would wrap the list, which the server treats apart.
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [b"the GET body"]
     if path == "/slow-to-give-up":
         # Told that the client's body failed, the app takes its time before it gives up.
         try:

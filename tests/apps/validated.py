@@ -102,6 +102,10 @@ def _app(environ, start_response):
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"written;")
         return [b"returned"]
+    if path == "/body-not-for-head":
+        # As werkzeug and Django answer: the GET's headers, and for HEAD no body at all.
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [b"the GET body"]
     if path == "/empty":
         start_response("204 No Content", [])
         return []

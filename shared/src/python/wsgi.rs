@@ -117,7 +117,8 @@ impl WsgiRunner {
             .bind(py)
             .call1((env, start))
             .map_err(AppFailure::Raised)?;
-        let sent = send_result(py, &result, start, &job.responder);
+        let is_head = job.head.method == "HEAD";
+        let sent = send_result(py, &result, start, &job.responder, is_head);
         // PEP 3333: close() is called whatever happened, client gone included. (A list has
         // none; asking would raise and discard an AttributeError on every request.)
         let closed = if result.is_exact_instance_of::<PyList>() {
@@ -229,6 +230,7 @@ fn send_result(
     result: &Bound<'_, PyAny>,
     start: &Bound<'_, StartResponse>,
     responder: &Responder,
+    is_head: bool,
 ) -> Result<(), AppFailure> {
     if let Ok(list) = result.cast::<PyList>() {
         if !start.borrow().sent {
@@ -245,8 +247,11 @@ fn send_result(
             };
             let mut head = start.borrow_mut().take_head()?;
             // RFC 9110 section 8.6: no Content-Length on 204, and on 304 it would describe
-            // the cached representation, not this empty body.
-            if !head.has_content_length() && !matches!(head.status, 204 | 304) {
+            // the cached representation, not this empty body. Section 9.3.2: a HEAD answer's
+            // length is the GET answer's, so an empty body (what werkzeug and Django give a
+            // HEAD) says nothing of it: the length is left out rather than said to be 0.
+            let unknown = is_head && body.is_empty();
+            if !head.has_content_length() && !matches!(head.status, 204 | 304) && !unknown {
                 head.headers.push((
                     Bytes::from_static(b"content-length"),
                     Bytes::from(body.len().to_string()),
