@@ -37,6 +37,9 @@ pub struct MainConf {
     /// The user and group nginx's workers run as (when the master is root): the owner of
     /// the pool's sockets, and the user of pool workers whose app sets none.
     pub pool_identity: Option<(u32, u32)>,
+    /// The environment nginx gives its workers (its `env` directives): the pool's too, so
+    /// a pooled app sees what an in-process one sees.
+    pub pool_environment: Vec<(OsString, OsString)>,
 }
 
 /// The `portico.toml` of `portico_config`.
@@ -541,6 +544,7 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: `cf` is the configuration being read.
     let (identity, environment) = unsafe { (worker_identity(cf), worker_environment(cf)) };
     main.pool_identity = identity;
+    main.pool_environment = environment.clone();
     for entry in &main.apps {
         if let Err(why) = check_import(&entry.config, identity, &environment) {
             // SAFETY: `cf->log` is the log of the configuration being read.

@@ -15,14 +15,19 @@ static LOGGER: ErrorLog = ErrorLog;
 /// Installs the logger (once per process) and keeps records at or above nginx's `error_log`
 /// level (`level`: nginx's numeric level, `NGX_LOG_ERR` = 4 ... `NGX_LOG_DEBUG` = 8).
 pub fn install(level: usize) {
-    let filter = match level {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(filter_for(level));
+}
+
+/// The records nginx's `error_log` level keeps (`level` as in [`install`]): the module's own
+/// and, as `PORTICO_LOG`, the pool's.
+pub fn filter_for(level: usize) -> LevelFilter {
+    match level {
         0..=4 => LevelFilter::Error,
         5 => LevelFilter::Warn,
         6 | 7 => LevelFilter::Info,
         _ => LevelFilter::Debug,
-    };
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(filter);
+    }
 }
 
 impl Log for ErrorLog {

@@ -28,9 +28,10 @@ use crate::PorticoModule;
 use nginx_sys::{ngx_cycle_t, ngx_int_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_OK};
 use ngx::http::HttpModuleMainConf;
 use portico_config::{AppConfig, Mode};
+use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -70,6 +71,8 @@ struct Plan {
     config_file: PathBuf,
     apps: Vec<AppConfig>,
     identity: Option<(u32, u32)>,
+    /// Its whole environment: nginx's workers' (see [`start`]).
+    environment: Vec<(OsString, OsString)>,
 }
 
 static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
@@ -135,6 +138,8 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         config_file,
         apps,
         identity: main.pool_identity,
+        // SAFETY: the cycle's log is live (see above).
+        environment: pool_environment(main, unsafe { (*log).log_level }),
     };
     if let Some(current) = running.as_mut() {
         if current.is_alive() && current.plan == plan {
@@ -204,6 +209,47 @@ pub unsafe extern "C" fn exit_master(_cycle: *mut ngx_cycle_t) {
     }
 }
 
+/// The pool server's environment, and through it its workers': what nginx gives its own
+/// workers (its `env` directives, and TZ), so that a pooled app sees what an in-process one
+/// sees and nothing of the shell that started nginx; with `PORTICO_LOG` at the `error_log`
+/// level unless nginx's `env` sets one.
+fn pool_environment(main: &MainConf, log_level: usize) -> Vec<(OsString, OsString)> {
+    let mut environment = main.pool_environment.clone();
+    let has = |environment: &[(OsString, OsString)], name: &str| {
+        environment.iter().any(|(k, _)| k == name)
+    };
+    if !has(&environment, "TZ") {
+        if let Some(tz) = std::env::var_os("TZ") {
+            environment.push(("TZ".into(), tz));
+        }
+    }
+    if !has(&environment, "PORTICO_LOG") {
+        let level = crate::log_sink::filter_for(log_level)
+            .as_str()
+            .to_lowercase();
+        environment.push(("PORTICO_LOG".into(), level.into()));
+    }
+    environment.push((
+        "PORTICO_SERVER_SOFTWARE".into(),
+        format!("nginx portico/{}", env!("CARGO_PKG_VERSION")).into(),
+    ));
+    environment
+}
+
+/// `binary` as a path the child can be started from without a `PATH` of its own: a bare
+/// name is looked up in the master's `PATH`, as a shell would.
+fn resolve_binary(binary: &Path) -> PathBuf {
+    if binary.components().count() != 1 {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
 /// A descriptor for the child's standard error: a copy of nginx's error log.
 ///
 /// # Safety
@@ -237,7 +283,7 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
     // SAFETY: both descriptors are fresh and ours.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let mut command = Command::new(&plan.binary);
+    let mut command = Command::new(resolve_binary(&plan.binary));
     command
         .arg("pool")
         .arg("--watchdog")
@@ -247,10 +293,8 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
         .arg(&dir)
         .arg("--lifeline-fd")
         .arg(LIFELINE_FD.to_string())
-        .env(
-            "PORTICO_SERVER_SOFTWARE",
-            format!("nginx portico/{}", env!("CARGO_PKG_VERSION")),
-        )
+        .env_clear()
+        .envs(plan.environment.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
     for app in &plan.apps {
         command.arg("--app").arg(&app.name);
@@ -258,13 +302,34 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
     if let Some((uid, gid)) = plan.identity {
         command.arg("--user").arg(format!("{uid}:{gid}"));
     }
-    if let Some(stderr) = stderr {
-        command.stderr(Stdio::from(stderr));
+    // What the apps print goes to the error log with their tracebacks, as Passenger and
+    // mod_wsgi send it; never to the terminal or pipe nginx was started from, which may be
+    // gone (a print would then fail the request).
+    match stderr {
+        Some(stderr) => {
+            let stdout = stderr
+                .try_clone()
+                .map_err(|e| format!("cannot copy the error log's descriptor: {e}"))?;
+            command
+                .stdout(Stdio::from(stdout))
+                .stderr(Stdio::from(stderr));
+        }
+        None => {
+            command.stdout(Stdio::null());
+        }
     }
     let fd = read_end.as_raw_fd();
-    // SAFETY: runs between fork and exec, with the read end open until after the spawn.
+    // SAFETY: runs between fork and exec, with the read end open until after the spawn;
+    // setsid is async-signal-safe.
     unsafe {
-        command.pre_exec(move || portico_core::pool::prepare_child(fd, LIFELINE_FD));
+        command.pre_exec(move || {
+            // A session of its own: a Ctrl-C or a `timeout` aimed at the process group that
+            // started nginx must not stop the pool of the nginx that daemonized away from it.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            portico_core::pool::prepare_child(fd, LIFELINE_FD)
+        });
     }
     let mut child = command.spawn().map_err(|e| {
         format!(

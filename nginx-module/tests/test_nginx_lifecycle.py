@@ -105,7 +105,7 @@ def padding(name, size):
 # --- nginx ------------------------------------------------------------------------------
 
 def write_conf(prefix, port, locations, *, user="root", workers=1, before_http="",
-               after_http="", in_http=""):
+               after_http="", in_http="", daemon=False):
     for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / d).mkdir(exist_ok=True)
     temp_paths = "\n".join(
@@ -117,7 +117,7 @@ def write_conf(prefix, port, locations, *, user="root", workers=1, before_http="
 load_module {MODULE.resolve()};
 {user_line}
 {before_http}
-daemon off;
+daemon {"on" if daemon else "off"};
 master_process on;
 worker_processes {workers};
 error_log {prefix / "logs" / "error.log"} info;

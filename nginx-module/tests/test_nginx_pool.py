@@ -9,6 +9,7 @@ directories, real HTTP clients over loopback; every state change polled with a d
     .venv/bin/python -m pytest nginx-module/tests/test_nginx_pool.py -v
 """
 
+import http.client
 import json
 import os
 import signal
@@ -46,11 +47,13 @@ def portico_toml(path, app_dir, **extra):
     return path
 
 
-def pool_conf(prefix, port, toml, workers=2, user="root"):
+def pool_conf(prefix, port, toml, workers=2, user="root", **conf):
+    # Two locations pass to the one app: the status page still lists its pool once.
     write_conf(prefix, port, """
         location / { portico_pass ver; }
+        location /again/ { portico_pass ver; }
         location = /pool-status { portico_status; }
-""", workers=workers, user=user, in_http=f"""
+""", workers=workers, user=user, **conf, in_http=f"""
     portico_config {toml};
     portico_pool_binary {BINARY};
 """)
@@ -504,3 +507,78 @@ def test_with_nginx_as_nobody_the_pool_workers_run_as_nobody(public_tmp):
         server.stop()
     assert server.proc.returncode == 0
     assert_clean_log(server.error_log())
+
+
+ENV_APP = """
+import os, sys
+
+print("printed by the app at import")
+
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/print":
+        print("printed by a request")
+        sys.stdout.flush()
+        body = b"printed"
+    else:
+        body = os.environ.get(environ["QUERY_STRING"], "(unset)").encode()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+"""
+
+
+def test_a_daemonized_nginx_leaves_its_pool_nothing_of_the_shell_it_was_started_from(
+        tmp_path):
+    """As nginx's own workers: the pool has a session of its own (a Ctrl-C or `timeout`
+    aimed at the starter's process group does not stop it), keeps none of the starter's
+    descriptors (`nginx | cat` returns once nginx daemonizes), sends what apps print to the
+    error log (a closed pipe cannot fail a request), and gets nginx's workers' environment:
+    `env` directives reach a pooled app, the starter's other variables do not."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "", source=ENV_APP)
+    port = free_port()
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    pool_conf(tmp_path, port, toml, daemon=True, before_http="env APP_GREETING=bonjour;")
+    starter = subprocess.Popen(
+        [NGINX, "-p", str(tmp_path), "-c", "nginx.conf"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PORTICO_TEST_FROM_THE_SHELL": "leaked"})
+    pid_file = tmp_path / "logs" / "nginx.pid"
+
+    def get(path):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        except OSError:
+            return None
+        finally:
+            conn.close()
+    try:
+        # Both pipes end once the last process holding them (nginx or its pool) lets go.
+        out, err = starter.communicate(timeout=30)
+        assert starter.returncode == 0, err
+        master = int(pid_file.read_text())
+        wait_until(lambda: get("/?APP_GREETING") == (200, b"bonjour"), timeout=30,
+                   what="the pooled app, with nginx's env")
+        assert get("/?PORTICO_TEST_FROM_THE_SHELL") == (200, b"(unset)")
+        assert get("/print") == (200, b"printed")
+        log = tmp_path / "logs" / "error.log"
+        wait_until(lambda: "printed by a request" in log.read_text(), what="the print in the log")
+        assert "printed by the app at import" in log.read_text()
+        [watchdog] = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                      if f"--config {toml} " in cmdline(p) and " --watchdog " in cmdline(p)]
+        assert os.getsid(watchdog) == watchdog
+        assert os.getsid(watchdog) != os.getsid(master)
+    finally:
+        if starter.poll() is None:
+            os.killpg(starter.pid, signal.SIGKILL)
+        if pid_file.exists():
+            master = int(pid_file.read_text())
+            os.kill(master, signal.SIGQUIT)
+            wait_until(lambda: not alive(master), what="nginx to stop")
+    wait_until(lambda: not any(f"--config {toml} " in cmdline(p)
+                               for p in map(int, filter(str.isdigit, os.listdir("/proc")))),
+               what="the pool to go with nginx")

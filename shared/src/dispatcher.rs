@@ -389,15 +389,33 @@ impl Dispatcher {
     /// a thread of its own, so the host's thread never waits for them. Both hosts serve
     /// their status URL with it.
     pub fn status_exchange(&self, text: bool) -> Exchange {
+        // One entry per pool: under nginx every location that passes to an app is an app
+        // of its own here, and all of them reach the same pool.
+        #[derive(PartialEq)]
+        enum Key<'a> {
+            Local(*const Pool),
+            Remote(&'a std::path::Path),
+        }
+        let mut seen: Vec<Key<'_>> = Vec::new();
         let sources: Vec<(String, StatusSource)> = self
             .apps
             .iter()
             .filter_map(|app| {
-                let source = match &app.placement {
-                    Placement::Pool(pool) => StatusSource::Local(pool.clone()),
-                    Placement::Remote(remote) => StatusSource::Remote(remote.clone()),
+                let (source, identity) = match &app.placement {
+                    Placement::Pool(pool) => (
+                        StatusSource::Local(pool.clone()),
+                        Key::Local(Arc::as_ptr(pool)),
+                    ),
+                    Placement::Remote(remote) => (
+                        StatusSource::Remote(remote.clone()),
+                        Key::Remote(remote.socket()),
+                    ),
                     _ => return None,
                 };
+                if seen.contains(&identity) {
+                    return None;
+                }
+                seen.push(identity);
                 Some((app.config.name.clone(), source))
             })
             .collect();
