@@ -139,7 +139,9 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         apps,
         identity: main.pool_identity,
         // SAFETY: the cycle's log is live (see above).
-        environment: pool_environment(main, unsafe { (*log).log_level }),
+        environment: pool_environment(main, unsafe { (*log).log_level }, unsafe {
+            error_log_path(log)
+        }),
     };
     if let Some(current) = running.as_mut() {
         if current.is_alive() && current.plan == plan {
@@ -213,8 +215,16 @@ pub unsafe extern "C" fn exit_master(_cycle: *mut ngx_cycle_t) {
 /// workers (its `env` directives, and TZ), so that a pooled app sees what an in-process one
 /// sees and nothing of the shell that started nginx; with `PORTICO_LOG` at the `error_log`
 /// level unless nginx's `env` sets one.
-fn pool_environment(main: &MainConf, log_level: usize) -> Vec<(OsString, OsString)> {
+fn pool_environment(
+    main: &MainConf,
+    log_level: usize,
+    error_log: Option<PathBuf>,
+) -> Vec<(OsString, OsString)> {
     let mut environment = main.pool_environment.clone();
+    // The file its standard error goes to, which it follows through `nginx -s reopen`.
+    if let Some(path) = error_log {
+        environment.push(("PORTICO_ERROR_LOG".into(), path.into()));
+    }
     let has = |environment: &[(OsString, OsString)], name: &str| {
         environment.iter().any(|(k, _)| k == name)
     };
@@ -248,6 +258,25 @@ fn resolve_binary(binary: &Path) -> PathBuf {
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| binary.to_path_buf())
+}
+
+/// The path of nginx's error log file, when it is a file (not `stderr` or syslog).
+///
+/// # Safety
+/// `log` must be a live nginx log.
+unsafe fn error_log_path(log: *mut nginx_sys::ngx_log_t) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: a live log's `file` is null or an open file of the cycle, whose name is
+    // `len` bytes at `data`.
+    let name = unsafe {
+        let file = (*log).file;
+        if file.is_null() || (*file).name.data.is_null() {
+            return None;
+        }
+        std::slice::from_raw_parts((*file).name.data, (*file).name.len)
+    };
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(name));
+    path.is_absolute().then_some(path)
 }
 
 /// A descriptor for the child's standard error: a copy of nginx's error log.

@@ -516,6 +516,8 @@ print("printed by the app at import")
 
 
 def application(environ, start_response):
+    if environ["PATH_INFO"] == "/raise":
+        raise RuntimeError("raised in a pooled app")
     if environ["PATH_INFO"] == "/print":
         print("printed by a request")
         sys.stdout.flush()
@@ -582,3 +584,35 @@ def test_a_daemonized_nginx_leaves_its_pool_nothing_of_the_shell_it_was_started_
     wait_until(lambda: not any(f"--config {toml} " in cmdline(p)
                                for p in map(int, filter(str.isdigit, os.listdir("/proc")))),
                what="the pool to go with nginx")
+
+
+def test_the_pool_follows_its_error_log_through_nginx_s_reopen(tmp_path):
+    """logrotate renames error.log and runs `nginx -s reopen`: the pool's server and its
+    workers then write to the new file, as nginx's own processes do, and not on into the
+    renamed one until the next restart."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "", source=ENV_APP)
+    port = free_port()
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    pool_conf(tmp_path, port, toml)
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"(unset)")
+        pool = pool_server_of(server)
+        log = tmp_path / "logs" / "error.log"
+        log.rename(tmp_path / "logs" / "error.log.1")
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        wait_until(log.exists, what="nginx to reopen its error log")
+
+        def traceback_in_the_new_log():
+            assert server.get("/raise")[0] == 500
+            return "RuntimeError: raised in a pooled app" in log.read_text()
+        wait_until(traceback_in_the_new_log, timeout=10, interval=0.2,
+                   what="a worker's traceback in the new error.log")
+        victim = min(pool_workers(pool))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: f"worker {victim} was killed by signal 9" in log.read_text(),
+                   what="the pool server's line about it in the new error.log")
+    finally:
+        server.stop()

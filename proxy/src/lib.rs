@@ -11,6 +11,7 @@
 //! threads and the response comes back as events (see `portico_core::exchange`).
 
 pub mod access_log;
+pub mod error_log;
 pub mod listener;
 mod serve;
 mod websocket;

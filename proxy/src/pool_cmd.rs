@@ -63,6 +63,7 @@ impl PoolArgs {
 
 /// Runs the pool server until it is told to stop.
 pub(crate) fn run(args: PoolArgs) -> ExitCode {
+    portico_proxy::error_log::follow_from_environment();
     if args.watchdog {
         let _pid_file = match pid_file(&args) {
             Ok(pid_file) => pid_file,

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         .parse_env("PORTICO_LOG")
         .format_target(false)
         .init();
+    portico_proxy::error_log::follow_from_environment();
     let mut config_file = None;
     let mut app_name = None;
     let mut args = std::env::args().skip(1);
