@@ -1,6 +1,7 @@
 """What users see when things go wrong: apps that raise or break the protocol, limits,
 timeouts, and a blocked app that must not stall anything else."""
 
+import http.client
 import signal
 import socket
 import threading
@@ -201,6 +202,31 @@ def test_full_queue_is_503_with_retry_after(portico):
         t.join(15)
     assert sorted(results) == [("/block", 200, None), ("/ok", 200, None),
                                ("/ok", 503, "1"), ("/ok", 503, "1")]
+
+
+def test_as_many_clients_as_threads_and_queue_are_never_refused(portico):
+    """threads = 1 and queue_size = 1 take two requests at a time. Two keep-alive clients
+    never have more than two unanswered, so neither is ever refused, even though each
+    answer's close() keeps the thread 50 ms after the client has it and sent its next."""
+    server = portico(app_table("bad", "misbehaving:application", threads=1, queue_size=1))
+    statuses = []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+        try:
+            for _ in range(15):
+                conn.request("GET", "/slow-close")
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+        finally:
+            conn.close()
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(30)
+    assert statuses == [200] * 30
 
 
 @pytest.fixture

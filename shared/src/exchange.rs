@@ -24,6 +24,7 @@ use crate::error::DispatchError;
 use crate::model::ResponseHead;
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
@@ -111,6 +112,41 @@ pub enum AppEvent {
     },
 }
 
+impl AppEvent {
+    /// Whether the event ends the response: after it the host expects nothing more.
+    fn ends_response(&self) -> bool {
+        matches!(
+            self,
+            AppEvent::Whole(..) | AppEvent::End | AppEvent::Failed(_)
+        )
+    }
+}
+
+/// A place taken in an app's admission count (its threads and queue): given back when the
+/// response ends, or when the app side lets go of the request without ending it, whichever
+/// comes first. So the place is free by the time the host sees the end of the answer, and
+/// a keep-alive client's next request is not refused while the thread that answered is
+/// still finishing up (closing the app's iterable, PEP 3333).
+#[derive(Debug)]
+pub(crate) struct AdmissionTicket(Arc<AtomicUsize>);
+
+impl AdmissionTicket {
+    /// Takes a place in `count` if it is under `limit`.
+    pub(crate) fn take(count: &Arc<AtomicUsize>, limit: usize) -> Option<AdmissionTicket> {
+        if count.fetch_add(1, Ordering::AcqRel) >= limit {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(AdmissionTicket(count.clone()))
+    }
+}
+
+impl Drop for AdmissionTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A region of an open file to send as response body.
 #[derive(Debug)]
 pub struct FileBody {
@@ -171,6 +207,8 @@ struct State {
     /// `write()` from a thread of the app's own). A notify is a system call, so it is made only
     /// when someone is there to hear it.
     app_waiters: u32,
+    /// The request's place in its app's admission count, if it holds one.
+    admission: Option<AdmissionTicket>,
 }
 
 /// Marks the app side gone when the last [`Responder`] clone drops.
@@ -180,10 +218,10 @@ struct AppHalf {
 
 impl Drop for AppHalf {
     fn drop(&mut self) {
-        let waker = {
+        let (waker, _admission) = {
             let mut state = self.shared.lock();
             state.app_gone = true;
-            state.host_waker.take()
+            (state.host_waker.take(), state.admission.take())
         };
         if let Some(waker) = waker {
             waker.wake();
@@ -242,6 +280,7 @@ pub fn channel() -> (Exchange, Responder) {
             host_gone: false,
             app_gone: false,
             app_waiters: 0,
+            admission: None,
         }),
         app_wakeup: Condvar::new(),
     });
@@ -348,6 +387,11 @@ impl Responder {
         &self.half.shared
     }
 
+    /// Makes the request hold `ticket` until its response ends (see [`AdmissionTicket`]).
+    pub(crate) fn hold(&self, ticket: AdmissionTicket) {
+        self.shared().lock().admission = Some(ticket);
+    }
+
     /// Sends an event without waiting; gives the event back when the mailbox is full.
     pub fn try_send(&self, event: AppEvent) -> Result<(), Result<AppEvent, HostGone>> {
         let mut state = self.shared().lock();
@@ -356,6 +400,9 @@ impl Responder {
         }
         if state.events.len() >= EVENT_CAPACITY {
             return Err(Ok(event));
+        }
+        if event.ends_response() {
+            state.admission = None;
         }
         state.events.push_back(event);
         let waker = state.host_waker.take();
@@ -416,6 +463,9 @@ impl Responder {
         if state.events.len() >= EVENT_CAPACITY {
             state.app_waker = Some(waker.clone());
             return Err(Ok(event));
+        }
+        if event.ends_response() {
+            state.admission = None;
         }
         state.events.push_back(event);
         let host = state.host_waker.take();

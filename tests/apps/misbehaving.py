@@ -22,6 +22,19 @@ def too_late(start_response, first=None):
     yield b"never"
 
 
+class SlowClose:
+    """A body whose close() takes 50 ms."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def __iter__(self):
+        yield self.body
+
+    def close(self):
+        time.sleep(0.05)
+
+
 def application(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/raise":
@@ -103,6 +116,11 @@ def application(environ, start_response):
         import io
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](io.BytesIO(b"from a BytesIO" * 1000), 100)
+    if path == "/slow-close":
+        # Not a mistake either: work after the answer, in close() (PEP 3333), as Flask's
+        # teardown handlers and Django's request_finished run there.
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return SlowClose(b"answered")
     if path == "/list-not-for-head":
         # Not a mistake: a HEAD answered with an empty list, as a bare app does it. Here
         # because the validator would wrap the list, which the server treats apart.

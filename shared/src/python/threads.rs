@@ -1,11 +1,14 @@
 //! The Python threads of one app: a bounded job queue and `threads` OS threads draining it.
+//! Admission counts requests until their response ends, not until their thread is free
+//! again, so `threads + queue_size` unanswered requests are always taken.
 
-use crate::exchange::Responder;
+use crate::exchange::{AdmissionTicket, Responder};
 use crate::model::RequestHead;
 use crate::router::Route;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use pyo3::prelude::*;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 /// What kind of connection a job is.
@@ -35,6 +38,11 @@ pub(crate) trait Runner: Send + Sync + 'static {
 /// The queue in front of an app's threads.
 pub(crate) struct ThreadPool {
     jobs: Sender<Job>,
+    /// Requests taken and not yet answered: queued, or on a thread before their response
+    /// ends (see [`AdmissionTicket`]).
+    admitted: Arc<AtomicUsize>,
+    /// How many may be: the threads, and `queue_size` more waiting for one.
+    limit: usize,
 }
 
 impl ThreadPool {
@@ -45,7 +53,9 @@ impl ThreadPool {
         backlog: usize,
         runner: Arc<dyn Runner>,
     ) -> std::io::Result<ThreadPool> {
-        let (jobs, queue) = crossbeam_channel::bounded(backlog);
+        let limit = threads + backlog;
+        // Every queued job holds a ticket, so the channel never holds more than `limit`.
+        let (jobs, queue) = crossbeam_channel::bounded(limit);
         for i in 0..threads {
             let queue = queue.clone();
             let runner = runner.clone();
@@ -53,11 +63,20 @@ impl ThreadPool {
                 .name(format!("py-{name}-{i}"))
                 .spawn(move || thread_main(queue, runner))?;
         }
-        Ok(ThreadPool { jobs })
+        Ok(ThreadPool {
+            jobs,
+            admitted: Arc::new(AtomicUsize::new(0)),
+            limit,
+        })
     }
 
-    /// Queues a job; `false` when the backlog is full (or the threads are gone).
+    /// Queues a job; `false` when the threads are all taken and `queue_size` requests wait
+    /// already (or the threads are gone).
     pub(crate) fn submit(&self, job: Job) -> bool {
+        let Some(ticket) = AdmissionTicket::take(&self.admitted, self.limit) else {
+            return false;
+        };
+        job.responder.hold(ticket);
         match self.jobs.try_send(job) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
