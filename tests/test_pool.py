@@ -191,6 +191,40 @@ def test_a_worker_killed_under_load_costs_only_its_own_requests(portico):
     server.wait_for_log(f"pool worker {victim} was killed by signal 9")
 
 
+def test_with_one_worker_requests_during_its_restart_wait_for_the_next(portico):
+    """processes = 1: kill -9 of the only worker costs the requests it had in flight; those
+    that come while its successor starts wait for it, as a daemon's listen queue holds them
+    for mod_wsgi and gunicorn, instead of getting 503."""
+    server = portico(pool_app(processes=1, threads=4))
+    victim = int(server.get("/pid")[2])
+    results, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _, body = server.get("/pid", timeout=15)
+            except OSError as e:
+                status, body = repr(e), b""
+            results.append((status, body))
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    try:
+        wait_until(lambda: len(results) > 20, what="load to flow")
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: any(s == 200 and int(b) != victim for s, b in results[-10:]),
+                   timeout=10, what="the successor to answer")
+        count = len(results)
+        wait_until(lambda: len(results) > count + 20, what="load after the restart")
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(20)
+    failed = [r for r in results if r[0] != 200]
+    # Each of the two clients had at most one request on the victim when it died.
+    assert len(failed) <= 2 and all(s == 502 for s, _ in failed), failed
+
+
 def test_a_worker_dying_mid_request_is_a_502_and_the_pool_heals(portico):
     server = portico(pool_app(processes=1))
     first = int(server.get("/pid")[2])

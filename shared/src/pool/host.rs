@@ -62,10 +62,16 @@ pub(crate) struct WorkerConn {
     /// Where a request that never reached this worker goes instead, once it is lost: another
     /// worker of the pool, or a new connection to the pool server.
     redirect: OnceLock<Redirect>,
+    /// Where such a request waits when no worker is live (see [`Park`]).
+    park: OnceLock<Park>,
 }
 
 /// Gives the connection a request that never reached a lost one should go to.
 pub(crate) type Redirect = Box<dyn Fn() -> Option<Arc<WorkerConn>> + Send + Sync>;
+
+/// Keeps a request that never reached a lost worker until a worker is ready, when
+/// [`Redirect`] finds none live; gives it back when it cannot.
+pub(crate) type Park = Box<dyn Fn(Moved) -> Result<(), Box<Moved>> + Send + Sync>;
 
 /// How often one request may be moved to another connection.
 const MOST_MOVES: u8 = 2;
@@ -119,6 +125,7 @@ impl WorkerConn {
             delivery: Arc::new(Delivery::default()),
             queued: AtomicU64::new(0),
             redirect: OnceLock::new(),
+            park: OnceLock::new(),
         });
         let writer = socket.try_clone()?;
         let delivery = conn.delivery.clone();
@@ -187,25 +194,7 @@ impl WorkerConn {
         route: &Route,
         body: Option<&[Bytes]>,
     ) -> Result<Exchange, DispatchError> {
-        let (exchange, responder) = exchange::channel();
-        // A body too large for one frame (nginx's client_body_buffer_size can hold more)
-        // goes as Body frames when the worker asks, as a streamed one does.
-        let whole: usize = body.map_or(0, |pieces| pieces.iter().map(Bytes::len).sum());
-        let (inline, held) = match body {
-            Some(pieces) if whole > INLINE_BODY_LIMIT => (None, Some(held_body(pieces))),
-            _ => (body, None),
-        };
-        let request = Moved {
-            started: Instant::now(),
-            state: StreamState {
-                responder: Some(responder),
-                websocket: kind == RequestKind::WebSocket,
-                inbound_credit: WS_INBOUND_WINDOW,
-                held_body: held,
-                ..StreamState::default()
-            },
-            payload: wire::encode_request(kind, head, route, inline),
-        };
+        let (exchange, request) = Moved::new(kind, head, route, body);
         match self.enqueue(request) {
             Ok(()) => Ok(exchange),
             Err(_) => Err(DispatchError::WorkerLost(format!(
@@ -217,7 +206,7 @@ impl WorkerConn {
 
     /// Gives the worker a request (new, or one that never reached a lost worker); hands it
     /// back when this worker takes none.
-    fn enqueue(self: &Arc<Self>, request: Moved) -> Result<(), Box<Moved>> {
+    pub(crate) fn enqueue(self: &Arc<Self>, request: Moved) -> Result<(), Box<Moved>> {
         // Counted before the drain check (both sequentially consistent): a drainer that
         // sees no request in flight can be sure none slips in after.
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -266,6 +255,11 @@ impl WorkerConn {
     /// Sets where requests that never reached this worker go once it is lost.
     pub(crate) fn set_redirect(&self, redirect: Redirect) {
         let _ = self.redirect.set(redirect);
+    }
+
+    /// Sets where those requests wait when no worker is live.
+    pub(crate) fn set_park(&self, park: Park) {
+        let _ = self.park.set(park);
     }
 
     /// Asks the peer (a pool server) for its pool's status and waits up to `limit` for the
@@ -371,6 +365,12 @@ impl WorkerConn {
                 Err(back) => moved = *back,
             }
         }
+        if let Some(park) = self.park.get() {
+            match park(moved) {
+                Ok(()) => return true,
+                Err(back) => moved = *back,
+            }
+        }
         *stream.lock() = moved.state;
         false
     }
@@ -470,10 +470,48 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
 }
 
 /// A request on its way to a worker: its exchange's app side, and what is sent.
-struct Moved {
+pub(crate) struct Moved {
     started: Instant,
     state: StreamState,
     payload: Bytes,
+}
+
+impl Moved {
+    /// A new request for some worker, and the host's half of its exchange.
+    pub(crate) fn new(
+        kind: RequestKind,
+        head: &RequestHead,
+        route: &Route,
+        body: Option<&[Bytes]>,
+    ) -> (Exchange, Moved) {
+        let (exchange, responder) = exchange::channel();
+        // A body too large for one frame (nginx's client_body_buffer_size can hold more)
+        // goes as Body frames when the worker asks, as a streamed one does.
+        let whole: usize = body.map_or(0, |pieces| pieces.iter().map(Bytes::len).sum());
+        let (inline, held) = match body {
+            Some(pieces) if whole > INLINE_BODY_LIMIT => (None, Some(held_body(pieces))),
+            _ => (body, None),
+        };
+        let request = Moved {
+            started: Instant::now(),
+            state: StreamState {
+                responder: Some(responder),
+                websocket: kind == RequestKind::WebSocket,
+                inbound_credit: WS_INBOUND_WINDOW,
+                held_body: held,
+                ..StreamState::default()
+            },
+            payload: wire::encode_request(kind, head, route, inline),
+        };
+        (exchange, request)
+    }
+
+    /// Answers the request with `error`: it reaches no worker.
+    pub(crate) fn fail(mut self, error: DispatchError) {
+        if let Some(responder) = self.state.responder.take() {
+            let _ = responder.try_send(AppEvent::Failed(error));
+        }
+    }
 }
 
 /// One request on a worker, from the host's side.

@@ -86,6 +86,11 @@ pub struct Pool {
     /// Worker exits and replacements, newest last, for the status.
     events: Mutex<VecDeque<String>>,
     restarts: AtomicU64,
+    /// Requests that came while no worker was live (every one starting or restarting, as
+    /// with `processes = 1` after a crash), oldest first: the first worker ready takes them,
+    /// as a daemon's listen queue holds them for mod_wsgi and gunicorn. If a worker cannot
+    /// start they get 503 at once.
+    parked: Mutex<VecDeque<host::Moved>>,
 }
 
 /// A set of workers started together (at start, or by one reload).
@@ -132,6 +137,7 @@ impl Pool {
             workers: Mutex::new(Vec::new()),
             events: Mutex::new(VecDeque::new()),
             restarts: AtomicU64::new(0),
+            parked: Mutex::new(VecDeque::new()),
         });
         let generation = pool.current();
         pool.start_generation(&generation).map_err(|message| {
@@ -266,8 +272,12 @@ impl Pool {
         for _ in 0..4 {
             let generation = self.current();
             let Some(conn) = least_busy(&generation, &self.turn) else {
-                // Every worker is starting or restarting.
-                return Err(DispatchError::Overloaded);
+                // Every worker is starting or restarting: the request waits for one.
+                let (exchange, request) = host::Moved::new(kind, &head, &route, body.as_deref());
+                return match self.park(request) {
+                    Ok(()) => Ok(exchange),
+                    Err(_) => Err(DispatchError::Overloaded),
+                };
             };
             if conn.in_flight.load(Ordering::Acquire) >= self.config.threads {
                 // Even the least busy worker has every thread taken.
@@ -286,6 +296,61 @@ impl Pool {
         least_busy(&self.current(), &self.turn)
     }
 
+    /// Keeps a request until a worker is ready (see `parked`); gives it back when the pool
+    /// stops or as many wait as its workers would queue.
+    fn park(&self, request: host::Moved) -> Result<(), Box<host::Moved>> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(Box::new(request));
+        }
+        let room = self.config.processes * (self.config.threads + self.config.queue_size);
+        {
+            let mut parked = self.lock_parked();
+            if parked.len() >= room {
+                return Err(Box::new(request));
+            }
+            parked.push_back(request);
+        }
+        // A worker registered between the caller's pick and the push has flushed already.
+        if self.pick().is_some() {
+            self.flush_parked();
+        }
+        Ok(())
+    }
+
+    /// Hands the waiting requests to the live workers, least busy first.
+    fn flush_parked(&self) {
+        let waiting = std::mem::take(&mut *self.lock_parked());
+        let mut left = VecDeque::new();
+        'requests: for mut request in waiting {
+            // A worker picked may be lost or begin draining since: the next pick passes it.
+            for _ in 0..3 {
+                let Some(conn) = self.pick() else { break };
+                match conn.enqueue(request) {
+                    Ok(()) => continue 'requests,
+                    Err(back) => request = *back,
+                }
+            }
+            left.push_back(request);
+        }
+        if !left.is_empty() {
+            let mut parked = self.lock_parked();
+            left.append(&mut parked);
+            *parked = left;
+        }
+    }
+
+    /// Answers every waiting request 503: no worker will be ready soon.
+    fn fail_parked(&self) {
+        let waiting = std::mem::take(&mut *self.lock_parked());
+        for request in waiting {
+            request.fail(DispatchError::Overloaded);
+        }
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, VecDeque<host::Moved>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Stops the workers (SIGTERM) and starts no more.
     /// Stops the pool: no more workers start, and each worker is closed once its requests
     /// are done (an ASGI app gets its lifespan shutdown). Waits up to `wait` for them.
@@ -293,6 +358,7 @@ impl Pool {
         if !self.stopping.swap(true, Ordering::AcqRel) {
             log::info!("app `{}`: stopping its pool workers", self.config.name);
         }
+        self.fail_parked();
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline
             && !self
@@ -377,6 +443,10 @@ impl Pool {
                 Ok(started) => started,
                 Err(why) => {
                     log::error!("app `{name}`: a pool worker could not start: {why}");
+                    if self.pick().is_none() {
+                        // The next try is a backoff away: the waiting requests do not wait.
+                        self.fail_parked();
+                    }
                     if let Some((old, _, _)) = &outgoing {
                         // Replacing a worker that serves is no reason to stop serving.
                         log::warn!(
@@ -397,6 +467,11 @@ impl Pool {
             let ready_at = Instant::now();
             let pool = Arc::downgrade(&self);
             conn.set_redirect(Box::new(move || pool.upgrade()?.pick()));
+            let pool = Arc::downgrade(&self);
+            conn.set_park(Box::new(move |request| match pool.upgrade() {
+                Some(pool) => pool.park(request),
+                None => Err(Box::new(request)),
+            }));
             generation
                 .conns
                 .write()
@@ -414,6 +489,7 @@ impl Pool {
                 "app `{name}`: pool worker {pid} started (generation {})",
                 generation.number
             );
+            self.flush_parked();
             // Only now, with its replacement taking requests, does a recycled worker drain:
             // no request finds the pool without a live worker meanwhile.
             if let Some((old, old_child, why)) = outgoing.take() {
