@@ -29,6 +29,20 @@ def test_config_errors_name_file_line_and_key_all_at_once(run_portico, tmp_path)
         assert f"{cfg}:7: app[0].mount" in result.stderr
 
 
+def test_type_errors_and_unknown_keys_are_all_named_in_one_pass(run_portico, tmp_path):
+    cfg = tmp_path / "typos.toml"
+    cfg.write_text('[[app]]\nname = "a"\ntarget = "validated:application"\nproceses = 4\n'
+                   'threads = "many"\nmax_body_size = "lots"\nmount = "relative"\n')
+    result = run_portico("check", "--config", str(cfg))
+    assert result.returncode == 64
+    for line, key, what in ((4, "app[0].proceses", "unknown field `proceses`"),
+                            (5, "app[0].threads", "invalid type"),
+                            (6, "app[0].max_body_size", "`lots` is not a size"),
+                            (7, "app[0].mount", "must start with `/`")):
+        assert f"{cfg}:{line}: {key}: " in result.stderr and what in result.stderr, \
+            (key, result.stderr)
+
+
 def test_unknown_key_is_an_error(run_portico, tmp_path):
     cfg = tmp_path / "typo.toml"
     cfg.write_text(app_table("a", "validated:application") + "thread = 3\n")

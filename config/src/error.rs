@@ -27,12 +27,18 @@ impl ConfigError {
         }
     }
 
-    /// A TOML syntax or type error, located by the parser's span.
-    pub(crate) fn from_toml(e: toml::de::Error, text: &str, path: &Path) -> ConfigError {
+    /// A TOML syntax or type error, located by the parser's span, in the entry `key` when
+    /// one holds the span.
+    pub(crate) fn from_toml(
+        e: &toml::de::Error,
+        text: &str,
+        path: &Path,
+        key: Option<String>,
+    ) -> ConfigError {
         ConfigError {
             file: path.to_owned(),
             line: e.span().map(|span| line_of(text, span.start)),
-            key: None,
+            key,
             message: e.message().trim().to_owned(),
         }
     }
@@ -111,6 +117,17 @@ impl<'a> Locator<'a> {
         }
     }
 
+    /// Whether the file sets key `name` in `[[app]]` table `index` itself (as opposed to the
+    /// key taking its default).
+    pub(crate) fn app_sets(&self, index: usize, name: &str) -> bool {
+        self.doc
+            .as_ref()
+            .and_then(|doc| doc.get("app"))
+            .and_then(|apps| apps.as_array_of_tables())
+            .and_then(|apps| apps.get(index))
+            .is_some_and(|app| app.contains_key(name))
+    }
+
     fn span_of(&self, key: &str) -> Option<usize> {
         let mut table = self.doc.as_ref()?.as_item().as_table_like()?;
         let mut best = None;
@@ -144,4 +161,50 @@ impl<'a> Locator<'a> {
         }
         best
     }
+}
+
+/// The `key = value` entry of `text` that holds byte `offset`: its key path (`app[0].threads`)
+/// and its bytes, from the key to the end of the value. An inline table or array counts as
+/// one entry. `None` for an offset in no entry (a table header) or a text that does not parse.
+pub(crate) fn entry_at(text: &str, offset: usize) -> Option<(String, std::ops::Range<usize>)> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    entry_in(doc.as_table(), "", offset)
+}
+
+fn entry_in(
+    table: &dyn toml_edit::TableLike,
+    prefix: &str,
+    offset: usize,
+) -> Option<(String, std::ops::Range<usize>)> {
+    for (key, item) in table.iter() {
+        let path = if prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match item {
+            toml_edit::Item::Value(value) => {
+                let start = table.key(key).and_then(|k| k.span()).map(|s| s.start);
+                if let (Some(start), Some(end)) = (start, value.span().map(|s| s.end)) {
+                    if (start..end).contains(&offset) {
+                        return Some((path, start..end));
+                    }
+                }
+            }
+            toml_edit::Item::Table(inner) => {
+                if let Some(found) = entry_in(inner, &path, offset) {
+                    return Some(found);
+                }
+            }
+            toml_edit::Item::ArrayOfTables(tables) => {
+                for (i, inner) in tables.iter().enumerate() {
+                    if let Some(found) = entry_in(inner, &format!("{path}[{i}]"), offset) {
+                        return Some(found);
+                    }
+                }
+            }
+            toml_edit::Item::None => {}
+        }
+    }
+    None
 }

@@ -388,12 +388,73 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}")))
         })?;
-        let mut config = Config::from_toml(&text, path)?;
+        let (config, mut errors, refused) = Config::parse_all(&text, path);
+        let Some(mut config) = config else {
+            return Err(ConfigErrors(errors));
+        };
         if let Some(dir) = path.parent() {
             config.resolve_paths(dir);
         }
-        config.validate(&text, path)?;
-        Ok(config)
+        if let Err(more) = config.validate(&text, path) {
+            // A refused key was read as its default: what is said of that default is moot.
+            errors.extend(
+                more.0
+                    .into_iter()
+                    .filter(|e| !e.key.as_ref().is_some_and(|k| refused.contains(k))),
+            );
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            errors.sort_by_key(|e| e.line);
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Parses and type-checks, and goes on past a refused entry: each is reported (with its
+    /// key) and read again without it, so one pass names every unknown key and every value
+    /// of the wrong type. Returns the config read without the refused entries (if the rest
+    /// parses), the errors, and the refused keys.
+    fn parse_all(text: &str, path: &Path) -> (Option<Config>, Vec<ConfigError>, Vec<String>) {
+        let mut errors = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
+        // Refused entries are blanked out byte for byte, so lines and spans stay the same.
+        let mut remaining = text.to_owned();
+        for _ in 0..100 {
+            let e = match toml::from_str::<Config>(&remaining) {
+                Ok(config) => return (Some(config), errors, refused),
+                Err(e) => e,
+            };
+            let entry = e
+                .span()
+                .and_then(|span| error::entry_at(&remaining, span.start));
+            // A required key that was refused is missing now: said already.
+            let moot = e.message().starts_with("missing field")
+                && refused.iter().any(|k| {
+                    let field = k.rsplit('.').next().unwrap_or(k);
+                    e.message().contains(&format!("`{field}`"))
+                });
+            if !moot {
+                errors.push(ConfigError::from_toml(
+                    &e,
+                    text,
+                    path,
+                    entry.as_ref().map(|(key, _)| key.clone()),
+                ));
+            }
+            let Some((key, bytes)) = entry else {
+                break;
+            };
+            let mut blanked = std::mem::take(&mut remaining).into_bytes();
+            for b in &mut blanked[bytes] {
+                if *b != b'\n' {
+                    *b = b' ';
+                }
+            }
+            remaining = String::from_utf8(blanked).unwrap_or_default();
+            refused.push(key);
+        }
+        (None, errors, refused)
     }
 
     /// Makes relative `python_path`, `python_home` and `chdir` entries relative to `base`
@@ -418,8 +479,10 @@ impl Config {
 
     /// Parses and type-checks TOML text. `path` is only used in error messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-        toml::from_str(text)
-            .map_err(|e| ConfigErrors::single(ConfigError::from_toml(e, text, path)))
+        match Config::parse_all(text, path) {
+            (Some(config), errors, _) if errors.is_empty() => Ok(config),
+            (_, errors, _) => Err(ConfigErrors(errors)),
+        }
     }
 
     /// Checks what the types cannot, and reports all problems at once. `text` and `path` are
@@ -612,15 +675,21 @@ impl Config {
                 }
             }
             if app.mode == Mode::InProcess {
-                for (k, set) in [
-                    ("user", app.user.is_some()),
-                    ("group", app.group.is_some()),
-                    ("env", !app.env.is_empty()),
-                ] {
-                    if set {
+                for k in ["user", "group", "env"] {
+                    if locator.app_sets(i, k) {
                         err(
                             key(k),
                             "is only for mode = \"pool\" (an in-process app runs as the server, in its environment)".into(),
+                        );
+                    }
+                }
+                // The pool's own settings mean nothing in-process: said, not ignored, so a
+                // pool left at `mode`'s default is not taken for one that recycles its workers.
+                for k in POOL_ONLY {
+                    if locator.app_sets(i, k) {
+                        err(
+                            key(k),
+                            "is only for mode = \"pool\" (this app runs in-process: set mode = \"pool\", or remove it)".into(),
                         );
                     }
                 }
@@ -679,6 +748,19 @@ impl Config {
         }
     }
 }
+
+/// The pool's settings that an in-process app cannot have (besides `user`, `group`, `env`
+/// and `pool_socket`, refused with their own reasons).
+const POOL_ONLY: [&str; 8] = [
+    "processes",
+    "max_processes",
+    "idle_timeout",
+    "startup_timeout",
+    "max_requests",
+    "max_requests_jitter",
+    "max_memory",
+    "graceful_timeout",
+];
 
 fn is_dotted_name(s: &str) -> bool {
     !s.is_empty()

@@ -210,3 +210,58 @@ fn pool_users_and_groups_must_exist_and_are_for_pools_only() {
     )
     .unwrap();
 }
+
+#[test]
+fn one_pass_names_every_refused_key_and_every_other_problem() {
+    let text = "[[app]]\nname = \"a\"\ntarget = \"m:app\"\nproceses = 4\nmax_request = 100\n\
+                threads = 0\nmax_memory = \"lots\"\nqueue_size = \"many\"\n";
+    let path = Path::new("/etc/portico.toml");
+    let dir = std::env::temp_dir().join(format!("portico-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(&file, text).unwrap();
+    let errors = Config::load(&file).unwrap_err().0;
+    std::fs::remove_dir_all(&dir).unwrap();
+    let found: Vec<(Option<usize>, Option<&str>)> =
+        errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+    assert_eq!(
+        found,
+        [
+            (Some(4), Some("app[0].proceses")),
+            (Some(5), Some("app[0].max_request")),
+            (Some(6), Some("app[0].threads")),
+            (Some(7), Some("app[0].max_memory")),
+            (Some(8), Some("app[0].queue_size")),
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[0].message.starts_with("unknown field `proceses`"));
+    assert!(
+        errors[3].message.contains("`lots` is not a size"),
+        "{errors:?}"
+    );
+    // from_toml alone reports the parse errors, all of them, with their keys.
+    let parse_only = Config::from_toml(text, path).unwrap_err().0;
+    assert_eq!(parse_only.len(), 4, "{parse_only:?}");
+}
+
+#[test]
+fn pool_settings_on_an_in_process_app_are_refused() {
+    let errors = load(
+        "[[app]]\nname = \"a\"\ntarget = \"m:app\"\nprocesses = 4\nmax_requests = 10\n\
+         [[app]]\nname = \"b\"\ntarget = \"m:app\"\nmount = \"/b\"\nmode = \"pool\"\n\
+         processes = 4\nmax_requests = 10\n",
+    )
+    .unwrap_err()
+    .0;
+    let keys: Vec<(Option<usize>, Option<&str>)> =
+        errors.iter().map(|e| (e.line, e.key.as_deref())).collect();
+    assert_eq!(
+        keys,
+        [
+            (Some(4), Some("app[0].processes")),
+            (Some(5), Some("app[0].max_requests"))
+        ],
+        "{errors:?}"
+    );
+}
