@@ -94,6 +94,18 @@ def test_body_over_limit_is_413(server):
     assert data.startswith(b"HTTP/1.1 413")
 
 
+def test_body_over_limit_is_413_even_when_the_app_catches_it_and_answers_500(server):
+    """Flask catches the OSError of a read past max_body_size and answers 500: the cause is
+    the client's body, so the client gets 413 (RFC 9110 section 15.5.14), not the app's 500."""
+    wire = b"400\r\n" + b"y" * 1024 + b"\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n0\r\n\r\n"
+    data = server.raw(b"POST /bad/catch-body-error HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n" + wire)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    assert b"the app's own 500" not in data
+    small = server.request("POST", "/bad/catch-body-error", body=b"x" * 100)
+    assert (small[0], small[2]) == (200, b"read it all")
+
+
 def test_stalled_body_is_408(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"POST /bad/slow-read HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly some")

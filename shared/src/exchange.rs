@@ -209,6 +209,8 @@ struct State {
     app_waiters: u32,
     /// The request's place in its app's admission count, if it holds one.
     admission: Option<AdmissionTicket>,
+    /// The host refused the request body as too large ([`DispatchError::BodyTooLarge`]).
+    body_refused: Option<DispatchError>,
 }
 
 /// Marks the app side gone when the last [`Responder`] clone drops.
@@ -281,6 +283,7 @@ pub fn channel() -> (Exchange, Responder) {
             app_gone: false,
             app_waiters: 0,
             admission: None,
+            body_refused: None,
         }),
         app_wakeup: Condvar::new(),
     });
@@ -313,7 +316,17 @@ impl Exchange {
 
     fn poll_event(&self, waker: Option<&Waker>) -> Option<Option<AppEvent>> {
         let mut state = self.shared.lock();
-        if let Some(event) = state.events.pop_front() {
+        if let Some(mut event) = state.events.pop_front() {
+            // RFC 9110 section 15.5.14: a body over the limit is the client's error, 413. An
+            // app that catches the failed read and answers 5xx itself (Flask turns the
+            // OSError into a 500) does not make it the server's.
+            if let (Some(refused), AppEvent::Head(head) | AppEvent::Whole(head, _)) =
+                (&state.body_refused, &event)
+            {
+                if head.status >= 500 {
+                    event = AppEvent::Failed(refused.clone());
+                }
+            }
             // The app may be waiting for room.
             self.shared.wake_app(state);
             return Some(Some(event));
@@ -348,6 +361,9 @@ impl Exchange {
     /// Answers a [`AppEvent::NeedBody`]. Never blocks: only one piece is ever outstanding.
     pub fn send_body(&self, piece: BodyPiece) {
         let mut state = self.shared.lock();
+        if let BodyPiece::Failed(e @ DispatchError::BodyTooLarge { .. }) = &piece {
+            state.body_refused = Some(e.clone());
+        }
         state.body = Some(piece);
         self.shared.wake_app(state);
     }

@@ -116,6 +116,15 @@ def application(environ, start_response):
         import io
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](io.BytesIO(b"from a BytesIO" * 1000), 100)
+    if path == "/catch-body-error":
+        # As Flask does: the failed read is caught and answered with the app's own 500.
+        try:
+            environ["wsgi.input"].read()
+        except OSError:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [b"the app's own 500"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"read it all"]
     if path == "/slow-close":
         # Not a mistake either: work after the answer, in close() (PEP 3333), as Flask's
         # teardown handlers and Django's request_finished run there.
