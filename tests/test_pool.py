@@ -6,6 +6,7 @@ mid-request, an app that cannot be imported."""
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -325,11 +326,17 @@ def test_a_reload_to_code_that_cannot_import_keeps_the_old_workers(portico, tmp_
     code.mkdir()
     (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
     server = portico(app_table("v", "versioned:application", mode="pool", processes=1)
-                     .replace('python_path = ["', f'python_path = ["{code}", "', 1))
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1),
+                     server_extra='status_path = "/_portico/status"')
     (code / "versioned.py").write_text("this is not python\n")
     os.kill(server.proc.pid, 1)
     server.wait_for_log("generation 1 goes on serving", timeout=15)
     assert server.get("/")[2] == b"v1"
+    # The status says so too, with when.
+    [pool] = json.loads(server.get("/_portico/status")[2])
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ reload: generation 2 could "
+                            r"not load the app; generation 1 serves on", e)
+               for e in pool["events"]), pool["events"]
 
 
 def test_max_requests_replaces_a_worker_without_a_failed_request(portico):
@@ -499,6 +506,8 @@ def test_portico_status_lists_the_workers(portico, tmp_path):
     status = json.loads(server.get("/_portico/status")[2])
     assert [w["state"] for w in status[0]["workers"]] == ["serving", "serving"]
     assert sum(w["served"] for w in status[0]["workers"]) >= 6
+    code, headers, _ = server.request("POST", "/_portico/status", body=b"x")
+    assert (code, headers["Allow"]) == (405, "GET, HEAD")
 
 
 def test_workers_are_added_on_demand_and_stopped_when_idle(portico, tmp_path):

@@ -237,7 +237,7 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
             let Some(index) = index else {
                 // `portico_status`: the page is the exchange's one event.
                 let text = query_is(r, b"format=text");
-                let exchange = w.dispatcher.status_exchange(text);
+                let exchange = w.dispatcher.status_exchange(&head.method, text);
                 let (id, waker) = w.register(r);
                 return Ok((exchange, None, id, waker, (None, None, 0)));
             };

@@ -144,6 +144,11 @@ def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
         assert all(w["state"] == "serving" and w["rss_bytes"] > 0 for w in app["workers"])
         text = server.get("/pool-status?format=text")[1].decode()
         assert "app ver: generation 1" in text and str(min(workers)) in text
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/pool-status", body=b"x")
+        answer = conn.getresponse()
+        assert (answer.status, answer.getheader("Allow")) == (405, "GET, HEAD")
+        conn.close()
 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)

@@ -36,7 +36,8 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     {
         let text = session.req_header().uri.query() == Some("format=text");
         // Pools in other processes are asked off this thread; the page is one event.
-        let exchange = portico.dispatcher.status_exchange(text);
+        let method = session.req_header().method.clone();
+        let exchange = portico.dispatcher.status_exchange(method.as_str(), text);
         match exchange.next().await {
             Some(AppEvent::Whole(head, body)) => {
                 let mut resp = ResponseHeader::build(head.status, Some(head.headers.len() + 1))?;
@@ -45,6 +46,7 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
                 session.write_response_header(Box::new(resp), false).await?;
                 session.write_response_body(Some(body), true).await?;
             }
+            Some(AppEvent::Failed(e)) => respond_error(session, &e).await?,
             _ => {
                 let e = DispatchError::BadResponse("the status page failed".into());
                 respond_error(session, &e).await?;

@@ -387,8 +387,13 @@ impl Dispatcher {
     /// The status page of every pooled app, as an exchange whose one event is the whole
     /// response (JSON, or lines of text with `text`): pools in other processes are asked on
     /// a thread of its own, so the host's thread never waits for them. Both hosts serve
-    /// their status URL with it.
-    pub fn status_exchange(&self, text: bool) -> Exchange {
+    /// their status URL with it. A `method` other than GET or HEAD is answered 405.
+    pub fn status_exchange(&self, method: &str, text: bool) -> Exchange {
+        if !matches!(method, "GET" | "HEAD") {
+            let (exchange, responder) = exchange::channel();
+            let _ = responder.try_send(exchange::AppEvent::Failed(DispatchError::MethodNotAllowed));
+            return exchange;
+        }
         // One entry per pool: under nginx every location that passes to an app is an app
         // of its own here, and all of them reach the same pool.
         #[derive(PartialEq)]

@@ -36,6 +36,8 @@ pub enum DispatchError {
     WorkerLost(String),
     /// A pool server (`pool_socket`) could not be reached; why.
     PoolUnreachable(String),
+    /// The request's method is not one the resource answers (the status page: GET, HEAD).
+    MethodNotAllowed,
 }
 
 impl DispatchError {
@@ -51,6 +53,7 @@ impl DispatchError {
             DispatchError::AppRaised(_) | DispatchError::BadResponse(_) => 500,
             DispatchError::WorkerLost(_) | DispatchError::PoolUnreachable(_) => 502,
             DispatchError::Overloaded => 503,
+            DispatchError::MethodNotAllowed => 405,
             DispatchError::AppTimeout => 504,
         }
     }
@@ -72,6 +75,8 @@ impl DispatchError {
         match self {
             DispatchError::Overloaded => &[("retry-after", "1")],
             DispatchError::UpgradeRequired => &[("sec-websocket-version", "13")],
+            // RFC 9110 section 15.5.6: a 405 says which methods would do.
+            DispatchError::MethodNotAllowed => &[("allow", "GET, HEAD")],
             _ => &[],
         }
     }
@@ -81,6 +86,7 @@ impl fmt::Display for DispatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DispatchError::NoRoute => write!(f, "no app is mounted at this path"),
+            DispatchError::MethodNotAllowed => write!(f, "method not allowed here"),
             DispatchError::BadRequest(why) => write!(f, "bad request: {why}"),
             DispatchError::BodyTooLarge { limit } => {
                 write!(f, "request body larger than max_body_size ({limit} bytes)")

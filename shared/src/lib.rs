@@ -17,6 +17,7 @@
 //! writing everything else to the client. Errors become HTTP statuses in one place:
 //! [`DispatchError::status`].
 
+pub mod clock;
 pub mod error;
 pub mod exchange;
 pub mod model;

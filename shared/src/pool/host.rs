@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct WorkerConn {
     /// The worker's process id.
     pub(crate) pid: u32,
+    /// The app it runs, for messages.
+    app: String,
     out: Sender<Frame>,
     streams: Mutex<HashMap<u32, Arc<HostStream>>>,
     next_stream: AtomicU32,
@@ -109,6 +111,7 @@ impl WorkerConn {
         let (out, frames) = crossbeam_channel::unbounded();
         let conn = Arc::new(WorkerConn {
             pid,
+            app: app.to_owned(),
             socket: socket.try_clone()?,
             out,
             streams: Mutex::new(HashMap::new()),
@@ -198,8 +201,8 @@ impl WorkerConn {
         match self.enqueue(request) {
             Ok(()) => Ok(exchange),
             Err(_) => Err(DispatchError::WorkerLost(format!(
-                "worker {} is gone",
-                self.pid
+                "app `{}`, worker {} is gone",
+                self.app, self.pid
             ))),
         }
     }
@@ -324,8 +327,8 @@ impl WorkerConn {
                 continue;
             }
             stream.deliver(AppEvent::Failed(DispatchError::WorkerLost(format!(
-                "worker {}: {why}",
-                self.pid
+                "app `{}`, worker {}: {why}",
+                self.app, self.pid
             ))));
         }
     }

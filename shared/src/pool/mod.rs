@@ -245,6 +245,10 @@ impl Pool {
                 self.config.name,
                 self.current().number
             );
+            self.record_event(format!(
+                "reload: generation {number} could not load the app; generation {} serves on",
+                self.current().number
+            ));
             return Err(e);
         }
         let old = std::mem::replace(
@@ -415,7 +419,9 @@ impl Pool {
         }
     }
 
+    /// Keeps `event` for the status, after the time it happened.
     fn record_event(&self, event: String) {
+        let event = format!("{} {event}", crate::clock::rfc3339_utc(SystemTime::now()));
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         if events.len() == 20 {
             events.pop_front();
@@ -443,6 +449,7 @@ impl Pool {
                 Ok(started) => started,
                 Err(why) => {
                     log::error!("app `{name}`: a pool worker could not start: {why}");
+                    self.record_event(format!("a worker could not start: {why}"));
                     if self.pick().is_none() {
                         // The next try is a backoff away: the waiting requests do not wait.
                         self.fail_parked();

@@ -698,6 +698,7 @@ pub fn encode_error(e: &DispatchError) -> Bytes {
         DispatchError::BadResponse(why) => (9, why, 0),
         DispatchError::WorkerLost(why) => (10, why, 0),
         DispatchError::PoolUnreachable(why) => (11, why, 0),
+        DispatchError::MethodNotAllowed => (12, "", 0),
     };
     out.put_u8(tag);
     put_bytes(&mut out, clip(text, ERROR_TEXT_LIMIT).as_bytes());
@@ -742,6 +743,7 @@ pub fn decode_error(payload: Bytes) -> Result<DispatchError, WireError> {
         9 => DispatchError::BadResponse(text),
         10 => DispatchError::WorkerLost(text),
         11 => DispatchError::PoolUnreachable(text),
+        12 => DispatchError::MethodNotAllowed,
         other => return Err(bad(format!("an error tag {other}"))),
     })
 }
