@@ -545,6 +545,24 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let (identity, environment) = unsafe { (worker_identity(cf), worker_environment(cf)) };
     main.pool_identity = identity;
     main.pool_environment = environment.clone();
+    // The pool's program is found now, so `nginx -t` says so, not the start.
+    if main.apps.iter().any(|e| crate::pool::is_managed(&e.config)) {
+        let binary = main
+            .pool_binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("portico"));
+        if !crate::pool::resolve_binary(&binary).is_file() {
+            // SAFETY: `cf->log` is the log of the configuration being read.
+            let log = unsafe { (*cf).log };
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "portico: the pooled apps need the `portico` program, and there is none at \"{}\" (set portico_pool_binary)",
+                binary.display()
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
     for entry in &main.apps {
         if let Err(why) = check_import(&entry.config, identity, &environment) {
             // SAFETY: `cf->log` is the log of the configuration being read.

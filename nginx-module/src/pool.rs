@@ -248,7 +248,7 @@ fn pool_environment(
 
 /// `binary` as a path the child can be started from without a `PATH` of its own: a bare
 /// name is looked up in the master's `PATH`, as a shell would.
-fn resolve_binary(binary: &Path) -> PathBuf {
+pub(crate) fn resolve_binary(binary: &Path) -> PathBuf {
     if binary.components().count() != 1 {
         return binary.to_path_buf();
     }
@@ -361,6 +361,7 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
         });
     }
     let mut child = command.spawn().map_err(|e| {
+        let _ = std::fs::remove_dir(&dir);
         format!(
             "cannot run {} (portico_pool_binary): {e}",
             plan.binary.display()

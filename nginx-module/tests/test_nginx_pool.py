@@ -621,3 +621,20 @@ def test_the_pool_follows_its_error_log_through_nginx_s_reopen(tmp_path):
                    what="the pool server's line about it in the new error.log")
     finally:
         server.stop()
+
+
+def test_nginx_t_says_when_the_pool_program_cannot_be_found(tmp_path):
+    """No `portico_pool_binary` and no `portico` on PATH: `nginx -t` fails and says what to
+    set, instead of a start that fails later."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    write_conf(tmp_path, free_port(), "        location / { portico_pass ver; }\n",
+               in_http=f"    portico_config {toml};\n")
+    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", "nginx.conf"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert done.returncode != 0, done.stderr
+    assert "the pooled apps need the `portico` program" in done.stderr, done.stderr
+    assert "portico_pool_binary" in done.stderr
