@@ -35,10 +35,20 @@ if HOST not in ("portico", "nginx"):
     raise RuntimeError(f"PORTICO_TEST_HOST={HOST!r}: use portico or nginx")
 
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never given before in this session: two asked for in a row (a
+    plain and a TLS listener) are never the same one, which the kernel may hand out twice
+    once the probing socket is closed."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def wait_until(predicate, timeout=15.0, interval=0.02, what="condition"):
