@@ -109,18 +109,19 @@ def status(server):
     return json.loads(body)
 
 
-def start_pooled(tmp_path):
-    """nginx serving ver.py ("v1") from the pool its master starts (two workers), ready.
-    Returns (nginx, the pool server's pid, the app's directory, the portico.toml)."""
+def start_pooled(tmp_path, source=None, ready=b"v1"):
+    """nginx serving ver.py ("v1", or `source`, which answers `ready` at /) from the pool
+    its master starts (two workers), ready. Returns (nginx, the pool server's pid, the app's
+    directory, the portico.toml)."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
-    write_app(app_dir, "v1")
+    write_app(app_dir, "v1", source=source)
     port = free_port()
     toml = portico_toml(tmp_path / "portico.toml", app_dir)
     pool_conf(tmp_path, port, toml)
     server = Nginx(tmp_path, port)
     try:
-        server.wait_serving(b"v1")
+        server.wait_serving(ready)
         pool = pool_server_of(server)
         wait_until(lambda: len(pool_workers(pool)) == 2, what="two pool workers")
     except BaseException:
@@ -595,16 +596,8 @@ def test_the_pool_follows_its_error_log_through_nginx_s_reopen(tmp_path):
     """logrotate renames error.log and runs `nginx -s reopen`: the pool's server and its
     workers then write to the new file, as nginx's own processes do, and not on into the
     renamed one until the next restart."""
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    write_app(app_dir, "", source=ENV_APP)
-    port = free_port()
-    toml = portico_toml(tmp_path / "portico.toml", app_dir)
-    pool_conf(tmp_path, port, toml)
-    server = Nginx(tmp_path, port)
+    server, pool, _, _ = start_pooled(tmp_path, source=ENV_APP, ready=b"(unset)")
     try:
-        server.wait_serving(b"(unset)")
-        pool = pool_server_of(server)
         log = tmp_path / "logs" / "error.log"
         log.rename(tmp_path / "logs" / "error.log.1")
         os.kill(server.proc.pid, signal.SIGUSR1)
