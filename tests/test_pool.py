@@ -230,6 +230,29 @@ def test_with_one_worker_requests_during_its_restart_wait_for_the_next(portico):
           f"successor answered after {answered * 1000:.0f} ms")
 
 
+def test_with_no_worker_able_to_start_requests_get_503_at_once(portico, tmp_path):
+    """The only worker dies and its successor cannot import the app (the code on disk broke
+    meanwhile): requests do not wait out the backoff between tries, they get 503 at once,
+    and the pool serves again once the code is mended."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
+    server = portico(app_table("v", "versioned:application", mode="pool", processes=1)
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1))
+    [worker] = worker_pids(server)
+    (code / "versioned.py").write_text("this is not python\n")
+    os.kill(worker, signal.SIGKILL)
+    server.wait_for_log("a pool worker could not start", timeout=15)
+    for _ in range(5):
+        began = time.monotonic()
+        status, headers, _ = server.get("/", timeout=15)
+        assert (status, headers.get("Retry-After")) == (503, "1")
+        assert time.monotonic() - began < 1.0
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v2"))
+    wait_until(lambda: server.get("/")[2] == b"v2", timeout=40, interval=0.2,
+               what="the pool to serve the mended code")
+
+
 def test_a_worker_dying_mid_request_is_a_502_and_the_pool_heals(portico):
     server = portico(pool_app(processes=1))
     first = int(server.get("/pid")[2])

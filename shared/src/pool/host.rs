@@ -509,6 +509,11 @@ impl Moved {
         (exchange, request)
     }
 
+    /// Whether nobody waits for the answer any more (the client left, or timed out).
+    pub(crate) fn abandoned(&self) -> bool {
+        self.state.responder.as_ref().is_none_or(|r| r.host_gone())
+    }
+
     /// Answers the request with `error`: it reaches no worker.
     pub(crate) fn fail(mut self, error: DispatchError) {
         if let Some(responder) = self.state.responder.take() {

@@ -91,6 +91,9 @@ pub struct Pool {
     /// as a daemon's listen queue holds them for mod_wsgi and gunicorn. If a worker cannot
     /// start they get 503 at once.
     parked: Mutex<VecDeque<host::Moved>>,
+    /// Workers fail to start (or die young) and the next try is a backoff away: requests
+    /// that find no live worker get 503 at once rather than wait for it.
+    failing: AtomicBool,
 }
 
 /// A set of workers started together (at start, or by one reload).
@@ -138,6 +141,7 @@ impl Pool {
             events: Mutex::new(VecDeque::new()),
             restarts: AtomicU64::new(0),
             parked: Mutex::new(VecDeque::new()),
+            failing: AtomicBool::new(false),
         });
         let generation = pool.current();
         pool.start_generation(&generation).map_err(|message| {
@@ -303,12 +307,15 @@ impl Pool {
     /// Keeps a request until a worker is ready (see `parked`); gives it back when the pool
     /// stops or as many wait as its workers would queue.
     fn park(&self, request: host::Moved) -> Result<(), Box<host::Moved>> {
-        if self.stopping.load(Ordering::Acquire) {
-            return Err(Box::new(request));
-        }
         let room = self.config.processes * (self.config.threads + self.config.queue_size);
         {
             let mut parked = self.lock_parked();
+            // Checked under the lock that `stop` and `fail_parked` take: none is left behind.
+            if self.stopping.load(Ordering::Acquire) || self.failing.load(Ordering::Acquire) {
+                return Err(Box::new(request));
+            }
+            // Those whose client left (or timed out) take no room and go to no worker.
+            parked.retain(|waiting| !waiting.abandoned());
             if parked.len() >= room {
                 return Err(Box::new(request));
             }
@@ -325,7 +332,7 @@ impl Pool {
     fn flush_parked(&self) {
         let waiting = std::mem::take(&mut *self.lock_parked());
         let mut left = VecDeque::new();
-        'requests: for mut request in waiting {
+        'requests: for mut request in waiting.into_iter().filter(|r| !r.abandoned()) {
             // A worker picked may be lost or begin draining since: the next pick passes it.
             for _ in 0..3 {
                 let Some(conn) = self.pick() else { break };
@@ -343,9 +350,14 @@ impl Pool {
         }
     }
 
-    /// Answers every waiting request 503: no worker will be ready soon.
+    /// Answers every waiting request 503, and the next ones until a worker starts: none
+    /// will be ready before a backoff.
     fn fail_parked(&self) {
-        let waiting = std::mem::take(&mut *self.lock_parked());
+        let waiting = {
+            let mut parked = self.lock_parked();
+            self.failing.store(true, Ordering::Release);
+            std::mem::take(&mut *parked)
+        };
         for request in waiting {
             request.fail(DispatchError::Overloaded);
         }
@@ -496,6 +508,7 @@ impl Pool {
                 "app `{name}`: pool worker {pid} started (generation {})",
                 generation.number
             );
+            self.failing.store(false, Ordering::Release);
             self.flush_parked();
             // Only now, with its replacement taking requests, does a recycled worker drain:
             // no request finds the pool without a live worker meanwhile.
@@ -584,6 +597,9 @@ impl Pool {
             log::warn!("app `{name}`: pool {event}; starting another");
             self.record_event(event);
             if young {
+                if self.pick().is_none() {
+                    self.fail_parked();
+                }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(30));
             } else {
