@@ -84,19 +84,7 @@ fn with_growing_buffer<T>(
 /// member of (getgrouplist(3)), as initgroups(3) gives them in nginx's, gunicorn's and
 /// mod_wsgi's workers. A uid with no entry keeps `gid` alone.
 pub fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
-    let name = with_growing_buffer(|buf| {
-        // SAFETY: a passwd is plain data (integers and pointers), valid all zero.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: as in lookup_user, with getpwuid_r.
-        let rc =
-            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: a found entry's pw_name points at a NUL-terminated string in `buf`, which
-        // is copied out (CString::from) before `buf` changes.
-        let name = (!found.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(entry.pw_name) });
-        (rc, name.map(CString::from))
-    });
-    let Ok(Some(name)) = name else {
+    let Some(name) = name_entry(uid) else {
         return vec![gid];
     };
     let mut groups: Vec<libc::gid_t> = vec![0; 64];
@@ -115,4 +103,27 @@ pub fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
         }
         groups.resize(count, 0);
     }
+}
+
+/// The name of user `uid`, for messages; `None` when no entry has that id.
+pub fn user_name(uid: u32) -> Option<String> {
+    name_entry(uid).map(|name| name.to_string_lossy().into_owned())
+}
+
+/// The name in the user entry of `uid` (getpwuid_r(3)).
+fn name_entry(uid: u32) -> Option<CString> {
+    with_growing_buffer(|buf| {
+        // SAFETY: a passwd is plain data (integers and pointers), valid all zero.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: as in lookup_user, with getpwuid_r.
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+        // SAFETY: a found entry's pw_name points at a NUL-terminated string in `buf`, which
+        // is copied out (CString::from) before `buf` changes.
+        let name = (!found.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(entry.pw_name) });
+        (rc, name.map(CString::from))
+    })
+    .ok()
+    .flatten()
 }

@@ -13,7 +13,7 @@ mod identity;
 mod units;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use identity::{groups_of, lookup_group, lookup_user};
+pub use identity::{groups_of, lookup_group, lookup_user, user_name};
 pub use units::{ByteSize, Seconds};
 
 use serde::Deserialize;
@@ -428,20 +428,14 @@ impl Config {
             let entry = e
                 .span()
                 .and_then(|span| error::entry_at(&remaining, span.start));
-            // A required key that was refused is missing now: said already.
-            let moot = e.message().starts_with("missing field")
-                && refused.iter().any(|k| {
-                    let field = k.rsplit('.').next().unwrap_or(k);
-                    e.message().contains(&format!("`{field}`"))
-                });
-            if !moot {
-                errors.push(ConfigError::from_toml(
-                    &e,
-                    text,
-                    path,
-                    entry.as_ref().map(|(key, _)| key.clone()),
-                ));
-            }
+            // A required key that was refused is then missing too, and said again: that
+            // costs a line, where guessing which table it was could hide a real one.
+            errors.push(ConfigError::from_toml(
+                &e,
+                text,
+                path,
+                entry.as_ref().map(|(key, _)| key.clone()),
+            ));
             let Some((key, bytes)) = entry else {
                 break;
             };

@@ -546,11 +546,9 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     main.pool_identity = identity;
     main.pool_environment = environment.clone();
     // The pool's program is found now, so `nginx -t` says so, not the start.
-    if main.apps.iter().any(|e| crate::pool::is_managed(&e.config)) {
-        let binary = main
-            .pool_binary
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("portico"));
+    // (`portico_pool_binary` checked its own file already.)
+    if main.pool_binary.is_none() && main.apps.iter().any(|e| crate::pool::is_managed(&e.config)) {
+        let binary = PathBuf::from("portico");
         if !crate::pool::resolve_binary(&binary).is_file() {
             // SAFETY: `cf->log` is the log of the configuration being read.
             let log = unsafe { (*cf).log };
@@ -624,19 +622,12 @@ unsafe fn worker_identity(cf: *mut ngx_conf_t) -> Option<(u32, u32)> {
         return Some((core.user, core.group));
     }
     // `user` is not set (or comes later in the file): nginx's default.
-    // SAFETY: getpwnam returns null or a pointer to a static record, read at once.
-    unsafe {
-        let pw = libc::getpwnam(c"nobody".as_ptr());
-        if pw.is_null() {
-            return None;
-        }
-        Some(((*pw).pw_uid, (*pw).pw_gid))
-    }
+    portico_config::lookup_user("nobody").ok()
 }
 
 /// The environment nginx gives its workers, as far as the configuration read so far says:
 /// nginx clears the rest, and keeps each variable of an `env` directive, `env NAME=VALUE;`
-/// with that value and `env NAME;` with the master's (TZ is added by [`check_import`]). An
+/// with that value and `env NAME;` with the master's, and TZ unless one names it. An
 /// `env` directive after the `http` block is not read yet; the worker's own check of
 /// Python's standard library catches a PYTHONHOME given there.
 ///
@@ -674,21 +665,18 @@ unsafe fn worker_environment(cf: *mut ngx_conf_t) -> Vec<(OsString, OsString)> {
             environment.push((name.to_owned(), value));
         }
     }
+    // nginx keeps TZ for its workers unless an `env` directive names it.
+    if !environment.iter().any(|(name, _)| name == "TZ") {
+        if let Some(tz) = std::env::var_os("TZ") {
+            environment.push(("TZ".into(), tz));
+        }
+    }
     environment
 }
 
 /// The name of user `uid`, for messages ("" when it has none).
 pub(crate) fn user_name(uid: u32) -> String {
-    // SAFETY: getpwuid returns null or a pointer to a static record, read at once.
-    unsafe {
-        let pw = libc::getpwuid(uid);
-        if pw.is_null() {
-            return String::new();
-        }
-        core::ffi::CStr::from_ptr((*pw).pw_name)
-            .to_string_lossy()
-            .into_owned()
-    }
+    portico_config::user_name(uid).unwrap_or_default()
 }
 
 /// Imports the app in a child interpreter with the environment and the user a worker has
@@ -717,9 +705,6 @@ fn check_import(
         .stderr(Stdio::piped());
     if let Some(dir) = &app.chdir {
         command.current_dir(dir);
-    }
-    if let Ok(tz) = std::env::var("TZ") {
-        command.env("TZ", tz);
     }
     command.envs(environment.iter().map(|(k, v)| (k, v)));
     let as_user = match identity {

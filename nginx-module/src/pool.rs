@@ -225,15 +225,7 @@ fn pool_environment(
     if let Some(path) = error_log {
         environment.push(("PORTICO_ERROR_LOG".into(), path.into()));
     }
-    let has = |environment: &[(OsString, OsString)], name: &str| {
-        environment.iter().any(|(k, _)| k == name)
-    };
-    if !has(&environment, "TZ") {
-        if let Some(tz) = std::env::var_os("TZ") {
-            environment.push(("TZ".into(), tz));
-        }
-    }
-    if !has(&environment, "PORTICO_LOG") {
+    if !environment.iter().any(|(k, _)| k == "PORTICO_LOG") {
         let level = crate::log_sink::filter_for(log_level)
             .as_str()
             .to_lowercase();
@@ -301,9 +293,17 @@ unsafe fn error_log_fd(log: *mut nginx_sys::ngx_log_t) -> Option<OwnedFd> {
     (copy >= 0).then(|| unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
-/// Starts a pool server and waits until each app's socket is there.
+/// Starts a pool server and waits until each app's socket is there. A start that fails
+/// leaves no socket directory behind.
 fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
     let dir = make_socket_dir(plan.identity)?;
+    launch(plan, stderr, dir.clone()).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+}
+
+/// [`start`] with its socket directory made.
+fn launch(plan: Plan, stderr: Option<OwnedFd>, dir: PathBuf) -> Result<Running, String> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -361,7 +361,6 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
         });
     }
     let mut child = command.spawn().map_err(|e| {
-        let _ = std::fs::remove_dir(&dir);
         format!(
             "cannot run {} (portico_pool_binary): {e}",
             plan.binary.display()
@@ -388,7 +387,6 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
         }
         match child.try_wait() {
             Ok(Some(status)) => {
-                let _ = std::fs::remove_dir(&dir);
                 return Err(format!(
                     "`{} pool` {status} before it was ready; its error is in the log above",
                     plan.binary.display()
@@ -397,11 +395,13 @@ fn start(plan: Plan, stderr: Option<OwnedFd>) -> Result<Running, String> {
             Ok(None) if started.elapsed() > limit => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = std::fs::remove_dir(&dir);
                 return Err(format!("the pool server was not ready within {limit:?}"));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(format!("waiting for the pool server: {e}")),
+            Err(e) => {
+                let _ = child.kill();
+                return Err(format!("waiting for the pool server: {e}"));
+            }
         }
     }
     Ok(Running {

@@ -36,8 +36,9 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     {
         let text = session.req_header().uri.query() == Some("format=text");
         // Pools in other processes are asked off this thread; the page is one event.
-        let method = session.req_header().method.clone();
-        let exchange = portico.dispatcher.status_exchange(method.as_str(), text);
+        let exchange = portico
+            .dispatcher
+            .status_exchange(session.req_header().method.as_str(), text);
         match exchange.next().await {
             Some(AppEvent::Whole(head, body)) => {
                 let mut resp = ResponseHeader::build(head.status, Some(head.headers.len() + 1))?;

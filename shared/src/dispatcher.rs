@@ -156,7 +156,14 @@ impl App {
             Placement::Remote(remote) => return remote.submit(wire_kind, head, route, body),
             _ => {}
         }
-        let (exchange, responder) = exchange::channel();
+        let admission = match &self.placement {
+            Placement::Threads(threads) => match threads.admit() {
+                Some(ticket) => Some(ticket),
+                None => return Err(DispatchError::Overloaded),
+            },
+            _ => None,
+        };
+        let (exchange, responder) = exchange::channel_holding(admission);
         let job = Job {
             kind,
             head,

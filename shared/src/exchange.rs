@@ -272,6 +272,12 @@ impl Shared {
 
 /// A connected pair of halves.
 pub fn channel() -> (Exchange, Responder) {
+    channel_holding(None)
+}
+
+/// [`channel`] for a request that holds a place in its app's admission count until its
+/// response ends (see [`AdmissionTicket`]).
+pub(crate) fn channel_holding(admission: Option<AdmissionTicket>) -> (Exchange, Responder) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             events: VecDeque::with_capacity(EVENT_CAPACITY),
@@ -282,7 +288,7 @@ pub fn channel() -> (Exchange, Responder) {
             host_gone: false,
             app_gone: false,
             app_waiters: 0,
-            admission: None,
+            admission,
             body_refused: None,
         }),
         app_wakeup: Condvar::new(),
@@ -398,34 +404,36 @@ impl Exchange {
     }
 }
 
+/// Queues an event for the host (there is room) and wakes it. The event that ends the
+/// response gives the request's admission place back first, so the place is free by the
+/// time the host can see the end.
+fn push_event(mut state: MutexGuard<'_, State>, event: AppEvent) {
+    if event.ends_response() {
+        state.admission = None;
+    }
+    state.events.push_back(event);
+    let waker = state.host_waker.take();
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
 impl Responder {
     fn shared(&self) -> &Shared {
         &self.half.shared
     }
 
-    /// Makes the request hold `ticket` until its response ends (see [`AdmissionTicket`]).
-    pub(crate) fn hold(&self, ticket: AdmissionTicket) {
-        self.shared().lock().admission = Some(ticket);
-    }
-
     /// Sends an event without waiting; gives the event back when the mailbox is full.
     pub fn try_send(&self, event: AppEvent) -> Result<(), Result<AppEvent, HostGone>> {
-        let mut state = self.shared().lock();
+        let state = self.shared().lock();
         if state.host_gone {
             return Err(Err(HostGone));
         }
         if state.events.len() >= EVENT_CAPACITY {
             return Err(Ok(event));
         }
-        if event.ends_response() {
-            state.admission = None;
-        }
-        state.events.push_back(event);
-        let waker = state.host_waker.take();
-        drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        push_event(state, event);
         Ok(())
     }
 
@@ -480,15 +488,7 @@ impl Responder {
             state.app_waker = Some(waker.clone());
             return Err(Ok(event));
         }
-        if event.ends_response() {
-            state.admission = None;
-        }
-        state.events.push_back(event);
-        let host = state.host_waker.take();
-        drop(state);
-        if let Some(host) = host {
-            host.wake();
-        }
+        push_event(state, event);
         Ok(())
     }
 

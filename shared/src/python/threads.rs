@@ -70,13 +70,15 @@ impl ThreadPool {
         })
     }
 
-    /// Queues a job; `false` when the threads are all taken and `queue_size` requests wait
-    /// already (or the threads are gone).
+    /// A place for one more request; `None` when the threads are all taken and
+    /// `queue_size` requests wait already. The request's exchange holds it (see
+    /// [`crate::exchange::channel_holding`]).
+    pub(crate) fn admit(&self) -> Option<AdmissionTicket> {
+        AdmissionTicket::take(&self.admitted, self.limit)
+    }
+
+    /// Queues a job admitted by [`ThreadPool::admit`]; `false` when the threads are gone.
     pub(crate) fn submit(&self, job: Job) -> bool {
-        let Some(ticket) = AdmissionTicket::take(&self.admitted, self.limit) else {
-            return false;
-        };
-        job.responder.hold(ticket);
         match self.jobs.try_send(job) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
