@@ -382,9 +382,26 @@ pub fn split_target(target: &str) -> (&str, &str) {
     }
 }
 
+/// What maps request paths to the apps of a config, which decides whether their `mount`s
+/// must differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// `portico serve`: each app's `mount` routes requests to it, so no two may share one.
+    Mounts,
+    /// nginx's locations (`portico_pass` mounts an app at its location), or nothing (the
+    /// pool processes serve what a host routed to them): `mount` is not used.
+    Elsewhere,
+}
+
 impl Config {
-    /// Reads, parses and validates a config file. Every error names `path`.
+    /// Reads, parses and validates a config file for `portico serve`. Every error names
+    /// `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_for(path, Routing::Mounts)
+    }
+
+    /// [`Config::load`] for a reader whose requests are routed as `routing` says.
+    pub fn load_for(path: &Path, routing: Routing) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}")))
         })?;
@@ -395,7 +412,7 @@ impl Config {
         if let Some(dir) = path.parent() {
             config.resolve_paths(dir);
         }
-        if let Err(more) = config.validate(&text, path) {
+        if let Err(more) = config.validate_for(&text, path, routing) {
             // A refused key was read as its default: what is said of that default is moot.
             errors.extend(
                 more.0
@@ -482,6 +499,16 @@ impl Config {
     /// Checks what the types cannot, and reports all problems at once. `text` and `path` are
     /// the file the config came from, so each error can name its line.
     pub fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigErrors> {
+        self.validate_for(text, path, Routing::Mounts)
+    }
+
+    /// [`Config::validate`] for a reader whose requests are routed as `routing` says.
+    pub fn validate_for(
+        &self,
+        text: &str,
+        path: &Path,
+        routing: Routing,
+    ) -> Result<(), ConfigErrors> {
         let locator = error::Locator::new(text, path);
         let mut errors = Vec::new();
         let mut err = |key: String, message: String| errors.push(locator.error(&key, message));
@@ -606,6 +633,7 @@ impl Config {
             if let Some(j) = self.app[..i]
                 .iter()
                 .position(|other| other.script_name() == app.script_name())
+                .filter(|_| routing == Routing::Mounts)
             {
                 err(
                     key("mount"),

@@ -14,7 +14,7 @@ use nginx_sys::{
 };
 use ngx::core::NGX_CONF_ERROR;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
-use portico_config::{AppConfig, Config, Interface};
+use portico_config::{AppConfig, Config, Interface, Routing};
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -319,7 +319,8 @@ pub unsafe extern "C" fn cmd_portico_config(
     }
     // SAFETY: nginx calls directive handlers with a valid `cf`.
     let file = unsafe { path_argument(cf) };
-    match Config::load(&file) {
+    // nginx's locations route requests, not the file's `mount`s.
+    match Config::load_for(&file, Routing::Elsewhere) {
         Ok(config) => {
             main.config = Some(LoadedConfig {
                 file,

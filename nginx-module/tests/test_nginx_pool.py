@@ -631,3 +631,28 @@ def test_nginx_t_says_when_the_pool_program_cannot_be_found(tmp_path):
     assert done.returncode != 0, done.stderr
     assert "the pooled apps need the `portico` program" in done.stderr, done.stderr
     assert "portico_pool_binary" in done.stderr
+
+
+def test_apps_of_a_portico_toml_need_no_mount_of_their_own_under_nginx(tmp_path):
+    """nginx's locations route (`portico_pass` mounts an app at its location), so the apps of
+    a portico.toml written for nginx may all leave `mount` at its default, `/`: neither
+    nginx nor the pool it starts holds that against them."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    toml = tmp_path / "portico.toml"
+    toml.write_text("".join(
+        f'[[app]]\nname = "{name}"\ntarget = "ver:application"\npython_path = ["{app_dir}"]\n'
+        'mode = "pool"\nprocesses = 1\n' for name in ("one", "two")))
+    port = free_port()
+    write_conf(tmp_path, port, """
+        location / { portico_pass one; }
+        location /two/ { portico_pass two; }
+""", in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"v1")
+        assert server.get("/two/")[0:2] == (200, b"v1")
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0

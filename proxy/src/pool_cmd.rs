@@ -6,7 +6,7 @@
 //! the requests in flight. With `--lifeline-fd`, end-of-file on that descriptor stops it too:
 //! nginx's processes hold the other end, so the pool goes when the last of them does.
 
-use portico_config::{Config, Mode};
+use portico_config::{Config, Mode, Routing};
 use portico_core::pool::server::PoolServer;
 use portico_core::pool::PoolHost;
 use portico_core::{Dispatcher, HostInfo};
@@ -73,7 +73,8 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     }
     // Taken first, so that no descriptor of them leaks into anything this process starts.
     let inherited = listen_fds();
-    let mut config = match Config::load(&args.config) {
+    // A pool routes nothing: its hosts did.
+    let mut config = match Config::load_for(&args.config, Routing::Elsewhere) {
         Ok(config) => config,
         Err(e) => return crate::config_failed(&e),
     };

@@ -3,7 +3,7 @@
 //! named by `--app` from `--config` through the same core as in-process hosting, and serves
 //! the host's requests until the host closes the socket.
 
-use portico_config::{Config, Mode};
+use portico_config::{Config, Mode, Routing};
 use portico_core::pool::{worker, WORKER_FD};
 use portico_core::{Dispatcher, HostInfo};
 use std::os::fd::FromRawFd;
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         eprintln!("portico-worker: needs --config FILE --app NAME (it is started by portico for mode = \"pool\")");
         return ExitCode::from(EXIT_CONFIG);
     };
-    let config = match Config::load(&config_file) {
+    let config = match Config::load_for(&config_file, Routing::Elsewhere) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("portico-worker: invalid configuration:");
