@@ -23,7 +23,9 @@ pub fn install(level: usize) {
 /// and, as `PORTICO_LOG`, the pool's.
 pub fn filter_for(level: usize) -> LevelFilter {
     match level {
-        0..=4 => LevelFilter::Error,
+        // `crit`, `alert`, `emerg`: above anything the core logs (its worst is `error`).
+        1..=3 => LevelFilter::Off,
+        0 | 4 => LevelFilter::Error,
         5 => LevelFilter::Warn,
         6 | 7 => LevelFilter::Info,
         _ => LevelFilter::Debug,

@@ -105,7 +105,7 @@ def padding(name, size):
 # --- nginx ------------------------------------------------------------------------------
 
 def write_conf(prefix, port, locations, *, user="root", workers=1, before_http="",
-               after_http="", in_http="", daemon=False):
+               after_http="", in_http="", daemon=False, log_level="info"):
     for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / d).mkdir(exist_ok=True)
     temp_paths = "\n".join(
@@ -120,7 +120,7 @@ load_module {MODULE.resolve()};
 daemon {"on" if daemon else "off"};
 master_process on;
 worker_processes {workers};
-error_log {prefix / "logs" / "error.log"} info;
+error_log {prefix / "logs" / "error.log"} {log_level};
 pid {prefix / "logs" / "nginx.pid"};
 events {{ worker_connections 256; }}
 http {{

@@ -656,3 +656,30 @@ def test_apps_of_a_portico_toml_need_no_mount_of_their_own_under_nginx(tmp_path)
     finally:
         server.stop()
     assert server.proc.returncode == 0
+
+
+@pytest.mark.parametrize("level,logged", [("error", True), ("crit", False)])
+def test_tracebacks_follow_the_error_log_level(tmp_path, level, logged):
+    """An app's traceback is an `error`: written with `error_log ... error`, left out with
+    `crit`, as nginx's own [error] lines are, for an in-process app and a pooled one alike.
+    (Each is written before the 500 goes out, so the log is read right after it.)"""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "", source=ENV_APP)
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    port = free_port()
+    write_conf(tmp_path, port, f"""
+        location / {{ portico_pass ver; }}
+        location /in/ {{ portico_app ver python_path={app_dir} threads=2; }}
+""", in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n",
+               log_level=level)
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"(unset)")
+        for path in ("/raise", "/in/raise"):
+            assert server.get(path)[0] == 500
+            found = server.error_log().count("RuntimeError: raised in a pooled app")
+            assert found == (1 if logged else 0), (path, server.error_log())
+            (tmp_path / "logs" / "error.log").write_text("")
+    finally:
+        server.stop()
