@@ -194,6 +194,28 @@ def test_sigterm_lets_requests_in_flight_finish(portico):
     assert server.proc.wait(15) == 0
 
 
+@needs("binary", "server_config")
+def test_sigterm_closes_idle_connections_and_exits_without_waiting_out_graceful_timeout(portico):
+    """gunicorn, uvicorn and nginx end a graceful stop once nothing is in flight; Pingora alone
+    sleeps its whole grace period, which systemd or `docker stop` (10 s, then SIGKILL) wait out
+    or cut short."""
+    server = portico(app_table("v", "validated:application"),
+                     server_extra='graceful_timeout = "60s"\nkeepalive_timeout = "60s"')
+    between_requests = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    between_requests.request("GET", "/hello")
+    assert between_requests.getresponse().read() == b"Hello, world!"
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    server.proc.send_signal(signal.SIGTERM)
+    # Well before the 60 s: the process must not wait out its grace period.
+    assert server.proc.wait(30) == 0
+    assert between_requests.sock.recv(1) == b"" and silent.recv(1) == b""
+    between_requests.close()
+    silent.close()
+    log = server.log()
+    assert "stopping (SIGTERM)" in log, log
+    assert any(line.endswith("] stopped") for line in log.splitlines()), log
+
+
 def test_full_queue_is_503_with_retry_after(portico):
     server = portico(app_table("bad", "misbehaving:application", threads=1, queue_size=1))
     results = []

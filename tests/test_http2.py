@@ -321,6 +321,23 @@ def test_no_trailers_without_te_trailers(h2):
 
 # --- one plain port for HTTP/1.1, h2c and WebSocket --------------------------------------
 
+@needs("h2c", "server_config")
+def test_idle_http2_connection_is_closed_after_keepalive_timeout(asgi_server):
+    """As nginx applies keepalive_timeout to HTTP/2: a connection with no stream open is not
+    held for ever."""
+    server = asgi_server("asgi_probe:app", http2=True, server_extra='keepalive_timeout = "1s"')
+    c = H2Client(server.port, timeout=15)
+    try:
+        assert c.wait(c.start("GET", "/hello")).status == 200
+        # Nothing more is sent: the server must end the connection well within the socket's
+        # 15 s timeout (which would raise TimeoutError instead).
+        with pytest.raises(ConnectionError):
+            while True:
+                c._pump()
+    finally:
+        c.close()
+
+
 @needs("h2c")
 def test_plain_port_serves_http1_h2c_and_websocket(asgi_server):
     server = asgi_server("asgi_ws:app", http2=True)

@@ -3,12 +3,20 @@
 
 use std::io::Write;
 use std::sync::mpsc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Where access-log lines go.
 #[derive(Clone)]
 pub struct AccessLog {
-    lines: Option<mpsc::Sender<String>>,
+    lines: Option<mpsc::Sender<Message>>,
+}
+
+/// What the writer thread gets.
+enum Message {
+    /// A line to write.
+    Line(String),
+    /// Answer once every line sent before this one is written and flushed.
+    Flushed(mpsc::Sender<()>),
 }
 
 /// One finished request, as the log needs it.
@@ -44,7 +52,7 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (tx, rx) = mpsc::channel::<String>();
+        let (tx, rx) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_lines(rx, sink))?;
@@ -59,20 +67,41 @@ impl AccessLog {
     /// Logs one request.
     pub fn log(&self, entry: &Entry<'_>) {
         if let Some(lines) = &self.lines {
-            let _ = lines.send(format_combined(entry, SystemTime::now()));
+            let _ = lines.send(Message::Line(format_combined(entry, SystemTime::now())));
+        }
+    }
+
+    /// Waits (at most `limit`) until every line logged so far is written out: the process
+    /// may be about to exit, which would end the writer thread wherever it is.
+    pub fn flush(&self, limit: Duration) {
+        if let Some(lines) = &self.lines {
+            let (done, flushed) = mpsc::channel();
+            if lines.send(Message::Flushed(done)).is_ok() {
+                let _ = flushed.recv_timeout(limit);
+            }
         }
     }
 }
 
-fn write_lines(rx: mpsc::Receiver<String>, sink: Box<dyn Write + Send>) {
+fn write_lines(rx: mpsc::Receiver<Message>, sink: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::new(sink);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(line.as_bytes());
+    let mut waiting = Vec::new();
+    while let Ok(message) = rx.recv() {
         // Batch what is already queued, then flush so lines are visible promptly.
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(line.as_bytes());
+        let mut next = Some(message);
+        while let Some(message) = next {
+            match message {
+                Message::Line(line) => {
+                    let _ = out.write_all(line.as_bytes());
+                }
+                Message::Flushed(done) => waiting.push(done),
+            }
+            next = rx.try_recv().ok();
         }
         let _ = out.flush();
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::time::fast_timeout::fast_timeout;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -35,16 +36,47 @@ pub struct PorticoApp {
     http1: Arc<HttpProxy<PorticoProxy>>,
     http2: Arc<HttpProxy<PorticoProxy>>,
     h2c: bool,
+    open: OpenConnections,
+}
+
+/// How many connections a listener is serving now, so that a graceful stop can end as soon
+/// as the last one is done instead of always waiting out its grace period.
+#[derive(Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// Connections accepted and not yet closed (each HTTP/2 connection counts once,
+    /// whatever its streams; a WebSocket counts until it closes).
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn hold(&self) -> HeldConnection {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        HeldConnection(self.0.clone())
+    }
+}
+
+/// One connection in [`OpenConnections`], counted until it is dropped.
+struct HeldConnection(Arc<AtomicUsize>);
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl PorticoApp {
     /// Serves `proxy` on HTTP/1.x and, by ALPN on TLS, HTTP/2; with `h2c`, plain connections
-    /// that open with the HTTP/2 preface get HTTP/2 too. `h2` tunes HTTP/2 (streams, windows).
+    /// that open with the HTTP/2 preface get HTTP/2 too. `h2` tunes HTTP/2 (streams, windows);
+    /// an HTTP/2 connection with no stream open for `h2_idle` is closed, as nginx applies its
+    /// `keepalive_timeout` to HTTP/2 connections.
     pub fn new(
         conf: &Arc<ServerConf>,
         proxy: PorticoProxy,
         h2c: bool,
         h2: H2Options,
+        h2_idle: Duration,
     ) -> PorticoApp {
         let build = |preface_seen: bool| {
             let mut app = HttpProxy::new(proxy.clone(), conf.clone());
@@ -52,6 +84,9 @@ impl PorticoApp {
             let mut options = HttpServerOptions::default();
             // Only the HTTP/2 app reads the preface, and only once this app has seen it.
             options.h2c = preface_seen;
+            // At least a second, as for HTTP/1 keep-alive: Pingora's wait for an idle h2
+            // connection ends at once for 0, before a first request can arrive.
+            options.h2_idle_timeout = Some(h2_idle.max(Duration::from_secs(1)));
             app.server_options = Some(options);
             app.h2_options = Some(h2.clone());
             Arc::new(app)
@@ -60,7 +95,13 @@ impl PorticoApp {
             http1: build(false),
             http2: build(true),
             h2c,
+            open: OpenConnections::default(),
         }
+    }
+
+    /// The count of the connections this app is serving, to watch from elsewhere.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.clone()
     }
 }
 
@@ -73,12 +114,21 @@ impl ServerApp for PorticoApp {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _held = self.open.hold();
         if self.h2c && stream.get_ssl_digest().is_none() && stream.as_any().is::<TcpStream>() {
             let mut tcp = stream
                 .into_any()
                 .downcast::<TcpStream>()
                 .expect("checked to be a TCP stream");
-            let preface = opens_with_preface(&mut tcp).await?;
+            // A connection that has sent nothing yet when the server stops is closed, as
+            // nginx closes idle connections on a graceful stop.
+            let mut stopping = shutdown.clone();
+            let preface = tokio::select! {
+                // Bytes already there are served, not dropped for the stop.
+                biased;
+                preface = opens_with_preface(&mut tcp) => preface?,
+                _ = stopping.wait_for(|stop| *stop) => return None,
+            };
             stream = tcp;
             if preface {
                 return self.http2.process_new(stream, shutdown).await;
@@ -87,6 +137,14 @@ impl ServerApp for PorticoApp {
         loop {
             stream = self.http1.process_new(stream, shutdown).await?;
         }
+    }
+
+    /// Runs once the listeners have stopped accepting on a graceful stop: tells both HTTP
+    /// apps, so that keep-alive connections waiting for their next request close at once
+    /// (Pingora's default for a `ServerApp` does nothing).
+    async fn cleanup(&self) {
+        self.http1.cleanup().await;
+        self.http2.cleanup().await;
     }
 }
 

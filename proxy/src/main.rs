@@ -5,6 +5,7 @@
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
 mod pool_cmd;
+mod stop;
 mod watchdog;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,7 @@ use portico_proxy::{Portico, PorticoProxy};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 // Request buffers are allocated on the HTTP thread and freed on a Python thread, and response
 // buffers the other way round; mimalloc frees across threads cheaply where glibc takes the
@@ -324,7 +326,7 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
         }
     };
 
-    let _pid_file = match PidFile::write(config.server.pid_file.as_deref()) {
+    let pid_file = match PidFile::write(config.server.pid_file.as_deref()) {
         Ok(pid_file) => pid_file,
         Err(e) => {
             eprintln!("portico: {source}: server.pid_file: {e}");
@@ -345,7 +347,7 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
     server.bootstrap();
     let portico = Portico::new(
         dispatcher.clone(),
-        access_log,
+        access_log.clone(),
         config.server.keepalive_timeout.0,
     )
     .with_server_cert(
@@ -366,7 +368,9 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
         PorticoProxy::new(portico),
         config.server.h2c,
         h2,
+        config.server.keepalive_timeout.0,
     );
+    let open_connections = app.open_connections();
     let mut service = Service::new("portico".to_owned(), app);
     for addr in &config.server.listen {
         service.add_tcp(addr);
@@ -406,11 +410,28 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
         );
     }
     server.add_service(service);
-    // `run` returns once Pingora has stopped serving (`run_forever` would exit the process):
-    // then, with no request left, the ASGI apps get their lifespan shutdown.
+    let grace = config.server.graceful_timeout.0;
+    // With no request left, the ASGI apps get their lifespan shutdown.
+    let finish = stop::Finish::new(move || {
+        dispatcher.shutdown(grace);
+        log::info!("stopped");
+        access_log.flush(Duration::from_secs(1));
+        drop(pid_file);
+    });
+    stop::end_early_when_idle(
+        server.watch_execution_phase(),
+        open_connections,
+        grace,
+        finish.clone(),
+    );
+    // `run` returns once Pingora has stopped serving (`run_forever` would exit the process).
     server.run(pingora::server::RunArgs::default());
-    dispatcher.shutdown(config.server.graceful_timeout.0);
-    log::info!("stopped");
+    if !finish.run() {
+        // The watcher took the finish and exits the process once it is done.
+        loop {
+            std::thread::park();
+        }
+    }
     ExitCode::SUCCESS
 }
 
