@@ -101,7 +101,7 @@ def test_http10_request_scope(probe):
 @needs("portico")
 def test_spec_version_and_extensions_offered_on_plain_http1(probe):
     scope = get_json(probe, "/scope")["scope"]
-    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.5"}
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
     # Only what works on this connection: no trailers (HTTP/1.1), no tls; early hints where the
     # host can send them.
     ext = scope["extensions"]

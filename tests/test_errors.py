@@ -106,6 +106,22 @@ def test_body_over_limit_is_413_even_when_the_app_catches_it_and_answers_500(ser
     assert (small[0], small[2]) == (200, b"read it all")
 
 
+# nginx reads a chunked body and refuses it before the app is called, so only Portico's own
+# host gets this far.
+@needs("binary")
+def test_asgi_app_giving_up_on_a_refused_body_is_one_log_line_not_a_traceback(portico):
+    """The app is told with `http.disconnect` that the rest of its body was refused; what it
+    raises then (Starlette's ClientDisconnect; the probe's ConnectionError) is one line."""
+    server = portico(app_table("probe", "asgi_probe:app", interface="asgi", max_body_size="1K"))
+    wire = b"400\r\n" + b"y" * 1024 + b"\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n0\r\n\r\n"
+    data = server.raw(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + wire)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    server.wait_for_log("POST /echo: its request body was refused, and the app ended with "
+                        "ConnectionError")
+    assert "Traceback" not in server.log()
+
+
 def test_stalled_body_is_408(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"POST /bad/slow-read HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly some")

@@ -5,11 +5,14 @@ see the same responses and WebSocket messages.
 With PORTICO_TEST_REFERENCE set, a second uvicorn stands in for Portico."""
 
 import json
+import os
+import socket
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
 
-from conftest import APPS, REFERENCE, VENV, AsgiServer, free_port, serve_config
+from conftest import APPS, REFERENCE, VENV, AsgiServer, free_port, serve_config, wait_until
 # The Django project generator and the browser-like admin login of the WSGI framework tests.
 from test_frameworks import admin_session_and_css, django_project  # noqa: F401 - django_project is a fixture
 
@@ -154,6 +157,30 @@ def test_starlette_streaming_response(starlette_pair):
     status, headers, body = same(starlette_pair, "GET", "/stream")
     assert status == 200 and body == b"".join(b"line %d\n" % i for i in range(5))
     assert headers["Content-Length"] is None  # streamed, chunked
+
+
+def test_starlette_event_stream_sends_its_head_at_once_and_stops_when_the_client_leaves(
+        starlette_pair):
+    """An SSE endpoint whose first event is slow to come: the client gets the head at once
+    (EventSource's `open`), and when it leaves, the waiting generator is stopped instead of
+    waiting for ever, as under uvicorn; leaving is not an error in the log."""
+    for server in starlette_pair:
+        # In /tmp, which the apps can write whatever user they run as.
+        marker = Path("/tmp") / f"portico-test-events-{os.getpid()}-{server.port}"
+        marker.unlink(missing_ok=True)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(f"GET /events?marker={marker} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                assert chunk, head
+                head += chunk
+        assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, head
+        wait_until(marker.exists, what=f"the event generator stopped ({server.port})")
+        marker.unlink()
+    if not REFERENCE:
+        log = starlette_pair[0].log()
+        assert "exception in ASGI app" not in log and "without completing" not in log, log
 
 
 def test_starlette_file_response(starlette_pair):

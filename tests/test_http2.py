@@ -145,7 +145,7 @@ def test_extensions_offered_match_the_connection(asgi_server, proto):
         scope = scope_via(c, headers=[("te", "trailers")])
     finally:
         c.close()
-    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.5"}
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
     ext = scope["extensions"]
     assert ext["http.response.pathsend"] == {}
     assert ("http.response.trailers" in ext) == c.http2

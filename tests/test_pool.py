@@ -461,6 +461,37 @@ def test_a_stuck_request_gets_504_and_its_worker_is_replaced(portico):
     assert status == 200 and int(body) != stuck_pid
 
 
+def test_an_asgi_request_that_only_awaits_past_request_timeout_costs_no_worker(portico):
+    """An async handler that awaits past request_timeout (a long poll) gets 504, and that is
+    all: its event loop serves on, so the worker and its other connections stay."""
+    server = portico(asgi_table("probe", "asgi_probe:app", mode="pool", processes=1,
+                                request_timeout="1s"))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    worker = worker_pids(server)[0]
+    assert server.get("/wait-disconnect", timeout=15)[0] == 504
+    server.wait_for_log("probe: wait-disconnect gave http.disconnect")
+    # For some of the worker's watch ticks (a replacement would start within the first),
+    # the same worker serves on.
+    until = time.monotonic() + 2
+    while time.monotonic() < until:
+        assert server.get("/hello")[2] == b"Hello, world!"
+        assert worker_pids(server) == [worker]
+    assert "replaced" not in server.log()
+
+
+def test_an_asgi_worker_whose_event_loop_is_blocked_is_replaced(portico):
+    """Sync code that blocks the loop past request_timeout stops every request of the
+    worker: that worker is replaced."""
+    server = portico(asgi_table("probe", "asgi_probe:app", mode="pool", processes=1,
+                                request_timeout="1s"))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    worker = worker_pids(server)[0]
+    assert server.get("/block-loop?seconds=30", timeout=15)[0] == 504
+    server.wait_for_log(f"pool worker {worker} replaced (its event loop has run nothing else "
+                        "for longer than request_timeout (1s))", timeout=20)
+    assert server.get("/hello")[2] == b"Hello, world!"
+
+
 def test_a_worker_over_max_memory_is_replaced_after_its_requests(portico):
     server = portico(pool_app(processes=1, max_memory="48M"))
     pid = int(server.get("/pid")[2])
@@ -614,6 +645,38 @@ def test_a_websocket_stays_open_on_the_old_generation_across_a_reload(portico):
     # Closed, the old worker has nothing left and goes.
     wait_until(lambda: old not in worker_pids(server), timeout=10, what="the old worker to go")
     server.wait_for_log(f"pool worker {old} replaced (a reload replaced it)")
+
+
+def test_a_websocket_cut_by_its_workers_replacement_is_closed_with_1012(portico):
+    """Past graceful_timeout a WebSocket on a replaced worker is closed with 1012 (service
+    restart), as uvicorn closes its sockets when it stops: clients reconnect at once, where
+    1011 (internal error) tells them the server is broken."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+    server = portico(asgi_table("echo", "asgi_echo:app", mode="pool", processes=1,
+                                graceful_timeout="1s"))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    with connect(f"ws://127.0.0.1:{server.port}/", open_timeout=10, close_timeout=10) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=10) == "before"
+        os.kill(server.proc.pid, 1)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=20)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, closed.value
+
+
+def test_a_workers_lifespan_shutdown_is_bounded_by_the_apps_graceful_timeout(portico):
+    """A replaced ASGI worker gives its app's lifespan shutdown the app's graceful_timeout, as
+    asgi.md promises, not a fixed time of its own."""
+    server = portico(asgi_table("probe", "asgi_probe:app", mode="pool", processes=1,
+                                graceful_timeout="1s"),
+                     env={"PROBE_LIFESPAN": "hang-shutdown"})
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    old = worker_pids(server)[0]
+    os.kill(server.proc.pid, 1)
+    server.wait_for_log("probe: lifespan shutdown received")
+    server.wait_for_log("app `probe`: lifespan shutdown did not complete within 1s")
+    wait_until(lambda: old not in worker_pids(server), what="the old worker to go")
 
 
 def kill_with_children(proc):

@@ -14,7 +14,7 @@ use nginx_sys::{
 };
 use ngx::core::NGX_CONF_ERROR;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
-use portico_config::{AppConfig, Config, Interface, Routing};
+use portico_config::{AppConfig, Config, Interface, Mode, Routing};
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -510,9 +510,15 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     };
     // One interpreter per worker: `portico_python_home`, else the `python_home` of the
-    // portico.toml's apps, is every app's; a TOML app that names another one is an error.
+    // portico.toml's in-process apps, is every in-process app's; one that names another is
+    // an error. A pool's workers have an interpreter of their own, set up from the
+    // portico.toml by the pool itself: a pooled app keeps its own `python_home` (one
+    // virtualenv per app, as with Passenger, uWSGI or mod_wsgi's daemons), or none.
     let mut home = main.python_home.clone();
     for entry in &main.apps {
+        if entry.config.mode == Mode::Pool {
+            continue;
+        }
         let Some(own) = &entry.config.python_home else {
             continue;
         };
@@ -536,7 +542,9 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         }
     }
     for entry in &mut main.apps {
-        entry.config.python_home = home.clone();
+        if entry.config.mode != Mode::Pool {
+            entry.config.python_home = home.clone();
+        }
     }
     // SAFETY: `ngx_process` is written only by nginx's startup code on this thread.
     if unsafe { nginx_sys::ngx_process } == NGX_PROCESS_SIGNALLER as usize {
@@ -563,7 +571,27 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         }
     }
     for entry in &main.apps {
-        if let Err(why) = check_import(&entry.config, identity, &environment) {
+        // A pool run on its own (`pool_socket`) imports its apps itself, as its own user.
+        if entry.config.mode == Mode::Pool && !crate::pool::is_managed(&entry.config) {
+            continue;
+        }
+        // Pooled apps are checked as the user their workers will run as.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        // Only root switches users (the pool would refuse to start otherwise, and a test run
+        // as another user checks as itself).
+        let own = match entry.config.mode {
+            Mode::Pool if root => portico_core::pool::worker_identity(&entry.config),
+            _ => Ok(None),
+        };
+        let checked_as = match own {
+            Ok(Some((uid, gid))) => Ok(Some((uid, gid, "the app's `user`"))),
+            Ok(None) => Ok(identity.map(|(uid, gid)| (uid, gid, "nginx's `user` directive"))),
+            Err(why) => Err(why),
+        };
+        let checked =
+            checked_as.and_then(|as_user| check_import(&entry.config, as_user, &environment));
+        if let Err(why) = checked {
             // SAFETY: `cf->log` is the log of the configuration being read.
             let log = unsafe { (*cf).log };
             ngx::ngx_log_error!(
@@ -685,7 +713,7 @@ pub(crate) fn user_name(uid: u32) -> String {
 /// output when that fails.
 fn check_import(
     app: &AppConfig,
-    identity: Option<(u32, u32)>,
+    identity: Option<(u32, u32, &str)>,
     environment: &[(OsString, OsString)],
 ) -> Result<(), String> {
     let Some(python) = PYTHON else {
@@ -709,7 +737,7 @@ fn check_import(
     }
     command.envs(environment.iter().map(|(k, v)| (k, v)));
     let as_user = match identity {
-        Some((uid, gid)) if uid != 0 => {
+        Some((uid, gid, whose)) if uid != 0 => {
             use std::os::unix::process::CommandExt;
             // With the groups the workers will keep, so the check sees what they will see.
             let identity = portico_core::pool::ChildIdentity::new(uid, gid);
@@ -723,7 +751,7 @@ fn check_import(
             } else {
                 format!("{name} ")
             };
-            format!(" as the workers' user {name}(uid {uid}, nginx's `user` directive)")
+            format!(" as the workers' user {name}(uid {uid}, {whose})")
         }
         _ => String::new(),
     };

@@ -35,9 +35,10 @@ use nginx_sys::{
     ngx_chain_update_chains, ngx_del_timer, ngx_event_t, ngx_file_t, ngx_handle_write_event,
     ngx_http_finalize_request, ngx_http_output_filter, ngx_http_read_client_request_body,
     ngx_http_read_unbuffered_request_body, ngx_http_request_t, ngx_http_run_posted_requests,
-    ngx_http_send_header, ngx_http_special_response_handler, ngx_http_test_reading, ngx_int_t,
-    ngx_list_push, ngx_pcalloc, ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t,
-    NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    ngx_http_send_header, ngx_http_send_special, ngx_http_special_response_handler,
+    ngx_http_test_reading, ngx_int_t, ngx_list_push, ngx_pcalloc, ngx_pnalloc,
+    ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t, NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST,
+    NGX_HTTP_FLUSH, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
     NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SPECIAL_RESPONSE,
     NGX_LOG_ERR, NGX_LOG_INFO, NGX_OK,
 };
@@ -766,6 +767,18 @@ unsafe fn flush(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
             if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t {
                 finish(ctx);
                 ngx_http_finalize_request(r, rc);
+                return;
+            }
+            if (*ctx).out.batch.is_empty() {
+                if (*r).header_only() != 0 {
+                    return;
+                }
+                // A head with no body yet (server-sent events before their first event):
+                // nginx's write filter would hold it back until enough body follows.
+                if ngx_http_send_special(r, NGX_HTTP_FLUSH as _) == NGX_ERROR as ngx_int_t {
+                    finish(ctx);
+                    ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
+                }
                 return;
             }
         }

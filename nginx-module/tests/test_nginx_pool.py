@@ -13,6 +13,8 @@ import http.client
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -681,5 +683,87 @@ def test_tracebacks_follow_the_error_log_level(tmp_path, level, logged):
             found = server.error_log().count("RuntimeError: raised in a pooled app")
             assert found == (1 if logged else 0), (path, server.error_log())
             (tmp_path / "logs" / "error.log").write_text("")
+    finally:
+        server.stop()
+
+
+PREFIX_APP = """
+import sys
+
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [sys.prefix.encode()]
+"""
+
+
+def test_each_pooled_app_may_have_a_virtualenv_of_its_own(tmp_path):
+    """A pool's workers have an interpreter of their own, so two pooled apps of one nginx
+    may each name their own `python_home` (one virtualenv per app, as with Passenger, uWSGI
+    or mod_wsgi's daemons); only in-process apps must share one."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "prefix.py").write_text(PREFIX_APP)
+    venvs = {name: tmp_path / f"venv-{name}" for name in ("one", "two")}
+    for venv in venvs.values():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                       timeout=60)
+    toml = tmp_path / "portico.toml"
+    toml.write_text("".join(
+        f'[[app]]\nname = "{name}"\ntarget = "prefix:application"\n'
+        f'python_path = ["{app_dir}"]\nmode = "pool"\nprocesses = 1\n'
+        f'python_home = "{venv}"\n' for name, venv in venvs.items()))
+    port = free_port()
+    write_conf(tmp_path, port, """
+        location / { portico_pass one; }
+        location /two/ { portico_pass two; }
+""", in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(str(venvs["one"]).encode())
+        assert server.get("/two/")[0:2] == (200, str(venvs["two"]).encode())
+    finally:
+        server.stop()
+
+
+def test_nginx_t_checks_a_pooled_app_as_the_user_its_workers_run_as(tmp_path):
+    """The import check of a pooled app runs as the app's `user`, as its workers will: code
+    only root can read fails `nginx -t` (with nginx itself running as root), naming that
+    user, instead of a start that fails later with a bare ModuleNotFoundError."""
+    app_dir = tmp_path / "private"
+    app_dir.mkdir(mode=0o700)
+    write_app(app_dir, "v1")
+    toml = portico_toml(tmp_path / "portico.toml", app_dir, user="nobody")
+    write_conf(tmp_path, free_port(), "        location / { portico_pass ver; }\n",
+               in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
+    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", "nginx.conf"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stderr
+    assert f"as the workers' user nobody (uid {NOBODY_UID}, the app's `user`)" in done.stderr, \
+        done.stderr
+
+
+def test_a_stuck_worker_is_replaced_though_its_client_gave_up(tmp_path):
+    """A client that leaves before `request_timeout` (a health check, a load balancer with a
+    shorter timeout) does not save a stuck worker: its thread is still in the app, so the
+    worker is replaced, as uWSGI's harakiri would. Else the pool, seeing nothing in flight
+    there, goes on giving it requests that hang."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    port = free_port()
+    pool_conf(tmp_path, port, portico_toml(tmp_path / "portico.toml", app_dir,
+                                            request_timeout="1s"))
+    server = Nginx(tmp_path, port)
+    try:
+        server.wait_serving(b"v1")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /slow/stuck HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until((app_dir / "started-stuck").exists, what="the request to reach the app")
+            # Closed with a reset: nginx sees the client gone at once.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_until(lambda: "replaced (a request ran past request_timeout (1s) and its thread is "
+                           "still in the app)" in server.error_log(), timeout=15,
+                   what="the stuck worker replaced")
     finally:
         server.stop()

@@ -1,6 +1,19 @@
 //! Wall-clock times as people read them, in UTC, without a time-zone database.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since this process first asked, plus one: a time that fits an atomic, in
+/// which 0 can mean "none".
+pub(crate) fn stamp() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// How long ago `stamp` (from [`stamp`], not 0) was.
+pub(crate) fn since(stamp: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(self::stamp().saturating_sub(stamp))
+}
 
 /// `2026-11-23T07:20:01Z` (RFC 3339, whole seconds).
 pub fn rfc3339_utc(at: SystemTime) -> String {

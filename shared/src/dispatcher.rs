@@ -60,6 +60,20 @@ impl App {
         &self.config
     }
 
+    /// How long this process's part of the app has been stuck, as far as can be seen; `None`
+    /// when it is not. WSGI: how long the thread longest on its current request has run it
+    /// (whether or not its client is still there). ASGI: how long the event loop has left a
+    /// ping unanswered; a call sends one when none is out, so a caller asks now and then
+    /// (a pool worker's watch does). `None` for pooled placements, whose workers watch
+    /// themselves.
+    pub fn stuck_for(&self) -> Option<Duration> {
+        match &self.placement {
+            Placement::Threads(threads) => threads.longest_run(),
+            Placement::Loop { shared, .. } => shared.unanswered_ping(),
+            Placement::Pool(_) | Placement::Remote(_) => None,
+        }
+    }
+
     /// The status of the app's pool, when this process runs it.
     pub fn pool_status(&self) -> Option<PoolStatus> {
         match &self.placement {

@@ -3,14 +3,15 @@ they ask: scope dumps, body echo, streaming, trailers, pathsend, errors on purpo
 
 Routes are matched on the path below the app's mount (`path` minus `root_path`). Lines printed
 to stderr start with "probe:" and land in the server's log. The lifespan part is steered by the
-environment: PROBE_LIFESPAN = ok (default) | fail | raise; PROBE_MARKER = a file that gets a
-line on each lifespan event."""
+environment: PROBE_LIFESPAN = ok (default) | fail | raise | hang-shutdown; PROBE_MARKER = a file
+that gets a line on each lifespan event."""
 
 import asyncio
 import json
 import os
 import sys
 import threading
+import time
 import urllib.parse
 
 EVENTS = {}
@@ -100,6 +101,8 @@ async def lifespan(scope, receive, send):
         elif message["type"] == "lifespan.shutdown":
             mark("shutdown")
             log("lifespan shutdown received")
+            if mode == "hang-shutdown":
+                await asyncio.sleep(3600)
             await send({"type": "lifespan.shutdown.complete"})
             return
 
@@ -241,6 +244,12 @@ async def app(scope, receive, send):
             await asyncio.sleep(0.01)
         log("send after disconnect never raised")
         return
+
+    if path == "/block-loop":
+        # Sync code in a coroutine: the whole event loop stops for the given seconds.
+        await read_body(receive)
+        time.sleep(float(query.get("seconds", "30")))
+        return await respond(send, 200, b"unblocked")
 
     if path == "/wait-disconnect":
         # Reads the whole body, then only waits: the client leaving must end the wait.

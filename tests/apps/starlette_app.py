@@ -1,5 +1,6 @@
 """A Starlette app for tests/test_frameworks_asgi.py: routing with path parameters, JSON, a
-form, a streaming response, a file response, lifespan state, and a WebSocket route."""
+form, a streaming response, server-sent events, a file response, lifespan state, and a
+WebSocket route."""
 
 import asyncio
 import contextlib
@@ -35,6 +36,21 @@ async def stream(request):
     return StreamingResponse(numbers(), media_type="text/plain")
 
 
+async def events(request):
+    """Server-sent events whose first event never comes; the generator writes `marker` when it
+    is stopped."""
+    marker = request.query_params["marker"]
+
+    async def waiting():
+        try:
+            await asyncio.Event().wait()
+            yield b"data: never\n\n"
+        finally:
+            with open(marker, "w") as out:
+                out.write("stopped\n")
+    return StreamingResponse(waiting(), media_type="text/event-stream")
+
+
 async def file(request):
     # Starlette sends this with http.response.pathsend where the server offers it.
     return FileResponse(os.path.join(HERE, "starlette_app.py"), media_type="text/x-python")
@@ -65,6 +81,7 @@ app = Starlette(routes=[
     Route("/users/{name}", user),
     Route("/form", form, methods=["POST"]),
     Route("/stream", stream),
+    Route("/events", events),
     Route("/file", file),
     Route("/state", state),
     Route("/old", old),

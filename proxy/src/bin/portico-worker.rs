@@ -95,6 +95,8 @@ fn main() -> ExitCode {
     if let Err(e) = worker::serve(socket, &dispatcher.apps()[0]) {
         log::error!("app `{}`: pool worker: {e}", app.name);
     }
-    dispatcher.shutdown(Duration::from_secs(5));
+    // The app's graceful_timeout bounds its lifespan shutdown too; 0 means no limit, as
+    // everywhere else (the host waits as long).
+    dispatcher.shutdown(app.graceful_timeout.as_limit().unwrap_or(Duration::MAX));
     ExitCode::SUCCESS
 }

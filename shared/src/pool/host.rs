@@ -19,6 +19,7 @@ use crate::exchange::{
 };
 use crate::model::RequestHead;
 use crate::router::Route;
+use crate::websocket::close_code;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use std::collections::{HashMap, VecDeque};
@@ -52,8 +53,9 @@ pub(crate) struct WorkerConn {
     pub(crate) on_demand: AtomicBool,
     /// Why it should be replaced, once something asked for that.
     recycle: Mutex<Option<String>>,
-    /// The app's `request_timeout`: a request cancelled unanswered past it means a stuck
-    /// worker.
+    /// The app's `request_timeout` for a WSGI app: a request cancelled unanswered past it
+    /// means a thread stuck in the app, so a worker to replace. (`None` for ASGI: a task
+    /// that awaits past it blocks nothing; a stuck loop is reported by the worker itself.)
     request_timeout: Option<Duration>,
     /// Status queries waiting for their answer, by stream.
     status_waiters: Mutex<HashMap<u32, mpsc::Sender<Option<PoolStatus>>>>,
@@ -66,6 +68,11 @@ pub(crate) struct WorkerConn {
     redirect: OnceLock<Redirect>,
     /// Where such a request waits when no worker is live (see [`Park`]).
     park: OnceLock<Park>,
+    /// The host closed the connection on purpose (the worker is being replaced or stopped,
+    /// or the host stops), rather than the worker going away.
+    closed_on_purpose: AtomicBool,
+    /// Found stuck in the app (see [`WorkerConn::request_recycle_stuck`]).
+    stuck: AtomicBool,
 }
 
 /// Gives the connection a request that never reached a lost one should go to.
@@ -101,12 +108,22 @@ fn held_body(pieces: &[Bytes]) -> VecDeque<BodyPiece> {
 const REDIRECT_TRIES: usize = 3;
 
 impl WorkerConn {
-    /// Starts the reader and writer threads on a socket whose worker has said hello.
+    /// The limit past which a request given up on unanswered means a stuck worker, for the
+    /// app's `config` (see [`WorkerConn::start`]).
+    pub(crate) fn stuck_after(config: &portico_config::AppConfig) -> Option<Duration> {
+        match config.interface {
+            portico_config::Interface::Wsgi => config.request_timeout.as_limit(),
+            portico_config::Interface::Asgi => None,
+        }
+    }
+
+    /// Starts the reader and writer threads on a socket whose worker has said hello. A
+    /// request given up on unanswered past `stuck_after` gets the worker replaced.
     pub(crate) fn start(
         socket: UnixStream,
         pid: u32,
         app: &str,
-        request_timeout: Option<Duration>,
+        stuck_after: Option<Duration>,
     ) -> std::io::Result<Arc<WorkerConn>> {
         let (out, frames) = crossbeam_channel::unbounded();
         let conn = Arc::new(WorkerConn {
@@ -123,12 +140,14 @@ impl WorkerConn {
             draining: AtomicBool::new(false),
             on_demand: AtomicBool::new(false),
             recycle: Mutex::new(None),
-            request_timeout,
+            request_timeout: stuck_after,
             status_waiters: Mutex::new(HashMap::new()),
             delivery: Arc::new(Delivery::default()),
             queued: AtomicU64::new(0),
             redirect: OnceLock::new(),
             park: OnceLock::new(),
+            closed_on_purpose: AtomicBool::new(false),
+            stuck: AtomicBool::new(false),
         });
         let writer = socket.try_clone()?;
         let delivery = conn.delivery.clone();
@@ -151,6 +170,16 @@ impl WorkerConn {
         Ok(conn)
     }
 
+    /// What is at the other end, for messages: a worker, or a pool server (pid 0: a host
+    /// does not know its pool server's).
+    fn peer(&self) -> String {
+        if self.pid == 0 {
+            "its pool server".to_owned()
+        } else {
+            format!("worker {}", self.pid)
+        }
+    }
+
     /// Whether the worker can take requests.
     pub(crate) fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && !self.draining.load(Ordering::SeqCst)
@@ -168,9 +197,25 @@ impl WorkerConn {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Closes the connection: the worker sees its host gone, finishes and exits.
+    /// Closes the connection: the worker sees its host gone, finishes and exits. WebSockets
+    /// still open on it are closed with 1012 (service restart), as uvicorn closes them when
+    /// it stops, so that clients reconnect at once: they would take 1011 for a server bug.
     pub(crate) fn close(&self) {
+        self.closed_on_purpose.store(true, Ordering::Release);
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Asks the supervisor to replace a worker that is stuck in the app (a request past
+    /// `request_timeout`): as [`WorkerConn::request_recycle`], and once closed it gets no
+    /// time for a lifespan shutdown its app cannot run.
+    pub(crate) fn request_recycle_stuck(&self, why: String) {
+        self.stuck.store(true, Ordering::Release);
+        self.request_recycle(why);
+    }
+
+    /// Whether the worker was found stuck in the app.
+    pub(crate) fn is_stuck(&self) -> bool {
+        self.stuck.load(Ordering::Acquire)
     }
 
     /// Asks the supervisor to replace the worker, for `why` (the first reason wins).
@@ -201,8 +246,9 @@ impl WorkerConn {
         match self.enqueue(request) {
             Ok(()) => Ok(exchange),
             Err(_) => Err(DispatchError::WorkerLost(format!(
-                "app `{}`, worker {} is gone",
-                self.app, self.pid
+                "app `{}`, {} is gone",
+                self.app,
+                self.peer()
             ))),
         }
     }
@@ -321,14 +367,24 @@ impl WorkerConn {
         // The writer's next write fails, and a write it is blocked in returns.
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         let unwritten = self.delivery.unwritten(queued, Duration::from_secs(1));
+        let on_purpose = self.closed_on_purpose.load(Ordering::Acquire);
         for stream in streams {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             if unwritten.contains(&stream.id) && self.move_elsewhere(&stream) {
                 continue;
             }
+            if on_purpose && stream.is_open_websocket() {
+                stream.deliver(AppEvent::WsClose {
+                    code: close_code::SERVICE_RESTART,
+                    reason: "service restart".into(),
+                });
+                stream.deliver(AppEvent::End);
+                continue;
+            }
             stream.deliver(AppEvent::Failed(DispatchError::WorkerLost(format!(
-                "app `{}`, worker {}: {why}",
-                self.app, self.pid
+                "app `{}`, {}: {why}",
+                self.app,
+                self.peer()
             ))));
         }
     }
@@ -397,6 +453,10 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
             }
             return Ok(());
         }
+        Kind::Recycle => {
+            conn.request_recycle_stuck(String::from_utf8_lossy(&frame.payload).into_owned());
+            return Ok(());
+        }
         Kind::Status => {
             let status = wire::decode_status(frame.payload)?;
             let waiter = conn
@@ -438,7 +498,11 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
         Kind::EarlyHint => AppEvent::EarlyHint(wire::decode_links(frame.payload)?),
         Kind::WsAccept => {
             let (subprotocol, headers) = wire::decode_accept(frame.payload)?;
-            stream.lock().answered = true;
+            {
+                let mut state = stream.lock();
+                state.answered = true;
+                state.accepted = true;
+            }
             AppEvent::WsAccept {
                 subprotocol,
                 headers,
@@ -549,6 +613,8 @@ struct StreamState {
     answered: bool,
     /// A WebSocket: the client's messages are forwarded to the worker.
     websocket: bool,
+    /// A WebSocket the worker accepted.
+    accepted: bool,
     /// Client messages the worker still takes before it acknowledges some.
     inbound_credit: u32,
     /// The client's side is over (its close went to the worker).
@@ -584,6 +650,11 @@ impl HostStream {
     }
 
     /// An event from the worker: queued behind any that wait, then as many as fit go on.
+    /// A WebSocket the worker has accepted (not one it is refusing with a response).
+    fn is_open_websocket(&self) -> bool {
+        self.lock().accepted
+    }
+
     fn deliver(self: &Arc<Self>, event: AppEvent) {
         {
             let mut state = self.lock();
@@ -703,7 +774,7 @@ impl HostStream {
                         // started its clock a hop earlier.
                         let margin = (limit / 20).min(Duration::from_millis(500));
                         if !state.answered && self.started.elapsed() + margin >= limit {
-                            conn.request_recycle(format!(
+                            conn.request_recycle_stuck(format!(
                                 "a request ran past request_timeout ({limit:?})"
                             ));
                         }

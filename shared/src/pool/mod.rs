@@ -53,6 +53,10 @@ const YOUNG: Duration = Duration::from_secs(1);
 /// How often a slot looks at its worker (exit, memory, replacement).
 const WATCH: Duration = Duration::from_millis(20);
 
+/// How long past its graceful_timeout a closed worker has to exit before SIGTERM, and after
+/// SIGTERM before SIGKILL.
+const EXIT_SLACK: Duration = Duration::from_secs(5);
+
 /// How often a worker's memory is read.
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
 
@@ -367,22 +371,35 @@ impl Pool {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stops the workers (SIGTERM) and starts no more.
     /// Stops the pool: no more workers start, and each worker is closed once its requests
-    /// are done (an ASGI app gets its lifespan shutdown). Waits up to `wait` for them.
+    /// are done (an ASGI app gets its lifespan shutdown). Waits for them up to `wait`, or
+    /// as long as the app's own `graceful_timeout` lets them take if that is longer.
     pub fn stop(&self, wait: Duration) {
         if !self.stopping.swap(true, Ordering::AcqRel) {
             log::info!("app `{}`: stopping its pool workers", self.config.name);
         }
         self.fail_parked();
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline
-            && !self
-                .workers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-        {
+        // The workers' own graceful_timeout (for their requests, then their lifespan
+        // shutdown) is theirs to use, whatever the caller's wait.
+        // Its requests, then its lifespan shutdown, then SIGTERM and SIGKILL (see `retire`).
+        let wait = match self.config.graceful_timeout.as_limit() {
+            Some(grace) => wait.max(2 * grace + 2 * EXIT_SLACK),
+            None => Duration::MAX,
+        };
+        let deadline = Instant::now().checked_add(wait);
+        loop {
+            let left = self.workers.lock().unwrap_or_else(|e| e.into_inner()).len();
+            if left == 0 {
+                return;
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                log::warn!(
+                    "app `{}`: {left} pool worker(s) still stopping after {wait:?}; they end \
+                     with the server",
+                    self.config.name
+                );
+                return;
+            }
             std::thread::sleep(WATCH);
         }
     }
@@ -681,7 +698,9 @@ impl Pool {
             .graceful_timeout
             .as_limit()
             .map(|limit| Instant::now() + limit);
+        // A worker stuck in its app would not finish them.
         while conn.in_flight.load(Ordering::SeqCst) > 0
+            && !conn.is_stuck()
             && deadline.is_none_or(|deadline| Instant::now() < deadline)
         {
             if let Ok(Some(_)) = child.try_wait() {
@@ -691,21 +710,31 @@ impl Pool {
         }
         let left = conn.in_flight.load(Ordering::SeqCst);
         // Closing its socket ends the worker the way it ends itself (an ASGI app gets its
-        // lifespan shutdown); SIGTERM, then SIGKILL, for one that does not go.
-        conn.close();
-        let closed_at = Instant::now();
-        let mut terminated = false;
+        // lifespan shutdown, which graceful_timeout bounds in the worker too); SIGTERM, then
+        // SIGKILL, for one that has not gone some seconds after that. One that has exited
+        // already (it crashed while draining) is lost, not closed on purpose.
+        if matches!(child.try_wait(), Ok(None)) {
+            conn.close();
+        }
+        // A worker stuck in its app cannot run a lifespan shutdown either.
+        let shutdown_limit = match conn.is_stuck() {
+            true => Some(Duration::ZERO),
+            false => self.config.graceful_timeout.as_limit(),
+        };
+        let term_at = shutdown_limit.map(|limit| Instant::now() + limit + EXIT_SLACK);
+        let mut kill_at = None;
         loop {
             match child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if closed_at.elapsed() > Duration::from_secs(10) => {
+                Ok(None) if kill_at.is_some_and(|at| Instant::now() >= at) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     break;
                 }
-                Ok(None) if closed_at.elapsed() > Duration::from_secs(5) && !terminated => {
+                Ok(None) if kill_at.is_none() && term_at.is_some_and(|at| Instant::now() >= at) => {
+                    log::warn!("app `{name}`: pool worker {pid} did not exit in time: SIGTERM");
                     signal(pid, libc::SIGTERM);
-                    terminated = true;
+                    kill_at = Some(Instant::now() + EXIT_SLACK);
                 }
                 Ok(None) => std::thread::sleep(WATCH),
             }
@@ -1232,18 +1261,22 @@ fn spawn(
             return Err(format!("worker {} said it was {pid}", child.id()));
         }
         Err(why) => {
+            // Still running: it never said hello in time, and has nothing to say in the log.
+            let stuck = matches!(child.try_wait(), Ok(None));
             let _ = child.kill();
             let status = child.wait().map(describe_exit).unwrap_or_default();
-            return Err(format!(
-                "the worker {status} before it was ready ({why}); its error is in the log above"
-            ));
+            return Err(if stuck {
+                format!("the worker was not ready in time ({why}) and was killed")
+            } else {
+                format!("the worker {status} before it was ready ({why}); its error is in the log above")
+            });
         }
     }
     match WorkerConn::start(
         ours,
         child.id(),
         &config.name,
-        config.request_timeout.as_limit(),
+        WorkerConn::stuck_after(config),
     ) {
         Ok(conn) => Ok((child, conn)),
         Err(e) => {
@@ -1292,8 +1325,9 @@ fn spawn_from_lasting_thread(mut command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the pool's spawner thread is gone"))?
 }
 
-/// The user and group the workers switch to (`user`, `group`), by name or number.
-fn worker_identity(config: &AppConfig) -> Result<Option<(u32, u32)>, String> {
+/// The user and group an app's pool workers switch to (`user`, `group`), by name or number;
+/// `None` when the app sets neither (the workers keep the server's, or the host's default).
+pub fn worker_identity(config: &AppConfig) -> Result<Option<(u32, u32)>, String> {
     if config.user.is_none() && config.group.is_none() {
         return Ok(None);
     }

@@ -35,7 +35,7 @@ impl RemotePool {
         Arc::new(RemotePool {
             app: config.name.clone(),
             socket: socket.to_owned(),
-            request_timeout: config.request_timeout.as_limit(),
+            request_timeout: WorkerConn::stuck_after(config),
             conn: Mutex::new(None),
         })
     }
@@ -57,6 +57,14 @@ impl RemotePool {
             let why = if e.kind() == std::io::ErrorKind::WouldBlock {
                 "its queue of connections is full: the server accepts none (stopped or stuck?)"
                     .to_owned()
+            } else if e.kind() == std::io::ErrorKind::PermissionDenied {
+                // SAFETY: geteuid has no preconditions.
+                let uid = unsafe { libc::geteuid() };
+                format!(
+                    "{e}: this process (uid {uid}) may not write to the socket; start \
+                     `portico pool` with `--user` this user, or give it the socket (systemd's \
+                     SocketUser=)"
+                )
             } else {
                 format!("{e} (is `portico pool` running?)")
             };

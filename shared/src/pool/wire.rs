@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -85,6 +85,10 @@ pub enum Kind {
     /// Pool server → host: the answer to [`Kind::StatusQuery`] (see [`encode_status`]); the
     /// stream is over.
     Status = 28,
+    /// Worker → host, stream 0: replace this worker, for the reason given (UTF-8): one of
+    /// its threads has run a request past `request_timeout`, whether or not the host still
+    /// waits for that request.
+    Recycle = 29,
 }
 
 /// Client WebSocket messages the host may send on a stream before the worker acknowledges
@@ -117,6 +121,7 @@ impl Kind {
             26 => Kind::WsClose,
             27 => Kind::WsAck,
             28 => Kind::Status,
+            29 => Kind::Recycle,
             _ => return None,
         })
     }

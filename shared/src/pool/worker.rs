@@ -19,14 +19,16 @@ use crate::error::DispatchError;
 use crate::exchange::{AppEvent, BodyPiece, Exchange, FileBody, Inbound, WsMessage};
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::Sender;
+use portico_config::Interface;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 /// One request in this worker.
 struct WorkerStream {
@@ -143,10 +145,63 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
         streams: streams.clone(),
         out: out.clone(),
     });
-    let result = read_requests(socket, app, &link);
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        let watch = match app.config().request_timeout.as_limit() {
+            Some(limit) => {
+                let (done, out) = (&done, out.clone());
+                Some(
+                    std::thread::Builder::new()
+                        .name("stuck-watch".into())
+                        .spawn_scoped(scope, move || {
+                            watch_for_a_stuck_thread(app, limit, done, &out)
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let result = read_requests(socket, app, &link);
+        done.store(true, Ordering::Release);
+        if let Some(watch) = watch {
+            watch.thread().unpark();
+        }
+        result
+    });
     // The host is gone: every request with it.
     streams.lock().unwrap_or_else(|e| e.into_inner()).clear();
     result
+}
+
+/// Asks the host to replace this worker once it is stuck past `request_timeout` (see
+/// [`App::stuck_for`]): a WSGI thread still in one request (a loop, a deadlock, a C call
+/// that holds the GIL), whether or not its client waited for the 504, or an ASGI event loop
+/// that runs nothing else. A client that gave up sooner would otherwise leave the worker
+/// stuck, and the least-busy choice, seeing nothing in flight, would keep giving it
+/// requests (uWSGI's harakiri and mod_wsgi's request-timeout act on the thread too, not on
+/// the client). An ASGI request that only awaits past the limit gets its 504 and costs
+/// nothing more: its loop serves on.
+fn watch_for_a_stuck_thread(app: &App, limit: Duration, done: &AtomicBool, out: &Sender<Frame>) {
+    let tick = (limit / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let what = match app.config().interface {
+        Interface::Wsgi => {
+            "a request ran past request_timeout ({limit}) and its thread is still in the app"
+        }
+        Interface::Asgi => {
+            "its event loop has run nothing else for longer than request_timeout ({limit})"
+        }
+    };
+    while !done.load(Ordering::Acquire) {
+        std::thread::park_timeout(tick);
+        if app.stuck_for().is_some_and(|stuck| stuck > limit) {
+            let why = what.replace("{limit}", &format!("{limit:?}"));
+            let _ = out.send(Frame {
+                kind: Kind::Recycle,
+                stream: 0,
+                payload: Bytes::from(why),
+            });
+            return;
+        }
+    }
 }
 
 fn read_requests(socket: UnixStream, app: &App, link: &Arc<Link>) -> std::io::Result<()> {

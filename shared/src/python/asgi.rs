@@ -39,11 +39,17 @@ pub(crate) struct AsgiContext {
     pub(crate) event_loop: Py<PyAny>,
     create_future: Py<PyAny>,
     create_task: Py<PyAny>,
+    /// The loop's `call_soon`.
+    call_soon: Py<PyAny>,
+    /// A [`HeldHeads`], to give `call_soon`.
+    flush_held_heads: Py<PyAny>,
     /// A finished future whose result is `None`: what a `send()` that did not have to wait
     /// returns (a done future can be awaited any number of times).
     done: Py<PyAny>,
-    /// The `asgi` scope key for http and websocket scopes.
-    asgi_version: Py<PyDict>,
+    /// The `asgi` scope key for http scopes.
+    http_asgi_version: Py<PyDict>,
+    /// The `asgi` scope key for websocket scopes.
+    websocket_asgi_version: Py<PyDict>,
     /// The lifespan state; each request's scope gets a shallow copy (lifespan spec, "State").
     state: Py<PyDict>,
     lifespan: LifespanMode,
@@ -110,17 +116,27 @@ impl AsgiContext {
             event_loop.call_method1("set_default_executor", (executor,))?;
             let done = event_loop.call_method0("create_future")?;
             done.call_method1("set_result", (py.None(),))?;
-            let asgi_version = PyDict::new(py);
-            asgi_version.set_item("version", "3.0")?;
-            asgi_version.set_item("spec_version", "2.5")?;
+            // HTTP scopes say 2.3, as uvicorn's and granian's do, though `send()` does raise
+            // after a disconnect (2.4): told 2.4, Starlette stops watching `receive()` for
+            // `http.disconnect` and counts on `send()` raising, so a streaming response whose
+            // generator is waiting for its next event would never learn that its client left.
+            let http_asgi_version = PyDict::new(py);
+            http_asgi_version.set_item("version", "3.0")?;
+            http_asgi_version.set_item("spec_version", "2.3")?;
+            let websocket_asgi_version = PyDict::new(py);
+            websocket_asgi_version.set_item("version", "3.0")?;
+            websocket_asgi_version.set_item("spec_version", "2.5")?;
             Ok(Ok(AsgiContext {
                 name: config.name.clone(),
                 app,
                 create_future: event_loop.getattr("create_future")?.unbind(),
                 create_task: event_loop.getattr("create_task")?.unbind(),
+                call_soon: event_loop.getattr("call_soon")?.unbind(),
+                flush_held_heads: Py::new(py, HeldHeads)?.into_any(),
                 event_loop: event_loop.unbind(),
                 done: done.unbind(),
-                asgi_version: asgi_version.unbind(),
+                http_asgi_version: http_asgi_version.unbind(),
+                websocket_asgi_version: websocket_asgi_version.unbind(),
                 state: PyDict::new(py).unbind(),
                 lifespan: config.lifespan,
             }))
@@ -338,6 +354,9 @@ struct Link {
     send_waiters: VecDeque<(Py<PyAny>, VecDeque<AppEvent>)>,
     /// `METHOD path`, for log lines.
     what: String,
+    /// The app was told its client left (`http.disconnect`, or `send()` raising) before its
+    /// response ended.
+    told_gone: bool,
 }
 
 impl Link {
@@ -363,6 +382,7 @@ impl Link {
                 head.method,
                 String::from_utf8_lossy(&head.raw_path)
             ),
+            told_gone: false,
         }
     }
 
@@ -417,7 +437,10 @@ impl Link {
         mut events: VecDeque<AppEvent>,
     ) -> PyResult<Bound<'py, PyAny>> {
         if self.send_waiters.is_empty() {
-            self.deliver(&mut events)?;
+            if let Err(e) = self.deliver(&mut events) {
+                self.told_gone = true;
+                return Err(e);
+            }
             if events.is_empty() {
                 return Ok(self.ctx.done.bind(py).clone());
             }
@@ -452,14 +475,26 @@ impl Link {
                     self.send_waiters.push_front((fut, events));
                     return Ok(());
                 }
-                Err(e) => reject(py, &fut, e)?,
+                Err(e) => {
+                    self.told_gone = true;
+                    reject(py, &fut, e)?
+                }
             }
         }
         Ok(())
     }
 
     /// Logs how the app's task ended; returns the failure to report, if it failed.
-    fn task_failure(&self, py: Python<'_>, err: Option<PyErr>) -> Option<String> {
+    /// `cut_short` says why the response could not be finished, when the app was told so
+    /// before it raised: what it raised then is its way of giving up (Starlette turns our
+    /// disconnect into its own `ClientDisconnect`), worth one line, not a traceback, as
+    /// uvicorn logs nothing for it.
+    fn task_failure(
+        &self,
+        py: Python<'_>,
+        err: Option<PyErr>,
+        cut_short: Option<&str>,
+    ) -> Option<String> {
         let err = err?;
         let gone = self.responder.as_ref().is_none_or(|r| r.host_gone());
         if gone && err.is_instance_of::<ClientDisconnected>(py) {
@@ -470,6 +505,19 @@ impl Link {
                 self.what
             );
             return Some("client went away".into());
+        }
+        if let Some(why) = cut_short {
+            let raised = err
+                .get_type(py)
+                .fully_qualified_name()
+                .map_or_else(|_| "an exception".to_owned(), |name| name.to_string());
+            log::info!(
+                "app `{}`: {}: {why}, and the app ended with {raised}",
+                self.ctx.name,
+                self.what
+            );
+            log::debug!("{}", format_exception(py, &err));
+            return Some(why.to_owned());
         }
         let traceback = format_exception(py, &err);
         log::error!(
@@ -580,7 +628,7 @@ fn checked_head(
     ResponseHead::with_status(status, "", headers).map_err(PyValueError::new_err)
 }
 
-/// Builds the scope shared by http and websocket connections (ASGI HTTP spec 2.5,
+/// Builds the scope shared by http and websocket connections (ASGI HTTP spec,
 /// "HTTP Connection Scope" / "Websocket Connection Scope").
 fn connection_scope<'py>(
     py: Python<'py>,
@@ -599,7 +647,12 @@ fn connection_scope<'py>(
             intern!(py, "http")
         },
     )?;
-    scope.set_item(intern!(py, "asgi"), ctx.asgi_version.bind(py))?;
+    let asgi_version = if websocket {
+        &ctx.websocket_asgi_version
+    } else {
+        &ctx.http_asgi_version
+    };
+    scope.set_item(intern!(py, "asgi"), asgi_version.bind(py))?;
     scope.set_item(intern!(py, "http_version"), head.version.short())?;
     let scheme = match (websocket, tls) {
         (false, false) => intern!(py, "http"),
@@ -745,6 +798,7 @@ pub(crate) fn start_request(
                     early_hints_ok: job.head.early_hints,
                     trailers_ok: job.head.trailers,
                     phase: Phase::Start,
+                    body_refused: false,
                 },
             )?)
         })
@@ -796,6 +850,9 @@ pub(crate) struct HttpConn {
     early_hints_ok: bool,
     trailers_ok: bool,
     phase: Phase,
+    /// The host refused the rest of the request body (over `max_body_size`, or cut off),
+    /// and the app was told with `http.disconnect`.
+    body_refused: bool,
 }
 
 fn request_message<'py>(py: Python<'py>, body: &[u8], more: bool) -> PyResult<Bound<'py, PyAny>> {
@@ -815,7 +872,9 @@ fn disconnect_message(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 impl HttpConn {
     /// The next `receive()` message if one is ready; otherwise the waker is armed.
     fn poll_receive<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let finished = matches!(self.phase, Phase::Done);
         let Some(responder) = self.link.responder.as_ref() else {
+            self.link.told_gone |= !finished;
             return disconnect_message(py).map(Some);
         };
         match &mut self.body {
@@ -837,7 +896,10 @@ impl HttpConn {
                     match responder.try_send_or_arm(AppEvent::NeedBody, &self.link.waker) {
                         Ok(()) => *asked = true,
                         Err(Ok(_)) => return Ok(None),
-                        Err(Err(_)) => return disconnect_message(py).map(Some),
+                        Err(Err(_)) => {
+                            self.link.told_gone = true;
+                            return disconnect_message(py).map(Some);
+                        }
                     }
                 }
                 match responder.try_recv_body_or_arm(&self.link.waker) {
@@ -859,6 +921,7 @@ impl HttpConn {
                         // The client is gone, or the body broke a limit (the host answers
                         // with that status): either way this request is over for the app.
                         self.body = RequestBody::Done;
+                        self.body_refused = true;
                         disconnect_message(py).map(Some)
                     }
                 }
@@ -866,8 +929,8 @@ impl HttpConn {
             RequestBody::Done => {
                 // ASGI HTTP spec: `http.disconnect` once the response is sent or the client
                 // has gone; until then `receive()` waits.
-                if matches!(self.phase, Phase::Done) || responder.host_gone_or_arm(&self.link.waker)
-                {
+                if finished || responder.host_gone_or_arm(&self.link.waker) {
+                    self.link.told_gone |= !finished;
                     disconnect_message(py).map(Some)
                 } else {
                     Ok(None)
@@ -904,6 +967,7 @@ impl HttpConn {
                     head: Some(head),
                     trailers,
                 };
+                hold_head(py, &self.link.ctx, self.link.id)?;
             }
             // ASGI "Early Hints" extension: Link headers for a 103 before the response.
             ("http.response.early_hint", Phase::Start) => {
@@ -1036,6 +1100,7 @@ impl HttpConn {
         message: Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         if self.link.responder.as_ref().is_none_or(|r| r.host_gone()) {
+            self.link.told_gone |= !matches!(self.phase, Phase::Done);
             return Err(disconnected());
         }
         let events = self.events_for(py, &message)?;
@@ -1043,10 +1108,86 @@ impl HttpConn {
     }
 }
 
+thread_local! {
+    /// Requests whose `http.response.start` is being held for a body message in the same
+    /// task step (so that a one-message body goes out with its head and a Content-Length).
+    /// Non-empty exactly while a [`HeldHeads`] call is scheduled on the loop.
+    static HELD_HEADS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Notes that request `id` holds its head; the first held head of a loop pass schedules one
+/// [`HeldHeads`] call, which runs once every task step now ready has run.
+fn hold_head(py: Python<'_>, ctx: &AsgiContext, id: u64) -> PyResult<()> {
+    let first = HELD_HEADS.with_borrow_mut(|held| {
+        held.push(id);
+        held.len() == 1
+    });
+    if first {
+        if let Err(e) = ctx
+            .call_soon
+            .bind(py)
+            .call1((ctx.flush_held_heads.bind(py),))
+        {
+            HELD_HEADS.with_borrow_mut(Vec::clear);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Sends the heads still held once their tasks have yielded to the loop: an app that
+/// started its response and then awaits something else (a streaming response waiting for
+/// its first event, server-sent events) has its head on the wire at once, as uvicorn
+/// writes it, instead of when its first body message comes; `request_timeout`, which ends
+/// with the head, stops then too.
+#[pyclass(module = "portico", name = "HeldHeads")]
+struct HeldHeads;
+
+#[pymethods]
+impl HeldHeads {
+    fn __call__(&self, py: Python<'_>) {
+        for id in HELD_HEADS.with_borrow_mut(std::mem::take) {
+            if let Some(Conn::Http(conn)) = event_loop::lookup(py, id) {
+                conn.borrow_mut(py).send_held_head();
+            }
+        }
+    }
+}
+
 impl HttpConn {
+    /// Sends the response head on its own if it is still held.
+    fn send_held_head(&mut self) {
+        let Phase::Body { head: held, .. } = &mut self.phase else {
+            return;
+        };
+        if held.is_none() || !self.link.send_waiters.is_empty() {
+            return;
+        }
+        let mut events = VecDeque::from([AppEvent::Head(held.take().expect("checked"))]);
+        // When the host has gone, the app's next `send()` says so; when the mailbox is full,
+        // the head stays held for its first body message.
+        let _ = self.link.deliver(&mut events);
+        if let Some(AppEvent::Head(head)) = events.pop_front() {
+            *held = Some(head);
+        }
+    }
+
     fn ended(&mut self, py: Python<'_>, err: Option<PyErr>) {
-        let failure = match self.link.task_failure(py, err) {
+        let finished = matches!(self.phase, Phase::Done);
+        let gone = self.link.responder.as_ref().is_none_or(|r| r.host_gone());
+        // Only what the app was told excuses what it raised afterwards: an app that fails on
+        // its own while its client happens to be gone keeps its traceback.
+        let cut_short = match (finished, self.link.told_gone, self.body_refused) {
+            (true, _, _) => None,
+            (false, true, _) => Some("the client went away or timed out"),
+            (false, false, true) => Some("its request body was refused"),
+            (false, false, false) => None,
+        };
+        let failure = match self.link.task_failure(py, err, cut_short) {
             Some(why) => Some(AppEvent::Failed(DispatchError::AppRaised(why))),
+            // Told the client left, the app stopped (Starlette cancels a streaming response
+            // when `receive()` says `http.disconnect`): nothing is wrong with it.
+            None if gone => None,
             None => match self.phase {
                 Phase::Done => None,
                 Phase::Start | Phase::Body { head: Some(_), .. } => {
@@ -1260,7 +1401,7 @@ impl WsConn {
 
 impl WsConn {
     fn ended(&mut self, py: Python<'_>, err: Option<PyErr>) {
-        let failure = match self.link.task_failure(py, err) {
+        let failure = match self.link.task_failure(py, err, None) {
             Some(why) => Some(AppEvent::Failed(DispatchError::AppRaised(why))),
             None => match self.phase {
                 WsPhase::Handshake | WsPhase::Denying => {

@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 /// Something for the loop thread to do.
@@ -31,6 +31,9 @@ pub(crate) enum Work {
     LifespanStartup(mpsc::Sender<LifespanOutcome>),
     /// Send `lifespan.shutdown` and report when the app has answered.
     LifespanShutdown(mpsc::Sender<()>),
+    /// Nothing to do: that the loop got to it shows it is not stuck (see
+    /// [`LoopShared::unanswered_ping`]).
+    Ping,
 }
 
 /// What host threads and the loop thread share.
@@ -42,6 +45,9 @@ pub(crate) struct LoopShared {
     signalled: AtomicBool,
     /// Requests submitted and not finished, for the `queue_size` limit.
     pub(crate) in_flight: AtomicUsize,
+    /// When the [`Work::Ping`] the loop has not got to yet was sent (a `clock::stamp`); 0
+    /// when none is waiting.
+    ping_sent: AtomicU64,
 }
 
 impl LoopShared {
@@ -57,7 +63,24 @@ impl LoopShared {
             eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
             signalled: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            ping_sent: AtomicU64::new(0),
         }))
+    }
+
+    /// How long the loop has left a ping unanswered: it cannot be running anything else
+    /// (a coroutine that blocks it, a C call), since a ping is answered at its next turn.
+    /// Sends one when none is waiting; so called now and then, it tells a stuck loop from
+    /// one whose tasks only wait (a long poll, a quiet WebSocket), which is not stuck.
+    pub(crate) fn unanswered_ping(&self) -> Option<std::time::Duration> {
+        match self.ping_sent.load(Ordering::Acquire) {
+            0 => {
+                self.ping_sent
+                    .store(crate::clock::stamp(), Ordering::Release);
+                self.push(Work::Ping);
+                None
+            }
+            sent => Some(crate::clock::since(sent)),
+        }
     }
 
     /// Hands `work` to the loop thread; never blocks beyond a short lock.
@@ -137,7 +160,7 @@ pub(crate) fn unregister(id: u64) -> Option<Conn> {
     CONNS.with_borrow_mut(|m| m.remove(&id))
 }
 
-fn lookup(py: Python<'_>, id: u64) -> Option<Conn> {
+pub(crate) fn lookup(py: Python<'_>, id: u64) -> Option<Conn> {
     CONNS.with_borrow(|m| m.get(&id).map(|c| c.clone_ref(py)))
 }
 
@@ -158,6 +181,10 @@ impl Driver {
                     Some(conn) => conn.wake(py),
                     None => Ok(()),
                 },
+                Work::Ping => {
+                    self.shared.ping_sent.store(0, Ordering::Release);
+                    Ok(())
+                }
                 Work::LifespanStartup(reply) => {
                     asgi::start_lifespan(py, &self.ctx, &self.shared, reply)
                 }

@@ -2,14 +2,16 @@
 //! Admission counts requests until their response ends, not until their thread is free
 //! again, so `threads + queue_size` unanswered requests are always taken.
 
+use crate::clock;
 use crate::exchange::{AdmissionTicket, Responder};
 use crate::model::RequestHead;
 use crate::router::Route;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use pyo3::prelude::*;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What kind of connection a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,25 @@ pub(crate) struct ThreadPool {
     admitted: Arc<AtomicUsize>,
     /// How many may be: the threads, and `queue_size` more waiting for one.
     limit: usize,
+    /// Per thread, since when it runs the app on a request whose response has not started
+    /// (a [`clock::stamp`]); 0 while it waits for a job or sends a response.
+    busy_since: Arc<Vec<AtomicU64>>,
+}
+
+thread_local! {
+    /// This Python thread's slot in its pool's `busy_since`.
+    static BUSY_SLOT: std::cell::RefCell<Option<(Arc<Vec<AtomicU64>>, usize)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// On a Python thread: its request's response has started, so `request_timeout`, which
+/// ends there, no longer runs for it.
+pub(crate) fn response_started() {
+    BUSY_SLOT.with_borrow(|slot| {
+        if let Some((busy_since, index)) = slot {
+            busy_since[*index].store(0, Ordering::Relaxed);
+        }
+    });
 }
 
 impl ThreadPool {
@@ -56,17 +77,24 @@ impl ThreadPool {
         let limit = threads + backlog;
         // Every queued job holds a ticket, so the channel never holds more than `limit`.
         let (jobs, queue) = crossbeam_channel::bounded(limit);
+        let busy_since: Arc<Vec<AtomicU64>> =
+            Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
         for i in 0..threads {
             let queue = queue.clone();
             let runner = runner.clone();
+            let busy_since = busy_since.clone();
             std::thread::Builder::new()
                 .name(format!("py-{name}-{i}"))
-                .spawn(move || thread_main(queue, runner))?;
+                .spawn(move || {
+                    BUSY_SLOT.set(Some((busy_since.clone(), i)));
+                    thread_main(queue, runner, &busy_since[i])
+                })?;
         }
         Ok(ThreadPool {
             jobs,
             admitted: Arc::new(AtomicUsize::new(0)),
             limit,
+            busy_since,
         })
     }
 
@@ -75,6 +103,18 @@ impl ThreadPool {
     /// [`crate::exchange::channel_holding`]).
     pub(crate) fn admit(&self) -> Option<AdmissionTicket> {
         AdmissionTicket::take(&self.admitted, self.limit)
+    }
+
+    /// How long the thread that has run the app longest on a request without starting its
+    /// response has done so; `None` when none does. The client may have left long ago: the
+    /// thread is busy all the same.
+    pub(crate) fn longest_run(&self) -> Option<Duration> {
+        self.busy_since
+            .iter()
+            .map(|since| since.load(Ordering::Relaxed))
+            .filter(|since| *since != 0)
+            .min()
+            .map(clock::since)
     }
 
     /// Queues a job admitted by [`ThreadPool::admit`]; `false` when the threads are gone.
@@ -86,7 +126,7 @@ impl ThreadPool {
     }
 }
 
-fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
+fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>, busy_since: &AtomicU64) {
     block_signals();
     Python::attach(|py| loop {
         // Stay attached while work is queued; release the GIL only to wait.
@@ -107,10 +147,12 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>) {
         }
         // A bug of ours must cost one request, not the thread: the job's responder drops
         // while unwinding, so the host answers 500 and this thread takes the next job.
+        busy_since.store(clock::stamp(), Ordering::Relaxed);
         let run = std::panic::AssertUnwindSafe(|| runner.run(py, job));
         if std::panic::catch_unwind(run).is_err() {
             log::error!("a Python thread recovered from a panic while serving a request");
         }
+        busy_since.store(0, Ordering::Relaxed);
     });
 }
 

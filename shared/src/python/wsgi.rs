@@ -345,6 +345,10 @@ fn body_chunk(item: &Bound<'_, PyAny>) -> Result<Bytes, AppFailure> {
 
 /// Sends an event, waiting with the GIL released when the channel is full.
 fn send(py: Python<'_>, responder: &Responder, event: AppEvent) -> Result<(), AppFailure> {
+    if matches!(event, AppEvent::Head(_) | AppEvent::Whole(..)) {
+        // `request_timeout` ends with the head (a long download is not a stuck thread).
+        super::threads::response_started();
+    }
     match responder.try_send(event) {
         Ok(()) => Ok(()),
         Err(Ok(event)) => py

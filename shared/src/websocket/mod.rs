@@ -63,6 +63,8 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// 1011: the server hit an unexpected condition.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// 1012: the service is restarting (IANA registry; clients reconnect at once).
+    pub const SERVICE_RESTART: u16 = 1012;
 
     /// Whether `code` may be sent in, and accepted from, a close frame: 1000-1003,
     /// 1007-1014 (1012-1014 are registered with IANA) and 3000-4999 (section 7.4.2). 1004,
