@@ -182,6 +182,17 @@ def read_all(sock):
         chunks.append(data)
 
 
+def read_until(sock, marker):
+    """Reads until `marker` has arrived; returns all that was read. The server closing first
+    (or the socket's timeout) fails the test."""
+    got = b""
+    while marker not in got:
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    return got
+
+
 def split_response(raw):
     """Splits a raw HTTP/1.1 response into (head bytes, body bytes), undoing chunked
     transfer coding."""

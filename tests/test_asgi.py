@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import (FEATURES, SERVER_UNDER_TEST, VENV, app_table, needs, on_portico, read_all,
-                      split_response, wait_until)
+                      read_until, split_response, wait_until)
 
 
 @pytest.fixture
@@ -283,11 +283,7 @@ def test_exception_after_start_cuts_the_response(probe):
 def start_and_leave(server, path):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        got = b""
-        while b"waiting;" not in got:
-            chunk = s.recv(4096)
-            assert chunk, got
-            got += chunk
+        read_until(s, b"waiting;")
     # The socket is closed here, with the response still going.
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from conftest import APPS, REFERENCE, VENV, AsgiServer, free_port, serve_config, wait_until
+from conftest import (APPS, REFERENCE, VENV, AsgiServer, free_port, read_until, serve_config,
+                      wait_until)
 # The Django project generator and the browser-like admin login of the WSGI framework tests.
 from test_frameworks import admin_session_and_css, django_project  # noqa: F401 - django_project is a fixture
 
@@ -170,11 +171,7 @@ def test_starlette_event_stream_sends_its_head_at_once_and_stops_when_the_client
         marker.unlink(missing_ok=True)
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(f"GET /events?marker={marker} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = s.recv(4096)
-                assert chunk, head
-                head += chunk
+            head = read_until(s, b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, head
         wait_until(marker.exists, what=f"the event generator stopped ({server.port})")
         marker.unlink()

@@ -635,6 +635,16 @@ def test_nginx_t_says_when_the_pool_program_cannot_be_found(tmp_path):
     assert "portico_pool_binary" in done.stderr
 
 
+def nginx_with_apps_one_and_two(tmp_path, toml):
+    """nginx passing / to the app `one` of `toml` and /two/ to `two`."""
+    port = free_port()
+    write_conf(tmp_path, port, """
+        location / { portico_pass one; }
+        location /two/ { portico_pass two; }
+""", in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
+    return Nginx(tmp_path, port)
+
+
 def test_apps_of_a_portico_toml_need_no_mount_of_their_own_under_nginx(tmp_path):
     """nginx's locations route (`portico_pass` mounts an app at its location), so the apps of
     a portico.toml written for nginx may all leave `mount` at its default, `/`: neither
@@ -646,12 +656,7 @@ def test_apps_of_a_portico_toml_need_no_mount_of_their_own_under_nginx(tmp_path)
     toml.write_text("".join(
         f'[[app]]\nname = "{name}"\ntarget = "ver:application"\npython_path = ["{app_dir}"]\n'
         'mode = "pool"\nprocesses = 1\n' for name in ("one", "two")))
-    port = free_port()
-    write_conf(tmp_path, port, """
-        location / { portico_pass one; }
-        location /two/ { portico_pass two; }
-""", in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
-    server = Nginx(tmp_path, port)
+    server = nginx_with_apps_one_and_two(tmp_path, toml)
     try:
         server.wait_serving(b"v1")
         assert server.get("/two/")[0:2] == (200, b"v1")
@@ -713,12 +718,7 @@ def test_each_pooled_app_may_have_a_virtualenv_of_its_own(tmp_path):
         f'[[app]]\nname = "{name}"\ntarget = "prefix:application"\n'
         f'python_path = ["{app_dir}"]\nmode = "pool"\nprocesses = 1\n'
         f'python_home = "{venv}"\n' for name, venv in venvs.items()))
-    port = free_port()
-    write_conf(tmp_path, port, """
-        location / { portico_pass one; }
-        location /two/ { portico_pass two; }
-""", in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
-    server = Nginx(tmp_path, port)
+    server = nginx_with_apps_one_and_two(tmp_path, toml)
     try:
         server.wait_serving(str(venvs["one"]).encode())
         assert server.get("/two/")[0:2] == (200, str(venvs["two"]).encode())
