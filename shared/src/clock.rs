@@ -1,4 +1,5 @@
-//! Wall-clock times as people read them, in UTC, without a time-zone database.
+//! Times: wall-clock ones as people read them, in UTC, without a time-zone database; and
+//! monotonic stamps that fit an atomic, for how long something has run.
 
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
