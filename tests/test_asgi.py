@@ -161,6 +161,24 @@ def test_chunked_request_body_is_dechunked(probe):
     assert body == b"".join(pieces)
 
 
+@needs("portico")
+def test_an_app_with_request_buffering_gets_a_chunked_body_whole_with_its_length(portico):
+    """Off by default for ASGI; on, the body is read before the app is called and its
+    scope shows a content-length in place of the chunked framing, as behind nginx."""
+    server = portico(app_table("probe", "asgi_probe:app", interface="asgi",
+                               request_buffering=True))
+    pieces = [b"a" * 1000, b"b" * 1_500_000, b"c" * 5]
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    head, body, _ = raw_exchange(server, b"POST /scope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                                         b"chunked\r\nConnection: close\r\n\r\n" + wire)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    info = json.loads(body)
+    headers = dict((k["bytes"], v["bytes"]) for k, v in info["scope"]["headers"])
+    assert headers.get("content-length") == str(1_501_005)
+    assert "transfer-encoding" not in headers
+    assert info["body_length"] == 1_501_005
+
+
 def test_expect_100_continue(probe):
     with socket.create_connection(("127.0.0.1", probe.port), timeout=10) as s:
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"

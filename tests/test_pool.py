@@ -366,6 +366,22 @@ def test_a_reload_to_code_that_cannot_import_keeps_the_old_workers(portico, tmp_
                for e in pool["events"]), pool["events"]
 
 
+def test_a_reload_names_the_settings_it_leaves_for_a_restart(portico):
+    """A reload loads new code; changed pool settings need a restart, and the log says which,
+    instead of leaving `processes = 3` silently unapplied."""
+    server = portico(pool_app(processes=1))
+    config = server_config(server)
+    config.write_text(config.read_text().replace("processes = 1", "processes = 3"))
+    os.kill(server.proc.pid, signal.SIGHUP)
+    server.wait_for_log("changed since the server started (app `pool`: processes); a reload "
+                        "loads the apps' new code but keeps the settings it started with: "
+                        "restart the server to apply these", timeout=15)
+    server.wait_for_log("generation 2 serves", timeout=15)
+    # The new generation has the one worker it started with (the old one may still be leaving).
+    assert len(worker_pids(server)) <= 2
+    wait_until(lambda: len(worker_pids(server)) == 1, timeout=15, what="the old worker to leave")
+
+
 def test_max_requests_replaces_a_worker_without_a_failed_request(portico):
     server = portico(pool_app(processes=1, max_requests=20))
     first = int(server.get("/pid")[2])

@@ -1,5 +1,6 @@
 """PEP 3333 behaviour of the `portico` binary, through apps wrapped in wsgiref's validator."""
 
+import hashlib
 import json
 import os
 import socket
@@ -7,7 +8,8 @@ import threading
 
 import pytest
 
-from conftest import POOL_MODE, app_table, on_host, read_all, split_response, wait_until
+from conftest import (POOL_MODE, app_table, needs, on_host, read_all, read_until,
+                      split_response, wait_until)
 
 
 @pytest.fixture
@@ -81,6 +83,74 @@ def test_chunked_post_is_terminated_and_echoed(server):
     assert head.startswith(b"HTTP/1.1 200")
     assert body == b"".join(pieces)
     assert_clean(server)
+
+
+def chunked(pieces):
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("sizes", [(1000, 70_000, 5), (700_000,) * 4], ids=["small", "spilled"])
+def test_a_chunked_body_reaches_an_app_that_reads_only_content_length(server, sizes):
+    """request_buffering (on for WSGI): the whole body is read first and the app gets it with
+    CONTENT_LENGTH, as nginx forwards it to uWSGI; Django reads only that many bytes and saw
+    nothing of a chunked body before. 2.8 MB goes through the host's temporary file."""
+    pieces = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+    whole = b"".join(pieces)
+    data = server.raw(b"POST /read-content-length HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked(pieces),
+                      timeout=30)
+    head, body = split_response(data)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(body) == {"CONTENT_LENGTH": str(len(whole)), "HTTP_TRANSFER_ENCODING": None,
+                                "read": len(whole), "sha256": hashlib.sha256(whole).hexdigest()}
+    assert_clean(server)
+
+
+def test_a_trickling_upload_holds_no_app_thread(portico):
+    """The app's only thread stays free while a client sends its body slowly; with
+    `request_buffering = false` the same upload holds it, as under gunicorn without a proxy."""
+    for buffering in (True, False):
+        server = portico(app_table("validated", "validated:application", threads=1,
+                                   request_buffering=buffering))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            # Streamed, the 100 comes once the app reads: its thread is then in the upload.
+            slow.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                         b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+            interim = read_until(slow, b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100"), interim
+            slow.sendall(b"5\r\nfirst\r\n")
+            try:
+                quick = server.get("/hello", timeout=3)[0]
+            except OSError as e:  # socket.timeout
+                quick = repr(e)
+            slow.sendall(b"4\r\nlast\r\n0\r\n\r\n")
+            head, body = split_response(read_all(slow))
+        assert head.startswith(b"HTTP/1.1 200") and body == b"firstlast", head
+        if buffering:
+            assert quick == 200
+        else:
+            assert quick != 200, "the streamed upload should hold the one thread"
+        server.stop()
+
+
+def test_a_buffered_body_over_max_body_size_is_413_without_calling_the_app(portico):
+    server = portico(app_table("validated", "validated:application", max_body_size="1K"))
+    data = server.raw(b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + chunked([b"y" * 1000, b"z" * 1000]))
+    assert data.startswith(b"HTTP/1.1 413"), data[:100]
+    assert b"REQUEST_METHOD" not in data
+
+
+# Under nginx, nginx's own client_body_timeout (60 s) governs a body it buffers.
+@needs("binary")
+def test_a_buffered_body_that_stalls_is_408_without_calling_the_app(portico):
+    server = portico(app_table("validated", "validated:application", body_timeout="1s"))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  b"\r\n5\r\nfirst\r\n")
+        data = read_all(s)
+    assert data.startswith(b"HTTP/1.1 408"), data[:100]
+    assert b"REQUEST_METHOD" not in data
 
 
 def test_input_reads_as_it_arrives_in_pieces(server):

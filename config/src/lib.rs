@@ -217,6 +217,14 @@ pub struct AppConfig {
     /// Default: 60 s.
     #[serde(default = "AppConfig::default_body_timeout")]
     pub body_timeout: Seconds,
+    /// Whether the whole request body is read before the app is called, as nginx's
+    /// `proxy_request_buffering` and `uwsgi_request_buffering` do: a slow client then holds no
+    /// app thread, and a chunked body reaches the app with a `Content-Length` (WSGI apps such
+    /// as Django read only that many bytes). Off, the body streams to the app as it reads.
+    /// Default: true for WSGI apps, false for ASGI apps (a task waiting for its body holds no
+    /// thread, and streaming apps want the pieces as they come).
+    #[serde(default)]
+    pub request_buffering: Option<bool>,
     /// ASGI only: the event loop, `"auto"`, `"asyncio"` or `"uvloop"`. Default: `"auto"`.
     #[serde(default, rename = "loop")]
     pub event_loop: LoopKind,
@@ -288,6 +296,13 @@ pub struct AppConfig {
 }
 
 impl AppConfig {
+    /// Whether the host reads the whole request body before calling the app:
+    /// `request_buffering`, or by default whether the app is a WSGI app.
+    pub fn buffers_request_body(&self) -> bool {
+        self.request_buffering
+            .unwrap_or(self.interface == Interface::Wsgi)
+    }
+
     fn default_mount() -> String {
         "/".to_owned()
     }
@@ -344,6 +359,7 @@ impl AppConfig {
             max_body_size: Self::default_max_body_size(),
             request_timeout: Self::default_request_timeout(),
             body_timeout: Self::default_body_timeout(),
+            request_buffering: None,
             event_loop: LoopKind::default(),
             lifespan: LifespanMode::default(),
             websocket_max_message_size: Self::default_websocket_max_message_size(),
@@ -380,6 +396,70 @@ pub fn split_target(target: &str) -> (&str, &str) {
         Some((module, callable)) => (module, callable),
         None => (target, "application"),
     }
+}
+
+/// What differs between two texts of a config file, setting by setting: `server.KEY` for a
+/// key of `[server]` (and its tables), `app `NAME`: KEY` for a key of an app, and apps added or
+/// removed. A reload, which loads the apps' new code but keeps the settings the server started
+/// with, names these in its log. Texts that do not parse give nothing (a reload does not
+/// read the file).
+pub fn changed_settings(before: &str, after: &str) -> Vec<String> {
+    let (Ok(before), Ok(after)) = (before.parse::<toml::Table>(), after.parse::<toml::Table>())
+    else {
+        return Vec::new();
+    };
+    let mut changed = Vec::new();
+    let server = |t: &toml::Table| t.get("server").and_then(|v| v.as_table()).cloned();
+    let (old, new) = (
+        server(&before).unwrap_or_default(),
+        server(&after).unwrap_or_default(),
+    );
+    changed.extend(changed_keys(&old, &new).map(|k| format!("server.{k}")));
+    let apps = |t: &toml::Table| -> Vec<(String, toml::Table)> {
+        t.get("app")
+            .and_then(|v| v.as_array())
+            .map(|apps| {
+                apps.iter()
+                    .filter_map(|a| a.as_table())
+                    .map(|a| {
+                        let name = a.get("name").and_then(|n| n.as_str()).unwrap_or("");
+                        (name.to_owned(), a.clone())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (old_apps, new_apps) = (apps(&before), apps(&after));
+    for (name, old) in &old_apps {
+        match new_apps.iter().find(|(n, _)| n == name) {
+            Some((_, new)) => {
+                let keys: Vec<String> = changed_keys(old, new).collect();
+                if !keys.is_empty() {
+                    changed.push(format!("app `{name}`: {}", keys.join(", ")));
+                }
+            }
+            None => changed.push(format!("app `{name}` removed")),
+        }
+    }
+    for (name, _) in &new_apps {
+        if !old_apps.iter().any(|(n, _)| n == name) {
+            changed.push(format!("app `{name}` added"));
+        }
+    }
+    changed
+}
+
+/// The keys whose values differ between two tables, or that only one has, in order.
+fn changed_keys<'a>(
+    old: &'a toml::Table,
+    new: &'a toml::Table,
+) -> impl Iterator<Item = String> + 'a {
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(move |k| old.get(*k) != new.get(*k))
+        .cloned()
 }
 
 /// What maps request paths to the apps of a config, which decides whether their `mount`s

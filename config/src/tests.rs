@@ -114,6 +114,35 @@ fn sizes_and_durations_parse_as_sysadmins_write_them() {
 }
 
 #[test]
+fn request_buffering_defaults_to_on_for_wsgi_and_off_for_asgi() {
+    let c = load("[[app]]\nname=\"w\"\ntarget=\"w\"\nmount=\"/w\"\n[[app]]\nname=\"a\"\ntarget=\"a\"\ninterface=\"asgi\"\nmount=\"/a\"\n").unwrap();
+    assert!(c.app[0].buffers_request_body());
+    assert!(!c.app[1].buffers_request_body());
+    let c = load("[[app]]\nname=\"w\"\ntarget=\"w\"\nrequest_buffering=false\n").unwrap();
+    assert!(!c.app[0].buffers_request_body());
+    let c = load("[[app]]\nname=\"a\"\ntarget=\"a\"\ninterface=\"asgi\"\nrequest_buffering=true\n")
+        .unwrap();
+    assert!(c.app[0].buffers_request_body());
+}
+
+#[test]
+fn changed_settings_name_each_key_a_reload_leaves_alone() {
+    let before = "[server]\nlisten=[\"127.0.0.1:1\"]\n[[app]]\nname=\"a\"\ntarget=\"a\"\nmode=\"pool\"\nprocesses=2\n[[app]]\nname=\"b\"\ntarget=\"b\"\n";
+    let after = "[server]\nlisten=[\"127.0.0.1:2\"]\n[[app]]\nname=\"a\"\ntarget=\"a\"\nmode=\"pool\"\nprocesses=4\nthreads=8\n[[app]]\nname=\"c\"\ntarget=\"c\"\n";
+    assert_eq!(
+        changed_settings(before, after),
+        vec![
+            "server.listen".to_owned(),
+            "app `a`: processes, threads".to_owned(),
+            "app `b` removed".to_owned(),
+            "app `c` added".to_owned(),
+        ]
+    );
+    assert!(changed_settings(before, before).is_empty());
+    assert!(changed_settings(before, "not toml [").is_empty());
+}
+
+#[test]
 fn bare_module_target_means_application() {
     assert_eq!(split_target("mysite.wsgi"), ("mysite.wsgi", "application"));
     assert_eq!(split_target("app:create_app"), ("app", "create_app"));

@@ -1,14 +1,17 @@
 //! The content handler of a Portico location, on the nginx thread: the transport between
 //! nginx's request and the core's [`Exchange`].
 //!
-//! 1. [`content_handler`] asks nginx for the body without buffering it
-//!    (`request_body_no_buffering`) and returns `NGX_DONE`; nginx calls [`body_started`]
+//! 1. [`content_handler`] asks nginx for the body and returns `NGX_DONE`. For an app with
+//!    `request_buffering` (WSGI apps by default), nginx reads the whole body first (in memory
+//!    up to `client_body_buffer_size`, else in its temporary file); for the others it reads
+//!    without buffering (`request_body_no_buffering`), and nginx calls [`body_started`]
 //!    with what has arrived so far.
-//! 2. [`body_started`] submits the request: with the whole body when it already arrived (a
-//!    small request, the common case), else without, and the app pulls the body as it
-//!    arrives ([`AppEvent::NeedBody`]); nginx reads on only when the app asks, so a slow app
-//!    slows the client down instead of filling memory. An ASGI app gets a WebSocket
-//!    handshake through [`crate::websocket`].
+//! 2. [`body_started`] submits the request: with the whole body when it is here and in
+//!    memory (a small request, the common case), else without, and the app pulls the body
+//!    as it reads ([`AppEvent::NeedBody`]): from nginx's temporary file, or from the client,
+//!    whom nginx reads on only when the app asks, so a slow app slows the client down
+//!    instead of filling memory. An ASGI app gets a WebSocket handshake through
+//!    [`crate::websocket`].
 //! 3. Whenever the app's thread produces events, [`crate::worker`]'s eventfd handler calls
 //!    [`resume`], which polls the exchange. A response whose end is ready at once goes out
 //!    with a `Content-Length`; otherwise the head goes out as soon as the app has nothing
@@ -24,7 +27,7 @@
 //! A timer per request keeps a gracefully exiting worker alive until the response is out
 //! (nginx waits only for timers) and enforces `request_timeout` (504) until the head is sent.
 
-use crate::request::{request_head, route_of, take_body};
+use crate::request::{read_file_part, request_head, route_of, take_body, BodyPart};
 use crate::websocket::{self, WsState};
 use crate::worker;
 use crate::PorticoModule;
@@ -44,7 +47,7 @@ use nginx_sys::{
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, NgxHttpCoreModule};
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange};
-use portico_core::model::ResponseHead;
+use portico_core::model::{BodyLength, ResponseHead};
 use portico_core::DispatchError;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -86,7 +89,7 @@ pub struct RequestCtx {
 #[derive(Default)]
 struct BodyReader {
     /// Read but not yet handed to the app.
-    ready: VecDeque<Bytes>,
+    ready: VecDeque<BodyPart>,
     /// nginx has more to read (`r->reading_body`).
     more: bool,
     /// The app waits for a piece (it sent [`AppEvent::NeedBody`]).
@@ -181,11 +184,14 @@ pub unsafe extern "C" fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_
     if index.is_none() && !status {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
-    let limit = worker::with(|w| match index {
-        Some(index) => w.dispatcher.apps()[index].config().max_body_size.0,
-        None => 0,
+    let settings = worker::with(|w| match index {
+        Some(index) => {
+            let config = w.dispatcher.apps()[index].config();
+            (config.max_body_size.0, config.buffers_request_body())
+        }
+        None => (0, false),
     });
-    let Some(limit) = limit else {
+    let Some((limit, buffered)) = settings else {
         // SAFETY: the request's connection and its log are live.
         let log = unsafe { (*(*r).connection).log };
         ngx::ngx_log_error!(
@@ -203,7 +209,12 @@ pub unsafe extern "C" fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_
             // nginx's own client_max_body_size usually answers first.
             return DispatchError::BodyTooLarge { limit }.status() as ngx_int_t;
         }
-        (*r).set_request_body_no_buffering(1);
+        // Buffered (`request_buffering`), nginx reads the whole body first, spilling a large
+        // one to `client_body_temp_path`, as `uwsgi_request_buffering` does; else the app
+        // reads it as it comes.
+        if !buffered {
+            (*r).set_request_body_no_buffering(1);
+        }
         let rc = ngx_http_read_client_request_body(r, Some(body_started));
         if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
             return rc;
@@ -222,18 +233,9 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
             return;
         }
         let mut first = Vec::new();
-        if let Err(e) = take_body(r, &mut first) {
-            ngx::ngx_log_error!(
-                NGX_LOG_ERR,
-                (*(*r).connection).log,
-                "portico: cannot read the request body: {}",
-                e
-            );
-            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
-            return;
-        }
+        take_body(r, &mut first);
         let more = (*r).reading_body() != 0;
-        let head = request_head(r);
+        let mut head = request_head(r);
         let submitted = worker::with(|w| {
             let Some(index) = index else {
                 // `portico_status`: the page is the exchange's one event.
@@ -250,11 +252,16 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
                 app.config().body_timeout.as_limit(),
                 limit,
             );
-            let whole: u64 = first.iter().map(|b| b.len() as u64).sum();
+            let whole: u64 = first.iter().map(BodyPart::size).sum();
             if !more && limit > 0 && whole > limit {
                 // A chunked body, all here already, over the app's max_body_size.
                 return Err(DispatchError::BodyTooLarge { limit });
             }
+            if !more && head.body != BodyLength::Empty && app.config().buffers_request_body() {
+                // Read whole by nginx: the app gets it with its length.
+                head.set_buffered_length(whole);
+            }
+            let in_memory = first.iter().all(|p| matches!(p, BodyPart::Bytes(_)));
             let submitted: Result<_, DispatchError> = match app.websocket_handshake(&head) {
                 Some(Ok(handshake)) => app.submit_websocket(head, route).map(|exchange| {
                     let relay = app.websocket_relay(&handshake);
@@ -262,9 +269,17 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
                 }),
                 Some(Err(e)) => Err(e),
                 // The whole body is here: it goes with the request (no round trip per piece).
-                None if !more => app
-                    .submit(head, route, Some(std::mem::take(&mut first)))
-                    .map(|exchange| (exchange, None)),
+                None if !more && in_memory => {
+                    let pieces = std::mem::take(&mut first)
+                        .into_iter()
+                        .filter_map(|part| match part {
+                            BodyPart::Bytes(data) => Some(data),
+                            BodyPart::File { .. } => None,
+                        })
+                        .collect();
+                    app.submit(head, route, Some(pieces))
+                        .map(|exchange| (exchange, None))
+                }
                 None => app
                     .submit(head, route, None)
                     .map(|exchange| (exchange, None)),
@@ -626,12 +641,7 @@ unsafe fn deliver_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
         if state.body.ready.is_empty() && state.body.more && state.body.failed.is_none() {
             let rc = ngx_http_read_unbuffered_request_body(r);
             let mut read = Vec::new();
-            if let Err(e) = take_body(r, &mut read) {
-                state.body.failed = Some((
-                    NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
-                    DispatchError::BadRequest(format!("cannot read the request body: {e}")),
-                ));
-            }
+            take_body(r, &mut read);
             state.body.ready.extend(read);
             if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
                 state.body.failed = Some((rc, body_error(rc)));
@@ -641,7 +651,7 @@ unsafe fn deliver_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
             }
         }
         let body = &mut state.body;
-        let over = |data: &Bytes| body.limit > 0 && body.received + data.len() as u64 > body.limit;
+        let over = |part: &BodyPart| body.limit > 0 && body.received + part.size() > body.limit;
         if body.ready.front().is_some_and(over) {
             // The app's max_body_size, for a body whose length was not announced.
             body.ready.clear();
@@ -651,9 +661,31 @@ unsafe fn deliver_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
                 DispatchError::BodyTooLarge { limit: body.limit },
             ));
         }
-        let piece = if let Some(data) = state.body.ready.pop_front() {
-            state.body.received += data.len() as u64;
-            BodyPiece::Data(data)
+        let piece = if let Some(part) = state.body.ready.pop_front() {
+            let read = match part {
+                BodyPart::Bytes(data) => Ok(data),
+                BodyPart::File { fd, at, end } => {
+                    read_file_part(fd, at, end).map(|(data, rest)| {
+                        if let Some(rest) = rest {
+                            state.body.ready.push_front(rest);
+                        }
+                        data
+                    })
+                }
+            };
+            match read {
+                Ok(data) => {
+                    state.body.received += data.len() as u64;
+                    BodyPiece::Data(data)
+                }
+                Err(e) => {
+                    let e = DispatchError::BodyStore(format!("reading nginx's body file: {e}"));
+                    state.body.ready.clear();
+                    state.body.failed =
+                        Some((NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, e.clone()));
+                    BodyPiece::Failed(e)
+                }
+            }
         } else if let Some((_, e)) = &state.body.failed {
             BodyPiece::Failed(e.clone())
         } else if !state.body.more {

@@ -9,6 +9,7 @@ use nginx_sys::{
 use portico_core::model::{BodyLength, HttpVersion, RequestHead};
 use portico_core::router::Route;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
 
 /// The route of `r` under `mount`: nginx picked the location; the path below the mount is
 /// `PATH_INFO` (nginx's decoded, normalized URI).
@@ -260,59 +261,109 @@ pub unsafe fn request_head(r: *mut ngx_http_request_t) -> RequestHead {
     }
 }
 
-/// Takes the body bytes nginx has read so far (`r->request_body->bufs`), in memory or in its
-/// temporary file, and marks them consumed so nginx can reuse its buffer and read on
-/// (unbuffered reading: see `ngx_http_read_unbuffered_request_body`).
+/// A piece of the request body as nginx holds it.
+pub enum BodyPart {
+    /// In memory, copied out of nginx's buffer.
+    Bytes(Bytes),
+    /// A region of nginx's temporary file for a buffered body (`client_body_temp_path`), read
+    /// a piece at a time as the app asks, so a large upload never sits whole in memory. The
+    /// descriptor is the request's: nginx closes it when it frees the request.
+    File {
+        /// nginx's descriptor of the file.
+        fd: RawFd,
+        /// Where the region starts and ends in it.
+        at: u64,
+        /// Where the region ends.
+        end: u64,
+    },
+}
+
+impl BodyPart {
+    /// Bytes in the piece.
+    pub fn size(&self) -> u64 {
+        match self {
+            BodyPart::Bytes(data) => data.len() as u64,
+            BodyPart::File { at, end, .. } => end - at,
+        }
+    }
+}
+
+/// Largest piece read from nginx's temporary file at once.
+const FILE_PIECE: u64 = 64 * 1024;
+
+/// The next piece of a file region: its bytes, and the rest of the region if any is left.
+pub fn read_file_part(fd: RawFd, at: u64, end: u64) -> std::io::Result<(Bytes, Option<BodyPart>)> {
+    let len = FILE_PIECE.min(end - at) as usize;
+    let mut data = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `data[done..]` is writable for `len - done` bytes; `fd` is nginx's open
+        // temporary file, live while its request is.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                data[done..].as_mut_ptr().cast(),
+                len - done,
+                (at + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "nginx's request body file is short",
+            ));
+        }
+        done += n as usize;
+    }
+    let next = at + len as u64;
+    let rest = (next < end).then_some(BodyPart::File { fd, at: next, end });
+    Ok((Bytes::from(data), rest))
+}
+
+/// Takes the body nginx has read so far (`r->request_body->bufs`): memory buffers are copied,
+/// regions of its temporary file are noted to be read later. Marks them consumed, so nginx
+/// can reuse its buffer and read on (unbuffered reading: see
+/// `ngx_http_read_unbuffered_request_body`).
 ///
 /// # Safety
 /// `r` is live; nginx thread only.
-pub unsafe fn take_body(r: *mut ngx_http_request_t, into: &mut Vec<Bytes>) -> std::io::Result<()> {
+pub unsafe fn take_body(r: *mut ngx_http_request_t, into: &mut Vec<BodyPart>) {
     // SAFETY: the caller's; the chain and its buffers belong to the live request.
     unsafe {
         let rb = (*r).request_body;
         if rb.is_null() {
-            return Ok(());
+            return;
         }
         let mut cl = (*rb).bufs;
         (*rb).bufs = core::ptr::null_mut();
         while !cl.is_null() {
             let b = &mut *(*cl).buf;
             if b.in_file() != 0 && !b.file.is_null() {
-                let len = (b.file_last - b.file_pos).max(0) as usize;
-                let mut data = vec![0u8; len];
-                let mut done = 0;
-                while done < len {
-                    let n = libc::pread(
-                        (*b.file).fd,
-                        data[done..].as_mut_ptr().cast(),
-                        len - done,
-                        b.file_pos + done as i64,
-                    );
-                    if n < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if n == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "request body file is short",
-                        ));
-                    }
-                    done += n as usize;
+                let (at, end) = (b.file_pos.max(0) as u64, b.file_last.max(0) as u64);
+                if end > at {
+                    into.push(BodyPart::File {
+                        fd: (*b.file).fd,
+                        at,
+                        end,
+                    });
                 }
                 b.file_pos = b.file_last;
-                if !data.is_empty() {
-                    into.push(Bytes::from(data));
-                }
             } else if b.last > b.pos {
                 let len = b.last.offset_from(b.pos) as usize;
-                into.push(Bytes::copy_from_slice(core::slice::from_raw_parts(
-                    b.pos, len,
+                into.push(BodyPart::Bytes(Bytes::copy_from_slice(
+                    core::slice::from_raw_parts(b.pos, len),
                 )));
             }
             // Consumed: nginx frees a buffer for reuse once its data is gone.
             b.pos = b.last;
             cl = (*cl).next;
         }
-        Ok(())
     }
 }

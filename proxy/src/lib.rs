@@ -14,6 +14,7 @@ pub mod access_log;
 pub mod error_log;
 pub mod listener;
 mod serve;
+mod spool;
 mod websocket;
 
 use access_log::AccessLog;

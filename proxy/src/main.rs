@@ -275,6 +275,7 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
 }
 
 fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
+    let snapshot = file.clone().map(ConfigSnapshot::take);
     // Pool workers read their app from the same file; `portico-worker` sits beside us.
     let pool = file.and_then(|file| {
         let worker_binary = std::env::current_exe()
@@ -333,7 +334,7 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    reload_on_sighup(dispatcher.clone());
+    reload_on_sighup(dispatcher.clone(), snapshot);
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -446,9 +447,41 @@ fn block_sighup() {
     }
 }
 
+/// The config file's text as the server started with it, to tell at a reload which settings
+/// changed since: a reload loads the apps' new code, not new settings (as mod_wsgi's
+/// daemon processes restart with the Apache config they were started with).
+pub(crate) struct ConfigSnapshot {
+    path: PathBuf,
+    text: String,
+}
+
+impl ConfigSnapshot {
+    /// The file as it is now (just loaded by the caller).
+    pub(crate) fn take(path: PathBuf) -> ConfigSnapshot {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        ConfigSnapshot { path, text }
+    }
+
+    /// Logs a warning naming the settings changed in the file since the start, which the
+    /// reload does not apply.
+    pub(crate) fn warn_unapplied(&self) {
+        let Ok(now) = std::fs::read_to_string(&self.path) else {
+            return;
+        };
+        let changed = portico_config::changed_settings(&self.text, &now);
+        if !changed.is_empty() {
+            log::warn!(
+                "{}: changed since the server started ({}); a reload loads the apps' new code but keeps the settings it started with: restart the server to apply these",
+                self.path.display(),
+                changed.join("; ")
+            );
+        }
+    }
+}
+
 /// A thread that reloads the pooled apps on each SIGHUP (blocked everywhere by
 /// [`block_sighup`]).
-fn reload_on_sighup(dispatcher: Arc<Dispatcher>) {
+fn reload_on_sighup(dispatcher: Arc<Dispatcher>, config: Option<ConfigSnapshot>) {
     let spawned = std::thread::Builder::new()
         .name("sighup".into())
         .spawn(move || loop {
@@ -464,6 +497,9 @@ fn reload_on_sighup(dispatcher: Arc<Dispatcher>) {
                 return;
             }
             log::info!("SIGHUP: reloading the pooled apps");
+            if let Some(config) = &config {
+                config.warn_unapplied();
+            }
             for (app, outcome) in dispatcher.reload() {
                 if let Err(e) = outcome {
                     log::error!("app `{app}`: reload failed, the old workers go on: {e}");

@@ -173,6 +173,7 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         Ok(pid_file) => pid_file,
         Err(code) => return code,
     };
+    let config_at_start = crate::ConfigSnapshot::take(args.config.clone());
     log::info!("pool server {} ready", std::process::id());
     notify_systemd("READY=1");
 
@@ -186,6 +187,7 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             break;
         }
         log::info!("SIGHUP: reloading the pools");
+        config_at_start.warn_unapplied();
         notify_systemd("RELOADING=1");
         for (app, outcome) in dispatcher.reload() {
             if let Err(e) = outcome {

@@ -1,6 +1,7 @@
 //! The Pingora transport: turns a Pingora session into a core request, and the app's events
 //! back into HTTP on the wire.
 
+use crate::spool::{Buffered, Spool, SpooledFile};
 use crate::Portico;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Version};
@@ -24,7 +25,8 @@ const FILE_CHUNK: usize = 64 * 1024;
 
 /// Bodies with a `Content-Length` up to this size are read before the app is called, so it
 /// gets them whole without a round trip per piece (nginx buffers small bodies the same way).
-/// Larger and chunked bodies stream to the app as it reads.
+/// Larger and chunked bodies stream to the app as it reads, unless the app buffers them all
+/// (`request_buffering`, [`crate::spool`]).
 const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
 
 pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bool> {
@@ -78,7 +80,25 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
         }
     }
     let mut transfer = Transfer::new(app, session);
+    let mut head = head;
     let body = match head.body {
+        BodyLength::Empty => None,
+        _ if app.config().buffers_request_body() => match transfer.buffer_body().await {
+            // As a buffering proxy forwards it: whole, with its length.
+            Ok((len, Buffered::Memory(pieces))) => {
+                head.set_buffered_length(len);
+                Some(pieces)
+            }
+            Ok((len, Buffered::File(file))) => {
+                head.set_buffered_length(len);
+                transfer.spooled = Some(file);
+                None
+            }
+            Err(e) => {
+                transfer.fail(e).await?;
+                return Ok(true);
+            }
+        },
         BodyLength::Known(len) if len <= BUFFERED_BODY_LIMIT && !transfer.expect_continue => {
             match transfer.read_small_body().await {
                 Ok(body) => {
@@ -291,6 +311,9 @@ struct Transfer<'a> {
     watch_client: bool,
     /// Trailers went out: on HTTP/2 they end the stream.
     trailers_sent: bool,
+    /// The body, read whole into a file before the app was called: the app reads it from
+    /// there.
+    spooled: Option<SpooledFile>,
 }
 
 impl<'a> Transfer<'a> {
@@ -317,6 +340,7 @@ impl<'a> Transfer<'a> {
             body_done: body_empty,
             watch_client: app.accepts_websockets(),
             trailers_sent: false,
+            spooled: None,
         }
     }
 
@@ -373,6 +397,10 @@ impl<'a> Transfer<'a> {
                 return self.fail(DispatchError::AppTimeout).await;
             };
             match event {
+                Some(AppEvent::NeedBody) if self.spooled.is_some() => {
+                    let piece = self.read_spooled_piece().await;
+                    exchange.send_body(piece);
+                }
                 Some(AppEvent::NeedBody) => {
                     let piece = self.read_body_piece().await;
                     // A Content-Length body is complete with its last byte: the app will not
@@ -449,6 +477,43 @@ impl<'a> Transfer<'a> {
                 BodyPiece::Data(data) => pieces.push(data),
                 BodyPiece::End => return Ok(pieces),
                 BodyPiece::Failed(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the whole body (`request_buffering`): its length, and the body in memory or, past
+    /// [`crate::spool::IN_MEMORY`], in a file. `max_body_size` and `body_timeout` apply as
+    /// when the app reads it.
+    async fn buffer_body(&mut self) -> Result<(u64, Buffered), DispatchError> {
+        let mut spool = Spool::default();
+        loop {
+            match self.read_body_piece().await {
+                BodyPiece::Data(data) => {
+                    if let Err(e) = spool.push(data).await {
+                        self.session.set_keepalive(None);
+                        return Err(DispatchError::BodyStore(e.to_string()));
+                    }
+                }
+                BodyPiece::End => break,
+                BodyPiece::Failed(e) => return Err(e),
+            }
+        }
+        self.body_done = true;
+        Ok((spool.len(), spool.finish()))
+    }
+
+    /// The next piece of a body read into a file.
+    async fn read_spooled_piece(&mut self) -> BodyPiece {
+        let Some(file) = &mut self.spooled else {
+            return BodyPiece::End;
+        };
+        match file.next_piece().await {
+            Ok(Some(data)) => BodyPiece::Data(data),
+            Ok(None) => BodyPiece::End,
+            Err(e) => {
+                let e = DispatchError::BodyStore(e.to_string());
+                self.body_error = Some(e.clone());
+                BodyPiece::Failed(e)
             }
         }
     }

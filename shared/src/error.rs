@@ -38,6 +38,9 @@ pub enum DispatchError {
     PoolUnreachable(String),
     /// The request's method is not one the resource answers (the status page: GET, HEAD).
     MethodNotAllowed,
+    /// The host could not keep or read back a request body it buffers
+    /// (`request_buffering`): its temporary file failed (a full disk, say).
+    BodyStore(String),
 }
 
 impl DispatchError {
@@ -50,7 +53,9 @@ impl DispatchError {
             DispatchError::BodyTooLarge { .. } => 413,
             DispatchError::WebSocketDenied => 403,
             DispatchError::UpgradeRequired => 426,
-            DispatchError::AppRaised(_) | DispatchError::BadResponse(_) => 500,
+            DispatchError::AppRaised(_)
+            | DispatchError::BadResponse(_)
+            | DispatchError::BodyStore(_) => 500,
             DispatchError::WorkerLost(_) | DispatchError::PoolUnreachable(_) => 502,
             DispatchError::Overloaded => 503,
             DispatchError::MethodNotAllowed => 405,
@@ -58,14 +63,14 @@ impl DispatchError {
         }
     }
 
-    /// How loudly a host logs this error when it answers with it: the faults of the pool,
-    /// which nothing else has logged; `None` for the client's mistakes and for errors the
+    /// How loudly a host logs this error when it answers with it: the faults of the pool
+    /// and of the host's body store, which nothing else has logged; `None` for the client's mistakes and for errors the
     /// app's thread has logged already (with the traceback).
     pub fn log_level(&self) -> Option<log::Level> {
         match self {
-            DispatchError::WorkerLost(_) | DispatchError::PoolUnreachable(_) => {
-                Some(log::Level::Error)
-            }
+            DispatchError::WorkerLost(_)
+            | DispatchError::PoolUnreachable(_)
+            | DispatchError::BodyStore(_) => Some(log::Level::Error),
             _ => None,
         }
     }
@@ -107,6 +112,9 @@ impl fmt::Display for DispatchError {
             DispatchError::WorkerLost(why) => write!(f, "the app's worker process was lost: {why}"),
             DispatchError::PoolUnreachable(why) => {
                 write!(f, "the app's pool is unreachable: {why}")
+            }
+            DispatchError::BodyStore(why) => {
+                write!(f, "cannot buffer the request body: {why}")
             }
         }
     }

@@ -89,6 +89,26 @@ impl RequestHead {
             .map(|(_, v)| v.as_ref())
     }
 
+    /// The head of a request whose whole body the host has read (`request_buffering`): its
+    /// length is known now, so it is said as a `Content-Length` and the chunked framing,
+    /// which no longer applies, is dropped, as a buffering proxy forwards it (RFC 9112
+    /// section 7.1.3: a recipient that removes the chunked coding sets the length).
+    pub fn set_buffered_length(&mut self, len: u64) {
+        self.headers.retain(|(name, _)| {
+            !name.eq_ignore_ascii_case(b"content-length")
+                && !name.eq_ignore_ascii_case(b"transfer-encoding")
+        });
+        self.headers.push((
+            Bytes::from_static(b"content-length"),
+            Bytes::from(len.to_string()),
+        ));
+        self.body = if len == 0 {
+            BodyLength::Empty
+        } else {
+            BodyLength::Known(len)
+        };
+    }
+
     /// `http` or `https`.
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() {
@@ -264,5 +284,31 @@ mod tests {
         assert!(ResponseHead::new("100 Continue", vec![]).is_err());
         assert!(ResponseHead::new("200 O\rK", vec![]).is_err());
         assert!(ResponseHead::new("200", vec![]).is_ok());
+    }
+
+    #[test]
+    fn a_buffered_body_is_told_by_its_length_not_its_chunks() {
+        let mut head = RequestHead {
+            method: "POST".into(),
+            raw_path: Bytes::from_static(b"/"),
+            query: Bytes::new(),
+            version: HttpVersion::Http11,
+            headers: vec![h("host", "x"), h("transfer-encoding", "chunked")],
+            tls: None,
+            trailers: false,
+            early_hints: true,
+            client: None,
+            server: None,
+            body: BodyLength::Unknown,
+        };
+        head.set_buffered_length(11);
+        assert_eq!(head.body, BodyLength::Known(11));
+        assert_eq!(
+            head.headers,
+            vec![h("host", "x"), h("content-length", "11")]
+        );
+        head.set_buffered_length(0);
+        assert_eq!(head.body, BodyLength::Empty);
+        assert_eq!(head.header("content-length"), Some(&b"0"[..]));
     }
 }

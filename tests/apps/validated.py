@@ -2,6 +2,7 @@
 server (environ types, start_response use, input stream) raises inside the app, which the
 server turns into a 500 with the traceback in its log."""
 
+import hashlib
 import json
 import threading
 from wsgiref.validate import validator
@@ -55,6 +56,15 @@ def _app(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(len(data)))])
         return [data]
+    if path == "/read-content-length":
+        # As Django reads a body: CONTENT_LENGTH bytes, and nothing without it.
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        data = environ["wsgi.input"].read(length) if length else b""
+        out = json.dumps({"CONTENT_LENGTH": environ.get("CONTENT_LENGTH"),
+                          "HTTP_TRANSFER_ENCODING": environ.get("HTTP_TRANSFER_ENCODING"),
+                          "read": len(data), "sha256": hashlib.sha256(data).hexdigest()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [out]
     if path == "/echo-lines":
         stream = environ["wsgi.input"]
         first = stream.readline()

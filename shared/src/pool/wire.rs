@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -704,6 +704,7 @@ pub fn encode_error(e: &DispatchError) -> Bytes {
         DispatchError::WorkerLost(why) => (10, why, 0),
         DispatchError::PoolUnreachable(why) => (11, why, 0),
         DispatchError::MethodNotAllowed => (12, "", 0),
+        DispatchError::BodyStore(why) => (13, why, 0),
     };
     out.put_u8(tag);
     put_bytes(&mut out, clip(text, ERROR_TEXT_LIMIT).as_bytes());
@@ -749,6 +750,7 @@ pub fn decode_error(payload: Bytes) -> Result<DispatchError, WireError> {
         10 => DispatchError::WorkerLost(text),
         11 => DispatchError::PoolUnreachable(text),
         12 => DispatchError::MethodNotAllowed,
+        13 => DispatchError::BodyStore(text),
         other => return Err(bad(format!("an error tag {other}"))),
     })
 }
