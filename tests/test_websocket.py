@@ -353,3 +353,23 @@ def test_receive_after_the_apps_own_close_reports_that_close(ws_server):
     assert info.value.rcvd.code == 4000
     line = log_line(ws_server, "ws: after own close")
     assert line.endswith("websocket.disconnect code=4000"), line
+
+
+@needs("binary")
+def test_sigterm_closes_open_websockets_with_1012_at_once(asgi_server):
+    """uvicorn closes its WebSockets with 1012 (service restart) when it stops, so clients
+    reconnect at once; Pingora alone cut them without a close frame when graceful_timeout
+    ran out. The app hears the same code."""
+    import signal
+    server = asgi_server("asgi_ws:app", server_extra='graceful_timeout = "60s"')
+    with ws_connect(server, "/echo") as ws:
+        ws.send("before")
+        assert ws.recv(timeout=10) == "before"
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=20)
+    assert closed.value.rcvd is not None, closed.value
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+    # Well before the 60 s of graceful_timeout.
+    assert server.proc.wait(30) == 0
+    assert "ws: disconnect code=1012 reason='service restart'" in server.log()

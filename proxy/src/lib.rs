@@ -33,6 +33,8 @@ pub struct Portico {
     keepalive_timeout: Duration,
     server_cert: Option<Arc<str>>,
     status_path: Option<Arc<str>>,
+    /// Set once the server stops: open WebSockets close with 1012.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Portico {
@@ -49,7 +51,18 @@ impl Portico {
             keepalive_timeout,
             server_cert: None,
             status_path: None,
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Tells the WebSockets this host serves that the server is stopping: each client gets a
+    /// close frame with 1012 (service restart) and each app a `websocket.disconnect` with
+    /// that code, as uvicorn closes them, so that clients reconnect at once rather than being
+    /// cut without a word when the grace period ends. New WebSockets accepted after this are
+    /// closed the same way. [`listener::PorticoApp`] calls it when a graceful stop begins; a
+    /// Pingora server with a `ServerApp` of its own calls it from its `cleanup`.
+    pub fn stop_websockets(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// The PEM certificate the TLS listeners present, for the ASGI `tls` extension's

@@ -37,6 +37,8 @@ pub struct PorticoApp {
     http2: Arc<HttpProxy<PorticoProxy>>,
     h2c: bool,
     open: OpenConnections,
+    /// The host, told when a graceful stop begins.
+    portico: crate::Portico,
 }
 
 /// How many connections a listener is serving now, so that a graceful stop can end as soon
@@ -96,6 +98,7 @@ impl PorticoApp {
             http2: build(true),
             h2c,
             open: OpenConnections::default(),
+            portico: proxy.portico.clone(),
         }
     }
 
@@ -139,10 +142,12 @@ impl ServerApp for PorticoApp {
         }
     }
 
-    /// Runs once the listeners have stopped accepting on a graceful stop: tells both HTTP
-    /// apps, so that keep-alive connections waiting for their next request close at once
-    /// (Pingora's default for a `ServerApp` does nothing).
+    /// Runs once the listeners have stopped accepting on a graceful stop: open WebSockets are
+    /// closed with 1012 ([`crate::Portico::stop_websockets`]), and both HTTP apps are told, so
+    /// that keep-alive connections waiting for their next request close at once (Pingora's
+    /// default for a `ServerApp` does nothing).
     async fn cleanup(&self) {
+        self.portico.stop_websockets();
         self.http1.cleanup().await;
         self.http2.cleanup().await;
     }

@@ -66,7 +66,10 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     let head = request_head(portico, session);
     if let Some(handshake) = app.websocket_handshake(&head) {
         match handshake {
-            Ok(handshake) => crate::websocket::serve(session, app, head, route, handshake).await?,
+            Ok(handshake) => {
+                let stopping = portico.stopping.subscribe();
+                crate::websocket::serve(session, app, head, route, handshake, stopping).await?
+            }
             Err(e) => respond_error(session, &e).await?,
         }
         return Ok(true);

@@ -14,6 +14,7 @@ use portico_core::router::Route;
 use portico_core::websocket::{Handshake, Relay, CLOSE_WAIT};
 use portico_core::{App, DispatchError};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Serves an upgrade request: the app accepts (101, then messages), closes (403) or answers
 /// with an HTTP response of its own (`websocket.http.response`).
@@ -23,6 +24,7 @@ pub(crate) async fn serve(
     head: RequestHead,
     route: Route,
     handshake: Handshake,
+    stopping: watch::Receiver<bool>,
 ) -> Result<()> {
     let exchange = match app.submit_websocket(head, route) {
         Ok(exchange) => exchange,
@@ -57,7 +59,7 @@ pub(crate) async fn serve(
                 }
                 append_headers(&mut resp, headers)?;
                 session.write_response_header(Box::new(resp), false).await?;
-                return relay(session, exchange, app.websocket_relay(&handshake)).await;
+                return relay(session, exchange, app.websocket_relay(&handshake), stopping).await;
             }
             Some(AppEvent::WsClose { .. }) if !denial_started => {
                 return respond_error(session, &DispatchError::WebSocketDenied).await
@@ -98,13 +100,19 @@ pub(crate) async fn serve(
 }
 
 /// The open connection: client bytes to the app, app messages to the client, until both
-/// sides have closed.
-async fn relay(session: &mut Session, exchange: Exchange, mut relay: Relay) -> Result<()> {
+/// sides have closed, or the server stops (`stopping`: then a close with 1012).
+async fn relay(
+    session: &mut Session,
+    exchange: Exchange,
+    mut relay: Relay,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<()> {
     // A WebSocket may sit idle for as long as both ends like.
     session.downstream_session.set_read_timeout(None);
     let mut out = BytesMut::new();
     let mut app_gone = false;
     let mut closing_since: Option<Instant> = None;
+    let mut told_stopping = false;
     while !relay.finished() {
         if !out.is_empty() {
             session
@@ -128,6 +136,7 @@ async fn relay(session: &mut Session, exchange: Exchange, mut relay: Relay) -> R
             _ = tokio::time::sleep(close_left.unwrap_or(CLOSE_WAIT)), if close_left.is_some() => {
                 break
             }
+            Ok(_) = stopping.wait_for(|stop| *stop), if !told_stopping => Step::Stopping,
         };
         match step {
             Step::App(event) => {
@@ -145,6 +154,11 @@ async fn relay(session: &mut Session, exchange: Exchange, mut relay: Relay) -> R
             Step::Room => relay.retry(&exchange, &mut out),
             Step::Client(Some(data)) => relay.client_bytes(&data, &exchange, &mut out),
             Step::Client(None) => relay.client_gone(&exchange),
+            Step::Stopping => {
+                told_stopping = true;
+                relay.server_stopping(&exchange, &mut out);
+                closing_since.get_or_insert_with(Instant::now);
+            }
         }
         if app_gone && !relay.wants_read() && !relay.is_blocked() {
             break;
@@ -165,4 +179,6 @@ enum Step {
     App(Option<AppEvent>),
     Room,
     Client(Option<bytes::Bytes>),
+    /// The server is stopping.
+    Stopping,
 }

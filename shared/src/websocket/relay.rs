@@ -69,6 +69,26 @@ impl Relay {
         self.done = true;
     }
 
+    /// The server is stopping: the client gets a close frame with 1012 (service restart, so
+    /// that it reconnects at once; RFC 6455 section 7.4, IANA registry) and the app a
+    /// `websocket.disconnect` with that code, as uvicorn closes its sockets when it stops.
+    /// The client's close reply then ends the connection. Nothing happens if a close is
+    /// already under way.
+    pub fn server_stopping(&mut self, exchange: &Exchange, out: &mut BytesMut) {
+        if self
+            .codec
+            .encode_close(close_code::SERVICE_RESTART, "service restart", out)
+        {
+            self.tell_app(
+                exchange,
+                Inbound::Closed {
+                    code: close_code::SERVICE_RESTART,
+                    reason: "service restart".into(),
+                },
+            );
+        }
+    }
+
     /// Delivers the item that waited for room, then goes on decoding what was buffered.
     pub fn retry(&mut self, exchange: &Exchange, out: &mut BytesMut) {
         if let Some(item) = self.pending.take() {
