@@ -179,6 +179,15 @@ def test_an_app_with_request_buffering_gets_a_chunked_body_whole_with_its_length
     assert info["body_length"] == 1_501_005
 
 
+@needs("server_config")
+def test_a_trusted_proxy_names_the_client_and_the_scheme(portico):
+    server = portico(app_table("probe", "asgi_probe:app", interface="asgi"))
+    scope = get_json(server, "/scope", headers={"X-Forwarded-For": "203.0.113.7",
+                                                "X-Forwarded-Proto": "https"})["scope"]
+    assert (scope["client"], scope["scheme"]) == (["203.0.113.7", 0], "https")
+    assert "tls" not in scope["extensions"]
+
+
 def test_expect_100_continue(probe):
     with socket.create_connection(("127.0.0.1", probe.port), timeout=10) as s:
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"

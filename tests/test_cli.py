@@ -97,10 +97,12 @@ def test_port_in_use(run_portico):
 
 
 def test_run_flags_are_validated_by_name(run_portico):
-    result = run_portico("run", "validated:application", "--threads", "0", "--bind", "x")
+    result = run_portico("run", "validated:application", "--threads", "0", "--bind", "x",
+                         "--forwarded-allow-ips", "10.0.0.0/8,lb.local")
     assert result.returncode == 64
     assert "--threads: must be at least 1" in result.stderr
     assert "--bind: `x` is not HOST:PORT" in result.stderr
+    assert "--forwarded-allow-ips: `lb.local` is not an IP address" in result.stderr
 
 
 def test_run_serves_an_app(tmp_path):

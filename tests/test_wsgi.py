@@ -153,6 +153,26 @@ def test_a_buffered_body_that_stalls_is_408_without_calling_the_app(portico):
     assert b"REQUEST_METHOD" not in data
 
 
+@needs("server_config")
+def test_a_trusted_proxy_names_the_client_and_the_scheme(portico):
+    """Behind a load balancer that ends TLS, the app sees the client's address and https,
+    as gunicorn and uvicorn give them (forwarded_allow_ips, by default the loopback); from
+    anyone else the headers are not believed."""
+    proxied = {"X-Forwarded-For": "198.51.100.4, 203.0.113.7", "X-Forwarded-Proto": "https",
+               "Host": "example.test"}
+    trusting = portico(app_table("validated", "validated:application"))
+    env = json.loads(trusting.get("/environ", headers=proxied)[2])
+    assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"], env["HTTPS"], env["SERVER_PORT"]) == (
+        ["str", "203.0.113.7"], ["str", "https"], ["str", "on"], ["str", "443"])
+    assert env["HTTP_X_FORWARDED_FOR"] == ["str", "198.51.100.4, 203.0.113.7"]
+    distrusting = portico(app_table("validated", "validated:application"),
+                          server_extra="forwarded_allow_ips = []")
+    env = json.loads(distrusting.get("/environ", headers=proxied)[2])
+    assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"], env["SERVER_PORT"]) == (
+        ["str", "127.0.0.1"], ["str", "http"], ["str", "80"])
+    assert "HTTPS" not in env
+
+
 def test_input_reads_as_it_arrives_in_pieces(server):
     payload = b"z" * 200_000
     status, _, body = server.request("POST", "/echo-chunks", body=payload)

@@ -10,10 +10,12 @@
 
 mod error;
 mod identity;
+mod proxies;
 mod units;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use identity::{groups_of, lookup_group, lookup_user, user_name};
+pub use proxies::TrustedProxies;
 pub use units::{ByteSize, Seconds};
 
 use serde::Deserialize;
@@ -73,6 +75,12 @@ pub struct ServerConfig {
     /// choose one that is not guessable or keep it off public listeners. Default: none.
     #[serde(default)]
     pub status_path: Option<String>,
+    /// Peers whose `X-Forwarded-For` and `X-Forwarded-Proto` headers are believed (a load
+    /// balancer or proxy in front): for their requests the app sees the client's address and
+    /// scheme from those headers. Addresses, networks (`10.0.0.0/8`) or `"*"`; `[]` believes
+    /// no one. Default: `["127.0.0.1", "::1"]`, as gunicorn and uvicorn.
+    #[serde(default = "ServerConfig::default_forwarded_allow_ips")]
+    pub forwarded_allow_ips: Vec<String>,
 }
 
 /// The `[server.tls]` table.
@@ -106,6 +114,21 @@ impl ServerConfig {
     fn default_h2c() -> bool {
         true
     }
+    fn default_forwarded_allow_ips() -> Vec<String> {
+        vec!["127.0.0.1".to_owned(), "::1".to_owned()]
+    }
+
+    /// `forwarded_allow_ips`, parsed (entries that do not parse, which `validate` reports,
+    /// are left out).
+    pub fn trusted_proxies(&self) -> TrustedProxies {
+        let valid: Vec<String> = self
+            .forwarded_allow_ips
+            .iter()
+            .filter(|e| TrustedProxies::parse(std::slice::from_ref(*e)).is_ok())
+            .cloned()
+            .collect();
+        TrustedProxies::parse(&valid).unwrap_or_default()
+    }
 }
 
 impl Default for ServerConfig {
@@ -120,6 +143,7 @@ impl Default for ServerConfig {
             status_path: None,
             h2c: Self::default_h2c(),
             tls: None,
+            forwarded_allow_ips: Self::default_forwarded_allow_ips(),
         }
     }
 }
@@ -603,6 +627,11 @@ impl Config {
         }
         if self.server.listen.is_empty() && self.server.tls.is_none() {
             err("server.listen".into(), "needs at least one address".into());
+        }
+        if let Err(bad) = TrustedProxies::parse(&self.server.forwarded_allow_ips) {
+            for (i, why) in bad {
+                err(format!("server.forwarded_allow_ips[{i}]"), why);
+            }
         }
         for (i, addr) in self.server.listen.iter().enumerate() {
             if let Some(j) = self.server.listen[..i]

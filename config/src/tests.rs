@@ -143,6 +143,24 @@ fn changed_settings_name_each_key_a_reload_leaves_alone() {
 }
 
 #[test]
+fn a_bad_forwarded_allow_ips_entry_is_named_with_its_line() {
+    let err = load("[server]\nforwarded_allow_ips = [\"10.0.0.0/8\", \"proxy.local\"]\n[[app]]\nname=\"a\"\ntarget=\"a\"\n").unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("/etc/portico.toml:2:"), "{text}");
+    assert!(text.contains("server.forwarded_allow_ips[1]"), "{text}");
+    assert!(
+        text.contains("`proxy.local` is not an IP address"),
+        "{text}"
+    );
+    let c = load("[[app]]\nname=\"a\"\ntarget=\"a\"\n").unwrap();
+    assert!(c.server.trusted_proxies().trusts("::1".parse().unwrap()));
+    assert!(!c
+        .server
+        .trusted_proxies()
+        .trusts("10.1.1.1".parse().unwrap()));
+}
+
+#[test]
 fn bare_module_target_means_application() {
     assert_eq!(split_target("mysite.wsgi"), ("mysite.wsgi", "application"));
     assert_eq!(split_target("app:create_app"), ("app", "create_app"));

@@ -244,13 +244,17 @@ pub unsafe fn request_head(r: *mut ngx_http_request_t) -> RequestHead {
         } else {
             BodyLength::Empty
         };
+        let tls = tls_info(r);
         RequestHead {
             method: String::from_utf8_lossy(bytes_of(&req.method_name)).into_owned(),
             raw_path: Bytes::copy_from_slice(&unparsed[..path_end]),
             query: Bytes::copy_from_slice(bytes_of(&req.args)),
             version,
             headers,
-            tls: tls_info(r),
+            // nginx's realip module and `X-Forwarded-Proto` handling are nginx's own business
+            // (set_real_ip_from): the scheme is the connection's.
+            secure: tls.is_some(),
+            tls,
             // nginx's HTTP/2 filter sends `headers_out.trailers` with the last buffer.
             trailers: version == HttpVersion::Http2,
             early_hints: false,

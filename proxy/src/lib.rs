@@ -33,6 +33,8 @@ pub struct Portico {
     keepalive_timeout: Duration,
     server_cert: Option<Arc<str>>,
     status_path: Option<Arc<str>>,
+    /// Peers whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
+    trusted_proxies: Arc<portico_config::TrustedProxies>,
     /// Set once the server stops: open WebSockets close with 1012.
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -51,6 +53,7 @@ impl Portico {
             keepalive_timeout,
             server_cert: None,
             status_path: None,
+            trusted_proxies: Arc::default(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
@@ -69,6 +72,14 @@ impl Portico {
     /// `server_cert`.
     pub fn with_server_cert(mut self, pem: Option<String>) -> Portico {
         self.server_cert = pem.map(Arc::from);
+        self
+    }
+
+    /// Believes the `X-Forwarded-For` and `X-Forwarded-Proto` headers of requests from
+    /// these peers (`server.forwarded_allow_ips`): the app sees the client's address and
+    /// scheme they name. Default: no peer (a `Portico` built by hand trusts no one).
+    pub fn with_trusted_proxies(mut self, trusted: portico_config::TrustedProxies) -> Portico {
+        self.trusted_proxies = Arc::new(trusted);
         self
     }
 

@@ -132,6 +132,10 @@ struct RunArgs {
     /// PEM private key for the TLS listeners.
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// Peers whose X-Forwarded-For and X-Forwarded-Proto are believed: addresses or networks,
+    /// comma-separated, `*` for all, `""` for none (uvicorn's and gunicorn's flag).
+    #[arg(long, default_value = "127.0.0.1,::1")]
+    forwarded_allow_ips: String,
 }
 
 fn main() -> ExitCode {
@@ -238,12 +242,20 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
     }
     config.server.threads = args.server_threads;
     config.server.access_log = args.access_log;
-    const FLAGS: [(&str, &str); 10] = [
+    config.server.forwarded_allow_ips = args
+        .forwarded_allow_ips
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    const FLAGS: [(&str, &str); 11] = [
         ("server.tls.listen", "--tls-bind"),
         ("server.tls.certificate", "--tls-certificate"),
         ("server.tls.key", "--tls-key"),
         ("server.listen", "--bind"),
         ("server.threads", "--server-threads"),
+        ("server.forwarded_allow_ips", "--forwarded-allow-ips"),
         ("app[0].target", "TARGET"),
         ("app[0].threads", "--threads"),
         ("app[0].chdir", "--chdir"),
@@ -358,7 +370,8 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
             .as_ref()
             .and_then(|t| leaf_certificate(&t.certificate)),
     )
-    .with_status_path(config.server.status_path.clone());
+    .with_status_path(config.server.status_path.clone())
+    .with_trusted_proxies(config.server.trusted_proxies());
     let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
     // Larger flow-control windows than HTTP/2's 64 KiB default, so uploads are not throttled
     // to one window per round trip.

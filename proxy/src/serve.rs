@@ -193,29 +193,33 @@ fn request_head(portico: &Portico, session: &mut Session) -> RequestHead {
             Bytes::copy_from_slice(v.as_bytes()),
         )
     }));
-    RequestHead {
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .map(|ssl| TlsInfo {
+            server_cert: portico.server_cert.clone(),
+            protocol: ssl.version.replace('_', "."),
+            cipher: ssl.cipher.to_string(),
+            version: tls_version_number(&ssl.version),
+            cipher_suite: cipher_suite_number(&ssl.cipher),
+        });
+    let mut head = RequestHead {
         method: req.method.as_str().to_owned(),
         raw_path: Bytes::copy_from_slice(path_of(path)),
         query: Bytes::copy_from_slice(query),
         version,
         headers,
-        tls: session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .map(|ssl| TlsInfo {
-                server_cert: portico.server_cert.clone(),
-                protocol: ssl.version.replace('_', "."),
-                cipher: ssl.cipher.to_string(),
-                version: tls_version_number(&ssl.version),
-                cipher_suite: cipher_suite_number(&ssl.cipher),
-            }),
+        secure: tls.is_some(),
+        tls,
         // Pingora writes trailers on HTTP/2 only (its HTTP/1 writer drops them).
         trailers: version == HttpVersion::Http2,
         early_hints: version == HttpVersion::Http11,
         client: session.client_addr().and_then(|a| a.as_inet()).copied(),
         server: session.server_addr().and_then(|a| a.as_inet()).copied(),
         body,
-    }
+    };
+    portico_core::forwarded::apply(&mut head, &portico.trusted_proxies);
+    head
 }
 
 /// Appends app headers (already checked by the core) to a Pingora response head.

@@ -20,6 +20,7 @@
 pub mod clock;
 pub mod error;
 pub mod exchange;
+pub mod forwarded;
 pub mod model;
 pub mod pool;
 pub mod python;

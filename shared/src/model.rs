@@ -65,6 +65,10 @@ pub struct RequestHead {
     pub headers: Vec<(Bytes, Bytes)>,
     /// The TLS parameters when the connection is TLS.
     pub tls: Option<TlsInfo>,
+    /// Whether the client's request was made over TLS: the connection is (`tls`), or a
+    /// trusted proxy says so (`X-Forwarded-Proto: https`). Decides `wsgi.url_scheme` and the
+    /// ASGI `scheme`.
+    pub secure: bool,
     /// Whether the host can deliver response trailers on this connection (HTTP/2 here:
     /// Pingora drops them on HTTP/1.1). Decides ASGI's `http.response.trailers` extension.
     pub trailers: bool,
@@ -111,7 +115,7 @@ impl RequestHead {
 
     /// `http` or `https`.
     pub fn scheme(&self) -> &'static str {
-        if self.tls.is_some() {
+        if self.secure {
             "https"
         } else {
             "http"
@@ -295,6 +299,7 @@ mod tests {
             version: HttpVersion::Http11,
             headers: vec![h("host", "x"), h("transfer-encoding", "chunked")],
             tls: None,
+            secure: false,
             trailers: false,
             early_hints: true,
             client: None,

@@ -815,6 +815,7 @@ mod tests {
             version: HttpVersion::Http11,
             headers: Vec::new(),
             tls: None,
+            secure: false,
             trailers: false,
             early_hints: false,
             client: None,

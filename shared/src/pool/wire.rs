@@ -406,7 +406,9 @@ pub fn encode_request(
         }
         None => out.put_u8(0),
     }
-    out.put_u8(u8::from(head.trailers) | (u8::from(head.early_hints) << 1));
+    out.put_u8(
+        u8::from(head.trailers) | (u8::from(head.early_hints) << 1) | (u8::from(head.secure) << 2),
+    );
     put_addr(&mut out, head.client);
     put_addr(&mut out, head.server);
     match head.body {
@@ -513,6 +515,7 @@ pub fn decode_request(payload: Bytes) -> Result<DecodedRequest, WireError> {
             tls,
             trailers: flags & 1 != 0,
             early_hints: flags & 2 != 0,
+            secure: flags & 4 != 0,
             client,
             server,
             body: body_length,
@@ -860,6 +863,7 @@ mod tests {
                 version: Some(0x0304),
                 cipher_suite: Some(0x1301),
             }),
+            secure: true,
             trailers: true,
             early_hints: false,
             client: Some("127.0.0.1:5000".parse().unwrap()),
@@ -886,7 +890,7 @@ mod tests {
         assert_eq!(got.head.client, head().client);
         assert_eq!(got.head.server, head().server);
         assert_eq!(got.head.body, BodyLength::Known(5));
-        assert!(got.head.trailers && !got.head.early_hints);
+        assert!(got.head.trailers && !got.head.early_hints && got.head.secure);
         assert_eq!(got.route.script_name, "/app");
         assert_eq!(got.route.path_info, b"/a b");
         assert_eq!(got.body.unwrap(), Bytes::from_static(b"hello"));

@@ -638,7 +638,7 @@ fn connection_scope<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let head = &job.head;
     let scope = PyDict::new(py);
-    let tls = head.tls.is_some();
+    let secure = head.secure;
     scope.set_item(
         intern!(py, "type"),
         if websocket {
@@ -654,7 +654,7 @@ fn connection_scope<'py>(
     };
     scope.set_item(intern!(py, "asgi"), asgi_version.bind(py))?;
     scope.set_item(intern!(py, "http_version"), head.version.short())?;
-    let scheme = match (websocket, tls) {
+    let scheme = match (websocket, secure) {
         (false, false) => intern!(py, "http"),
         (false, true) => intern!(py, "https"),
         (true, false) => intern!(py, "ws"),

@@ -78,14 +78,16 @@ impl WsgiRunner {
         };
         env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
         env.set_item(intern!(py, "portico.http_version"), head.version.short())?;
-        let scheme = if head.tls.is_some() {
+        let scheme = if head.secure {
             intern!(py, "https")
         } else {
             intern!(py, "http")
         };
         env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
-        if let Some(tls) = &head.tls {
+        if head.secure {
             env.set_item(intern!(py, "HTTPS"), intern!(py, "on"))?;
+        }
+        if let Some(tls) = &head.tls {
             env.set_item(intern!(py, "portico.tls_version"), tls.protocol.as_str())?;
             env.set_item(intern!(py, "portico.tls_cipher"), tls.cipher.as_str())?;
         }
@@ -816,7 +818,7 @@ fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
 /// `SERVER_NAME`/`SERVER_PORT` from the Host header, else from the local address
 /// (RFC 3875 sections 4.1.14-15, as gunicorn and mod_wsgi fill them).
 fn server_name_port(head: &RequestHead) -> (Vec<u8>, String) {
-    let default_port = if head.tls.is_some() { "443" } else { "80" };
+    let default_port = if head.secure { "443" } else { "80" };
     if let Some(host) = head.header("host").filter(|h| !h.is_empty()) {
         // `[v6]:port`, `name:port` or a bare name.
         let split = match host.iter().rposition(|&b| b == b':') {
