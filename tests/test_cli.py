@@ -1,10 +1,13 @@
 """The command line and portico.toml: clear errors, the right exit codes, nothing bound."""
 
+import signal
 import socket
+import tempfile
+from pathlib import Path
 
 import trustme
 
-from conftest import APPS, BINARY, Server, app_table, free_port, needs
+from conftest import APPS, BINARY, Server, app_table, free_port, needs, wait_until
 
 pytestmark = needs("binary")
 
@@ -114,6 +117,33 @@ def test_run_serves_an_app(tmp_path):
         assert server.get("/hello")[2] == b"Hello, world!"
     finally:
         server.stop()
+
+
+def test_run_with_workers_serves_from_a_pool_of_that_many_processes(tmp_path):
+    """`portico run APP --workers 3`, as `gunicorn -w 3 APP`: three worker processes take the
+    requests, and the config file written for them is gone once the server stops."""
+    port = free_port()
+    server = Server([str(BINARY), "run", "pool_app:application", "--python-path", str(APPS),
+                     "--bind", f"127.0.0.1:{port}", "--workers", "3", "--threads", "1"],
+                    tmp_path, port)
+    run_file = Path(tempfile.gettempdir()) / f"portico-run-{server.proc.pid}.toml"
+    try:
+        server.wait_ready()
+        assert run_file.exists()
+        pids = set()
+        wait_until(lambda: pids.add(int(server.get("/pid")[2])) or len(pids) == 3,
+                   timeout=15, interval=0, what="answers from three workers")
+        assert server.proc.pid not in pids
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
+    assert not run_file.exists()
+
+
+def test_run_workers_must_be_at_least_one(run_portico):
+    result = run_portico("run", "pool_app:application", "--workers", "0")
+    assert result.returncode == 64
+    assert "--workers: must be at least 1" in result.stderr
 
 
 def test_check_and_serve_refuse_a_key_that_does_not_match_the_certificate(run_portico, tmp_path):

@@ -5,6 +5,7 @@
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
 mod pool_cmd;
+mod run_file;
 mod stop;
 mod watchdog;
 
@@ -136,6 +137,11 @@ struct RunArgs {
     /// comma-separated, `*` for all, `""` for none (uvicorn's and gunicorn's flag).
     #[arg(long, default_value = "127.0.0.1,::1")]
     forwarded_allow_ips: String,
+    /// Run the app in N worker processes of its own (a pool, as `mode = "pool"` with
+    /// `processes = N`), as gunicorn's and uvicorn's --workers; without it the app runs
+    /// inside this process.
+    #[arg(long, short = 'w')]
+    workers: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -147,7 +153,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, source, file) = match cli.command {
         Command::Run(args) => match config_from_args(*args) {
-            Ok(config) => (config, "command line".to_owned(), None),
+            Ok((config, None)) => (config, "command line".to_owned(), None),
+            Ok((config, Some(pool_toml))) => match run_file::RunFile::write(&pool_toml) {
+                Ok(file) => {
+                    let path = file.path().to_path_buf();
+                    return serve(config, "command line", Some(path), Some(file));
+                }
+                Err(e) => {
+                    eprintln!("portico: cannot write the config file of the workers: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
             Err(e) => return config_failed(&e),
         },
         Command::Serve { config } => match Config::load(&config) {
@@ -175,7 +191,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    serve(config, &source, file)
+    serve(config, &source, file, None)
 }
 
 fn init_logging() {
@@ -197,8 +213,9 @@ fn config_failed(e: &ConfigErrors) -> ExitCode {
 }
 
 /// `portico run`: the same Config a file would give, checked by the same `validate`, with
-/// errors named by the flag rather than the TOML key.
-fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
+/// errors named by the flag rather than the TOML key; with `--workers`, also the config file
+/// text its pool workers load the app from.
+fn config_from_args(args: RunArgs) -> Result<(Config, Option<String>), ConfigErrors> {
     let mut app = AppConfig::new("app", &args.target);
     app.interface = match args.interface.as_str() {
         "asgi" => Interface::Asgi,
@@ -226,6 +243,25 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
     } else {
         std::env::current_dir().into_iter().collect()
     };
+    if let Some(workers) = args.workers {
+        app.mode = portico_config::Mode::Pool;
+        app.processes = workers;
+    }
+    let pool_toml = args.workers.map(|processes| {
+        run_file::RunApp {
+            target: &args.target,
+            interface: &args.interface,
+            event_loop: &args.event_loop,
+            lifespan: &args.lifespan,
+            ws_deflate: !args.no_ws_deflate,
+            threads: args.threads,
+            processes,
+            chdir: app.chdir.as_deref(),
+            python_home: app.python_home.as_deref(),
+            python_path: &app.python_path,
+        }
+        .to_toml(&app.name)
+    });
     let mut config = Config {
         server: Default::default(),
         app: vec![app],
@@ -249,13 +285,14 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
         .filter(|e| !e.is_empty())
         .map(str::to_owned)
         .collect();
-    const FLAGS: [(&str, &str); 11] = [
+    const FLAGS: [(&str, &str); 12] = [
         ("server.tls.listen", "--tls-bind"),
         ("server.tls.certificate", "--tls-certificate"),
         ("server.tls.key", "--tls-key"),
         ("server.listen", "--bind"),
         ("server.threads", "--server-threads"),
         ("server.forwarded_allow_ips", "--forwarded-allow-ips"),
+        ("app[0].processes", "--workers"),
         ("app[0].target", "TARGET"),
         ("app[0].threads", "--threads"),
         ("app[0].chdir", "--chdir"),
@@ -283,10 +320,17 @@ fn config_from_args(args: RunArgs) -> Result<Config, ConfigErrors> {
                     .collect(),
             )
         })?;
-    Ok(config)
+    Ok((config, pool_toml))
 }
 
-fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
+/// Serves `config` (read from `file`, if any). `run_file` is the file `portico run
+/// --workers` wrote for its workers: kept until the server stops.
+fn serve(
+    config: Config,
+    source: &str,
+    file: Option<PathBuf>,
+    run_file: Option<run_file::RunFile>,
+) -> ExitCode {
     let snapshot = file.clone().map(ConfigSnapshot::take);
     // Pool workers read their app from the same file; `portico-worker` sits beside us.
     let pool = file.and_then(|file| {
@@ -414,13 +458,22 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
     }
     for app in dispatcher.apps() {
         let c = app.config();
+        let placement = match (c.mode, &c.pool_socket) {
+            (portico_config::Mode::InProcess, _) => format!("{} Python threads", c.threads),
+            (portico_config::Mode::Pool, Some(socket)) => {
+                format!("pool server at {}", socket.display())
+            }
+            (portico_config::Mode::Pool, None) => format!(
+                "pool of {} worker processes, {} Python threads each",
+                c.processes, c.threads
+            ),
+        };
         log::info!(
-            "mounted app `{}` at {} from {} ({:?}, {} Python threads)",
+            "mounted app `{}` at {} from {} ({:?}, {placement})",
             c.name,
             c.mount,
             c.target,
             c.interface,
-            c.threads
         );
     }
     server.add_service(service);
@@ -431,6 +484,7 @@ fn serve(config: Config, source: &str, file: Option<PathBuf>) -> ExitCode {
         log::info!("stopped");
         access_log.flush(Duration::from_secs(1));
         drop(pid_file);
+        drop(run_file);
     });
     stop::end_early_when_idle(
         server.watch_execution_phase(),
