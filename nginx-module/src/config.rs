@@ -554,19 +554,13 @@ pub unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let (identity, environment) = unsafe { (worker_identity(cf), worker_environment(cf)) };
     main.pool_identity = identity;
     main.pool_environment = environment.clone();
-    // The pool's program is found now, so `nginx -t` says so, not the start.
-    // (`portico_pool_binary` checked its own file already.)
-    if main.pool_binary.is_none() && main.apps.iter().any(|e| crate::pool::is_managed(&e.config)) {
-        let binary = PathBuf::from("portico");
-        if !crate::pool::resolve_binary(&binary).is_file() {
+    // What the pool needs to start is checked now, so that `nginx -t` says what is missing,
+    // not the start.
+    if main.apps.iter().any(|e| crate::pool::is_managed(&e.config)) {
+        if let Err(why) = crate::pool::check_prerequisites(main.pool_binary.as_deref()) {
             // SAFETY: `cf->log` is the log of the configuration being read.
             let log = unsafe { (*cf).log };
-            ngx::ngx_log_error!(
-                NGX_LOG_EMERG,
-                log,
-                "portico: the pooled apps need the `portico` program, and there is none at \"{}\" (set portico_pool_binary)",
-                binary.display()
-            );
+            ngx::ngx_log_error!(NGX_LOG_EMERG, log, "portico: {}", why);
             return NGX_ERROR as ngx_int_t;
         }
     }

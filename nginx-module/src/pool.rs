@@ -238,6 +238,45 @@ fn pool_environment(
     environment
 }
 
+/// What starting a pool server needs, short of starting it: the `portico` program
+/// (`portico_pool_binary`, else `portico` on the `PATH`), `portico-worker` beside the file it
+/// resolves to (where `portico pool` looks for it), and a temporary directory (`TMPDIR`) to
+/// make the sockets' directory in.
+pub(crate) fn check_prerequisites(binary: Option<&Path>) -> Result<(), String> {
+    let program = match binary {
+        Some(binary) => binary.to_path_buf(),
+        None => {
+            let found = resolve_binary(Path::new("portico"));
+            if !found.is_file() {
+                return Err("the pooled apps need the `portico` program, and there is none at \"portico\" in the PATH (set portico_pool_binary)".into());
+            }
+            found
+        }
+    };
+    // `portico pool` finds its worker beside its own executable, links resolved.
+    let real = std::fs::canonicalize(&program).unwrap_or(program.clone());
+    let worker = real.with_file_name("portico-worker");
+    if !worker.is_file() {
+        return Err(format!(
+            "the pooled apps need `portico-worker` beside \"{}\", and there is none at \"{}\"",
+            program.display(),
+            worker.display()
+        ));
+    }
+    let tmp = std::env::temp_dir();
+    let usable = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes())
+        .ok()
+        // SAFETY: access() only reads the NUL-terminated path.
+        .is_some_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0);
+    if !tmp.is_dir() || !usable {
+        return Err(format!(
+            "the pool's sockets go in a directory made in {} (TMPDIR), which is not a directory this process can write to",
+            tmp.display()
+        ));
+    }
+    Ok(())
+}
+
 /// `binary` as a path the child can be started from without a `PATH` of its own: a bare
 /// name is looked up in the master's `PATH`, as a shell would.
 pub(crate) fn resolve_binary(binary: &Path) -> PathBuf {

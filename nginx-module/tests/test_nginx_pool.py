@@ -10,6 +10,7 @@ directories, real HTTP clients over loopback; every state change polled with a d
 """
 
 import http.client
+import shutil
 import json
 import os
 import signal
@@ -633,6 +634,33 @@ def test_nginx_t_says_when_the_pool_program_cannot_be_found(tmp_path):
     assert done.returncode != 0, done.stderr
     assert "the pooled apps need the `portico` program" in done.stderr, done.stderr
     assert "portico_pool_binary" in done.stderr
+
+
+def test_nginx_t_says_when_portico_worker_or_tmpdir_is_missing(tmp_path):
+    """A `portico` copied alone (without `portico-worker` beside it), or a TMPDIR that is not
+    there, would only fail once nginx starts its pool: `nginx -t` says so first."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    alone = tmp_path / "bin"
+    alone.mkdir()
+    shutil.copy(BINARY, alone / "portico")
+    write_conf(tmp_path, free_port(), "        location / { portico_pass ver; }\n",
+               in_http=f"    portico_config {toml};\n    portico_pool_binary {alone / 'portico'};\n")
+    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", "nginx.conf"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stderr
+    assert (f"the pooled apps need `portico-worker` beside \"{alone / 'portico'}\", and there "
+            f"is none at \"{alone / 'portico-worker'}\"") in done.stderr, done.stderr
+    write_conf(tmp_path, free_port(), "        location / { portico_pass ver; }\n",
+               in_http=f"    portico_config {toml};\n    portico_pool_binary {BINARY};\n")
+    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", "nginx.conf"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "no-such-dir")})
+    assert done.returncode != 0, done.stderr
+    assert (f"the pool's sockets go in a directory made in {tmp_path / 'no-such-dir'} (TMPDIR)"
+            in done.stderr), done.stderr
 
 
 def nginx_with_apps_one_and_two(tmp_path, toml):
