@@ -20,6 +20,20 @@ def test_check_accepts_a_valid_config(run_portico, tmp_path):
     assert "ok (1 app(s))" in result.stdout
 
 
+def test_check_nginx_accepts_apps_that_nginx_locations_route(run_portico, tmp_path):
+    """A portico.toml for nginx has its apps routed by locations, all at the default mount:
+    `portico check` says what to run, and `portico check --nginx` accepts it."""
+    cfg = tmp_path / "for-nginx.toml"
+    cfg.write_text(app_table("a", "validated:application") + app_table("b", "validated:application"))
+    result = run_portico("check", "--config", str(cfg))
+    assert result.returncode == 64
+    assert "`/` is also the mount of app[0]" in result.stderr
+    assert "portico check --nginx" in result.stderr
+    result = run_portico("check", "--nginx", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "ok (2 app(s))" in result.stdout
+
+
 def test_config_errors_name_file_line_and_key_all_at_once(run_portico, tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[server]\nlisten = ["nowhere"]\n\n[[app]]\nname = "a"\ntarget = "no colon here"\n'

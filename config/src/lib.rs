@@ -746,7 +746,10 @@ impl Config {
             {
                 err(
                     key("mount"),
-                    format!("`{}` is also the mount of app[{j}]", app.mount),
+                    format!(
+                        "`{}` is also the mount of app[{j}] (a file for nginx, whose locations route requests, is checked with `portico check --nginx`)",
+                        app.mount
+                    ),
                 );
             }
             let (module, callable) = app.target_parts();

@@ -14,7 +14,8 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 use portico_config::{
-    AppConfig, Config, ConfigError, ConfigErrors, Interface, LifespanMode, LoopKind, TlsConfig,
+    AppConfig, Config, ConfigError, ConfigErrors, Interface, LifespanMode, LoopKind, Routing,
+    TlsConfig,
 };
 use portico_core::pool::PoolHost;
 use portico_core::{Dispatcher, HostInfo};
@@ -62,6 +63,10 @@ enum Command {
         /// The config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Check it as nginx reads it (`portico_config`): its locations route requests, so
+        /// apps need no mounts of their own.
+        #[arg(long)]
+        nginx: bool,
     },
     /// Run the pooled apps (mode = "pool") on their own, each on its `pool_socket`, for
     /// `portico serve` and nginx to connect to (e.g. as a systemd service). SIGHUP reloads.
@@ -173,8 +178,13 @@ fn main() -> ExitCode {
         Command::Reload { config } => return reload(&config),
         Command::Pool(args) => return pool_cmd::run(*args),
         Command::Status { config, json } => return status(&config, json),
-        Command::Check { config } => {
-            return match Config::load(&config) {
+        Command::Check { config, nginx } => {
+            let routing = if nginx {
+                Routing::Elsewhere
+            } else {
+                Routing::Mounts
+            };
+            return match Config::load_for(&config, routing) {
                 Ok(c) => {
                     // The certificate and key are loaded as `serve` would load them.
                     if let Some(Err(e)) = c.server.tls.as_ref().map(check_tls_files) {
