@@ -63,7 +63,7 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     if session.get_keepalive().is_some() {
         session.set_keepalive(Some(portico.keepalive_timeout.as_secs().max(1)));
     }
-    let head = request_head(portico, session);
+    let mut head = request_head(portico, session);
     if let Some(handshake) = app.websocket_handshake(&head) {
         match handshake {
             Ok(handshake) => {
@@ -83,38 +83,31 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
         }
     }
     let mut transfer = Transfer::new(app, session);
-    let mut head = head;
-    let body = match head.body {
-        BodyLength::Empty => None,
-        _ if app.config().buffers_request_body() => match transfer.buffer_body().await {
-            // As a buffering proxy forwards it: whole, with its length.
-            Ok((len, Buffered::Memory(pieces))) => {
-                head.set_buffered_length(len);
-                Some(pieces)
-            }
-            Ok((len, Buffered::File(file))) => {
-                head.set_buffered_length(len);
-                transfer.spooled = Some(file);
-                None
+    let buffer_all = app.config().buffers_request_body();
+    let small = matches!(head.body, BodyLength::Known(len) if len <= BUFFERED_BODY_LIMIT)
+        && !transfer.expect_continue;
+    let body = if head.body == BodyLength::Empty || !(buffer_all || small) {
+        None
+    } else {
+        match transfer.buffer_body().await {
+            Ok((len, body)) => {
+                if buffer_all {
+                    // As a buffering proxy forwards it: whole, with its length.
+                    head.set_buffered_length(len);
+                }
+                match body {
+                    Buffered::Memory(pieces) => Some(pieces),
+                    Buffered::File(file) => {
+                        transfer.spooled = Some(file);
+                        None
+                    }
+                }
             }
             Err(e) => {
                 transfer.fail(e).await?;
                 return Ok(true);
             }
-        },
-        BodyLength::Known(len) if len <= BUFFERED_BODY_LIMIT && !transfer.expect_continue => {
-            match transfer.read_small_body().await {
-                Ok(body) => {
-                    transfer.body_done = true;
-                    Some(body)
-                }
-                Err(e) => {
-                    transfer.fail(e).await?;
-                    return Ok(true);
-                }
-            }
         }
-        _ => None,
     };
     match app.submit(head, route, body) {
         Ok(exchange) => transfer.run(exchange).await?,
@@ -476,21 +469,9 @@ impl<'a> Transfer<'a> {
         respond_error(self.session, &e).await
     }
 
-    /// Reads a whole small body (see [`BUFFERED_BODY_LIMIT`]), in the pieces it arrives in.
-    async fn read_small_body(&mut self) -> Result<Vec<Bytes>, DispatchError> {
-        let mut pieces = Vec::new();
-        loop {
-            match self.read_body_piece().await {
-                BodyPiece::Data(data) => pieces.push(data),
-                BodyPiece::End => return Ok(pieces),
-                BodyPiece::Failed(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Reads the whole body (`request_buffering`): its length, and the body in memory or, past
-    /// [`crate::spool::IN_MEMORY`], in a file. `max_body_size` and `body_timeout` apply as
-    /// when the app reads it.
+    /// Reads the whole body before the app is called (`request_buffering`, or a small one):
+    /// its length, and the body in memory or, past [`crate::spool::IN_MEMORY`], in a file.
+    /// `max_body_size` and `body_timeout` apply as when the app reads it.
     async fn buffer_body(&mut self) -> Result<(u64, Buffered), DispatchError> {
         let mut spool = Spool::default();
         loop {
