@@ -181,11 +181,15 @@ def test_an_app_with_request_buffering_gets_a_chunked_body_whole_with_its_length
 
 @needs("server_config")
 def test_a_trusted_proxy_names_the_client_and_the_scheme(portico):
+    proxied = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     server = portico(app_table("probe", "asgi_probe:app", interface="asgi"))
-    scope = get_json(server, "/scope", headers={"X-Forwarded-For": "203.0.113.7",
-                                                "X-Forwarded-Proto": "https"})["scope"]
+    scope = get_json(server, "/scope", headers=proxied)["scope"]
     assert (scope["client"], scope["scheme"]) == (["203.0.113.7", 0], "https")
     assert "tls" not in scope["extensions"]
+    distrusting = portico(app_table("probe", "asgi_probe:app", interface="asgi"),
+                          server_extra="forwarded_allow_ips = []")
+    scope = get_json(distrusting, "/scope", headers=proxied)["scope"]
+    assert (scope["client"][0], scope["scheme"]) == ("127.0.0.1", "http")
 
 
 def test_expect_100_continue(probe):

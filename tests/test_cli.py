@@ -2,8 +2,6 @@
 
 import signal
 import socket
-import tempfile
-from pathlib import Path
 
 import trustme
 
@@ -137,13 +135,16 @@ def test_run_with_workers_serves_from_a_pool_of_that_many_processes(tmp_path):
     """`portico run APP --workers 3`, as `gunicorn -w 3 APP`: three worker processes take the
     requests, and the config file written for them is gone once the server stops."""
     port = free_port()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
     server = Server([str(BINARY), "run", "pool_app:application", "--python-path", str(APPS),
                      "--bind", f"127.0.0.1:{port}", "--workers", "3", "--threads", "1"],
-                    tmp_path, port)
-    run_file = Path(tempfile.gettempdir()) / f"portico-run-{server.proc.pid}.toml"
+                    tmp_path, port, env={"TMPDIR": str(tmpdir)})
     try:
         server.wait_ready()
-        assert run_file.exists()
+        [run_dir] = tmpdir.glob("portico-run-*")
+        assert (run_dir.stat().st_mode & 0o777) == 0o700
+        assert (run_dir / "portico.toml").exists()
         pids = set()
         wait_until(lambda: pids.add(int(server.get("/pid")[2])) or len(pids) == 3,
                    timeout=15, interval=0, what="answers from three workers")
@@ -151,7 +152,7 @@ def test_run_with_workers_serves_from_a_pool_of_that_many_processes(tmp_path):
     finally:
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(30)
-    assert not run_file.exists()
+    assert not run_dir.exists()
 
 
 def test_run_workers_must_be_at_least_one(run_portico):

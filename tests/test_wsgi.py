@@ -139,6 +139,13 @@ def test_a_buffered_body_over_max_body_size_is_413_without_calling_the_app(porti
                       + chunked([b"y" * 1000, b"z" * 1000]))
     assert data.startswith(b"HTTP/1.1 413"), data[:100]
     assert b"REQUEST_METHOD" not in data
+    # A chunked upload that goes on past the limit is refused there, not read (and stored)
+    # to its end: under nginx its client_max_body_size (0 in this setup) is lowered to it.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"7d0\r\n" + b"y" * 2000 + b"\r\n")
+        data = s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 413"), data[:100]
 
 
 # Under nginx, nginx's own client_body_timeout (60 s) governs a body it buffers.

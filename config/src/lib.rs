@@ -422,9 +422,9 @@ pub fn split_target(target: &str) -> (&str, &str) {
     }
 }
 
-/// What differs between two texts of a config file, setting by setting: `server.KEY` for a
-/// key of `[server]` (and its tables), `app `NAME`: KEY` for a key of an app, and apps added or
-/// removed. A reload, which loads the apps' new code but keeps the settings the server started
+/// What differs between two texts of a config file, setting by setting: "server.KEY" for a
+/// key of `[server]` (and its tables), "app \`NAME\`: KEY, KEY" for the keys of an app, and
+/// apps added or removed. A reload, which loads the apps' new code but keeps the settings the server started
 /// with, names these in its log. Texts that do not parse give nothing (a reload does not
 /// read the file).
 pub fn changed_settings(before: &str, after: &str) -> Vec<String> {

@@ -46,9 +46,7 @@ impl TrustedProxies {
             return true;
         }
         let ip = ip.to_canonical();
-        self.nets
-            .iter()
-            .any(|&(net, bits)| in_net(ip, net.to_canonical(), bits))
+        self.nets.iter().any(|&(net, bits)| in_net(ip, net, bits))
     }
 
     /// Whether no peer is trusted (the headers are never looked at).
@@ -65,17 +63,30 @@ fn parse_net(entry: &str) -> Option<(IpAddr, u8)> {
     let addr: IpAddr = addr.parse().ok()?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let bits = bits.unwrap_or(max);
-    (bits <= max).then_some((addr, bits))
+    if bits > max {
+        return None;
+    }
+    // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is stored as the IPv4 network it is, as
+    // peers are compared in their IPv4 form; one shorter than the mapped prefix covers more
+    // than IPv4 and stays IPv6.
+    match addr.to_canonical() {
+        IpAddr::V4(v4) if addr.is_ipv6() && bits >= 96 => Some((IpAddr::V4(v4), bits - 96)),
+        _ => Some((addr, bits)),
+    }
 }
 
 fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(ip), IpAddr::V4(net)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            let mask = u32::MAX
+                .checked_shl(32u32.saturating_sub(u32::from(bits)))
+                .unwrap_or(0);
             u32::from(ip) & mask == u32::from(net) & mask
         }
         (IpAddr::V6(ip), IpAddr::V6(net)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            let mask = u128::MAX
+                .checked_shl(128u32.saturating_sub(u32::from(bits)))
+                .unwrap_or(0);
             u128::from(ip) & mask == u128::from(net) & mask
         }
         _ => false,
@@ -103,6 +114,18 @@ mod tests {
         assert!(parse(&["*"]).trusts("203.0.113.9".parse().unwrap()));
         assert!(parse(&["0.0.0.0/0"]).trusts("203.0.113.9".parse().unwrap()));
         assert!(parse(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_ipv4_mapped_entry_trusts_its_ipv4_address_only() {
+        let one = parse(&["::ffff:127.0.0.1"]);
+        assert!(one.trusts("127.0.0.1".parse().unwrap()));
+        assert!(one.trusts("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!one.trusts("203.0.113.9".parse().unwrap()));
+        let net = parse(&["::ffff:10.0.0.0/104"]);
+        assert!(net.trusts("10.9.9.9".parse().unwrap()));
+        assert!(!net.trusts("11.0.0.1".parse().unwrap()));
+        assert!(!parse(&["::/96"]).trusts("203.0.113.9".parse().unwrap()));
     }
 
     #[test]

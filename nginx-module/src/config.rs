@@ -80,6 +80,48 @@ impl ngx::http::Merge for LocConf {
     }
 }
 
+/// Merges a location's configuration (nothing is inherited: see [`LocConf`]'s `Merge`), then,
+/// for a location whose app has its bodies buffered by nginx (`request_buffering`) and a
+/// `max_body_size`, lowers the location's `client_max_body_size` to that size when it is
+/// larger or unlimited: nginx writes a buffered body to its temporary file as it reads it,
+/// and only its own limit stops an endless chunked upload before it fills the disk (the app's
+/// limit is checked once the body is whole).
+///
+/// # Safety
+/// Called by nginx while merging, with `cf->ctx` holding the location's configurations (the
+/// core module's, merged before ours) and `conf` this module's [`LocConf`] of it.
+pub unsafe extern "C" fn merge_loc_conf(
+    cf: *mut ngx_conf_t,
+    _prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes this module's location configuration, created by create_loc_conf.
+    let conf = unsafe { &*conf.cast::<LocConf>() };
+    let Some(index) = conf.app else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: `cf` is the configuration being merged; the main configuration is ours.
+    let Some(main) = (unsafe { PorticoModule::main_conf(&*cf) }) else {
+        return core::ptr::null_mut();
+    };
+    let Some(app) = main.apps.get(index).map(|e| &e.config) else {
+        return core::ptr::null_mut();
+    };
+    let limit = app.max_body_size.0;
+    if !app.buffers_request_body() || limit == 0 {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: while a location is merged, `cf->ctx`'s location configurations are its own,
+    // and the core module's has been merged already (modules merge in order, core first).
+    if let Some(clcf) = unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) } {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        if clcf.client_max_body_size == 0 || clcf.client_max_body_size > limit {
+            clcf.client_max_body_size = limit;
+        }
+    }
+    core::ptr::null_mut()
+}
+
 /// The arguments of the directive being parsed, the directive's name first.
 ///
 /// # Safety

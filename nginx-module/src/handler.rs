@@ -614,7 +614,10 @@ unsafe fn fail(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, e: DispatchErro
                 e
             );
             ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
-        } else if let Some((rc, _)) = body_failure {
+        } else if let Some((rc, body_error)) = body_failure {
+            if let Some(level) = body_error.log_level() {
+                log::log!(level, "{body_error}");
+            }
             // Answered, not just closed as nginx's finalize would for 408: the client that
             // paused gets told why (and error_page applies).
             (*(*r).connection).set_timedout(0);
@@ -665,6 +668,7 @@ unsafe fn deliver_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
             let read = match part {
                 BodyPart::Bytes(data) => Ok(data),
                 BodyPart::File { fd, at, end } => {
+                    // SAFETY: the part came from this request, which is live.
                     read_file_part(fd, at, end).map(|(data, rest)| {
                         if let Some(rest) = rest {
                             state.body.ready.push_front(rest);
@@ -681,8 +685,7 @@ unsafe fn deliver_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
                 Err(e) => {
                     let e = DispatchError::BodyStore(format!("reading nginx's body file: {e}"));
                     state.body.ready.clear();
-                    state.body.failed =
-                        Some((NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, e.clone()));
+                    state.body.failed = Some((e.status() as ngx_int_t, e.clone()));
                     BodyPiece::Failed(e)
                 }
             }

@@ -91,7 +91,7 @@ static NGX_HTTP_PORTICO_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     create_srv_conf: None,
     merge_srv_conf: None,
     create_loc_conf: Some(PorticoModule::create_loc_conf),
-    merge_loc_conf: Some(PorticoModule::merge_loc_conf),
+    merge_loc_conf: Some(config::merge_loc_conf),
 };
 
 /// The handler nginx calls for a directive.

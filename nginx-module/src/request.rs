@@ -296,36 +296,24 @@ impl BodyPart {
 const FILE_PIECE: u64 = 64 * 1024;
 
 /// The next piece of a file region: its bytes, and the rest of the region if any is left.
-pub fn read_file_part(fd: RawFd, at: u64, end: u64) -> std::io::Result<(Bytes, Option<BodyPart>)> {
+///
+/// # Safety
+/// `fd` must be the descriptor of a [`BodyPart::File`] taken from a request that is still
+/// live: nginx closes it when it frees the request (its temporary file's cleanup runs after
+/// ours, which was registered later).
+pub unsafe fn read_file_part(
+    fd: RawFd,
+    at: u64,
+    end: u64,
+) -> std::io::Result<(Bytes, Option<BodyPart>)> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
     let len = FILE_PIECE.min(end - at) as usize;
+    // SAFETY: the caller's: `fd` is open for as long as this call; `ManuallyDrop` leaves it
+    // open afterwards, since nginx owns it.
+    let file = core::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     let mut data = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        // SAFETY: `data[done..]` is writable for `len - done` bytes; `fd` is nginx's open
-        // temporary file, live while its request is.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                data[done..].as_mut_ptr().cast(),
-                len - done,
-                (at + done as u64) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "nginx's request body file is short",
-            ));
-        }
-        done += n as usize;
-    }
+    file.read_exact_at(&mut data, at)?;
     let next = at + len as u64;
     let rest = (next < end).then_some(BodyPart::File { fd, at: next, end });
     Ok((Bytes::from(data), rest))

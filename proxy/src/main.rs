@@ -535,6 +535,8 @@ pub(crate) struct ConfigSnapshot {
 impl ConfigSnapshot {
     /// The file as it is now (just loaded by the caller).
     pub(crate) fn take(path: PathBuf) -> ConfigSnapshot {
+        // Absolute: an in-process app's `chdir` changes the working directory later.
+        let path = std::path::absolute(&path).unwrap_or(path);
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         ConfigSnapshot { path, text }
     }

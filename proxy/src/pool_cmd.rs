@@ -74,6 +74,8 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     // Taken first, so that no descriptor of them leaks into anything this process starts.
     let inherited = listen_fds();
     // A pool routes nothing: its hosts did.
+    // Before anything may change the working directory.
+    let config_at_start = crate::ConfigSnapshot::take(args.config.clone());
     let mut config = match Config::load_for(&args.config, Routing::Elsewhere) {
         Ok(config) => config,
         Err(e) => return crate::config_failed(&e),
@@ -173,7 +175,6 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         Ok(pid_file) => pid_file,
         Err(code) => return code,
     };
-    let config_at_start = crate::ConfigSnapshot::take(args.config.clone());
     log::info!("pool server {} ready", std::process::id());
     notify_systemd("READY=1");
 

@@ -1,6 +1,7 @@
 //! `portico run --workers N`: pool workers load their app from a config file, and `run` has
-//! none, so it writes the `[[app]]` its flags make to a private file in `TMPDIR`, which the
-//! workers (and their replacements) read, and removes it when the server stops.
+//! none, so it writes the `[[app]]` its flags make to a file in a private directory of its
+//! own in `TMPDIR`, which the workers (and their replacements) read, and removes both when
+//! the server stops.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -22,16 +23,16 @@ pub(crate) struct RunApp<'a> {
 
 impl RunApp<'_> {
     /// The portico.toml text with this one app, in pool mode. Paths are made absolute: the
-    /// file lives elsewhere than the directory `run` started in.
+    /// file lives elsewhere than the directory `run` started in. Relative `python_path`
+    /// entries are relative to `chdir` when it is set, as in-process, where they are added
+    /// after the change of directory.
     pub(crate) fn to_toml(&self, name: &str) -> String {
         use toml::Value;
-        let path = |p: &Path| {
-            Value::String(
-                std::path::absolute(p)
-                    .unwrap_or_else(|_| p.to_path_buf())
-                    .to_string_lossy()
-                    .into_owned(),
-            )
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let path = |p: &Path| Value::String(absolute(p).to_string_lossy().into_owned());
+        let import_path = |p: &Path| match self.chdir {
+            Some(dir) if p.is_relative() => path(&absolute(dir).join(p)),
+            _ => path(p),
         };
         let mut app = toml::Table::new();
         let text = |s: &str| Value::String(s.to_owned());
@@ -55,7 +56,7 @@ impl RunApp<'_> {
         }
         app.insert(
             "python_path".into(),
-            Value::Array(self.python_path.iter().map(|p| path(p)).collect()),
+            Value::Array(self.python_path.iter().map(|p| import_path(p)).collect()),
         );
         let mut doc = toml::Table::new();
         doc.insert("app".into(), Value::Array(vec![Value::Table(app)]));
@@ -65,22 +66,29 @@ impl RunApp<'_> {
     }
 }
 
-/// The file, removed when dropped.
+/// The file (`portico.toml` in a directory of its own), removed with its directory when
+/// dropped.
 pub(crate) struct RunFile(PathBuf);
 
 impl RunFile {
-    /// Writes `text` to a new file readable by this user only.
+    /// Writes `text` to a new file in a new directory that only this user can enter
+    /// (`mkdtemp`: a name nobody can take first, in a directory nobody can swap the file in).
     pub(crate) fn write(text: &str) -> std::io::Result<RunFile> {
-        let path = std::env::temp_dir().join(format!("portico-run-{}.toml", std::process::id()));
-        // One left by an earlier process with the same pid is stale.
-        let _ = std::fs::remove_file(&path);
-        let mut file = std::fs::OpenOptions::new()
+        let dir = private_dir()?;
+        let path = dir.join("portico.toml");
+        let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        file.write_all(text.as_bytes())?;
+            .and_then(|mut file| file.write_all(text.as_bytes()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ));
+        }
         Ok(RunFile(path))
     }
 
@@ -92,6 +100,33 @@ impl RunFile {
 
 impl Drop for RunFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// A new directory `portico-run-XXXXXX` in `TMPDIR`, mode 0700.
+fn private_dir() -> std::io::Result<PathBuf> {
+    let template = std::env::temp_dir().join("portico-run-XXXXXX");
+    let mut bytes = template.into_os_string().into_encoded_bytes();
+    bytes.push(0);
+    // SAFETY: `bytes` is a NUL-terminated path template that mkdtemp rewrites in place (only
+    // its X's, with ASCII).
+    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if made.is_null() {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot make a directory in {}: {e}",
+                std::env::temp_dir().display()
+            ),
+        ));
+    }
+    bytes.pop();
+    // SAFETY: mkdtemp kept the bytes a path of the same encoding (it replaced X's by ASCII).
+    Ok(PathBuf::from(unsafe {
+        std::ffi::OsString::from_encoded_bytes_unchecked(bytes)
+    }))
 }

@@ -113,17 +113,41 @@ async fn blocking<T: Send + 'static>(
         .map_err(io::Error::other)?
 }
 
-/// A new file in `TMPDIR` that only this process can reach: created exclusively, readable by
-/// its owner only, and unlinked at once, so that it goes away with its last descriptor
-/// whatever happens to the server.
+/// A new file in `TMPDIR` that only this process can reach: an anonymous one (`O_TMPFILE`)
+/// where the file system has them, else one created exclusively under a name of its own,
+/// readable by its owner only, and unlinked at once. Either way it goes away with its last
+/// descriptor, whatever happens to the server.
 fn temp_file() -> io::Result<File> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir();
-    loop {
+    let failed = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot create a file for a request body in {}: {e}",
+                dir.display()
+            ),
+        )
+    };
+    let anonymous = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(&dir);
+    // Where it is not offered (EOPNOTSUPP; EISDIR on old kernels), a named file; a real
+    // problem (no such directory, no permission) fails that one too, and is reported.
+    if let Ok(file) = anonymous {
+        return Ok(file);
+    }
+    let salt = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..16 {
         let path = dir.join(format!(
-            "portico-body-{}-{}",
+            "portico-body-{}-{}-{salt:x}",
             std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
+            NEXT.fetch_add(1, Ordering::Relaxed),
         ));
         match std::fs::OpenOptions::new()
             .read(true)
@@ -136,17 +160,13 @@ fn temp_file() -> io::Result<File> {
                 std::fs::remove_file(&path)?;
                 return Ok(file);
             }
-            // Left by an earlier server with the same pid: take the next name.
+            // Taken (by a stale file, or by someone else): try another name.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot create a file for a request body in {}: {e}",
-                        dir.display()
-                    ),
-                ))
-            }
+            Err(e) => return Err(failed(e)),
         }
     }
+    Err(failed(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "every name tried was taken",
+    )))
 }

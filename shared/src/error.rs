@@ -64,8 +64,8 @@ impl DispatchError {
     }
 
     /// How loudly a host logs this error when it answers with it: the faults of the pool
-    /// and of the host's body store, which nothing else has logged; `None` for the client's mistakes and for errors the
-    /// app's thread has logged already (with the traceback).
+    /// and of the host's body store, which nothing else has logged; `None` for the client's
+    /// mistakes and for errors the app's thread has logged already (with the traceback).
     pub fn log_level(&self) -> Option<log::Level> {
         match self {
             DispatchError::WorkerLost(_)
