@@ -72,16 +72,9 @@ pub struct LocConf {
     pub status: bool,
 }
 
-impl ngx::http::Merge for LocConf {
-    /// Nested locations do not inherit `portico_app` (as with `proxy_pass`, the content
-    /// handler belongs to the location that names it).
-    fn merge(&mut self, _prev: &LocConf) -> Result<(), ngx::http::MergeConfigError> {
-        Ok(())
-    }
-}
-
-/// Merges a location's configuration (nothing is inherited: see [`LocConf`]'s `Merge`), then,
-/// for a location whose app has its bodies buffered by nginx (`request_buffering`) and a
+/// Merges a location's configuration. Nothing is inherited: nested locations do not inherit
+/// `portico_app` or `portico_pass` (as with `proxy_pass`, the content handler belongs to the
+/// location that names it). Then, for a location whose app has its bodies buffered by nginx (`request_buffering`) and a
 /// `max_body_size`, lowers the location's `client_max_body_size` to that size when it is
 /// larger or unlimited: nginx writes a buffered body to its temporary file as it reads it,
 /// and only its own limit stops an endless chunked upload before it fills the disk (the app's
