@@ -366,20 +366,51 @@ def test_a_reload_to_code_that_cannot_import_keeps_the_old_workers(portico, tmp_
                for e in pool["events"]), pool["events"]
 
 
-def test_a_reload_names_the_settings_it_leaves_for_a_restart(portico):
-    """A reload loads new code; changed pool settings need a restart, and the log says which,
-    instead of leaving `processes = 3` silently unapplied."""
+def test_a_reload_applies_new_pool_settings_and_names_those_left_for_a_restart(portico):
+    """As gunicorn's HUP and nginx's reload: the new generation runs the file's new settings.
+    What the server itself acts on for the app (here max_body_size) needs a restart: then the
+    app keeps all its settings, and the log says which changed. A file that has become
+    invalid refuses the reload with its errors, and the workers serve on."""
     server = portico(pool_app(processes=1))
+    assert server.get("/env?RELOADED")[2] == b""
     config = server_config(server)
-    config.write_text(config.read_text().replace("processes = 1", "processes = 3"))
+    started = config.read_text()
+    config.write_text(started.replace("processes = 1", 'processes = 3\nenv = { RELOADED = "yes" }'))
     os.kill(server.proc.pid, signal.SIGHUP)
-    server.wait_for_log("changed since the server started (app `pool`: processes); a reload "
-                        "loads the apps' new code but keeps the settings it started with: "
-                        "restart the server to apply these", timeout=15)
     server.wait_for_log("generation 2 serves", timeout=15)
-    # The new generation has the one worker it started with (the old one may still be leaving).
-    assert len(worker_pids(server)) <= 2
-    wait_until(lambda: len(worker_pids(server)) == 1, timeout=15, what="the old worker to leave")
+    assert server.get("/env?RELOADED")[2] == b"yes"
+    wait_until(lambda: len(worker_pids(server)) == 3, timeout=15, what="three workers")
+    assert "a reload does not apply" not in server.log()
+    generation_2 = set(worker_pids(server))
+
+    # With a server-side key changed, the app keeps the settings it has (three workers).
+    config.write_text(started.replace("processes = 1", 'processes = 2\nmax_body_size = "1K"'))
+    os.kill(server.proc.pid, signal.SIGHUP)
+    server.wait_for_log("generation 3 serves", timeout=15)
+    # Named against the settings generation 2 runs (its env, its three processes).
+    server.wait_for_log(f"{config}: a reload does not apply these changes to the settings "
+                        "running (app `pool`: env, max_body_size, processes): restart the "
+                        "server to apply them")
+    wait_until(lambda: not set(worker_pids(server)) & generation_2, timeout=15,
+               what="generation 2 to leave")
+    assert len(worker_pids(server)) == 3
+    assert server.get("/env?RELOADED")[2] == b"yes"
+    # max_body_size = "1K" is not in force: the server still takes a 4 KiB body.
+    assert server.request("POST", "/echo", body=b"x" * 4096)[0] == 200
+
+    # An invalid file: `portico reload` says why and sends nothing; a SIGHUP reloads nothing.
+    config.write_text(started.replace("processes = 1", "processes = 0"))
+    done = subprocess.run([str(BINARY), "reload", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 64, done
+    assert f"{config}:" in done.stderr and "app[0].processes" in done.stderr, done.stderr
+    assert server.log().count("SIGHUP") == 2
+    os.kill(server.proc.pid, signal.SIGHUP)
+    server.wait_for_log("reload refused, everything goes on as it was: "
+                        f"{config}:", timeout=15)
+    assert re.search(r"reload refused.*app\[0\]\.processes", server.log()), server.log()
+    assert "generation 4" not in server.log()
+    assert server.get("/env?RELOADED")[2] == b"yes"
 
 
 def test_max_requests_replaces_a_worker_without_a_failed_request(portico):
@@ -752,6 +783,35 @@ def test_portico_serve_uses_a_pool_run_on_its_own_and_reconnects(portico, tmp_pa
         new_workers = set(worker_pids(pool_proc(pool)))
         assert {int(server.get("/pid")[2]) for _ in range(8)} == new_workers
         assert not new_workers & set(pool_workers)
+    finally:
+        pool.terminate()
+        pool.wait(30)
+
+
+def test_a_reload_of_portico_pool_applies_its_new_pool_settings(portico, tmp_path):
+    """`systemctl reload` of a pool run on its own: the new generation has the file's new
+    `processes`, the host is served by it without a restart, and nothing is named as left
+    unapplied (the app's pool_socket, which the pool server listens on, has not changed, and
+    `[server]` is not the pool server's)."""
+    sock = tmp_path / "pool.sock"
+    table = pool_app(pool_socket=str(sock), processes=1)
+    pool, config = start_pool_server(tmp_path, table)
+    try:
+        server = portico(table)
+        assert len(worker_pids(pool_proc(pool))) == 1
+        # [server] is not the pool server's: its change is not reported either.
+        config.write_text(config.read_text().replace("processes = 1", "processes = 3")
+                          .replace("127.0.0.1:1", "127.0.0.1:2"))
+        pool.send_signal(signal.SIGHUP)
+        log = tmp_path / "pool.log"
+        wait_until(lambda: "generation 2 serves" in log.read_text(), timeout=15,
+                   what="generation 2")
+        wait_until(lambda: len(worker_pids(pool_proc(pool))) == 3, timeout=15,
+                   what="three workers")
+        workers = set(worker_pids(pool_proc(pool)))
+        wait_until(lambda: {int(server.get("/pid")[2]) for _ in range(12)} == workers,
+                   timeout=15, what="the host to be served by all three")
+        assert "a reload does not apply" not in log.read_text()
     finally:
         pool.terminate()
         pool.wait(30)

@@ -402,6 +402,23 @@ impl AppConfig {
         split_target(&self.target)
     }
 
+    /// Whether the server would act the same on this app's requests with `other`'s
+    /// settings: the keys of [`SERVER_SIDE_APP_KEYS`] are equal. A reload gives a pooled app
+    /// whose server-side settings are unchanged a new generation with all its new settings.
+    pub fn same_for_the_server(&self, other: &AppConfig) -> bool {
+        // One line per key of SERVER_SIDE_APP_KEYS, in its order.
+        self.name == other.name
+            && self.mount == other.mount
+            && self.interface == other.interface
+            && self.mode == other.mode
+            && self.pool_socket == other.pool_socket
+            && self.max_body_size == other.max_body_size
+            && self.body_timeout == other.body_timeout
+            && self.request_buffering == other.request_buffering
+            && self.websocket_max_message_size == other.websocket_max_message_size
+            && self.websocket_per_message_deflate == other.websocket_per_message_deflate
+    }
+
     /// The mount without its trailing slash: `""` for `/`, `"/api"` for `/api/`.
     pub fn script_name(&self) -> &str {
         self.mount.trim_end_matches('/')
@@ -416,12 +433,12 @@ pub fn split_target(target: &str) -> (&str, &str) {
     }
 }
 
-/// What differs between two texts of a config file, setting by setting: "server.KEY" for a
-/// key of `[server]` (and its tables), "app \`NAME\`: KEY, KEY" for the keys of an app, and
-/// apps added or removed. A reload, which loads the apps' new code but keeps the settings the server started
-/// with, names these in its log. Texts that do not parse give nothing (a reload does not
-/// read the file).
-pub fn changed_settings(before: &str, after: &str) -> Vec<String> {
+/// What differs between two texts of a config file that a reload leaves unapplied, setting
+/// by setting: "server.KEY" for a key of `[server]` (and its tables), "app \`NAME\`: KEY, KEY"
+/// for the keys of an app, and apps added or removed. Apps for which `skip(name)` holds (a
+/// pool whose new generation took its new settings, or one the caller reports itself) are
+/// left out. Texts that do not parse give nothing.
+pub fn changed_settings(before: &str, after: &str, skip: impl Fn(&str) -> bool) -> Vec<String> {
     let (Ok(before), Ok(after)) = (before.parse::<toml::Table>(), after.parse::<toml::Table>())
     else {
         return Vec::new();
@@ -433,23 +450,10 @@ pub fn changed_settings(before: &str, after: &str) -> Vec<String> {
         server(&after).unwrap_or_default(),
     );
     changed.extend(changed_keys(&old, &new).map(|k| format!("server.{k}")));
-    let apps = |t: &toml::Table| -> Vec<(String, toml::Table)> {
-        t.get("app")
-            .and_then(|v| v.as_array())
-            .map(|apps| {
-                apps.iter()
-                    .filter_map(|a| a.as_table())
-                    .map(|a| {
-                        let name = a.get("name").and_then(|n| n.as_str()).unwrap_or("");
-                        (name.to_owned(), a.clone())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (old_apps, new_apps) = (apps(&before), apps(&after));
+    let (old_apps, new_apps) = (app_tables(&before), app_tables(&after));
     for (name, old) in &old_apps {
         match new_apps.iter().find(|(n, _)| n == name) {
+            Some(_) if skip(name) => {}
             Some((_, new)) => {
                 let keys: Vec<String> = changed_keys(old, new).collect();
                 if !keys.is_empty() {
@@ -466,6 +470,54 @@ pub fn changed_settings(before: &str, after: &str) -> Vec<String> {
     }
     changed
 }
+
+/// The keys of app `name` whose values differ between two texts of a config file, in order
+/// (none when either text does not parse or has no such app).
+pub fn changed_app_keys(before: &str, after: &str, name: &str) -> Vec<String> {
+    let (Ok(before), Ok(after)) = (before.parse::<toml::Table>(), after.parse::<toml::Table>())
+    else {
+        return Vec::new();
+    };
+    let find = |t: &toml::Table| app_tables(t).into_iter().find(|(n, _)| n == name);
+    match (find(&before), find(&after)) {
+        (Some((_, old)), Some((_, new))) => changed_keys(&old, &new).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The `[[app]]` tables of a config file, with their names.
+fn app_tables(config: &toml::Table) -> Vec<(String, toml::Table)> {
+    config
+        .get("app")
+        .and_then(|v| v.as_array())
+        .map(|apps| {
+            apps.iter()
+                .filter_map(|a| a.as_table())
+                .map(|a| {
+                    let name = a.get("name").and_then(|n| n.as_str()).unwrap_or("");
+                    (name.to_owned(), a.clone())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The keys of an `[[app]]` table that the server acts on itself, even for a pooled app:
+/// how requests are routed to it and read for it, and how its WebSockets are relayed. A new
+/// generation of pool workers cannot change them; every other key of a pooled app is its
+/// workers' (see [`AppConfig::same_for_the_server`]).
+pub const SERVER_SIDE_APP_KEYS: [&str; 10] = [
+    "name",
+    "mount",
+    "interface",
+    "mode",
+    "pool_socket",
+    "max_body_size",
+    "body_timeout",
+    "request_buffering",
+    "websocket_max_message_size",
+    "websocket_per_message_deflate",
+];
 
 /// The keys whose values differ between two tables, or that only one has, in order.
 fn changed_keys<'a>(
@@ -503,14 +555,20 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}")))
         })?;
-        let (config, mut errors, refused) = Config::parse_all(&text, path);
+        Config::from_text(&text, path, routing)
+    }
+
+    /// [`Config::load_for`] of a file's text read already: errors name `path`, and relative
+    /// paths in it are taken from `path`'s directory.
+    pub fn from_text(text: &str, path: &Path, routing: Routing) -> Result<Config, ConfigErrors> {
+        let (config, mut errors, refused) = Config::parse_all(text, path);
         let Some(mut config) = config else {
             return Err(ConfigErrors(errors));
         };
         if let Some(dir) = path.parent() {
             config.resolve_paths(dir);
         }
-        if let Err(more) = config.validate_for(&text, path, routing) {
+        if let Err(more) = config.validate_for(text, path, routing) {
             // A refused key was read as its default: what is said of that default is moot.
             errors.extend(
                 more.0

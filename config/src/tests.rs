@@ -129,8 +129,9 @@ fn request_buffering_defaults_to_on_for_wsgi_and_off_for_asgi() {
 fn changed_settings_name_each_key_a_reload_leaves_alone() {
     let before = "[server]\nlisten=[\"127.0.0.1:1\"]\n[[app]]\nname=\"a\"\ntarget=\"a\"\nmode=\"pool\"\nprocesses=2\n[[app]]\nname=\"b\"\ntarget=\"b\"\n";
     let after = "[server]\nlisten=[\"127.0.0.1:2\"]\n[[app]]\nname=\"a\"\ntarget=\"a\"\nmode=\"pool\"\nprocesses=4\nthreads=8\n[[app]]\nname=\"c\"\ntarget=\"c\"\n";
+    let none = |_: &str| false;
     assert_eq!(
-        changed_settings(before, after),
+        changed_settings(before, after, none),
         vec![
             "server.listen".to_owned(),
             "app `a`: processes, threads".to_owned(),
@@ -138,8 +139,78 @@ fn changed_settings_name_each_key_a_reload_leaves_alone() {
             "app `c` added".to_owned(),
         ]
     );
-    assert!(changed_settings(before, before).is_empty());
-    assert!(changed_settings(before, "not toml [").is_empty());
+    // A pool whose new generation took its settings is left out.
+    assert!(!changed_settings(before, after, |app| app == "a")
+        .iter()
+        .any(|c| c.starts_with("app `a`")));
+    assert_eq!(
+        changed_app_keys(before, after, "a"),
+        ["processes", "threads"]
+    );
+    assert!(changed_app_keys(before, after, "b").is_empty());
+    assert!(changed_settings(before, before, none).is_empty());
+    assert!(changed_settings(before, "not toml [", none).is_empty());
+}
+
+#[test]
+fn each_server_side_key_and_no_other_makes_an_app_differ_for_the_server() {
+    let base = "[[app]]\nname=\"a\"\ntarget=\"a\"\nmode=\"pool\"\n";
+    let app = |extra: &str| load(&format!("{base}{extra}\n")).unwrap().app.remove(0);
+    let original = app("");
+    let server_side = [
+        ("name", "name=\"b\""),
+        ("mount", "mount=\"/x/\""),
+        ("interface", "interface=\"asgi\""),
+        ("mode", "mode=\"in-process\""),
+        ("pool_socket", "pool_socket=\"/run/a.sock\""),
+        ("max_body_size", "max_body_size=\"1M\""),
+        ("body_timeout", "body_timeout=\"5s\""),
+        ("request_buffering", "request_buffering=false"),
+        (
+            "websocket_max_message_size",
+            "websocket_max_message_size=\"1K\"",
+        ),
+        (
+            "websocket_per_message_deflate",
+            "websocket_per_message_deflate=false",
+        ),
+    ];
+    assert_eq!(
+        server_side.map(|(key, _)| key),
+        SERVER_SIDE_APP_KEYS,
+        "one case per server-side key"
+    );
+    for (key, line) in server_side {
+        // The line must replace what `base` says of the key, not add to it.
+        let changed = match key {
+            "name" | "mode" => load(&base.replace(
+                if key == "name" {
+                    "name=\"a\""
+                } else {
+                    "mode=\"pool\""
+                },
+                line,
+            ))
+            .unwrap()
+            .app
+            .remove(0),
+            _ => app(line),
+        };
+        assert!(!original.same_for_the_server(&changed), "{key}");
+    }
+    for worker_side in ["processes=3", "threads=7", "env={A=\"1\"}", "target=\"b\""] {
+        let changed = match worker_side.starts_with("target") {
+            true => load(&format!(
+                "{}{worker_side}\n",
+                base.replace("target=\"a\"\n", "")
+            ))
+            .unwrap()
+            .app
+            .remove(0),
+            false => app(worker_side),
+        };
+        assert!(original.same_for_the_server(&changed), "{worker_side}");
+    }
 }
 
 #[test]

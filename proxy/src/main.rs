@@ -5,6 +5,7 @@
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
 mod pool_cmd;
+mod reload;
 mod run_file;
 mod stop;
 mod watchdog;
@@ -22,6 +23,7 @@ use portico_core::{Dispatcher, HostInfo};
 use portico_proxy::access_log::AccessLog;
 use portico_proxy::listener::PorticoApp;
 use portico_proxy::{Portico, PorticoProxy};
+use reload::ConfigSnapshot;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -161,8 +163,11 @@ fn main() -> ExitCode {
             Ok((config, None)) => (config, "command line".to_owned(), None),
             Ok((config, Some(pool_toml))) => match run_file::RunFile::write(&pool_toml) {
                 Ok(file) => {
-                    let path = file.path().to_path_buf();
-                    return serve(config, "command line", Some(path), Some(file));
+                    let snapshot = match ConfigSnapshot::read(file.path()) {
+                        Ok(snapshot) => snapshot,
+                        Err(e) => return config_failed(&e),
+                    };
+                    return serve(config, "command line", Some(snapshot), Some(file));
                 }
                 Err(e) => {
                     eprintln!("portico: cannot write the config file of the workers: {e}");
@@ -171,8 +176,11 @@ fn main() -> ExitCode {
             },
             Err(e) => return config_failed(&e),
         },
-        Command::Serve { config } => match Config::load(&config) {
-            Ok(c) => (c, config.display().to_string(), Some(config)),
+        // One reading of the file, for the server and its pool workers alike.
+        Command::Serve { config } => match ConfigSnapshot::read(&config).and_then(|snapshot| {
+            Config::from_text(&snapshot.text(), &config, Routing::Mounts).map(|c| (c, snapshot))
+        }) {
+            Ok((c, snapshot)) => (c, config.display().to_string(), Some(snapshot)),
             Err(e) => return config_failed(&e),
         },
         Command::Reload { config } => return reload(&config),
@@ -333,24 +341,24 @@ fn config_from_args(args: RunArgs) -> Result<(Config, Option<String>), ConfigErr
     Ok((config, pool_toml))
 }
 
-/// Serves `config` (read from `file`, if any). `run_file` is the file `portico run
-/// --workers` wrote for its workers: kept until the server stops.
+/// Serves `config` (read from the file of `snapshot`, if any). `run_file` is the file
+/// `portico run --workers` wrote for its workers: kept until the server stops.
 fn serve(
     config: Config,
     source: &str,
-    file: Option<PathBuf>,
+    snapshot: Option<ConfigSnapshot>,
     run_file: Option<run_file::RunFile>,
 ) -> ExitCode {
-    let snapshot = file.clone().map(ConfigSnapshot::take);
-    // Pool workers read their app from the same file; `portico-worker` sits beside us.
-    let pool = file.and_then(|file| {
+    // Pool workers read their app from the same text; `portico-worker` sits beside us.
+    let pool = snapshot.as_ref().and_then(|snapshot| {
         let worker_binary = std::env::current_exe()
             .ok()?
             .with_file_name("portico-worker");
         Some(PoolHost {
             worker_binary,
-            config_file: std::path::absolute(&file).unwrap_or(file),
+            config_file: snapshot.path().to_path_buf(),
             default_identity: None,
+            config_text: snapshot.text(),
         })
     });
     let host = HostInfo {
@@ -524,40 +532,6 @@ fn block_sighup() {
     }
 }
 
-/// The config file's text as the server started with it, to tell at a reload which settings
-/// changed since: a reload loads the apps' new code, not new settings (as mod_wsgi's
-/// daemon processes restart with the Apache config they were started with).
-pub(crate) struct ConfigSnapshot {
-    path: PathBuf,
-    text: String,
-}
-
-impl ConfigSnapshot {
-    /// The file as it is now (just loaded by the caller).
-    pub(crate) fn take(path: PathBuf) -> ConfigSnapshot {
-        // Absolute: an in-process app's `chdir` changes the working directory later.
-        let path = std::path::absolute(&path).unwrap_or(path);
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        ConfigSnapshot { path, text }
-    }
-
-    /// Logs a warning naming the settings changed in the file since the start, which the
-    /// reload does not apply.
-    pub(crate) fn warn_unapplied(&self) {
-        let Ok(now) = std::fs::read_to_string(&self.path) else {
-            return;
-        };
-        let changed = portico_config::changed_settings(&self.text, &now);
-        if !changed.is_empty() {
-            log::warn!(
-                "{}: changed since the server started ({}); a reload loads the apps' new code but keeps the settings it started with: restart the server to apply these",
-                self.path.display(),
-                changed.join("; ")
-            );
-        }
-    }
-}
-
 /// A thread that reloads the pooled apps on each SIGHUP (blocked everywhere by
 /// [`block_sighup`]).
 fn reload_on_sighup(dispatcher: Arc<Dispatcher>, config: Option<ConfigSnapshot>) {
@@ -576,14 +550,13 @@ fn reload_on_sighup(dispatcher: Arc<Dispatcher>, config: Option<ConfigSnapshot>)
                 return;
             }
             log::info!("SIGHUP: reloading the pooled apps");
-            if let Some(config) = &config {
-                config.warn_unapplied();
-            }
-            for (app, outcome) in dispatcher.reload() {
-                if let Err(e) = outcome {
-                    log::error!("app `{app}`: reload failed, the old workers go on: {e}");
-                }
-            }
+            let scope = reload::Scope {
+                routing: Routing::Mounts,
+                prepare: &|_| {},
+                serves: &|_| true,
+                uses_server_table: true,
+            };
+            reload::reload(&dispatcher, config.as_ref(), &scope);
         });
     if let Err(e) = spawned {
         log::error!("cannot start the SIGHUP thread (reloads will not work): {e}");

@@ -6,7 +6,7 @@
 //! the requests in flight. With `--lifeline-fd`, end-of-file on that descriptor stops it too:
 //! nginx's processes hold the other end, so the pool goes when the last of them does.
 
-use portico_config::{Config, Mode, Routing};
+use portico_config::{AppConfig, Config, Mode, Routing};
 use portico_core::pool::server::PoolServer;
 use portico_core::pool::PoolHost;
 use portico_core::{Dispatcher, HostInfo};
@@ -75,9 +75,13 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     let inherited = listen_fds();
     // A pool routes nothing: its hosts did.
     // Before anything may change the working directory.
-    let config_at_start = crate::ConfigSnapshot::take(args.config.clone());
-    let mut config = match Config::load_for(&args.config, Routing::Elsewhere) {
-        Ok(config) => config,
+    // One reading of the file, for this server and its workers alike.
+    let loaded = crate::ConfigSnapshot::read(&args.config).and_then(|snapshot| {
+        Config::from_text(&snapshot.text(), &args.config, Routing::Elsewhere)
+            .map(|config| (config, snapshot))
+    });
+    let (mut config, config_at_start) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => return crate::config_failed(&e),
     };
     let usage = |message: String| {
@@ -93,9 +97,10 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             Some(_) => {}
         }
     }
-    config
-        .app
-        .retain(|a| a.mode == Mode::Pool && (args.apps.is_empty() || args.apps.contains(&a.name)));
+    let serves = |app: &AppConfig| {
+        app.mode == Mode::Pool && (args.apps.is_empty() || args.apps.contains(&app.name))
+    };
+    config.app.retain(serves);
     if config.app.is_empty() {
         return usage("no app with mode = \"pool\" to serve".into());
     }
@@ -149,8 +154,9 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         multiprocess: true,
         pool: Some(PoolHost {
             worker_binary,
-            config_file: std::path::absolute(&args.config).unwrap_or(args.config.clone()),
+            config_file: config_at_start.path().to_path_buf(),
             default_identity: owner,
+            config_text: config_at_start.text(),
         }),
     };
     let dispatcher = match Dispatcher::load(&config.app, &host) {
@@ -188,13 +194,22 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
             break;
         }
         log::info!("SIGHUP: reloading the pools");
-        config_at_start.warn_unapplied();
         notify_systemd("RELOADING=1");
-        for (app, outcome) in dispatcher.reload() {
-            if let Err(e) = outcome {
-                log::error!("app `{app}`: reload failed, the old workers go on: {e}");
+        let served: Vec<String> = config.app.iter().map(|a| a.name.clone()).collect();
+        let prepare = |next: &mut Config| {
+            next.app.retain(serves);
+            // Here the pool listens on its sockets (taken from the apps at the start).
+            for app in &mut next.app {
+                app.pool_socket = None;
             }
-        }
+        };
+        let scope = crate::reload::Scope {
+            routing: Routing::Elsewhere,
+            prepare: &prepare,
+            serves: &|app| served.iter().any(|name| name == app),
+            uses_server_table: false,
+        };
+        crate::reload::reload(&dispatcher, Some(&config_at_start), &scope);
         notify_systemd("READY=1");
     }
     notify_systemd("STOPPING=1");

@@ -6,7 +6,7 @@ use crate::model::RequestHead;
 use crate::model::ResponseHead;
 use crate::pool::remote::RemotePool;
 use crate::pool::wire::RequestKind;
-use crate::pool::{Pool, PoolStatus};
+use crate::pool::{Pool, PoolSettings, PoolStatus};
 use crate::python::asgi::{AsgiContext, LifespanOutcome};
 use crate::python::event_loop::{self, LoopShared, Work};
 use crate::python::threads::{Job, JobKind, ThreadPool};
@@ -212,6 +212,19 @@ enum StatusSource {
     Remote(Arc<RemotePool>),
 }
 
+/// What a reload did for one pooled app (see [`Dispatcher::reload`]).
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The app's name.
+    pub app: String,
+    /// `None` when its new generation took the settings the file has now; else it kept
+    /// those it had, and this is the text of the file they were read from.
+    pub kept_settings_of: Option<Arc<str>>,
+    /// Whether the new generation serves; the error when it could not load the app, and
+    /// the old generation serves on.
+    pub outcome: Result<(), String>,
+}
+
 /// All the apps of one server, and the router between them.
 pub struct Dispatcher {
     apps: Vec<App>,
@@ -382,14 +395,30 @@ impl Dispatcher {
     }
 
     /// Reloads every pooled app: a new generation of workers with the app's code as it is
-    /// now takes over once ready, the old one finishes its requests. In-process apps keep
-    /// their code (their interpreter is the server's). Returns each pool's outcome.
-    pub fn reload(&self) -> Vec<(String, Result<(), String>)> {
+    /// now takes over once ready, the old one finishes its requests with its own settings.
+    /// `next` is the config file read again (its apps as this host runs them, and its text):
+    /// a pooled app in it whose settings are the same for the server
+    /// ([`AppConfig::same_for_the_server`]) gets a generation with all its new settings; any
+    /// other, or every one when `next` is `None`, keeps its settings. In-process apps keep
+    /// their code (their interpreter is the server's). Returns what each pool did.
+    pub fn reload(&self, next: Option<(&[AppConfig], Arc<str>)>) -> Vec<Reloaded> {
         let mut outcomes = Vec::new();
         for app in &self.apps {
             match &app.placement {
                 Placement::Pool(pool) => {
-                    outcomes.push((app.config.name.clone(), pool.reload()));
+                    let settings = next.as_ref().and_then(|(apps, text)| {
+                        apps.iter()
+                            .find(|new| new.same_for_the_server(&app.config))
+                            .map(|new| PoolSettings {
+                                app: new.clone(),
+                                file_text: text.clone(),
+                            })
+                    });
+                    outcomes.push(Reloaded {
+                        app: app.config.name.clone(),
+                        kept_settings_of: settings.is_none().then(|| pool.settings_text()),
+                        outcome: pool.reload(settings),
+                    });
                 }
                 Placement::Remote(remote) => log::info!(
                     "app `{}` is pooled by the server at {}: reload that server (`kill -HUP`, or `systemctl reload`)",

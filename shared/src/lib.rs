@@ -29,7 +29,7 @@ pub mod websocket;
 
 mod dispatcher;
 
-pub use dispatcher::{App, Dispatcher, HostInfo};
+pub use dispatcher::{App, Dispatcher, HostInfo, Reloaded};
 pub use error::{DispatchError, LoadError};
 
 /// Tunes glibc's allocator for a server that moves bodies of tens of KiB per request.

@@ -1,7 +1,8 @@
 //! `portico-worker`: one process of an app's pool (`mode = "pool"`). The pool's host process
-//! starts it (never a person) with its end of a Unix socket on descriptor 3; it loads the app
-//! named by `--app` from `--config` through the same core as in-process hosting, and serves
-//! the host's requests until the host closes the socket.
+//! starts it (never a person) with its end of a Unix socket on descriptor 3, on which the host
+//! first sends the text of `--config` as it read it for this worker's generation; the worker
+//! loads the app named by `--app` from it through the same core as in-process hosting, and
+//! serves the host's requests until the host closes the socket.
 
 use portico_config::{Config, Mode, Routing};
 use portico_core::pool::{worker, WORKER_FD};
@@ -48,7 +49,19 @@ fn main() -> ExitCode {
         eprintln!("portico-worker: needs --config FILE --app NAME (it is started by portico for mode = \"pool\")");
         return ExitCode::from(EXIT_CONFIG);
     };
-    let config = match Config::load_for(&config_file, Routing::Elsewhere) {
+    // SAFETY: the host put our end of the socket on this descriptor (dup2 before exec), and
+    // nothing else in this process owns it.
+    let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
+    // The settings of this worker's generation, as the host read them from `--config`
+    // (which names the file in errors, and whose directory relative paths are taken from).
+    let text = match worker::read_settings(&socket) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("portico-worker: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match Config::from_text(&text, &config_file, Routing::Elsewhere) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("portico-worker: invalid configuration:");
@@ -89,9 +102,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_APP);
         }
     };
-    // SAFETY: the host put our end of the socket on this descriptor (dup2 before exec), and
-    // nothing else in this process owns it.
-    let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
     if let Err(e) = worker::serve(socket, &dispatcher.apps()[0]) {
         log::error!("app `{}`: pool worker: {e}", app.name);
     }

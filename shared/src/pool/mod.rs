@@ -26,7 +26,7 @@ pub mod worker;
 use crate::error::{DispatchError, LoadError};
 use crate::model::RequestHead;
 use crate::router::Route;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use host::WorkerConn;
 use portico_config::AppConfig;
 use std::collections::VecDeque;
@@ -40,7 +40,7 @@ use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use wire::{Kind, RequestKind};
+use wire::{Frame, Kind, RequestKind};
 
 /// The descriptor a worker finds its socket on.
 pub const WORKER_FD: i32 = 3;
@@ -71,11 +71,27 @@ pub struct PoolHost {
     /// nginx's workers' user for the pool nginx starts (as mod_wsgi's daemon processes run
     /// as Apache's user); `None`: the server's own.
     pub default_identity: Option<(u32, u32)>,
+    /// The text of `config_file` the host loaded its apps from: the first generation of each
+    /// pool is given it.
+    pub config_text: Arc<str>,
+}
+
+/// What a generation of workers runs with: the app's settings, and the text of the config
+/// file they were read from, which each of its workers is given (wire [`Kind::Settings`]).
+/// A worker the generation starts late (a restart, a recycle) runs the same settings as the
+/// first, whatever the file says by then; a reload reads the file again.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// The app's `[[app]]` table.
+    pub app: AppConfig,
+    /// The whole file's text.
+    pub file_text: Arc<str>,
 }
 
 /// A running pool for one app.
 pub struct Pool {
-    config: AppConfig,
+    /// The app's name (which a reload keeps).
+    name: String,
     host: PoolHost,
     /// The generation that takes new requests.
     current: RwLock<Arc<Generation>>,
@@ -103,6 +119,7 @@ pub struct Pool {
 /// A set of workers started together (at start, or by one reload).
 struct Generation {
     number: u64,
+    settings: PoolSettings,
     conns: RwLock<Vec<Arc<WorkerConn>>>,
     /// Replaced by a newer generation: its workers drain and are not restarted.
     retired: AtomicBool,
@@ -113,9 +130,10 @@ struct Generation {
 }
 
 impl Generation {
-    fn new(number: u64) -> Generation {
+    fn new(number: u64, settings: PoolSettings) -> Generation {
         Generation {
             number,
+            settings,
             conns: RwLock::new(Vec::new()),
             retired: AtomicBool::new(false),
             slots: AtomicUsize::new(0),
@@ -135,9 +153,15 @@ impl Pool {
     /// failed once). If none could, the app cannot be loaded: the error is the workers'.
     pub fn start(config: &AppConfig, host: &PoolHost) -> Result<Arc<Pool>, LoadError> {
         let pool = Arc::new(Pool {
-            config: config.clone(),
+            name: config.name.clone(),
             host: host.clone(),
-            current: RwLock::new(Arc::new(Generation::new(1))),
+            current: RwLock::new(Arc::new(Generation::new(
+                1,
+                PoolSettings {
+                    app: config.clone(),
+                    file_text: host.config_text.clone(),
+                },
+            ))),
             generations: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -158,6 +182,11 @@ impl Pool {
         Ok(pool)
     }
 
+    /// The text of the config file the current generation's settings were read from.
+    pub fn settings_text(&self) -> Arc<str> {
+        self.current().settings.file_text.clone()
+    }
+
     fn current(&self) -> Arc<Generation> {
         self.current
             .read()
@@ -169,7 +198,7 @@ impl Pool {
     /// first error) when none got ready.
     fn start_generation(self: &Arc<Self>, generation: &Arc<Generation>) -> Result<(), String> {
         let (first_tx, first_rx) = mpsc::channel();
-        let processes = self.config.processes.max(1);
+        let processes = generation.settings.app.processes.max(1);
         for _ in 0..processes {
             self.add_slot(generation, first_tx.clone(), false)?;
         }
@@ -199,10 +228,7 @@ impl Pool {
         let pool = self.clone();
         let thread_generation = generation.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!(
-                "{}-pool-g{}-{slot}",
-                self.config.name, generation.number
-            ))
+            .name(format!("{}-pool-g{}-{slot}", self.name, generation.number))
             .spawn(move || {
                 pool.supervise(&thread_generation, first, extra);
                 thread_generation.slots.fetch_sub(1, Ordering::AcqRel);
@@ -216,7 +242,8 @@ impl Pool {
 
     /// Every worker is busy: one more, up to `max_processes`, if none is starting already.
     fn grow(self: &Arc<Self>, generation: &Arc<Generation>) {
-        let max = self.config.max_processes.unwrap_or(self.config.processes);
+        let app = &generation.settings.app;
+        let max = app.max_processes.unwrap_or(app.processes);
         if generation.slots.load(Ordering::Acquire) >= max
             || generation.growing.swap(true, Ordering::AcqRel)
         {
@@ -230,27 +257,29 @@ impl Pool {
         // Another may grow once this one is ready (or failed).
         let generation = generation.clone();
         let _ = std::thread::Builder::new()
-            .name(format!("{}-pool-grow", self.config.name))
+            .name(format!("{}-pool-grow", self.name))
             .spawn(move || {
                 let _ = ready_rx.recv();
                 generation.growing.store(false, Ordering::Release);
             });
     }
 
-    /// Starts a new generation of workers with the app's code as it is now; once it is
-    /// ready it takes every new request and the old one drains. If the new code cannot be
+    /// Starts a new generation of workers with the app's code as it is now, and `settings`
+    /// (`None`: those of the generation it replaces); once it is ready it takes every new
+    /// request and the old one drains with its own settings. If the new code cannot be
     /// loaded, the old generation goes on and the error is returned.
-    pub fn reload(self: &Arc<Self>) -> Result<(), String> {
+    pub fn reload(self: &Arc<Self>, settings: Option<PoolSettings>) -> Result<(), String> {
         let number = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
-        let generation = Arc::new(Generation::new(number));
+        let settings = settings.unwrap_or_else(|| self.current().settings.clone());
+        let generation = Arc::new(Generation::new(number, settings));
         log::info!(
             "app `{}`: reloading: starting generation {number}",
-            self.config.name
+            self.name
         );
         if let Err(e) = self.start_generation(&generation) {
             log::error!(
                 "app `{}`: generation {number} could not load the app; generation {} goes on serving: {e}",
-                self.config.name,
+                self.name,
                 self.current().number
             );
             self.record_event(format!(
@@ -266,7 +295,7 @@ impl Pool {
         old.retired.store(true, Ordering::Release);
         log::info!(
             "app `{}`: generation {number} serves; generation {} finishes its requests",
-            self.config.name,
+            self.name,
             old.number
         );
         Ok(())
@@ -291,7 +320,7 @@ impl Pool {
                     Err(_) => Err(DispatchError::Overloaded),
                 };
             };
-            if conn.in_flight.load(Ordering::Acquire) >= self.config.threads {
+            if conn.in_flight.load(Ordering::Acquire) >= generation.settings.app.threads {
                 // Even the least busy worker has every thread taken.
                 self.grow(&generation);
             }
@@ -311,7 +340,9 @@ impl Pool {
     /// Keeps a request until a worker is ready (see `parked`); gives it back when the pool
     /// stops or as many wait as its workers would queue.
     fn park(&self, request: host::Moved) -> Result<(), Box<host::Moved>> {
-        let room = self.config.processes * (self.config.threads + self.config.queue_size);
+        let generation = self.current();
+        let app = &generation.settings.app;
+        let room = app.processes * (app.threads + app.queue_size);
         {
             let mut parked = self.lock_parked();
             // Checked under the lock that `stop` and `fail_parked` take: none is left behind.
@@ -376,13 +407,13 @@ impl Pool {
     /// as long as the app's own `graceful_timeout` lets them take if that is longer.
     pub fn stop(&self, wait: Duration) {
         if !self.stopping.swap(true, Ordering::AcqRel) {
-            log::info!("app `{}`: stopping its pool workers", self.config.name);
+            log::info!("app `{}`: stopping its pool workers", self.name);
         }
         self.fail_parked();
         // The workers' own graceful_timeout (for their requests, then their lifespan
         // shutdown) is theirs to use, whatever the caller's wait.
         // Its requests, then its lifespan shutdown, then SIGTERM and SIGKILL (see `retire`).
-        let wait = match self.config.graceful_timeout.as_limit() {
+        let wait = match self.current().settings.app.graceful_timeout.as_limit() {
             Some(grace) => wait.max(2 * grace + 2 * EXIT_SLACK),
             None => Duration::MAX,
         };
@@ -396,7 +427,7 @@ impl Pool {
                 log::warn!(
                     "app `{}`: {left} pool worker(s) still stopping after {wait:?}; they end \
                      with the server",
-                    self.config.name
+                    self.name
                 );
                 return;
             }
@@ -434,7 +465,7 @@ impl Pool {
             })
             .collect();
         PoolStatus {
-            app: self.config.name.clone(),
+            app: self.name.clone(),
             generation: self.current().number,
             restarts: self.restarts.load(Ordering::Relaxed),
             workers,
@@ -466,15 +497,16 @@ impl Pool {
         first: mpsc::Sender<Result<(), String>>,
         extra: bool,
     ) {
-        let name = self.config.name.clone();
-        let startup = self.config.startup_timeout.as_limit();
+        let name = self.name.clone();
+        let settings = &generation.settings;
+        let startup = settings.app.startup_timeout.as_limit();
         let mut first = Some(first);
         let mut pause = Duration::from_millis(500);
         // A worker to replace: it serves on until its replacement is ready, then drains.
         let mut outgoing: Option<(Arc<WorkerConn>, Child, String)> = None;
         while !self.stopping.load(Ordering::Acquire) && !generation.retired.load(Ordering::Acquire)
         {
-            let (mut child, conn) = match spawn(&self.config, &self.host, startup) {
+            let (mut child, conn) = match spawn(settings, &self.host, startup) {
                 Ok(started) => started,
                 Err(why) => {
                     log::error!("app `{name}`: a pool worker could not start: {why}");
@@ -535,10 +567,10 @@ impl Pool {
             if let Some(first) = first.take() {
                 let _ = first.send(Ok(()));
             }
-            let max_requests = self.max_requests_for(pid);
-            let max_memory = self.config.max_memory.0;
+            let max_requests = max_requests_for(&settings.app, pid);
+            let max_memory = settings.app.max_memory.0;
             let mut memory_checked = Instant::now();
-            let idle_limit = self.config.idle_timeout.as_limit();
+            let idle_limit = settings.app.idle_timeout.as_limit();
             let mut idle_since: Option<Instant> = None;
             let mut taken_before = 0;
             let exited = loop {
@@ -644,7 +676,7 @@ impl Pool {
         let parcel = Arc::new(Mutex::new(Some((conn, child, why))));
         let handed = parcel.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("{}-pool-drain-{pid}", self.config.name))
+            .name(format!("{}-pool-drain-{pid}", self.name))
             .spawn(move || {
                 let taken = handed.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some((conn, mut child, why)) = taken {
@@ -654,30 +686,13 @@ impl Pool {
         if let Err(e) = spawned {
             log::error!(
                 "app `{}`: cannot start a drain thread ({e}): worker {pid} drains on this one",
-                self.config.name
+                self.name
             );
             let taken = parcel.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some((conn, mut child, why)) = taken {
                 self.retire(generation, &conn, &mut child, why);
             }
         }
-    }
-
-    /// `max_requests` plus this worker's share of the jitter (0: no limit).
-    fn max_requests_for(&self, pid: u32) -> u64 {
-        let base = self.config.max_requests;
-        let jitter = self.config.max_requests_jitter;
-        if base == 0 {
-            return 0;
-        }
-        if jitter == 0 {
-            return base;
-        }
-        let seed = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos() as u64)
-            ^ (u64::from(pid) << 17);
-        base + seed % (jitter + 1)
     }
 
     /// Drains a worker and stops it: no new requests, up to `graceful_timeout` for those it
@@ -689,15 +704,12 @@ impl Pool {
         child: &mut Child,
         why: String,
     ) {
-        let name = &self.config.name;
+        let name = &self.name;
         let pid = conn.pid;
+        let graceful = generation.settings.app.graceful_timeout.as_limit();
         conn.start_draining();
         // 0: no limit, as a timeout of 0 means everywhere else.
-        let deadline = self
-            .config
-            .graceful_timeout
-            .as_limit()
-            .map(|limit| Instant::now() + limit);
+        let deadline = graceful.map(|limit| Instant::now() + limit);
         // A worker stuck in its app would not finish them.
         while conn.in_flight.load(Ordering::SeqCst) > 0
             && !conn.is_stuck()
@@ -719,7 +731,7 @@ impl Pool {
         // A worker stuck in its app cannot run a lifespan shutdown either.
         let shutdown_limit = match conn.is_stuck() {
             true => Some(Duration::ZERO),
-            false => self.config.graceful_timeout.as_limit(),
+            false => graceful,
         };
         let term_at = shutdown_limit.map(|limit| Instant::now() + limit + EXIT_SLACK);
         let mut kill_at = None;
@@ -764,6 +776,23 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|r| !Arc::ptr_eq(&r.conn, conn));
     }
+}
+
+/// `max_requests` plus this worker's share of the jitter (0: no limit).
+fn max_requests_for(app: &AppConfig, pid: u32) -> u64 {
+    let base = app.max_requests;
+    let jitter = app.max_requests_jitter;
+    if base == 0 {
+        return 0;
+    }
+    if jitter == 0 {
+        return base;
+    }
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+        ^ (u64::from(pid) << 17);
+    base + seed % (jitter + 1)
 }
 
 /// How a socket's reading ended.
@@ -1210,12 +1239,13 @@ const SERVICE_MANAGER_VARIABLES: [&str; 7] = [
     "WATCHDOG_PID",
 ];
 
-/// Starts one worker and waits for its hello.
+/// Starts one worker, gives it its settings and waits for its hello.
 fn spawn(
-    config: &AppConfig,
+    settings: &PoolSettings,
     host: &PoolHost,
     startup: Option<Duration>,
 ) -> Result<(Child, Arc<WorkerConn>), String> {
+    let config = &settings.app;
     let identity = match worker_identity(config)? {
         Some(identity) => Some(identity),
         None => host.default_identity,
@@ -1253,6 +1283,8 @@ fn spawn(
     let mut child = spawn_from_lasting_thread(command)
         .map_err(|e| format!("cannot run {}: {e}", host.worker_binary.display()))?;
     drop(theirs);
+    // A worker that is gone already has no use for them: its exit is told below.
+    let _ = send_settings(&ours, &settings.file_text, startup);
     match read_hello(&ours, startup) {
         Ok(pid) if pid == child.id() => {}
         Ok(pid) => {
@@ -1347,6 +1379,29 @@ pub fn worker_identity(config: &AppConfig) -> Result<Option<(u32, u32)>, String>
         None => primary,
     };
     Ok(Some((uid, gid)))
+}
+
+/// Sends a new worker the [`Kind::Settings`] of its generation.
+fn send_settings(
+    mut socket: &UnixStream,
+    file_text: &str,
+    limit: Option<Duration>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut payload = BytesMut::with_capacity(2 + file_text.len());
+    payload.put_u16_le(wire::VERSION);
+    payload.put_slice(file_text.as_bytes());
+    let mut frame = BytesMut::new();
+    Frame {
+        kind: Kind::Settings,
+        stream: 0,
+        payload: payload.freeze(),
+    }
+    .encode(&mut frame);
+    // The worker reads it first thing; one that never does is killed at startup_timeout.
+    socket.set_write_timeout(limit.map(|limit| limit.max(Duration::from_millis(1))))?;
+    socket.write_all(&frame)?;
+    socket.set_write_timeout(None)
 }
 
 /// Reads the worker's [`Kind::Hello`]; returns its pid.

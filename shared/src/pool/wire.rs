@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -57,6 +57,10 @@ pub enum Kind {
     /// Host → pool server, on a stream of its own: the pool's status, answered with
     /// [`Kind::Status`]. (A worker has no pool and answers with an empty one.)
     StatusQuery = 10,
+    /// Host → worker, stream 0: `version: u16`, then the text (UTF-8) of the config file
+    /// the worker reads its app from, as the host read it for the worker's generation. The
+    /// host's first frame; the worker reads it before it loads the app.
+    Settings = 11,
     /// Worker → host: the app wants the next piece of request body.
     NeedBody = 16,
     /// Worker → host: the response head (see [`encode_head`]).
@@ -108,6 +112,7 @@ impl Kind {
             8 => Kind::WsIn,
             9 => Kind::WsClosed,
             10 => Kind::StatusQuery,
+            11 => Kind::Settings,
             16 => Kind::NeedBody,
             17 => Kind::Head,
             18 => Kind::Whole,

@@ -122,6 +122,39 @@ fn wake_stream(id: u32, stream: &Arc<WorkerStream>, link: &Link) {
     super::one_at_a_time(&stream.wakes, || pump(id, stream, link));
 }
 
+/// Reads the host's first frame, the [`Kind::Settings`] of this worker's generation: returns
+/// the text of the config file to load the app from. Reads that one frame and nothing more.
+pub fn read_settings(mut socket: &UnixStream) -> Result<String, String> {
+    use std::io::Read;
+    let mut header = [0u8; wire::HEADER_LEN];
+    socket
+        .read_exact(&mut header)
+        .map_err(|e| format!("no settings from the host: {e}"))?;
+    let mut buf = BytesMut::from(&header[..]);
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > wire::MAX_PAYLOAD {
+        return Err(format!("the host's first frame is {len} bytes long"));
+    }
+    buf.resize(wire::HEADER_LEN + len, 0);
+    socket
+        .read_exact(&mut buf[wire::HEADER_LEN..])
+        .map_err(|e| format!("no settings from the host: {e}"))?;
+    let frame = wire::decode(&mut buf)
+        .map_err(|e| e.to_string())?
+        .filter(|frame| frame.kind == Kind::Settings)
+        .ok_or("the host's first frame was not its settings")?;
+    let mut reader = Reader::new(frame.payload);
+    let version = reader.u16().map_err(|e| e.to_string())?;
+    if version != wire::VERSION {
+        return Err(format!(
+            "the host speaks pool protocol {version}, this worker {}: the portico and portico-worker binaries are of different versions",
+            wire::VERSION
+        ));
+    }
+    String::from_utf8(reader.rest().to_vec())
+        .map_err(|_| "the host's settings are not UTF-8".to_owned())
+}
+
 /// Serves `app` over `socket` until the host closes it. Says hello first.
 pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     let (out, frames) = crossbeam_channel::unbounded::<Frame>();
