@@ -172,12 +172,17 @@ def test_a_trusted_proxy_names_the_client_and_the_scheme(portico):
     assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"], env["HTTPS"], env["SERVER_PORT"]) == (
         ["str", "203.0.113.7"], ["str", "https"], ["str", "on"], ["str", "443"])
     assert env["HTTP_X_FORWARDED_FOR"] == ["str", "198.51.100.4, 203.0.113.7"]
+    # The access log shows the client the app saw, as uvicorn's does.
+    trusting.wait_for_log('203.0.113.7 - - [')
+    assert '127.0.0.1 - - [' not in trusting.log()
     distrusting = portico(app_table("validated", "validated:application"),
                           server_extra="forwarded_allow_ips = []")
     env = json.loads(distrusting.get("/environ", headers=proxied)[2])
     assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"], env["SERVER_PORT"]) == (
         ["str", "127.0.0.1"], ["str", "http"], ["str", "80"])
     assert "HTTPS" not in env
+    distrusting.wait_for_log('127.0.0.1 - - [')
+    assert '203.0.113.7 - - [' not in distrusting.log()
 
 
 def test_input_reads_as_it_arrives_in_pieces(server):
@@ -302,6 +307,19 @@ def test_iterable_streams_chunk_by_chunk_with_chunked_encoding(server):
     assert got.endswith(b"Hello, world!")
     wait_until(lambda: "stream" in json.loads(server.get("/closed")[2]), what="close()")
     assert_clean(server)
+
+
+def test_a_generator_done_at_once_is_streamed_every_time(server):
+    """The framing of a streamed body does not depend on how fast the app is: every piece
+    may arrive before the head goes out (nginx batches them), and it is still chunked, as
+    gunicorn sends it, never given a Content-Length the app did not give."""
+    for _ in range(20):
+        data = server.raw(b"GET /quick-generator HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n")
+        head, body = split_response(data)
+        assert b"transfer-encoding: chunked" in head.lower(), head
+        assert b"content-length" not in head.lower(), head
+        assert body == b"quick pieces"
 
 
 def test_close_called_when_client_goes_away(server):

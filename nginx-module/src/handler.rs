@@ -119,6 +119,11 @@ struct Output {
     busy: *mut ngx_chain_t,
     /// nginx holds unsent bytes of ours: no more events are taken until it has sent them.
     blocked: bool,
+    /// The app gave head and whole body at once (`Whole`): its length is known, and sent
+    /// as `Content-Length`. A body streamed in pieces keeps the app's framing (chunked on
+    /// HTTP/1.1 without a length of the app's), even when every piece came before the head
+    /// went out: which one it gets must not depend on how fast the app was.
+    complete: bool,
 }
 
 impl Default for Output {
@@ -126,6 +131,7 @@ impl Default for Output {
         Output {
             head: None,
             head_sent: false,
+            complete: false,
             batch: Vec::new(),
             batch_len: 0,
             in_nginx: VecDeque::new(),
@@ -523,6 +529,7 @@ unsafe fn poll(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
             Some(AppEvent::EarlyHint(_)) => continue,
             Some(AppEvent::Whole(head, body)) => {
                 state.out.head = Some(head);
+                state.out.complete = true;
                 if !body.is_empty() {
                     state.out.batch_len += body.len();
                     state.out.batch.push(Piece::Bytes(body));
@@ -838,8 +845,8 @@ unsafe fn end_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
     unsafe {
         finish(ctx);
         if !(*ctx).out.head_sent {
-            let length = (*ctx).out.batch_len;
-            let rc = send_head(r, ctx, Some(length));
+            let length = (*ctx).out.complete.then_some((*ctx).out.batch_len);
+            let rc = send_head(r, ctx, length);
             if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
                 ngx_http_finalize_request(r, rc);
                 return;

@@ -182,10 +182,22 @@ impl ProxyHttp for PorticoProxy {
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map_or_else(|| "-".to_owned(), |a| a.ip().to_string());
+        // The client the app saw: the one a trusted proxy names, else the peer (as uvicorn
+        // logs it behind --proxy-headers).
+        let client = session.client_addr().and_then(|a| a.as_inet()).map_or_else(
+            || "-".to_owned(),
+            |peer| {
+                portico_core::forwarded::client_address(
+                    peer.ip(),
+                    req.headers
+                        .get_all("x-forwarded-for")
+                        .iter()
+                        .map(|v| v.as_bytes()),
+                    &self.portico.trusted_proxies,
+                )
+                .to_string()
+            },
+        );
         let protocol = match req.version {
             http::Version::HTTP_10 => "HTTP/1.0",
             http::Version::HTTP_2 => "HTTP/2.0",

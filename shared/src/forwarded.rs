@@ -48,12 +48,37 @@ fn last_value(head: &RequestHead, name: &str) -> Option<String> {
 
 /// The client an `X-Forwarded-For` chain names (all its fields, in order).
 fn forwarded_client(head: &RequestHead, trusted: &TrustedProxies) -> Option<IpAddr> {
-    let mut hops: Vec<&[u8]> = Vec::new();
-    for (name, value) in &head.headers {
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            hops.extend(value.split(|&b| b == b','));
-        }
+    chain_client(
+        head.headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(b"x-forwarded-for"))
+            .map(|(_, value)| value.as_ref()),
+        trusted,
+    )
+}
+
+/// The client address of a request from `peer` whose `X-Forwarded-For` fields are
+/// `forwarded_for` (in order), as [`apply`] gives it to the app: the peer itself unless it
+/// is trusted and the chain names another. The access log shows this address.
+pub fn client_address<'a>(
+    peer: IpAddr,
+    forwarded_for: impl Iterator<Item = &'a [u8]>,
+    trusted: &TrustedProxies,
+) -> IpAddr {
+    if trusted.is_empty() || !trusted.trusts(peer) {
+        return peer;
     }
+    chain_client(forwarded_for, trusted).unwrap_or(peer)
+}
+
+/// Reads an `X-Forwarded-For` chain from the right (see [`apply`]).
+fn chain_client<'a>(
+    fields: impl Iterator<Item = &'a [u8]>,
+    trusted: &TrustedProxies,
+) -> Option<IpAddr> {
+    let hops: Vec<&[u8]> = fields
+        .flat_map(|value| value.split(|&b| b == b','))
+        .collect();
     let mut client = None;
     for hop in hops.iter().rev() {
         let Some(ip) = std::str::from_utf8(hop).ok().and_then(parse_hop) else {
@@ -134,6 +159,21 @@ mod tests {
             &["127.0.0.1"],
         );
         assert_eq!(got, ("203.0.113.7:0".into(), true));
+    }
+
+    #[test]
+    fn the_logged_client_is_the_one_the_app_sees() {
+        let chain = [b"1.1.1.1, 203.0.113.7".as_slice()];
+        let peer = "127.0.0.1".parse().unwrap();
+        let logged = client_address(peer, chain.into_iter(), &trusted(&["127.0.0.1"]));
+        assert_eq!(logged.to_string(), "203.0.113.7");
+        let untrusted = "198.51.100.1".parse().unwrap();
+        let logged = client_address(untrusted, chain.into_iter(), &trusted(&["127.0.0.1"]));
+        assert_eq!(logged, untrusted);
+        assert_eq!(
+            client_address(peer, std::iter::empty(), &trusted(&["127.0.0.1"])),
+            peer
+        );
     }
 
     #[test]

@@ -94,6 +94,10 @@ def _app(environ, start_response):
         body = json.dumps(keys).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body]
+    if path == "/quick-generator":
+        # A generator done at once: streamed all the same (no Content-Length it never gave).
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (piece for piece in (b"quick ", b"pieces"))
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return Tracked("stream", [b"first;", b"second;", b"third"], wait_for=RELEASE)
