@@ -552,10 +552,13 @@ impl Config {
 
     /// [`Config::load`] for a reader whose requests are routed as `routing` says.
     pub fn load_for(path: &Path, routing: Routing) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}")))
-        })?;
-        Config::from_text(&text, path, routing)
+        Config::from_text(&Config::read_text(path)?, path, routing)
+    }
+
+    /// The text of a config file, for [`Config::from_text`]; an error names `path`.
+    pub fn read_text(path: &Path) -> Result<String, ConfigErrors> {
+        std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::single(ConfigError::file(path, format!("cannot read: {e}"))))
     }
 
     /// [`Config::load_for`] of a file's text read already: errors name `path`, and relative

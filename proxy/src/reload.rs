@@ -21,12 +21,7 @@ impl ConfigSnapshot {
     /// Reads the file once, for the server and its workers alike. Errors are the file's
     /// (named as `path` was given).
     pub(crate) fn read(path: &Path) -> Result<ConfigSnapshot, portico_config::ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            portico_config::ConfigErrors::single(portico_config::ConfigError::file(
-                path,
-                format!("cannot read: {e}"),
-            ))
-        })?;
+        let text = Config::read_text(path)?;
         Ok(ConfigSnapshot {
             // Absolute: an in-process app's `chdir` changes the working directory later.
             path: std::path::absolute(path).unwrap_or(path.to_path_buf()),
@@ -46,24 +41,18 @@ impl ConfigSnapshot {
 
     /// [`reload`] with a file: `None` when the file refused it.
     fn reload_settings(&self, dispatcher: &Dispatcher, scope: &Scope) -> Option<Vec<Reloaded>> {
-        let read = std::fs::read_to_string(&self.path)
-            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))
-            .and_then(
-                |text| match Config::from_text(&text, &self.path, scope.routing) {
-                    Ok(config) => Ok((config, text)),
-                    // Each error names the file, its line and key.
-                    Err(errors) => Err(errors
-                        .0
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")),
-                },
-            );
+        let read = Config::read_text(&self.path).and_then(|text| {
+            Config::from_text(&text, &self.path, scope.routing).map(|config| (config, text))
+        });
         let (mut config, text) = match read {
             Ok(read) => read,
-            Err(why) => {
-                log::error!("reload refused, everything goes on as it was: {why}");
+            Err(errors) => {
+                // Each error names the file, and its line and key where it has them.
+                let why: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                log::error!(
+                    "reload refused, everything goes on as it was: {}",
+                    why.join("; ")
+                );
                 return None;
             }
         };
