@@ -608,7 +608,9 @@ def test_portico_status_lists_the_workers(portico, tmp_path):
     for pid in worker_pids(server):
         assert str(pid) in done.stdout
     assert "generation 1" in done.stdout and "serving" in done.stdout
+    assert f"supervised by pid {server.proc.pid}" in done.stdout
     status = json.loads(server.get("/_portico/status")[2])
+    assert status[0]["server_pid"] == server.proc.pid
     assert [w["state"] for w in status[0]["workers"]] == ["serving", "serving"]
     assert sum(w["served"] for w in status[0]["workers"]) >= 6
     code, headers, _ = server.request("POST", "/_portico/status", body=b"x")

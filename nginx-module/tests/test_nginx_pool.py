@@ -144,6 +144,7 @@ def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
 
         [app] = status(server)
         assert app["app"] == "ver" and app["generation"] == 1
+        assert app["server_pid"] == pool, "the pool server, not its watchdog or nginx"
         assert {w["pid"] for w in app["workers"]} == workers
         assert all(w["state"] == "serving" and w["rss_bytes"] > 0 for w in app["workers"])
         text = server.get("/pool-status?format=text")[1].decode()
@@ -327,6 +328,11 @@ def test_a_killed_pool_server_is_started_again_by_its_watchdog(tmp_path):
         wait_until(lambda: not any(alive(p) for p in old_workers),
                    what="the dead pool server's workers to go")
         assert served_pids(server) == set(fresh_workers)
+        # The new pool's status tells what happened to the one before.
+        [app] = status(server)
+        assert app["server_pid"] == fresh
+        assert any(e.endswith(f" pool server {pool} was killed by signal 9; pool server {fresh} "
+                              "started in its place by the watchdog") for e in app["events"]), app
         log = server.error_log(log_from)
         assert f"the pool server {pool} was killed by signal 9; starting another now" in log, log
         assert f"pool server {fresh} started" in log, log
@@ -425,6 +431,7 @@ def test_a_pool_on_its_own_serves_nginx_and_portico_serve(tmp_path):
         [app] = json.loads(done.stdout)
         assert {w["pid"] for w in app["workers"]} == workers
         assert sum(w["served"] for w in app["workers"]) >= 24
+        assert app["server_pid"] == pool.pid
 
         write_app(app_dir, "v2-reloaded")
         pool.send_signal(signal.SIGHUP)

@@ -73,6 +73,9 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     }
     // Taken first, so that no descriptor of them leaks into anything this process starts.
     let inherited = listen_fds();
+    // Taken before any thread starts, and so that no worker's app sees it.
+    let replaces = std::env::var(REPLACES_ENV).ok();
+    std::env::remove_var(REPLACES_ENV);
     // A pool routes nothing: its hosts did.
     // Before anything may change the working directory.
     // One reading of the file, for this server and its workers alike.
@@ -176,6 +179,16 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     };
     if store_sockets(&server) {
         server.handed_over();
+    }
+    if let Some(replaced) = replaces {
+        let event = format!(
+            "{replaced}; pool server {} started in its place by the watchdog",
+            std::process::id()
+        );
+        dispatcher
+            .apps()
+            .iter()
+            .for_each(|app| app.record_pool_event(&event));
     }
     let _pid_file = match pid_file(&args) {
         Ok(pid_file) => pid_file,
@@ -290,6 +303,10 @@ fn notify_with_fds(
     .map(|_| ())
     .map_err(|e| e.to_string())
 }
+
+/// Set by the watchdog for the pool server it starts in place of one that died: how that
+/// one ended ("pool server 4120 was killed by signal 9"), for the new pools' events.
+pub(crate) const REPLACES_ENV: &str = "PORTICO_POOL_REPLACES";
 
 /// The listening sockets this process was given by sd_listen_fds(3)'s protocol: `LISTEN_FDS`
 /// descriptors from 3 on, when `LISTEN_PID` is this process (systemd's socket activation, or

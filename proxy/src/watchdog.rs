@@ -257,6 +257,12 @@ pub(crate) fn run(
                         "watchdog: the pool server {pid} {}; starting another {when}",
                         describe_exit(status)
                     );
+                    // The next pool server starts with empty pools: it keeps this in their
+                    // events, so that the status still shows why it is there.
+                    std::env::set_var(
+                        crate::pool_cmd::REPLACES_ENV,
+                        format!("pool server {pid} {}", describe_exit(status)),
+                    );
                     restart_at = Some(Instant::now() + delay);
                     delay = next_delay(delay);
                 }

@@ -82,6 +82,14 @@ impl App {
         }
     }
 
+    /// Keeps `event` among the latest events of the app's pool, when this process runs it
+    /// (a pool server started in place of one that died says so there); otherwise nothing.
+    pub fn record_pool_event(&self, event: &str) {
+        if let Placement::Pool(pool) = &self.placement {
+            pool.record_event(event.to_owned());
+        }
+    }
+
     /// Queues a request for the app's Python threads. The returned [`Exchange`] yields the
     /// response; [`DispatchError::Overloaded`] means the backlog is full.
     ///

@@ -468,6 +468,7 @@ impl Pool {
             app: self.name.clone(),
             generation: self.current().number,
             restarts: self.restarts.load(Ordering::Relaxed),
+            server_pid: std::process::id(),
             workers,
             events: self
                 .events
@@ -480,7 +481,7 @@ impl Pool {
     }
 
     /// Keeps `event` for the status, after the time it happened.
-    fn record_event(&self, event: String) {
+    pub(crate) fn record_event(&self, event: String) {
         let event = format!("{} {event}", crate::clock::rfc3339_utc(SystemTime::now()));
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         if events.len() == 20 {
@@ -999,6 +1000,10 @@ pub struct PoolStatus {
     pub generation: u64,
     /// Workers that exited by themselves (crashed, killed) and were started again.
     pub restarts: u64,
+    /// The process that supervises the workers: the `portico serve` whose pool this is, or
+    /// the `portico pool` server (the one nginx starts, or one run on its own), so that a
+    /// sysadmin can tell which process to signal or look for in the logs.
+    pub server_pid: u32,
     /// Live workers, serving or draining.
     pub workers: Vec<WorkerStatus>,
     /// The latest exits and replacements with their reasons, oldest first.
@@ -1050,10 +1055,11 @@ impl PoolStatus {
     /// As a JSON object.
     pub fn to_json(&self) -> String {
         let mut out = format!(
-            "{{\"app\":{},\"generation\":{},\"restarts\":{},\"workers\":[",
+            "{{\"app\":{},\"generation\":{},\"restarts\":{},\"server_pid\":{},\"workers\":[",
             json_str(&self.app),
             self.generation,
-            self.restarts
+            self.restarts,
+            self.server_pid
         );
         for (i, w) in self.workers.iter().enumerate() {
             let _ = write!(
@@ -1079,10 +1085,11 @@ impl PoolStatus {
     /// As lines for a terminal.
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "app {}: generation {}, {} restart(s)\n  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9}\n",
+            "app {}: generation {}, {} restart(s), supervised by pid {}\n  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9}\n",
             self.app,
             self.generation,
             self.restarts,
+            self.server_pid,
             "PID",
             "GEN",
             "STATE",

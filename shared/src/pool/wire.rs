@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -772,6 +772,7 @@ pub fn encode_status(status: Option<&PoolStatus>) -> Bytes {
     put_bytes(&mut out, status.app.as_bytes());
     out.put_u64_le(status.generation);
     out.put_u64_le(status.restarts);
+    out.put_u32_le(status.server_pid);
     out.put_u32_le(status.workers.len() as u32);
     for w in &status.workers {
         out.put_u32_le(w.pid);
@@ -802,6 +803,7 @@ pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
     let app = r.string()?;
     let generation = r.u64()?;
     let restarts = r.u64()?;
+    let server_pid = r.u32()?;
     let n = r.count(45)?;
     let mut workers = Vec::with_capacity(n);
     for _ in 0..n {
@@ -827,6 +829,7 @@ pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
         app,
         generation,
         restarts,
+        server_pid,
         workers,
         events,
     }))
@@ -1027,6 +1030,7 @@ mod tests {
             app: "site".into(),
             generation: 3,
             restarts: 1,
+            server_pid: 40,
             workers: vec![WorkerStatus {
                 pid: 42,
                 generation: 3,
