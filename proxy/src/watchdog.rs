@@ -253,16 +253,11 @@ pub(crate) fn run(
                         true => "now".to_owned(),
                         false => format!("in {delay:?}"),
                     };
-                    log::error!(
-                        "watchdog: the pool server {pid} {}; starting another {when}",
-                        describe_exit(status)
-                    );
+                    let ended = format!("pool server {pid} {}", describe_exit(status));
+                    log::error!("watchdog: the {ended}; starting another {when}");
                     // The next pool server starts with empty pools: it keeps this in their
                     // events, so that the status still shows why it is there.
-                    std::env::set_var(
-                        crate::pool_cmd::REPLACES_ENV,
-                        format!("pool server {pid} {}", describe_exit(status)),
-                    );
+                    std::env::set_var(crate::pool_cmd::REPLACES_ENV, ended);
                     restart_at = Some(Instant::now() + delay);
                     delay = next_delay(delay);
                 }
