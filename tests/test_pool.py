@@ -120,6 +120,44 @@ def test_a_file_response_is_read_as_the_client_takes_it(portico, tmp_path):
         assert got == size - 10  # the app seeks to offset 10
 
 
+def read_response(client, size):
+    """Reads a response with a body of `size` bytes from `client`: its head and its body."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = client.recv(65536)
+        assert piece, f"the connection ended in the head: {head!r}"
+        head += piece
+    head, body = head.split(b"\r\n\r\n", 1)
+    body = bytearray(body)
+    while len(body) < size:
+        piece = client.recv(1 << 20)
+        assert piece, f"the response ended after {len(body)} bytes"
+        body += piece
+    return head, bytes(body)
+
+
+def test_a_body_piece_larger_than_the_window_waits_in_the_worker(portico):
+    """One list item of 128 MiB, for a client that reads nothing: the worker sends it as the
+    host's window opens, so it waits in the app's process (where it was made), not in the
+    server's as well. Then the client gets it all."""
+    size = 128 * 1024 * 1024
+    server = portico(app_table("m", "misbehaving:application", mode="pool", processes=1))
+    [worker] = worker_pids(server)
+    host_rss, worker_rss = status_kib(server.proc.pid), status_kib(worker)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(f"GET /one-big-item?{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: status_kib(worker) - worker_rss > size // 1024,
+                   what="the app to make its body")
+        # Sent unpaced, the whole body would be in the host in well under this.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            assert status_kib(server.proc.pid) - host_rss < 32 * 1024
+            time.sleep(0.05)
+        head, body = read_response(client, size)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert body == b"x" * size
+
+
 def test_an_asgi_app_in_a_pool(portico):
     server = portico(asgi_table("asgi", "asgi_probe:app", mode="pool", processes=1))
     status, _, body = server.request("POST", "/echo", body=b"x" * 200_000)

@@ -360,6 +360,63 @@ def test_a_killed_pool_server_is_started_again_by_its_watchdog(tmp_path):
     assert_clean_log(server.error_log())
 
 
+BIG_APP = """
+def application(environ, start_response):
+    n = int(environ["QUERY_STRING"] or 0)
+    if not n:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"v1"]
+    # A whole response in one list item, made in memory (every page touched).
+    start_response("200 OK", [("Content-Length", str(n))])
+    return [b"x" * n]
+"""
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_large_response_for_a_slow_client_waits_in_the_pool_worker(tmp_path):
+    """One list item of 128 MiB, for a client that reads nothing: the pool worker sends it as
+    the pool server takes it, and the pool server as nginx's worker does, so it waits in the
+    app's process (where it was made), not in the pool server's or nginx's as well. Then the
+    client gets it all."""
+    size = 128 * 1024 * 1024
+    server, pool, _, _ = start_pooled(tmp_path, source=BIG_APP)
+    try:
+        workers = pool_workers(pool)
+        nginx_workers = server.workers()
+        before = {p: rss_kib(p) for p in [*workers, pool, *nginx_workers]}
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+            client.sendall(f"GET /?{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            wait_until(lambda: any(rss_kib(p) - before[p] > size // 1024 for p in workers),
+                       what="the app to make its body")
+            # Sent unpaced, the whole body would be in both in well under this.
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                assert rss_kib(pool) - before[pool] < 32 * 1024, "in the pool server"
+                for p in nginx_workers:
+                    assert rss_kib(p) - before[p] < 32 * 1024, f"in nginx's worker {p}"
+                time.sleep(0.05)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.recv(65536)
+            head, rest = head.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            got, xs = len(rest), rest.count(b"x")
+            while got < size:
+                piece = client.recv(1 << 20)
+                assert piece, f"the response ended after {got} bytes"
+                got, xs = got + len(piece), xs + piece.count(b"x")
+            assert (got, xs) == (size, size)
+    finally:
+        server.stop()
+    assert_clean_log(server.error_log())
+
+
 def start_pool_on_its_own(tmp_path, toml, sock):
     """`portico pool --config TOML`, as systemd runs it; returns once `sock` is there."""
     log = open(tmp_path / "pool.log", "wb")

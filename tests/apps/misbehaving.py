@@ -92,6 +92,12 @@ def application(environ, start_response):
         f.seek(10)
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/one-big-item":
+        # A whole response in one list item, made in memory (every page touched).
+        n = int(environ["QUERY_STRING"])
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(n))])
+        return [b"x" * n]
     if path == "/write-then-file":
         write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
         write(b"prefix-")

@@ -491,7 +491,18 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
             let head = wire::decode_head(&mut r)?;
             AppEvent::Whole(head, r.rest())
         }
-        Kind::Data => AppEvent::Body(frame.payload),
+        Kind::Data => {
+            let mut state = stream.lock();
+            state.in_window += frame.payload.len();
+            if state.in_window > INITIAL_WINDOW as usize + wire::DATA_PIECE {
+                return Err(WireError(format!(
+                    "a worker sent {} bytes of response body beyond the window of {INITIAL_WINDOW}",
+                    state.in_window - INITIAL_WINDOW as usize
+                )));
+            }
+            drop(state);
+            AppEvent::Body(frame.payload)
+        }
         Kind::End => AppEvent::End,
         Kind::Failed => AppEvent::Failed(wire::decode_error(frame.payload)?),
         Kind::Trailers => AppEvent::Trailers(wire::decode_headers(frame.payload)?),
@@ -630,6 +641,10 @@ struct StreamState {
     held_body: Option<VecDeque<BodyPiece>>,
     /// Response body taken by the host since the last window update.
     unacked: u32,
+    /// Response body the worker has sent and not yet been given back in a window update:
+    /// a worker keeps it within [`INITIAL_WINDOW`] and one piece ([`wire::DATA_PIECE`]),
+    /// so that what waits here for a slow client is bounded.
+    in_window: usize,
     /// The worker has ended the response (or failed): once the queue is empty the stream is
     /// over.
     finished: bool,
@@ -714,6 +729,7 @@ impl HostStream {
                     stream: self.id,
                     payload: Bytes::copy_from_slice(&state.unacked.to_le_bytes()),
                 });
+                state.in_window = state.in_window.saturating_sub(state.unacked as usize);
                 state.unacked = 0;
             }
             if !cancel && state.awaiting_body {
@@ -901,6 +917,46 @@ mod tests {
         assert!(
             exchange.try_next().is_none(),
             "still waiting for its answer"
+        );
+    }
+
+    #[test]
+    fn a_worker_that_sends_past_its_window_is_dropped() {
+        use std::io::Write;
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let _exchange = send(&conn, b"/flood");
+        assert_eq!(first_request(&theirs).head.raw_path, b"/flood".as_slice());
+        // 1 MiB of body, with no window update taken: twice what the exchange's queue, the
+        // window and one piece more let a worker have in the host, for a client that takes
+        // nothing.
+        let head = crate::model::ResponseHead::new("200 OK", Vec::new()).unwrap();
+        let mut payload = bytes::BytesMut::new();
+        wire::encode_head(&head, &mut payload);
+        let mut out = bytes::BytesMut::new();
+        Frame {
+            kind: Kind::Head,
+            stream: 1,
+            payload: payload.freeze(),
+        }
+        .encode(&mut out);
+        for _ in 0..16 {
+            Frame {
+                kind: Kind::Data,
+                stream: 1,
+                payload: Bytes::from(vec![b'x'; wire::DATA_PIECE]),
+            }
+            .encode(&mut out);
+        }
+        // The host may close the socket before it has read it all.
+        let _ = theirs.write_all(&out);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !conn.is_lost() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(
+            conn.is_lost(),
+            "a worker past its window is a broken worker"
         );
     }
 

@@ -47,6 +47,10 @@ struct WorkerStream {
     /// What is left of a file the app answers with (`wsgi.file_wrapper`, ASGI pathsend): read
     /// a piece at a time as the host's window allows, as an in-process host streams it.
     file: Mutex<Option<FileBody>>,
+    /// The frames of a body piece larger than the host's window (a 100 MiB list item),
+    /// and of what came after it, sent as the window opens: the piece waits here, in the
+    /// app's process, not in the host's. Then whether the stream is over once they are out.
+    staged: Mutex<(VecDeque<Frame>, bool)>,
 }
 
 impl WorkerStream {
@@ -280,6 +284,7 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
                         assembler: Mutex::new(wire::WsAssembler::default()),
                         wakes: AtomicUsize::new(0),
                         file: Mutex::new(None),
+                        staged: Mutex::new((VecDeque::new(), false)),
                     });
                     streams
                         .lock()
@@ -394,6 +399,24 @@ fn pump(id: u32, stream: &WorkerStream, link: &Link) {
     }
     while stream.credit.load(Ordering::Acquire) > 0 {
         {
+            let mut staged = stream.staged.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(frame) = staged.0.pop_front() {
+                let size = if frame.kind == Kind::Data {
+                    frame.payload.len()
+                } else {
+                    0
+                };
+                let _ = link.out.send(frame);
+                stream.credit.fetch_sub(size as i64, Ordering::AcqRel);
+                continue;
+            }
+            if staged.1 {
+                drop(staged);
+                leave();
+                return;
+            }
+        }
+        {
             let mut file = stream.file.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(body) = file.as_mut() {
                 match send_file_piece(id, body, &link.out) {
@@ -422,8 +445,20 @@ fn pump(id: u32, stream: &WorkerStream, link: &Link) {
             *stream.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(body);
             continue;
         }
-        let (over, sent) = send_event(id, event, &link.out);
-        stream.credit.fetch_sub(sent as i64, Ordering::AcqRel);
+        let mut out = Paced {
+            id,
+            out: &link.out,
+            room: stream.credit.load(Ordering::Acquire),
+            sent: 0,
+            staged: VecDeque::new(),
+        };
+        let over = send_event(event, &mut out);
+        stream.credit.fetch_sub(out.sent as i64, Ordering::AcqRel);
+        if !out.staged.is_empty() {
+            // Sent on as the host's window opens (the loop above), the end with them.
+            *stream.staged.lock().unwrap_or_else(|e| e.into_inner()) = (out.staged, over);
+            continue;
+        }
         if over {
             leave();
             return;
@@ -431,84 +466,111 @@ fn pump(id: u32, stream: &WorkerStream, link: &Link) {
     }
 }
 
-/// Frames for one event; returns whether the stream is over and the body bytes sent.
-fn send_event(id: u32, event: Option<AppEvent>, out: &Sender<Frame>) -> (bool, usize) {
-    let send = |kind: Kind, payload: Bytes| {
-        let _ = out.send(Frame {
+/// Where one event's frames go: to the writer while the host's window has room for their
+/// body bytes, and from the first [`Kind::Data`] frame it has no room for on, staged in
+/// order, so that a body piece larger than the window goes out as the host takes it.
+struct Paced<'a> {
+    id: u32,
+    out: &'a Sender<Frame>,
+    /// What the window allowed when the event was taken, less what has been sent since.
+    room: i64,
+    /// Body bytes sent.
+    sent: usize,
+    staged: VecDeque<Frame>,
+}
+
+impl Paced<'_> {
+    fn send(&mut self, kind: Kind, payload: Bytes) {
+        let frame = Frame {
             kind,
-            stream: id,
+            stream: self.id,
             payload,
-        });
-    };
-    let data = |payload: &Bytes| {
+        };
+        if !self.staged.is_empty() || (kind == Kind::Data && self.room <= 0) {
+            self.staged.push_back(frame);
+            return;
+        }
+        if kind == Kind::Data {
+            self.room -= frame.payload.len() as i64;
+            self.sent += frame.payload.len();
+        }
+        let _ = self.out.send(frame);
+    }
+
+    /// A body as [`Kind::Data`] frames of at most [`DATA_PIECE`].
+    fn data(&mut self, payload: &Bytes) {
         let mut at = 0;
         while at < payload.len() {
             let end = (at + DATA_PIECE).min(payload.len());
-            send(Kind::Data, payload.slice(at..end));
+            self.send(Kind::Data, payload.slice(at..end));
             at = end;
         }
-        payload.len()
-    };
+    }
+}
+
+/// Frames for one event, into `out`; returns whether the stream is over.
+fn send_event(event: Option<AppEvent>, out: &mut Paced<'_>) -> bool {
     match event {
-        Some(AppEvent::NeedBody) => send(Kind::NeedBody, Bytes::new()),
+        Some(AppEvent::NeedBody) => out.send(Kind::NeedBody, Bytes::new()),
         Some(AppEvent::Head(head)) => {
             let mut payload = BytesMut::new();
             wire::encode_head(&head, &mut payload);
-            send(Kind::Head, payload.freeze());
+            out.send(Kind::Head, payload.freeze());
         }
         Some(AppEvent::Whole(head, body)) => {
             let mut payload = BytesMut::with_capacity(256 + body.len().min(DATA_PIECE));
             wire::encode_head(&head, &mut payload);
             if body.len() <= DATA_PIECE {
                 payload.put_slice(&body);
-                send(Kind::Whole, payload.freeze());
-                return (true, body.len());
+                out.send(Kind::Whole, payload.freeze());
+                return true;
             }
-            send(Kind::Head, payload.freeze());
-            let sent = data(&body);
-            send(Kind::End, Bytes::new());
-            return (true, sent);
+            out.send(Kind::Head, payload.freeze());
+            out.data(&body);
+            out.send(Kind::End, Bytes::new());
+            return true;
         }
-        Some(AppEvent::Body(body)) => return (false, data(&body)),
+        Some(AppEvent::Body(body)) => out.data(&body),
         // Paced by the window in `pump`, which takes these before they get here.
         Some(AppEvent::File(_)) => {}
         Some(AppEvent::End) => {
-            send(Kind::End, Bytes::new());
-            return (true, 0);
+            out.send(Kind::End, Bytes::new());
+            return true;
         }
-        Some(AppEvent::Trailers(fields)) => send(Kind::Trailers, wire::encode_headers(&fields)),
-        Some(AppEvent::EarlyHint(links)) => send(Kind::EarlyHint, wire::encode_links(&links)),
+        Some(AppEvent::Trailers(fields)) => out.send(Kind::Trailers, wire::encode_headers(&fields)),
+        Some(AppEvent::EarlyHint(links)) => out.send(Kind::EarlyHint, wire::encode_links(&links)),
         Some(AppEvent::Failed(e)) => {
-            send(Kind::Failed, wire::encode_error(&e));
-            return (true, 0);
+            out.send(Kind::Failed, wire::encode_error(&e));
+            return true;
         }
         Some(AppEvent::WsAccept {
             subprotocol,
             headers,
-        }) => send(
+        }) => out.send(
             Kind::WsAccept,
             wire::encode_accept(subprotocol.as_deref(), &headers),
         ),
         Some(AppEvent::WsSend(message)) => {
-            let size = match &message {
+            // A message goes whole, as far as the window has any room (the host counts it
+            // whole); its size is bounded by `websocket_max_message_size`.
+            out.sent += match &message {
                 WsMessage::Text(text) => text.len(),
                 WsMessage::Binary(data) => data.len(),
             };
             for payload in wire::encode_ws_message(&message) {
-                send(Kind::WsSend, payload);
+                out.send(Kind::WsSend, payload);
             }
-            return (false, size);
         }
         Some(AppEvent::WsClose { code, reason }) => {
-            send(Kind::WsClose, wire::encode_close(code, &reason))
+            out.send(Kind::WsClose, wire::encode_close(code, &reason))
         }
         None => {
             let e = DispatchError::BadResponse("the app thread stopped".into());
-            send(Kind::Failed, wire::encode_error(&e));
-            return (true, 0);
+            out.send(Kind::Failed, wire::encode_error(&e));
+            return true;
         }
     }
-    (false, 0)
+    false
 }
 
 /// Sends the next piece of a file response: the bytes sent (0 once the file is done), or
