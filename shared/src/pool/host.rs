@@ -494,6 +494,8 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
         Kind::Data => {
             let mut state = stream.lock();
             state.in_window += frame.payload.len();
+            // A broken worker, not only a broken stream: as a flow-control violation is a
+            // connection error in HTTP/2 (RFC 9113, section 6.9.1).
             if state.in_window > INITIAL_WINDOW as usize + wire::DATA_PIECE {
                 return Err(WireError(format!(
                     "a worker sent {} bytes of response body beyond the window of {INITIAL_WINDOW}",
@@ -920,16 +922,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_worker_that_sends_past_its_window_is_dropped() {
-        use std::io::Write;
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
-        let _exchange = send(&conn, b"/flood");
-        assert_eq!(first_request(&theirs).head.raw_path, b"/flood".as_slice());
-        // 1 MiB of body, with no window update taken: twice what the exchange's queue, the
-        // window and one piece more let a worker have in the host, for a client that takes
-        // nothing.
+    /// A worker's answer on stream 1, as it would write it: a `200 OK` head, then a Data
+    /// frame for each piece.
+    fn head_then_data(pieces: impl IntoIterator<Item = Bytes>) -> bytes::BytesMut {
         let head = crate::model::ResponseHead::new("200 OK", Vec::new()).unwrap();
         let mut payload = bytes::BytesMut::new();
         wire::encode_head(&head, &mut payload);
@@ -940,14 +935,28 @@ mod tests {
             payload: payload.freeze(),
         }
         .encode(&mut out);
-        for _ in 0..16 {
+        for piece in pieces {
             Frame {
                 kind: Kind::Data,
                 stream: 1,
-                payload: Bytes::from(vec![b'x'; wire::DATA_PIECE]),
+                payload: piece,
             }
             .encode(&mut out);
         }
+        out
+    }
+
+    #[test]
+    fn a_worker_that_sends_past_its_window_is_dropped() {
+        use std::io::Write;
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let _exchange = send(&conn, b"/flood");
+        assert_eq!(first_request(&theirs).head.raw_path, b"/flood".as_slice());
+        // 1 MiB of body, with no window update taken: twice what the exchange's queue, the
+        // window and one piece more let a worker have in the host, for a client that takes
+        // nothing.
+        let out = head_then_data((0..16).map(|_| Bytes::from(vec![b'x'; wire::DATA_PIECE])));
         // The host may close the socket before it has read it all.
         let _ = theirs.write_all(&out);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -969,24 +978,7 @@ mod tests {
         assert_eq!(first_request(&theirs).head.raw_path, b"/whole".as_slice());
         // More pieces than the exchange holds, the end, then the worker is gone: the host
         // has the whole response while its client has taken none of it yet.
-        let head = crate::model::ResponseHead::new("200 OK", Vec::new()).unwrap();
-        let mut payload = bytes::BytesMut::new();
-        wire::encode_head(&head, &mut payload);
-        let mut out = bytes::BytesMut::new();
-        Frame {
-            kind: Kind::Head,
-            stream: 1,
-            payload: payload.freeze(),
-        }
-        .encode(&mut out);
-        for i in 0..10u8 {
-            Frame {
-                kind: Kind::Data,
-                stream: 1,
-                payload: Bytes::from(vec![i; 100]),
-            }
-            .encode(&mut out);
-        }
+        let mut out = head_then_data((0..10u8).map(|i| Bytes::from(vec![i; 100])));
         Frame::bare(Kind::End, 1).encode(&mut out);
         theirs.write_all(&out).unwrap();
         drop(theirs);
