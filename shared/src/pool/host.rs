@@ -522,9 +522,26 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
             }
         }
         Kind::WsSend => {
-            let message = stream.lock().assembler.push(frame.payload)?;
+            let mut state = stream.lock();
+            // A worker starts a message only while its window has room, and counts it whole
+            // (a message is not cut to fit): one begun with the window full is the same
+            // violation as body bytes past it.
+            if !state.assembler.in_message() && state.in_window >= INITIAL_WINDOW as usize {
+                return Err(WireError(format!(
+                    "a worker began a WebSocket message with its window of {INITIAL_WINDOW} bytes full ({} not taken yet)",
+                    state.in_window
+                )));
+            }
+            let message = state.assembler.push(frame.payload)?;
+            drop(state);
             match message {
-                Some(message) => AppEvent::WsSend(message),
+                Some(message) => {
+                    stream.lock().in_window += match &message {
+                        WsMessage::Text(text) => text.len(),
+                        WsMessage::Binary(data) => data.len(),
+                    };
+                    AppEvent::WsSend(message)
+                }
                 None => return Ok(()),
             }
         }
@@ -966,6 +983,60 @@ mod tests {
         assert!(
             conn.is_lost(),
             "a worker past its window is a broken worker"
+        );
+    }
+
+    #[test]
+    fn a_worker_that_begins_a_websocket_message_with_its_window_full_is_dropped() {
+        use std::io::Write;
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
+        let route = Route {
+            app: 0,
+            script_name: String::new(),
+            path_info: b"/ws".to_vec(),
+        };
+        let _exchange = conn
+            .submit(RequestKind::WebSocket, &get(b"/ws"), &route, None)
+            .unwrap();
+        first_request(&theirs);
+        let ws_send = |size: usize| {
+            let mut out = bytes::BytesMut::new();
+            for payload in wire::encode_ws_message(&WsMessage::Binary(vec![b'x'; size].into())) {
+                Frame {
+                    kind: Kind::WsSend,
+                    stream: 1,
+                    payload,
+                }
+                .encode(&mut out);
+            }
+            out
+        };
+        // For a client that takes nothing: the accept and three messages fill the exchange's
+        // mailbox, and the host gives the window back for what enters it. A message larger
+        // than the window then waits in the host, begun while the window had room; the next
+        // one is begun with the window full.
+        let mut out = bytes::BytesMut::new();
+        Frame {
+            kind: Kind::WsAccept,
+            stream: 1,
+            payload: wire::encode_accept(None, &[]),
+        }
+        .encode(&mut out);
+        for _ in 0..3 {
+            out.extend_from_slice(&ws_send(10));
+        }
+        out.extend_from_slice(&ws_send(2 * INITIAL_WINDOW as usize));
+        out.extend_from_slice(&ws_send(1));
+        // The host may close the socket before it has read it all.
+        let _ = theirs.write_all(&out);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !conn.is_lost() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(
+            conn.is_lost(),
+            "a message begun with the window full is a broken worker"
         );
     }
 

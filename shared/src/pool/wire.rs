@@ -622,6 +622,11 @@ pub struct WsAssembler {
 }
 
 impl WsAssembler {
+    /// Whether a message has pieces in and more to come.
+    pub fn in_message(&self) -> bool {
+        self.kind.is_some()
+    }
+
     /// One piece; returns the message once its last piece is in.
     pub fn push(&mut self, payload: Bytes) -> Result<Option<WsMessage>, WireError> {
         let mut r = Reader::new(payload);
