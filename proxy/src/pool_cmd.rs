@@ -73,7 +73,8 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
     }
     // Taken first, so that no descriptor of them leaks into anything this process starts.
     let inherited = listen_fds();
-    // Taken before any thread starts, and so that no worker's app sees it.
+    // Taken before any thread that reads the environment starts (under nginx, the error
+    // log's thread runs already, and reads none), and so that no worker's app sees it.
     let replaces = std::env::var(REPLACES_ENV).ok();
     std::env::remove_var(REPLACES_ENV);
     // A pool routes nothing: its hosts did.

@@ -93,7 +93,8 @@ pub(crate) fn run(
     let mut store = Store::activated(crate::pool_cmd::listen_fds(), socket_dir);
     // The pool servers' environment is this process's own, not Command::env: with that,
     // std would exec with an environment built before fork, and the LISTEN_PID that only the
-    // child can know (its pid) could not be added to it. This process has one thread.
+    // child can know (its pid) could not be added to it. No other thread of this process
+    // reads the environment (under nginx, the error log's thread runs, and reads none).
     std::env::set_var("NOTIFY_SOCKET", format!("@{notify_name}"));
     std::env::set_var("FDSTORE", STORE_ROOM.to_string());
     let lifeline_fd = match lifeline_fd.map(move_out_of_the_way).transpose() {
