@@ -404,6 +404,41 @@ def test_a_reload_to_code_that_cannot_import_keeps_the_old_workers(portico, tmp_
                for e in pool["events"]), pool["events"]
 
 
+def test_touching_a_touch_reload_file_loads_the_new_code(portico, tmp_path):
+    """As Passenger's tmp/restart.txt and mod_wsgi's touched WSGI script: someone who cannot
+    signal the server deploys by touching a file the app lists in touch_reload (relative to
+    the config file; its creation counts). The new generation runs the new code and the old
+    worker goes; a touch while the code cannot import leaves the old generation serving."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
+    server = portico(app_table("v", "versioned:application", mode="pool", processes=1,
+                               touch_reload=["tmp/restart.txt"])
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1),
+                     server_extra='status_path = "/_portico/status"')
+    restart = tmp_path / "tmp" / "restart.txt"
+    assert server.get("/")[2] == b"v1"
+    [first] = worker_pids(server)
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v2-touched"))
+    restart.parent.mkdir()
+    restart.touch()
+    wait_until(lambda: server.get("/")[2] == b"v2-touched", timeout=15,
+               what="the new code after the touch")
+    server.wait_for_log(f"app `v`: {restart} was touched: reloading (touch_reload)")
+    wait_until(lambda: first not in worker_pids(server), timeout=15,
+               what="the old worker to go")
+    [pool] = json.loads(server.get("/_portico/status")[2])
+    assert pool["generation"] == 2, pool
+    assert any(e.endswith(f"Z {restart} was touched: reloading") for e in pool["events"]), \
+        pool["events"]
+
+    (code / "versioned.py").write_text("this is not python\n")
+    os.utime(restart, (time.time() + 5, time.time() + 5))
+    server.wait_for_log("generation 2 goes on serving", timeout=15)
+    assert server.get("/")[2] == b"v2-touched"
+    assert server.log().count("was touched: reloading") == 2, server.log()
+
+
 def test_a_reload_applies_new_pool_settings_and_names_those_left_for_a_restart(portico):
     """As gunicorn's HUP and nginx's reload: the new generation runs the file's new settings.
     What the server itself acts on for the app (here max_body_size) needs a restart: then the

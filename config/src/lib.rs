@@ -311,6 +311,14 @@ pub struct AppConfig {
     /// starts a `portico pool` of its own).
     #[serde(default)]
     pub pool_socket: Option<PathBuf>,
+    /// Pool only: files whose change reloads the app when `touch`ed: a new generation of
+    /// workers with the app's code as it is now and the settings the pool runs, as
+    /// Passenger's `tmp/restart.txt`, mod_wsgi's touched WSGI script and uWSGI's
+    /// `touch-reload` do. Looked at every second; a file that does not exist yet counts
+    /// once it is created. Relative paths are relative to the config file's directory.
+    /// Default: none.
+    #[serde(default)]
+    pub touch_reload: Vec<PathBuf>,
 }
 
 impl AppConfig {
@@ -394,6 +402,7 @@ impl AppConfig {
             group: None,
             env: Default::default(),
             pool_socket: None,
+            touch_reload: Vec::new(),
         }
     }
 
@@ -627,8 +636,9 @@ impl Config {
         (None, errors, refused)
     }
 
-    /// Makes relative `python_path`, `python_home` and `chdir` entries relative to `base`
-    /// (the config file's directory), so a config means the same from any working directory.
+    /// Makes relative paths (`python_path`, `python_home`, `chdir`, `pool_socket`,
+    /// `touch_reload`, the TLS files) relative to `base` (the config file's directory), so a
+    /// config means the same from any working directory.
     pub fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -640,6 +650,7 @@ impl Config {
             app.python_home.iter_mut().for_each(resolve);
             app.chdir.iter_mut().for_each(resolve);
             app.pool_socket.iter_mut().for_each(resolve);
+            app.touch_reload.iter_mut().for_each(resolve);
         }
         if let Some(tls) = &mut self.server.tls {
             resolve(&mut tls.certificate);
@@ -883,6 +894,17 @@ impl Config {
                     }
                 }
             }
+            for (j, file) in app.touch_reload.iter().enumerate() {
+                if file.is_dir() {
+                    err(
+                        key(&format!("touch_reload[{j}]")),
+                        format!(
+                            "`{}` is a directory: name a file, whose change reloads the app",
+                            file.display()
+                        ),
+                    );
+                }
+            }
             if let Some(socket) = &app.pool_socket {
                 if app.mode != Mode::Pool {
                     err(
@@ -940,7 +962,7 @@ impl Config {
 
 /// The pool's settings that an in-process app cannot have (besides `user`, `group`, `env`
 /// and `pool_socket`, refused with their own reasons).
-const POOL_ONLY: [&str; 8] = [
+const POOL_ONLY: [&str; 9] = [
     "processes",
     "max_processes",
     "idle_timeout",
@@ -949,6 +971,7 @@ const POOL_ONLY: [&str; 8] = [
     "max_requests_jitter",
     "max_memory",
     "graceful_timeout",
+    "touch_reload",
 ];
 
 fn is_dotted_name(s: &str) -> bool {

@@ -383,3 +383,45 @@ fn pool_settings_on_an_in_process_app_are_refused() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn touch_reload_is_for_pools_and_names_files() {
+    let path = Path::new("/etc/portico.toml");
+    let errors = Config::from_text(
+        "[[app]]\nname = \"a\"\ntarget = \"m:app\"\ntouch_reload = [\"restart.txt\"]\n\
+         [[app]]\nname = \"b\"\ntarget = \"m:app\"\nmount = \"/b\"\nmode = \"pool\"\n\
+         touch_reload = [\"tmp/restart.txt\", \".\"]\n",
+        path,
+        Routing::Mounts,
+    )
+    .unwrap_err()
+    .0;
+    let found: Vec<(Option<usize>, Option<&str>, &str)> = errors
+        .iter()
+        .map(|e| (e.line, e.key.as_deref(), e.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].0, Some(4), "{found:?}");
+    assert_eq!(found[0].1, Some("app[0].touch_reload"), "{found:?}");
+    assert!(found[0].2.starts_with("is only for mode = \"pool\""));
+    assert_eq!(found[1].1, Some("app[1].touch_reload[1]"), "{found:?}");
+    assert_eq!(
+        found[1].2,
+        "`/etc/.` is a directory: name a file, whose change reloads the app"
+    );
+    // Relative to the config file's directory, whether the file exists yet or not.
+    let config = Config::from_text(
+        "[[app]]\nname = \"b\"\ntarget = \"m:app\"\nmode = \"pool\"\n\
+         touch_reload = [\"tmp/restart.txt\", \"/srv/site/wsgi.py\"]\n",
+        path,
+        Routing::Mounts,
+    )
+    .unwrap();
+    assert_eq!(
+        config.app[0].touch_reload,
+        [
+            PathBuf::from("/etc/tmp/restart.txt"),
+            PathBuf::from("/srv/site/wsgi.py")
+        ]
+    );
+}

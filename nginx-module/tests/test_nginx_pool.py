@@ -112,15 +112,15 @@ def status(server):
     return json.loads(body)
 
 
-def start_pooled(tmp_path, source=None, ready=b"v1"):
+def start_pooled(tmp_path, source=None, ready=b"v1", **extra):
     """nginx serving ver.py ("v1", or `source`, which answers `ready` at /) from the pool
-    its master starts (two workers), ready. Returns (nginx, the pool server's pid, the app's
-    directory, the portico.toml)."""
+    its master starts (two workers), ready; `extra` are more keys of the app's table.
+    Returns (nginx, the pool server's pid, the app's directory, the portico.toml)."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     write_app(app_dir, "v1", source=source)
     port = free_port()
-    toml = portico_toml(tmp_path / "portico.toml", app_dir)
+    toml = portico_toml(tmp_path / "portico.toml", app_dir, **extra)
     pool_conf(tmp_path, port, toml)
     server = Nginx(tmp_path, port)
     try:
@@ -221,6 +221,34 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
         if load is not None:
             load.finish()
         server.stop()
+    assert_clean_log(server.error_log())
+
+
+def test_touching_a_touch_reload_file_reloads_the_pool_nginx_started(tmp_path):
+    """A developer who may not run `nginx -s reload` (its master is root's) deploys with
+    `touch`, as with Passenger's tmp/restart.txt: the pool server nginx started loads the new
+    code in a new generation, and the old workers go. nginx itself is not reloaded."""
+    restart = tmp_path / "restart.txt"
+    restart.touch()
+    server, pool, app_dir, _ = start_pooled(tmp_path, touch_reload=[str(restart)])
+    try:
+        old = set(pool_workers(pool))
+        nginx_workers = set(server.workers())
+        write_app(app_dir, "v2-touched")
+        os.utime(restart, (time.time() + 5, time.time() + 5))
+        wait_until(lambda: server.get("/")[1] == b"v2-touched", timeout=15,
+                   what="the new code after the touch")
+        wait_until(lambda: not old & set(pool_workers(pool)), timeout=15,
+                   what="the old generation to go")
+        assert pool_server_of(server) == pool
+        assert set(server.workers()) == nginx_workers, "nginx was not reloaded"
+        [app] = status(server)
+        assert app["generation"] == 2, app
+        assert any(e.endswith(f"Z {restart} was touched: reloading") for e in app["events"]), \
+            app["events"]
+    finally:
+        server.stop()
+    assert f"app `ver`: {restart} was touched: reloading (touch_reload)" in server.error_log()
     assert_clean_log(server.error_log())
 
 

@@ -20,6 +20,7 @@
 pub mod host;
 pub mod remote;
 pub mod server;
+mod touch;
 pub mod wire;
 pub mod worker;
 
@@ -114,6 +115,11 @@ pub struct Pool {
     /// Workers fail to start (or die young) and the next try is a backoff away: requests
     /// that find no live worker get 503 at once rather than wait for it.
     failing: AtomicBool,
+    /// One reload at a time (a signal's and a touched file's may meet): each starts from
+    /// the generation the one before made current.
+    reloading: Mutex<()>,
+    /// A thread watches the `touch_reload` files ([`touch`]).
+    touch_watched: AtomicBool,
 }
 
 /// A set of workers started together (at start, or by one reload).
@@ -170,6 +176,8 @@ impl Pool {
             restarts: AtomicU64::new(0),
             parked: Mutex::new(VecDeque::new()),
             failing: AtomicBool::new(false),
+            reloading: Mutex::new(()),
+            touch_watched: AtomicBool::new(false),
         });
         let generation = pool.current();
         pool.start_generation(&generation).map_err(|message| {
@@ -179,6 +187,7 @@ impl Pool {
                 message,
             }
         })?;
+        touch::watch(&pool);
         Ok(pool)
     }
 
@@ -269,6 +278,7 @@ impl Pool {
     /// request and the old one drains with its own settings. If the new code cannot be
     /// loaded, the old generation goes on and the error is returned.
     pub fn reload(self: &Arc<Self>, settings: Option<PoolSettings>) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let number = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
         let settings = settings.unwrap_or_else(|| self.current().settings.clone());
         let generation = Arc::new(Generation::new(number, settings));
@@ -298,6 +308,7 @@ impl Pool {
             self.name,
             old.number
         );
+        touch::watch(self);
         Ok(())
     }
 
