@@ -7,6 +7,14 @@ fn load(text: &str) -> Result<Config, ConfigErrors> {
     Ok(config)
 }
 
+/// Each error as (line, key, message), to compare at once.
+fn line_key_message(errors: &[ConfigError]) -> Vec<(Option<usize>, Option<&str>, &str)> {
+    errors
+        .iter()
+        .map(|e| (e.line, e.key.as_deref(), e.message.as_str()))
+        .collect()
+}
+
 #[test]
 fn minimal_app_gets_documented_defaults() {
     let c = load("[[app]]\nname = \"hello\"\ntarget = \"hello:app\"\n").unwrap();
@@ -293,10 +301,7 @@ fn pool_users_and_groups_must_exist_and_are_for_pools_only() {
     )
     .unwrap_err()
     .0;
-    let found: Vec<(Option<usize>, Option<&str>, &str)> = errors
-        .iter()
-        .map(|e| (e.line, e.key.as_deref(), e.message.as_str()))
-        .collect();
+    let found = line_key_message(&errors);
     assert!(
         found.contains(&(
             Some(6),
@@ -396,10 +401,7 @@ fn touch_reload_is_for_pools_and_names_files() {
     )
     .unwrap_err()
     .0;
-    let found: Vec<(Option<usize>, Option<&str>, &str)> = errors
-        .iter()
-        .map(|e| (e.line, e.key.as_deref(), e.message.as_str()))
-        .collect();
+    let found = line_key_message(&errors);
     assert_eq!(found.len(), 2, "{found:?}");
     assert_eq!(found[0].0, Some(4), "{found:?}");
     assert_eq!(found[0].1, Some("app[0].touch_reload"), "{found:?}");

@@ -965,7 +965,6 @@ mod tests {
 
     #[test]
     fn a_worker_that_sends_past_its_window_is_dropped() {
-        use std::io::Write;
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
         let _exchange = send(&conn, b"/flood");
@@ -974,21 +973,29 @@ mod tests {
         // window and one piece more let a worker have in the host, for a client that takes
         // nothing.
         let out = head_then_data((0..16).map(|_| Bytes::from(vec![b'x'; wire::DATA_PIECE])));
+        assert_dropped_for(
+            &conn,
+            &mut theirs,
+            &out,
+            "a worker past its window is broken",
+        );
+    }
+
+    /// Writes `out` as the worker `conn` talks to, and waits up to 5 s for the host to drop
+    /// that worker as broken.
+    fn assert_dropped_for(conn: &WorkerConn, worker: &mut UnixStream, out: &[u8], why: &str) {
+        use std::io::Write;
         // The host may close the socket before it has read it all.
-        let _ = theirs.write_all(&out);
+        let _ = worker.write_all(out);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !conn.is_lost() && Instant::now() < deadline {
             std::thread::yield_now();
         }
-        assert!(
-            conn.is_lost(),
-            "a worker past its window is a broken worker"
-        );
+        assert!(conn.is_lost(), "{why}");
     }
 
     #[test]
     fn a_worker_that_begins_a_websocket_message_with_its_window_full_is_dropped() {
-        use std::io::Write;
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let conn = WorkerConn::start(ours, 1, "test", None).unwrap();
         let route = Route {
@@ -1028,15 +1035,11 @@ mod tests {
         }
         out.extend_from_slice(&ws_send(2 * INITIAL_WINDOW as usize));
         out.extend_from_slice(&ws_send(1));
-        // The host may close the socket before it has read it all.
-        let _ = theirs.write_all(&out);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !conn.is_lost() && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert!(
-            conn.is_lost(),
-            "a message begun with the window full is a broken worker"
+        assert_dropped_for(
+            &conn,
+            &mut theirs,
+            &out,
+            "a message begun with the window full is a broken worker",
         );
     }
 
