@@ -20,6 +20,9 @@
 #                    h2 (h2-wsgi, h2-asgi), ws (ws, ws-pipelined), nginx (nginx-wsgi,
 #                    nginx-asgi), pool (pool-1-wsgi, pool-1-asgi, pool-2-wsgi; pool-1 and
 #                    pool-2 select by worker count); wsgi means hello,echo
+#   BENCH_ROUNDS     runs of each server per scenario, in alternating order (default 1); the
+#                    table shows each server's median run, the notes every run's figure. On a
+#                    shared, noisy machine 3 or 5 make the ratios steadier
 #   PORTICO_THREADS  portico's --threads for WSGI apps, its Python threads (default 2, its best
 #                    here); also threads= of the nginx module's WSGI app
 #   UWSGI_THREADS    uWSGI's --threads behind nginx (default 2)
@@ -37,6 +40,7 @@ WSLOAD="$WSLOAD_DIR/target/release/wsload"
 STARTED=$SECONDS
 
 DURATION="${BENCH_SECONDS:-8}"
+ROUNDS="${BENCH_ROUNDS:-1}"
 PORTICO_THREADS="${PORTICO_THREADS:-2}"
 UWSGI_THREADS="${UWSGI_THREADS:-2}"
 WARMUP=2          # seconds of unrecorded load before each measured run
@@ -57,6 +61,7 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a whole number of seconds, got '$DURATION'"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, got '$ROUNDS'"
 [[ "$PORTICO_THREADS" =~ ^[1-9][0-9]*$ ]] || die "PORTICO_THREADS must be a positive integer, got '$PORTICO_THREADS'"
 [[ "$UWSGI_THREADS" =~ ^[1-9][0-9]*$ ]] || die "UWSGI_THREADS must be a positive integer, got '$UWSGI_THREADS'"
 
@@ -850,10 +855,47 @@ bench_one() {
   return 0
 }
 
-for scenario in "${SCENARIOS[@]}"; do
+# keep_medians SCENARIO FIRST: of the rows from index FIRST on (ROUNDS runs of each of the
+# scenario's servers), keeps one per server: its median run by req/s (a failed run counts as
+# the slowest), and notes every run's figure.
+keep_medians() {
+  local scenario="$1" first="$2" server i kept=() runs name
   for server in $(scenario_servers "$scenario"); do
-    bench_one "$scenario" "$server"
+    runs=()
+    for ((i = first; i < ${#ROW_SCENARIO[@]}; i++)); do
+      [ "${ROW_SERVER[$i]}" = "$server" ] && runs+=("${ROW_RPS[$i]} $i")
+    done
+    [ ${#runs[@]} -gt 0 ] || continue
+    # Sorted slowest first ("failed" as 0); the middle one, the lower for an even count.
+    mapfile -t runs < <(printf '%s\n' "${runs[@]}" | awk '{ print ($1 ~ /^[0-9]+$/ ? $1 : 0), $2, $1 }' | sort -n -k1,1)
+    kept+=("$(echo "${runs[$(((${#runs[@]} - 1) / 2))]}" | awk '{ print $2 }')")
+    NOTES+=("$(scenario_label "$scenario") / $(server_label "$server" "$scenario"): the median of $ROUNDS runs, alternating the servers' order; req/s of each, slowest first: $(printf '%s\n' "${runs[@]}" | awk '{ print $3 }' | paste -sd, | sed 's/,/, /g')")
   done
+  for name in ROW_SCENARIO ROW_SERVER ROW_RPS ROW_P50 ROW_P99 ROW_RSS ROW_LOOP ROW_BUSY \
+    ROW_ERRORS ROW_NGINX_RSS; do
+    local -n rows="$name"
+    local chosen=("${rows[@]:0:first}")
+    for i in "${kept[@]}"; do chosen+=("${rows[$i]}"); done
+    rows=("${chosen[@]}")
+    unset -n rows
+  done
+}
+
+for scenario in "${SCENARIOS[@]}"; do
+  first=${#ROW_SCENARIO[@]}
+  read -ra servers <<<"$(scenario_servers "$scenario")"
+  for ((round = 1; round <= ROUNDS; round++)); do
+    # Every other round in reverse, so that no server always runs first or last.
+    order=("${servers[@]}")
+    if ((round % 2 == 0)); then
+      order=()
+      for ((i = ${#servers[@]} - 1; i >= 0; i--)); do order+=("${servers[$i]}"); done
+    fi
+    for server in "${order[@]}"; do
+      bench_one "$scenario" "$server"
+    done
+  done
+  if ((ROUNDS > 1)); then keep_medians "$scenario" "$first"; fi
 done
 
 # --- report --------------------------------------------------------------------------------
@@ -954,6 +996,10 @@ report() {
   echo "- each server: one worker pinned to CPU $SERVER_CPU; the load tool pinned to CPU $LOAD_CPU;" \
     "${DURATION}s measured after ${WARMUP}s of unrecorded warm-up;" \
     "peak RSS is the server's whole process tree, sampled every 0.2 s"
+  if ((ROUNDS > 1)); then
+    echo "- rounds: each server ran $ROUNDS times per scenario, the servers' order reversed every" \
+      "other round; each row is that server's median run (every run's req/s is in the notes)"
+  fi
   uses_tool wrk && echo "- HTTP/1.1 load: \`wrk -t1 -c$CONNECTIONS --latency\` (warm-up: a separate wrk run)"
   uses_tool h2load && echo "- HTTP/2 load: \`h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS --warm-up-time $WARMUP\`" \
     "(h2c with prior knowledge; p50/p99 computed from its per-request log)"
