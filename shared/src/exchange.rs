@@ -51,6 +51,22 @@ pub enum WsMessage {
     Binary(Bytes),
 }
 
+impl WsMessage {
+    /// The message's payload in bytes (a text message's UTF-8): what it counts against a
+    /// flow-control window.
+    pub fn len(&self) -> usize {
+        match self {
+            WsMessage::Text(text) => text.len(),
+            WsMessage::Binary(data) => data.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What the host passes to a WebSocket app besides the connection itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {

@@ -14,9 +14,7 @@ use super::wire::{
 use super::Delivery;
 use super::PoolStatus;
 use crate::error::DispatchError;
-use crate::exchange::{
-    self, AppEvent, AppWaker, BodyPiece, Exchange, Inbound, Responder, WsMessage,
-};
+use crate::exchange::{self, AppEvent, AppWaker, BodyPiece, Exchange, Inbound, Responder};
 use crate::model::RequestHead;
 use crate::router::Route;
 use crate::websocket::close_code;
@@ -533,13 +531,9 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
                 )));
             }
             let message = state.assembler.push(frame.payload)?;
-            drop(state);
             match message {
                 Some(message) => {
-                    stream.lock().in_window += match &message {
-                        WsMessage::Text(text) => text.len(),
-                        WsMessage::Binary(data) => data.len(),
-                    };
+                    state.in_window += message.len();
                     AppEvent::WsSend(message)
                 }
                 None => return Ok(()),
@@ -726,8 +720,7 @@ impl HostStream {
             while let Some(event) = state.queue.pop_front() {
                 let size = match &event {
                     AppEvent::Body(data) => data.len() as u32,
-                    AppEvent::WsSend(WsMessage::Binary(data)) => data.len() as u32,
-                    AppEvent::WsSend(WsMessage::Text(text)) => text.len() as u32,
+                    AppEvent::WsSend(message) => message.len() as u32,
                     _ => 0,
                 };
                 match responder.try_send_or_arm(event, &waker) {
@@ -839,6 +832,7 @@ impl HostStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::WsMessage;
     use crate::model::{BodyLength, HttpVersion};
     use std::net::Shutdown;
 

@@ -16,7 +16,7 @@
 use super::wire::{self, Frame, Kind, Reader, RequestKind, DATA_PIECE, INITIAL_WINDOW};
 use crate::dispatcher::App;
 use crate::error::DispatchError;
-use crate::exchange::{AppEvent, BodyPiece, Exchange, FileBody, Inbound, WsMessage};
+use crate::exchange::{AppEvent, BodyPiece, Exchange, FileBody, Inbound};
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::Sender;
 use portico_config::Interface;
@@ -553,10 +553,7 @@ fn send_event(event: Option<AppEvent>, out: &mut Paced<'_>) -> bool {
         Some(AppEvent::WsSend(message)) => {
             // A message goes whole, as far as the window has any room (the host counts it
             // whole); its size is bounded by `websocket_max_message_size`.
-            out.sent += match &message {
-                WsMessage::Text(text) => text.len(),
-                WsMessage::Binary(data) => data.len(),
-            };
+            out.sent += message.len();
             for payload in wire::encode_ws_message(&message) {
                 out.send(Kind::WsSend, payload);
             }
