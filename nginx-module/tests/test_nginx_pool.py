@@ -186,6 +186,7 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
     load = None
     try:
         old = set(pool_workers(pool))
+        old_watchdog = watchdog_of(server)
 
         load = Load(server.port).start()
         began = time.monotonic()
@@ -213,8 +214,10 @@ def test_nginx_reload_under_load_loses_no_request_and_loads_the_new_code(tmp_pat
             [app] = status(server)
             assert app["generation"] == 2
         else:
-            wait_until(lambda: not alive(pool) and not any(alive(p) for p in old),
-                       timeout=15, what="the old pool server to go")
+            # Its watchdog too: until then nginx's master has two.
+            wait_until(lambda: not alive(pool) and not any(alive(p) for p in old)
+                       and not alive(old_watchdog),
+                       timeout=15, what="the old pool server and its watchdog to go")
             assert len(pool_workers(pool_server_of(server))) == 2
         print(f"reload under load ({settings} settings): {len(bodies)} requests, 0 failed")
     finally:
@@ -258,9 +261,12 @@ def test_a_reload_with_new_pool_settings_replaces_the_pool_server(tmp_path):
     server, old, app_dir, toml = start_pooled(tmp_path)
     try:
         old_workers = pool_workers(old)
+        old_watchdog = watchdog_of(server)
         toml.write_text(toml.read_text().replace("processes = 2", "processes = 3"))
         server.signal("reload")
-        wait_until(lambda: not alive(old), timeout=15, what="the old pool server to go")
+        # Its watchdog too: until then nginx's master has two.
+        wait_until(lambda: not alive(old) and not alive(old_watchdog), timeout=15,
+                   what="the old pool server and its watchdog to go")
         new = pool_server_of(server)
         assert new != old
         wait_until(lambda: len(pool_workers(new)) == 3, what="three pool workers")
