@@ -18,7 +18,7 @@
 #   BENCH_ONLY       comma-separated scenarios to run (default: all). A name selects the
 #                    scenario of that name and those named NAME-something: hello, echo, asgi,
 #                    h2 (h2-wsgi, h2-asgi), ws (ws, ws-pipelined), nginx (nginx-wsgi,
-#                    nginx-asgi), pool (pool-1-wsgi, pool-1-asgi, pool-2-wsgi; pool-1 and
+#                    nginx-asgi), pool (pool-1-wsgi, pool-1-asgi, pool-1-echo, pool-2-wsgi; pool-1 and
 #                    pool-2 select by worker count); wsgi means hello,echo
 #   BENCH_ROUNDS     runs of each server per scenario, in alternating order (default 1); the
 #                    table shows each server's median run, the notes every run's figure. On a
@@ -71,7 +71,7 @@ cpus="$(nproc)"
 # --- scenarios -----------------------------------------------------------------------------
 
 ALL_SCENARIOS=(hello echo asgi h2-wsgi h2-asgi ws ws-pipelined nginx-wsgi nginx-asgi
-  pool-1-wsgi pool-1-asgi pool-2-wsgi)
+  pool-1-wsgi pool-1-asgi pool-1-echo pool-2-wsgi)
 
 SCENARIOS=()
 if [ -z "${BENCH_ONLY:-}" ]; then
@@ -108,13 +108,14 @@ scenario_label() {
     nginx-asgi) echo "nginx: ASGI hello (13 B GET)" ;;
     pool-1-wsgi) echo "pool, 1 worker: WSGI hello (13 B GET)" ;;
     pool-1-asgi) echo "pool, 1 worker: ASGI hello (13 B GET)" ;;
+    pool-1-echo) echo "pool, 1 worker: 64 KiB POST echo (WSGI)" ;;
     pool-2-wsgi) echo "2 worker processes: WSGI hello (13 B GET)" ;;
   esac
 }
 scenario_target() {
   case "$1" in
     hello | h2-wsgi | nginx-wsgi | pool-*-wsgi) echo "hello:app" ;;
-    echo) echo "echo:app" ;;
+    echo | pool-*-echo) echo "echo:app" ;;
     asgi | h2-asgi | nginx-asgi | pool-*-asgi) echo "asgi_hello:app" ;;
     ws | ws-pipelined) echo "ws_echo:app" ;;
   esac
@@ -142,6 +143,7 @@ scenario_servers() {
     # Pool mode: one worker beside in-process hosting (the transport's cost) ...
     pool-1-wsgi) echo portico portico-pool1 ;;
     pool-1-asgi) echo portico-asgi portico-pool1-asgi ;;
+    pool-1-echo) echo portico portico-pool1 ;;
     # ... and two workers beside the peers' two workers (in-process portico for reference).
     pool-2-wsgi) echo portico-pool2 granian-w2 gunicorn-sync-w2 gunicorn-gthread-w2 portico pingora-fixed ;;
   esac
@@ -660,13 +662,13 @@ wait_ready() {
 check_response() {
   local scenario="$1" port="$2" got
   case "$scenario" in
-    hello | asgi | nginx-* | pool-*)
+    hello | asgi | nginx-* | pool-*-wsgi | pool-*-asgi)
       got="$(curl -fsS --max-time 5 "http://127.0.0.1:$port/")" || return 1
       [ "$got" = "Hello, world!" ] ;;
     h2-*)
       got="$(curl -fsS --max-time 5 --http2-prior-knowledge -w ' HTTP/%{http_version}' "http://127.0.0.1:$port/")" || return 1
       [ "$got" = "Hello, world! HTTP/2" ] ;;
-    echo)
+    echo | pool-*-echo)
       curl -fsS --max-time 5 -H 'Expect:' -H 'Content-Type: application/octet-stream' \
         --data-binary "@$BODY_FILE" "http://127.0.0.1:$port/" -o "$LOGS/echo-check.bin" || return 1
       cmp -s "$BODY_FILE" "$LOGS/echo-check.bin" ;;
@@ -682,7 +684,7 @@ load_cmd() {
   case "$(scenario_tool "$scenario")" in
     wrk)
       printf '%s\n' wrk -t1 "-c$CONNECTIONS" "-d${seconds}s" --latency
-      [ "$scenario" = echo ] && printf '%s\n' -s "$BENCH/post64k.lua"
+      [[ "$scenario" == echo || "$scenario" == pool-*-echo ]] && printf '%s\n' -s "$BENCH/post64k.lua"
       echo "http://127.0.0.1:$port/" ;;
     h2load)
       printf '%s\n' h2load -t1 -c "$H2_CONNECTIONS" -m "$H2_STREAMS" -D "$seconds" \
@@ -956,7 +958,7 @@ ratio_to() {
 # "vs in-process" column; nothing for other scenarios.
 inproc_of() {
   case "$1" in
-    pool-*-wsgi) echo portico ;;
+    pool-*-wsgi | pool-*-echo) echo portico ;;
     pool-*-asgi) echo portico-asgi ;;
   esac
 }

@@ -279,7 +279,7 @@ impl WorkerConn {
                 me: me.clone(),
                 conn: Arc::downgrade(self),
                 started: request.started,
-                payload: request.payload.clone(),
+                request: request.request.clone(),
                 state: Mutex::new(request.state),
                 wakes: AtomicUsize::new(0),
             });
@@ -287,9 +287,8 @@ impl WorkerConn {
             self.queued.fetch_add(1, Ordering::Relaxed);
             // The writer lives as long as this connection: the send cannot fail.
             let _ = self.out.send(Frame {
-                kind: Kind::Request,
                 stream: id,
-                payload: request.payload,
+                ..request.request
             });
             stream
         };
@@ -401,7 +400,7 @@ impl WorkerConn {
             Moved {
                 started: stream.started,
                 state: std::mem::take(&mut *state),
-                payload: stream.payload.clone(),
+                request: stream.request.clone(),
             }
         };
         moved.state.moves += 1;
@@ -564,7 +563,8 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
 pub(crate) struct Moved {
     started: Instant,
     state: StreamState,
-    payload: Bytes,
+    /// The request frame, numbered when it is sent.
+    request: Frame,
 }
 
 impl Moved {
@@ -592,7 +592,7 @@ impl Moved {
                 held_body: held,
                 ..StreamState::default()
             },
-            payload: wire::encode_request(kind, head, route, inline),
+            request: wire::request_frame(kind, head, route, inline),
         };
         (exchange, request)
     }
@@ -615,7 +615,7 @@ struct HostStream {
     id: u32,
     started: Instant,
     /// The request as sent, for another worker if this one never got it.
-    payload: Bytes,
+    request: Frame,
     /// This stream, for its waker: a response the worker ended whole is served to its end
     /// even after the connection is gone.
     me: Weak<HostStream>,
@@ -736,11 +736,11 @@ impl HostStream {
                 }
             }
             if state.unacked >= INITIAL_WINDOW / 4 && !state.finished {
-                frames.push(Frame {
-                    kind: Kind::Window,
-                    stream: self.id,
-                    payload: Bytes::copy_from_slice(&state.unacked.to_le_bytes()),
-                });
+                frames.push(Frame::new(
+                    Kind::Window,
+                    self.id,
+                    Bytes::copy_from_slice(&state.unacked.to_le_bytes()),
+                ));
                 state.in_window = state.in_window.saturating_sub(state.unacked as usize);
                 state.unacked = 0;
             }
@@ -752,17 +752,11 @@ impl HostStream {
                 if let Some(piece) = piece {
                     state.awaiting_body = false;
                     frames.push(match piece {
-                        BodyPiece::Data(data) => Frame {
-                            kind: Kind::Body,
-                            stream: self.id,
-                            payload: data,
-                        },
+                        BodyPiece::Data(data) => Frame::new(Kind::Body, self.id, data),
                         BodyPiece::End => Frame::bare(Kind::BodyEnd, self.id),
-                        BodyPiece::Failed(e) => Frame {
-                            kind: Kind::BodyFailed,
-                            stream: self.id,
-                            payload: wire::encode_error(&e),
-                        },
+                        BodyPiece::Failed(e) => {
+                            Frame::new(Kind::BodyFailed, self.id, wire::encode_error(&e))
+                        }
                     });
                 }
             }
@@ -772,20 +766,16 @@ impl HostStream {
                     Some(Inbound::Message(message)) => {
                         state.inbound_credit -= 1;
                         for payload in wire::encode_ws_message(&message) {
-                            frames.push(Frame {
-                                kind: Kind::WsIn,
-                                stream: self.id,
-                                payload,
-                            });
+                            frames.push(Frame::new(Kind::WsIn, self.id, payload));
                         }
                     }
                     Some(Inbound::Closed { code, reason }) => {
                         state.inbound_done = true;
-                        frames.push(Frame {
-                            kind: Kind::WsClosed,
-                            stream: self.id,
-                            payload: wire::encode_close(code, &reason),
-                        });
+                        frames.push(Frame::new(
+                            Kind::WsClosed,
+                            self.id,
+                            wire::encode_close(code, &reason),
+                        ));
                     }
                     None => break,
                 }
@@ -940,19 +930,9 @@ mod tests {
         let mut payload = bytes::BytesMut::new();
         wire::encode_head(&head, &mut payload);
         let mut out = bytes::BytesMut::new();
-        Frame {
-            kind: Kind::Head,
-            stream: 1,
-            payload: payload.freeze(),
-        }
-        .encode(&mut out);
+        Frame::new(Kind::Head, 1, payload.freeze()).encode(&mut out);
         for piece in pieces {
-            Frame {
-                kind: Kind::Data,
-                stream: 1,
-                payload: piece,
-            }
-            .encode(&mut out);
+            Frame::new(Kind::Data, 1, piece).encode(&mut out);
         }
         out
     }
@@ -1004,12 +984,7 @@ mod tests {
         let ws_send = |size: usize| {
             let mut out = bytes::BytesMut::new();
             for payload in wire::encode_ws_message(&WsMessage::Binary(vec![b'x'; size].into())) {
-                Frame {
-                    kind: Kind::WsSend,
-                    stream: 1,
-                    payload,
-                }
-                .encode(&mut out);
+                Frame::new(Kind::WsSend, 1, payload).encode(&mut out);
             }
             out
         };
@@ -1018,12 +993,7 @@ mod tests {
         // than the window then waits in the host, begun while the window had room; the next
         // one is begun with the window full.
         let mut out = bytes::BytesMut::new();
-        Frame {
-            kind: Kind::WsAccept,
-            stream: 1,
-            payload: wire::encode_accept(None, &[]),
-        }
-        .encode(&mut out);
+        Frame::new(Kind::WsAccept, 1, wire::encode_accept(None, &[])).encode(&mut out);
         for _ in 0..3 {
             out.extend_from_slice(&ws_send(10));
         }

@@ -874,8 +874,7 @@ pub(crate) fn read_frames(
     mut socket: &UnixStream,
     mut on_frame: impl FnMut(wire::Frame) -> Result<(), wire::WireError>,
 ) -> ReadEnd {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut buf = BytesMut::new();
     loop {
         loop {
             match wire::decode(&mut buf) {
@@ -888,14 +887,26 @@ pub(crate) fn read_frames(
                 Err(e) => return ReadEnd::Protocol(e),
             }
         }
-        match socket.read(&mut chunk) {
+        // Read into the buffer itself, so that a payload is a slice of what was read rather
+        // than a copy; as much as the frame begun still needs (one read for a whole body
+        // piece), and room for a batch of small frames otherwise.
+        let filled = buf.len();
+        let room = wire::missing(&buf).clamp(READ_AT_LEAST, READ_AT_MOST);
+        buf.resize(filled + room, 0);
+        match socket.read(&mut buf[filled..]) {
             Ok(0) => return ReadEnd::Closed,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(n) => buf.truncate(filled + n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(filled),
             Err(e) => return ReadEnd::Failed(e),
         }
     }
 }
+
+/// The least room a read of the pool's socket offers: a batch of small frames fits.
+const READ_AT_LEAST: usize = 16 * 1024;
+
+/// The most: a piece of body and the frames about it.
+const READ_AT_MOST: usize = wire::DATA_PIECE + 4096;
 
 /// What became of the requests a writer was given: which of them never went out whole, so
 /// never reached the peer (a worker cannot act on part of a frame) and may go to another.
@@ -944,41 +955,33 @@ impl Delivery {
 /// not (the socket failed first). After a failed write it shuts the socket down, so the
 /// reader ends too, and goes on only to account for what still comes.
 pub(crate) fn write_frames(
-    mut socket: UnixStream,
+    socket: UnixStream,
     frames: crossbeam_channel::Receiver<wire::Frame>,
     delivery: Option<&Delivery>,
 ) {
-    use std::io::Write;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    // The Request frames in `buf`: where each ends, and its stream.
+    let mut batch = wire::Batch::default();
+    // The Request frames in the batch: where each ends, and its stream.
     let mut requests: Vec<(usize, u32)> = Vec::new();
     let mut broken = false;
     while let Ok(frame) = frames.recv() {
-        let mut add = |frame: wire::Frame, buf: &mut BytesMut| {
-            let request = (frame.kind == Kind::Request).then_some(frame.stream);
-            frame.encode(buf);
-            if let Some(stream) = request {
-                requests.push((buf.len(), stream));
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            let end = batch.push(&frame);
+            if frame.kind == Kind::Request {
+                requests.push((end, frame.stream));
             }
-        };
-        add(frame, &mut buf);
-        while buf.len() < 256 * 1024 {
-            match frames.try_recv() {
-                Ok(frame) => add(frame, &mut buf),
-                Err(_) => break,
+            if batch.len() < 256 * 1024 {
+                next = frames.try_recv().ok();
             }
         }
-        let mut written = 0;
-        while !broken && written < buf.len() {
-            match socket.write(&buf[written..]) {
-                Ok(0) => broken = true,
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => broken = true,
-            }
-            if broken {
-                let _ = socket.shutdown(std::net::Shutdown::Both);
-            }
+        let written = if broken {
+            0
+        } else {
+            write_all_vectored(&socket, batch.parts())
+        };
+        if written < batch.len() && !broken {
+            broken = true;
+            let _ = socket.shutdown(std::net::Shutdown::Both);
         }
         let Some(delivery) = delivery else {
             // Nothing to account for (a worker's writer): a failed write ends it, and every
@@ -986,7 +989,7 @@ pub(crate) fn write_frames(
             if broken {
                 return;
             }
-            buf.clear();
+            batch.clear();
             continue;
         };
         if !requests.is_empty() {
@@ -997,10 +1000,45 @@ pub(crate) fn write_frames(
             delivery.settle(requests.len() as u64, unwritten);
         }
         requests.clear();
-        buf.clear();
+        batch.clear();
     }
     let _ = socket.shutdown(std::net::Shutdown::Write);
 }
+
+/// Writes `parts` to `socket` in order, as few writes as it takes (writev(2)); returns the
+/// bytes written, fewer than all only when the socket failed.
+fn write_all_vectored(mut socket: &UnixStream, parts: &[Bytes]) -> usize {
+    use std::io::{IoSlice, Write};
+    // The first part not yet written whole, and how much of it was.
+    let (mut first, mut within, mut written) = (0, 0, 0);
+    let mut slices = Vec::with_capacity(parts.len().min(MAX_SLICES));
+    while first < parts.len() {
+        slices.clear();
+        slices.push(IoSlice::new(&parts[first][within..]));
+        slices.extend(
+            parts[first + 1..]
+                .iter()
+                .take(MAX_SLICES - 1)
+                .map(|p| IoSlice::new(p)),
+        );
+        let mut n = match socket.write_vectored(&slices) {
+            Ok(0) => return written,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return written,
+        };
+        written += n;
+        while first < parts.len() && n >= parts[first].len() - within {
+            n -= parts[first].len() - within;
+            (first, within) = (first + 1, 0);
+        }
+        within += n;
+    }
+    written
+}
+
+/// Slices given to one writev(2), below Linux's `IOV_MAX` of 1024.
+const MAX_SLICES: usize = 256;
 
 /// A pool's state, for `portico status` and the status URL.
 #[derive(Debug, Clone)]
@@ -1410,12 +1448,7 @@ fn send_settings(
     payload.put_u16_le(wire::VERSION);
     payload.put_slice(file_text.as_bytes());
     let mut frame = BytesMut::new();
-    Frame {
-        kind: Kind::Settings,
-        stream: 0,
-        payload: payload.freeze(),
-    }
-    .encode(&mut frame);
+    Frame::new(Kind::Settings, 0, payload.freeze()).encode(&mut frame);
     // The worker reads it first thing; one that never does is killed at startup_timeout.
     socket.set_write_timeout(limit.map(|limit| limit.max(Duration::from_millis(1))))?;
     socket.write_all(&frame)?;
@@ -1466,8 +1499,53 @@ fn read_hello(mut socket: &UnixStream, limit: Option<Duration>) -> Result<u32, S
 
 #[cfg(test)]
 mod tests {
-    use super::one_at_a_time;
+    use super::{one_at_a_time, read_frames, write_frames, ReadEnd};
+    use crate::pool::wire::{Frame, Kind};
+    use bytes::Bytes;
+    use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn frames_written_in_batches_of_shared_and_copied_pieces_arrive_whole_and_in_order() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // More pieces than one writev takes, bodies larger than a socket buffer, and small
+        // frames between them, all queued before the writer starts: one batch of many writes.
+        let sent: Vec<Frame> = (0..700u32)
+            .map(|i| {
+                let len = [0, 5, 4096, 70_000][i as usize % 4];
+                let body = Bytes::from(vec![i as u8; len]);
+                match i % 3 {
+                    0 => Frame::new(Kind::Data, i, body),
+                    1 => {
+                        Frame::with_body(Kind::Whole, i, b"head"[..].into(), &[body.clone(), body])
+                    }
+                    _ => Frame::bare(Kind::End, i),
+                }
+            })
+            .collect();
+        let (frames, queue) = crossbeam_channel::unbounded();
+        for frame in &sent {
+            frames.send(frame.clone()).unwrap();
+        }
+        drop(frames);
+        let writer = std::thread::spawn(move || write_frames(ours, queue, None));
+        let mut got = Vec::new();
+        let end = read_frames(&theirs, |frame| {
+            got.push(frame);
+            Ok(())
+        });
+        writer.join().unwrap();
+        assert!(matches!(end, ReadEnd::Closed));
+        assert_eq!(got.len(), sent.len());
+        for (got, sent) in got.iter().zip(&sent) {
+            let mut whole = sent.payload.to_vec();
+            sent.tail
+                .iter()
+                .for_each(|piece| whole.extend_from_slice(piece));
+            assert_eq!((got.kind, got.stream), (sent.kind, sent.stream));
+            assert_eq!(got.payload, whole, "frame {}", sent.stream);
+        }
+    }
 
     #[test]
     fn a_wake_from_inside_the_work_runs_it_once_more_on_the_same_thread() {

@@ -38,7 +38,7 @@ pub const INITIAL_WINDOW: u32 = 256 * 1024;
 pub enum Kind {
     /// Worker → host, stream 0: `version: u16`, `pid: u32`. The first frame of a connection.
     Hello = 1,
-    /// Host → worker: a new request on a new stream (see [`encode_request`]).
+    /// Host → worker: a new request on a new stream (see [`request_frame`]).
     Request = 2,
     /// Host → worker: a piece of request body (the answer to [`Kind::NeedBody`]).
     Body = 3,
@@ -141,26 +141,134 @@ pub struct Frame {
     pub stream: u32,
     /// Its payload, as [`Kind`] describes.
     pub payload: Bytes,
+    /// The rest of the payload, after `payload`, in the pieces it lies in: a body that goes
+    /// inside its head's frame ([`Kind::Request`], [`Kind::Whole`]) is written to the socket
+    /// from where it is rather than copied behind the head. Empty in a decoded frame.
+    pub tail: Vec<Bytes>,
 }
 
 impl Frame {
-    /// A frame with an empty payload.
-    pub fn bare(kind: Kind, stream: u32) -> Frame {
+    /// A frame whose payload is `payload`.
+    pub fn new(kind: Kind, stream: u32, payload: Bytes) -> Frame {
         Frame {
             kind,
             stream,
-            payload: Bytes::new(),
+            payload,
+            tail: Vec::new(),
         }
+    }
+
+    /// A frame with an empty payload.
+    pub fn bare(kind: Kind, stream: u32) -> Frame {
+        Frame::new(kind, stream, Bytes::new())
+    }
+
+    /// A frame whose payload is `head` and then `body`, copied behind `head` only when it is
+    /// small.
+    pub fn with_body(kind: Kind, stream: u32, head: BytesMut, body: &[Bytes]) -> Frame {
+        let len: usize = body.iter().map(Bytes::len).sum();
+        if len >= SHARED_PAYLOAD {
+            return Frame {
+                tail: body.to_vec(),
+                ..Frame::new(kind, stream, head.freeze())
+            };
+        }
+        let mut head = head;
+        head.reserve(len);
+        for piece in body {
+            head.put_slice(piece);
+        }
+        Frame::new(kind, stream, head.freeze())
+    }
+
+    /// The length of its payload, tail included.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len() + self.tail.iter().map(Bytes::len).sum::<usize>()
     }
 
     /// Appends the frame to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
-        out.reserve(HEADER_LEN + self.payload.len());
-        out.put_u32_le(self.payload.len() as u32);
+        out.reserve(HEADER_LEN + self.payload_len());
+        self.encode_header(out);
+        out.put_slice(&self.payload);
+        for piece in &self.tail {
+            out.put_slice(piece);
+        }
+    }
+
+    fn encode_header(&self, out: &mut BytesMut) {
+        out.put_u32_le(self.payload_len() as u32);
         out.put_u8(self.kind as u8);
         out.put_u32_le(self.stream);
-        out.put_slice(&self.payload);
     }
+}
+
+/// Payloads (and pieces of a tail) at least this long are written from where they are, not
+/// copied into a batch or behind a head.
+const SHARED_PAYLOAD: usize = 4096;
+
+/// Frames to be written together, as the byte slices of one vectored write: headers and
+/// small payloads copied into a buffer, larger payloads (bodies) shared with their frame, so
+/// a body is not copied on its way to the socket.
+#[derive(Default)]
+pub struct Batch {
+    parts: Vec<Bytes>,
+    small: BytesMut,
+    len: usize,
+}
+
+impl Batch {
+    /// Adds `frame`; returns where it ends in the batch's bytes.
+    pub fn push(&mut self, frame: &Frame) -> usize {
+        self.small.reserve(HEADER_LEN);
+        frame.encode_header(&mut self.small);
+        for piece in std::iter::once(&frame.payload).chain(&frame.tail) {
+            if piece.len() >= SHARED_PAYLOAD {
+                if !self.small.is_empty() {
+                    self.parts.push(self.small.split().freeze());
+                }
+                self.parts.push(piece.clone());
+            } else {
+                self.small.put_slice(piece);
+            }
+        }
+        self.len += HEADER_LEN + frame.payload_len();
+        self.len
+    }
+
+    /// The batch's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no frame was added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The batch's bytes, in order, in as many slices as it holds.
+    pub fn parts(&mut self) -> &[Bytes] {
+        if !self.small.is_empty() {
+            self.parts.push(self.small.split().freeze());
+        }
+        &self.parts
+    }
+
+    /// Empties the batch for the next frames.
+    pub fn clear(&mut self) {
+        self.parts.clear();
+        self.small.clear();
+        self.len = 0;
+    }
+}
+
+/// Bytes still to come of the frame at the front of `buf`, once its header is in; 0 before.
+pub fn missing(buf: &[u8]) -> usize {
+    if buf.len() < HEADER_LEN {
+        return 0;
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    (HEADER_LEN + len.min(MAX_PAYLOAD)).saturating_sub(buf.len())
 }
 
 /// The peer broke the protocol; the connection cannot go on.
@@ -199,11 +307,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
     let stream = u32::from_le_bytes([buf[5], buf[6], buf[7], buf[8]]);
     buf.advance(HEADER_LEN);
     let payload = buf.split_to(len).freeze();
-    Ok(Some(Frame {
-        kind,
-        stream,
-        payload,
-    }))
+    Ok(Some(Frame::new(kind, stream, payload)))
 }
 
 /// Reads the fields of a payload, each checked against what is left.
@@ -378,14 +482,14 @@ pub enum RequestKind {
     WebSocket,
 }
 
-/// The payload of a [`Kind::Request`]: the kind, the head, the route below the mount, and the
-/// whole body when the host read it first.
-pub fn encode_request(
+/// A [`Kind::Request`] frame, on stream 0 until it is sent: the kind, the head, the route
+/// below the mount, and the whole body when the host read it first.
+pub fn request_frame(
     kind: RequestKind,
     head: &RequestHead,
     route: &Route,
     body: Option<&[Bytes]>,
-) -> Bytes {
+) -> Frame {
     let mut out = BytesMut::with_capacity(256);
     out.put_u8(match kind {
         RequestKind::Http => 0,
@@ -430,13 +534,13 @@ pub fn encode_request(
         Some(pieces) => {
             out.put_u8(1);
             out.put_u32_le(pieces.iter().map(Bytes::len).sum::<usize>() as u32);
-            for piece in pieces {
-                out.put_slice(piece);
-            }
+            Frame::with_body(Kind::Request, 0, out, pieces)
         }
-        None => out.put_u8(0),
+        None => {
+            out.put_u8(0);
+            Frame::new(Kind::Request, 0, out.freeze())
+        }
     }
-    out.freeze()
 }
 
 /// A decoded [`Kind::Request`] payload.
@@ -885,6 +989,53 @@ mod tests {
         }
     }
 
+    /// `frame` as a writer's batch puts it on the socket and a reader takes it off.
+    fn through_the_wire(frame: &Frame) -> Frame {
+        let mut batch = Batch::default();
+        let end = batch.push(&Frame::bare(Kind::End, 9));
+        assert_eq!(batch.push(frame), end + HEADER_LEN + frame.payload_len());
+        let mut wire = BytesMut::new();
+        for part in batch.parts() {
+            wire.put_slice(part);
+        }
+        assert_eq!(wire.len(), batch.len());
+        assert_eq!(decode(&mut wire).unwrap(), Some(Frame::bare(Kind::End, 9)));
+        let got = decode(&mut wire).unwrap().unwrap();
+        assert!(wire.is_empty() && got.tail.is_empty());
+        got
+    }
+
+    #[test]
+    fn a_frame_with_a_tail_arrives_as_one_payload() {
+        let big = Bytes::from(vec![b'b'; SHARED_PAYLOAD]);
+        let pieces = [
+            Bytes::from_static(b"small "),
+            big.clone(),
+            Bytes::from_static(b" end"),
+        ];
+        let frame = Frame::with_body(Kind::Whole, 3, BytesMut::from(&b"head "[..]), &pieces);
+        // The large body is not copied behind the head: the frame and the batch share it.
+        assert_eq!(frame.payload, Bytes::from_static(b"head "));
+        assert_eq!(frame.tail[1].as_ptr(), big.as_ptr());
+        let mut batch = Batch::default();
+        batch.push(&frame);
+        assert!(batch
+            .parts()
+            .iter()
+            .any(|part| part.as_ptr() == big.as_ptr()));
+        let got = through_the_wire(&frame);
+        assert_eq!((got.kind, got.stream), (Kind::Whole, 3));
+        let want = [&b"head small "[..], &big, b" end"].concat();
+        assert_eq!(got.payload, want);
+        // A small body is copied behind the head: one piece to write.
+        let small = Frame::with_body(Kind::Whole, 3, BytesMut::from(&b"head "[..]), &pieces[..1]);
+        assert!(small.tail.is_empty());
+        assert_eq!(
+            through_the_wire(&small).payload,
+            Bytes::from_static(b"head small ")
+        );
+    }
+
     #[test]
     fn a_request_survives_the_round_trip() {
         let route = Route {
@@ -893,8 +1044,8 @@ mod tests {
             path_info: b"/a b".to_vec(),
         };
         let body = [Bytes::from_static(b"he"), Bytes::from_static(b"llo")];
-        let payload = encode_request(RequestKind::Http, &head(), &route, Some(&body));
-        let got = decode_request(payload).unwrap();
+        let frame = request_frame(RequestKind::Http, &head(), &route, Some(&body));
+        let got = decode_request(through_the_wire(&frame).payload).unwrap();
         assert_eq!(got.kind, RequestKind::Http);
         assert_eq!(got.head.method, "POST");
         assert_eq!(got.head.raw_path, head().raw_path);
@@ -907,6 +1058,12 @@ mod tests {
         assert_eq!(got.route.script_name, "/app");
         assert_eq!(got.route.path_info, b"/a b");
         assert_eq!(got.body.unwrap(), Bytes::from_static(b"hello"));
+        let large = [Bytes::from(vec![b'x'; 70_000]), Bytes::from_static(b"!")];
+        let frame = request_frame(RequestKind::Http, &head(), &route, Some(&large));
+        assert_eq!(frame.tail.len(), 2);
+        let got = decode_request(through_the_wire(&frame).payload).unwrap();
+        assert_eq!(got.body.unwrap(), [&large[0][..], b"!"].concat());
+        assert_eq!(got.route.path_info, b"/a b");
     }
 
     #[test]
@@ -920,7 +1077,7 @@ mod tests {
             let mut sent = head();
             sent.client = addr.map(|a| a.parse().unwrap());
             sent.server = None;
-            let got = decode_request(encode_request(RequestKind::Http, &sent, &route, None));
+            let got = decode_request(request_frame(RequestKind::Http, &sent, &route, None).payload);
             let got = got.unwrap().head;
             assert_eq!((got.client, got.server), (sent.client, None), "{addr:?}");
         }
@@ -929,12 +1086,7 @@ mod tests {
     #[test]
     fn frames_are_taken_whole_and_one_at_a_time() {
         let mut wire = BytesMut::new();
-        Frame {
-            kind: Kind::Data,
-            stream: 7,
-            payload: Bytes::from_static(b"abc"),
-        }
-        .encode(&mut wire);
+        Frame::new(Kind::Data, 7, Bytes::from_static(b"abc")).encode(&mut wire);
         Frame::bare(Kind::End, 7).encode(&mut wire);
         let mut partial = BytesMut::from(&wire[..5]);
         assert_eq!(decode(&mut partial).unwrap(), None);
@@ -998,10 +1150,10 @@ mod tests {
             path_info: b"/p".to_vec(),
         };
         let mut valid = BytesMut::new();
+        let request = request_frame(RequestKind::Http, &head(), &route, None);
         Frame {
-            kind: Kind::Request,
             stream: 1,
-            payload: encode_request(RequestKind::Http, &head(), &route, None),
+            ..request
         }
         .encode(&mut valid);
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;

@@ -68,11 +68,11 @@ impl WorkerStream {
             taken += 1;
         }
         if taken > 0 {
-            let _ = out.send(Frame {
-                kind: Kind::WsAck,
-                stream: id,
-                payload: Bytes::copy_from_slice(&taken.to_le_bytes()),
-            });
+            let _ = out.send(Frame::new(
+                Kind::WsAck,
+                id,
+                Bytes::copy_from_slice(&taken.to_le_bytes()),
+            ));
         }
         if inbound.1 {
             // The client is gone: what the app has no room for is dropped with it, as an
@@ -167,12 +167,8 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     let mut hello = BytesMut::new();
     hello.put_u16_le(wire::VERSION);
     hello.put_u32_le(std::process::id());
-    out.send(Frame {
-        kind: Kind::Hello,
-        stream: 0,
-        payload: hello.freeze(),
-    })
-    .map_err(|_| std::io::Error::other("the writer stopped"))?;
+    out.send(Frame::new(Kind::Hello, 0, hello.freeze()))
+        .map_err(|_| std::io::Error::other("the writer stopped"))?;
 
     let writer = socket.try_clone()?;
     std::thread::Builder::new()
@@ -231,11 +227,7 @@ fn watch_for_a_stuck_thread(app: &App, limit: Duration, done: &AtomicBool, out: 
         std::thread::park_timeout(tick);
         if app.stuck_for().is_some_and(|stuck| stuck > limit) {
             let why = what.replace("{limit}", &format!("{limit:?}"));
-            let _ = out.send(Frame {
-                kind: Kind::Recycle,
-                stream: 0,
-                payload: Bytes::from(why),
-            });
+            let _ = out.send(Frame::new(Kind::Recycle, 0, Bytes::from(why)));
             return;
         }
     }
@@ -297,11 +289,7 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
                     }
                 }
                 Err(e) => {
-                    let _ = out.send(Frame {
-                        kind: Kind::Failed,
-                        stream: id,
-                        payload: wire::encode_error(&e),
-                    });
+                    let _ = out.send(Frame::new(Kind::Failed, id, wire::encode_error(&e)));
                 }
             }
         }
@@ -373,11 +361,11 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
             }
         }
         Kind::StatusQuery => {
-            let _ = out.send(Frame {
-                kind: Kind::Status,
-                stream: id,
-                payload: wire::encode_status(app.pool_status().as_ref()),
-            });
+            let _ = out.send(Frame::new(
+                Kind::Status,
+                id,
+                wire::encode_status(app.pool_status().as_ref()),
+            ));
         }
         other => return Err(wire::WireError(format!("the host sent a {other:?} frame"))),
     }
@@ -481,11 +469,11 @@ struct Paced<'a> {
 
 impl Paced<'_> {
     fn send(&mut self, kind: Kind, payload: Bytes) {
-        let frame = Frame {
-            kind,
-            stream: self.id,
-            payload,
-        };
+        self.push(Frame::new(kind, self.id, payload));
+    }
+
+    fn push(&mut self, frame: Frame) {
+        let kind = frame.kind;
         if !self.staged.is_empty() || (kind == Kind::Data && self.room <= 0) {
             self.staged.push_back(frame);
             return;
@@ -518,11 +506,11 @@ fn send_event(event: Option<AppEvent>, out: &mut Paced<'_>) -> bool {
             out.send(Kind::Head, payload.freeze());
         }
         Some(AppEvent::Whole(head, body)) => {
-            let mut payload = BytesMut::with_capacity(256 + body.len().min(DATA_PIECE));
+            let mut payload = BytesMut::with_capacity(256);
             wire::encode_head(&head, &mut payload);
             if body.len() <= DATA_PIECE {
-                payload.put_slice(&body);
-                out.send(Kind::Whole, payload.freeze());
+                let body = std::slice::from_ref(&body);
+                out.push(Frame::with_body(Kind::Whole, out.id, payload, body));
                 return true;
             }
             out.send(Kind::Head, payload.freeze());
@@ -584,11 +572,7 @@ fn send_file_piece(id: u32, body: &mut FileBody, out: &Sender<Frame>) -> Result<
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 let e = DispatchError::BadResponse(format!("cannot read the app's file: {e}"));
-                let _ = out.send(Frame {
-                    kind: Kind::Failed,
-                    stream: id,
-                    payload: wire::encode_error(&e),
-                });
+                let _ = out.send(Frame::new(Kind::Failed, id, wire::encode_error(&e)));
                 return Err(());
             }
         }
@@ -602,10 +586,6 @@ fn send_file_piece(id: u32, body: &mut FileBody, out: &Sender<Frame>) -> Result<
     if let Some(len) = body.len.as_mut() {
         *len -= read as u64;
     }
-    let _ = out.send(Frame {
-        kind: Kind::Data,
-        stream: id,
-        payload: Bytes::from(piece),
-    });
+    let _ = out.send(Frame::new(Kind::Data, id, Bytes::from(piece)));
     Ok(read)
 }
