@@ -887,9 +887,10 @@ pub(crate) fn read_frames(
                 Err(e) => return ReadEnd::Protocol(e),
             }
         }
-        // Read into the buffer itself, so that a payload is a slice of what was read rather
-        // than a copy; as much as the frame begun still needs (one read for a whole body
-        // piece), and room for a batch of small frames otherwise.
+        // Read into the buffer itself, so that a body piece is a slice of what was read
+        // rather than a copy (`wire::decode` copies small payloads out, which leaves the
+        // buffer to be reused); as much as the frame begun still needs (one read for a whole
+        // body piece), and room for a batch of small frames otherwise.
         let filled = buf.len();
         let room = wire::missing(&buf).clamp(READ_AT_LEAST, READ_AT_MOST);
         buf.resize(filled + room, 0);

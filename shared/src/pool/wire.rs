@@ -204,7 +204,7 @@ impl Frame {
 }
 
 /// Payloads (and pieces of a tail) at least this long are written from where they are, not
-/// copied into a batch or behind a head.
+/// copied into a batch or behind a head, and share the buffer they are read into.
 const SHARED_PAYLOAD: usize = 4096;
 
 /// Frames to be written together, as the byte slices of one vectored write: headers and
@@ -306,7 +306,15 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
     }
     let stream = u32::from_le_bytes([buf[5], buf[6], buf[7], buf[8]]);
     buf.advance(HEADER_LEN);
-    let payload = buf.split_to(len).freeze();
+    // A body piece shares the buffer it was read into; a small payload is copied out, so
+    // that it cannot keep a whole read's buffer alive while a slow client holds it.
+    let payload = if len >= SHARED_PAYLOAD {
+        buf.split_to(len).freeze()
+    } else {
+        let payload = Bytes::copy_from_slice(&buf[..len]);
+        buf.advance(len);
+        payload
+    };
     Ok(Some(Frame::new(kind, stream, payload)))
 }
 
@@ -1003,6 +1011,21 @@ mod tests {
         let got = decode(&mut wire).unwrap().unwrap();
         assert!(wire.is_empty() && got.tail.is_empty());
         got
+    }
+
+    #[test]
+    fn a_body_piece_shares_the_read_buffer_and_a_small_payload_is_copied_out() {
+        let mut buf = BytesMut::new();
+        Frame::new(Kind::Head, 1, Bytes::from_static(b"small")).encode(&mut buf);
+        Frame::new(Kind::Data, 1, Bytes::from(vec![7; SHARED_PAYLOAD])).encode(&mut buf);
+        let read = buf.as_ptr_range();
+        let small = decode(&mut buf).unwrap().unwrap();
+        let large = decode(&mut buf).unwrap().unwrap();
+        assert_eq!(small.payload, Bytes::from_static(b"small"));
+        assert_eq!(large.payload, vec![7; SHARED_PAYLOAD]);
+        // Held by a slow client, the small one keeps no read buffer alive.
+        assert!(!read.contains(&small.payload.as_ptr()));
+        assert!(read.contains(&large.payload.as_ptr()));
     }
 
     #[test]
