@@ -1,5 +1,6 @@
 """The command line and portico.toml: clear errors, the right exit codes, nothing bound."""
 
+import os
 import signal
 import socket
 
@@ -109,6 +110,21 @@ def test_port_in_use(run_portico):
                              "--bind", f"127.0.0.1:{port}")
     assert result.returncode == 71
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_status_of_an_nginx_says_when_it_is_not_running_or_runs_no_pool(run_portico, tmp_path):
+    pid_file = tmp_path / "nginx.pid"
+    result = run_portico("status", "--nginx", str(pid_file))
+    assert result.returncode == 1
+    assert f"{pid_file}: " in result.stderr and "(is nginx running?)" in result.stderr
+    # A live process that started no pool (this test's own).
+    pid_file.write_text(f"{os.getpid()}\n")
+    result = run_portico("status", "--nginx", str(pid_file))
+    assert result.returncode == 1
+    assert f"nginx (master pid {os.getpid()}) runs no pool" in result.stderr, result.stderr
+    # One of the two, not both or neither.
+    assert run_portico("status").returncode == 2
+    assert run_portico("status", "--nginx", str(pid_file), "--config", "x").returncode == 2
 
 
 def test_run_flags_are_validated_by_name(run_portico):

@@ -112,6 +112,11 @@ def status(server):
     return json.loads(body)
 
 
+def portico_status(*args):
+    return subprocess.run([str(BINARY), "status", *args], capture_output=True, text=True,
+                          timeout=30)
+
+
 def start_pooled(tmp_path, source=None, ready=b"v1", **extra):
     """nginx serving ver.py ("v1", or `source`, which answers `ready` at /) from the pool
     its master starts (two workers), ready; `extra` are more keys of the app's table.
@@ -149,6 +154,16 @@ def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
         assert all(w["state"] == "serving" and w["rss_bytes"] > 0 for w in app["workers"])
         text = server.get("/pool-status?format=text")[1].decode()
         assert "app ver: generation 1" in text and str(min(workers)) in text
+        # `portico status --nginx` finds the pool from nginx's pid file and asks it directly.
+        pid_file = str(tmp_path / "logs" / "nginx.pid")
+        shown = portico_status("--nginx", pid_file)
+        assert shown.returncode == 0, shown.stderr
+        head, *rows = shown.stdout.splitlines()
+        assert head == f"app ver: generation 1, 0 restart(s), supervised by pid {pool}", head
+        assert {int(row.split()[0]) for row in rows[1:]} == workers, shown.stdout
+        shown = portico_status("--nginx", pid_file, "--json")
+        [app] = json.loads(shown.stdout)
+        assert app["server_pid"] == pool and {w["pid"] for w in app["workers"]} == workers
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         conn.request("POST", "/pool-status", body=b"x")
         answer = conn.getresponse()

@@ -4,6 +4,7 @@
 //! codes: 64 for a configuration error (EX_USAGE), 70 for an app that cannot be loaded
 //! (EX_SOFTWARE), 71 for a listener that cannot be bound (EX_OSERR).
 
+mod nginx_pools;
 mod pool_cmd;
 mod reload;
 mod run_file;
@@ -82,11 +83,15 @@ enum Command {
     },
     /// Show the running server's pools: each worker's pid, generation, requests served and
     /// in flight, memory, and the latest restarts with their reasons (from
-    /// `server.status_path`).
+    /// `server.status_path`, or from the pools themselves).
     Status {
         /// The running server's config file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "nginx")]
+        config: Option<PathBuf>,
+        /// Instead: the pools that the nginx with this pid file started (`pid` in
+        /// nginx.conf; Debian's is /run/nginx.pid).
+        #[arg(long, value_name = "PID_FILE", conflicts_with = "config")]
+        nginx: Option<PathBuf>,
         /// Print the JSON the status path answers with.
         #[arg(long)]
         json: bool,
@@ -185,7 +190,17 @@ fn main() -> ExitCode {
         },
         Command::Reload { config } => return reload(&config),
         Command::Pool(args) => return pool_cmd::run(*args),
-        Command::Status { config, json } => return status(&config, json),
+        Command::Status {
+            nginx: Some(pid_file),
+            json,
+            ..
+        } => return nginx_status(&pid_file, json),
+        Command::Status {
+            config: Some(config),
+            json,
+            ..
+        } => return status(&config, json),
+        Command::Status { .. } => unreachable!("clap requires --config or --nginx"),
         Command::Check { config, nginx } => {
             let routing = if nginx {
                 Routing::Elsewhere
@@ -638,7 +653,11 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
         .collect();
     if !pooled.is_empty() && pooled.iter().all(|a| a.pool_socket.is_some()) {
         // A `portico pool` runs them: ask it on each socket.
-        return pool_status(&pooled, json);
+        let sockets = pooled
+            .iter()
+            .map(|&app| (app, app.pool_socket.clone().unwrap_or_default()))
+            .collect::<Vec<_>>();
+        return pool_status(&sockets, json);
     }
     let config = match running_server(config_path) {
         Ok((config, _)) => config,
@@ -672,12 +691,55 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
     }
 }
 
+/// The status of the pools an nginx master started, asked on their sockets.
+fn nginx_status(pid_file: &Path, json: bool) -> ExitCode {
+    let master = match nginx_pools::master_pid(pid_file) {
+        Ok(pid) => pid,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pools = nginx_pools::pools_of(master);
+    if pools.is_empty() {
+        eprintln!(
+            "portico: nginx (master pid {master}) runs no pool: none of its apps has \
+             mode = \"pool\" without a pool_socket (for those, use --config)"
+        );
+        return ExitCode::FAILURE;
+    }
+    // Each pool's apps, from the config its watchdog was started with.
+    let mut configs = Vec::new();
+    for pool in &pools {
+        match Config::load(&pool.config) {
+            Ok(config) => configs.push(config),
+            Err(e) => return config_failed(&e),
+        }
+    }
+    let mut sockets = Vec::new();
+    for (pool, config) in pools.iter().zip(&configs) {
+        let served = |app: &&AppConfig| {
+            app.mode == portico_config::Mode::Pool
+                && if pool.apps.is_empty() {
+                    app.pool_socket.is_none()
+                } else {
+                    pool.apps.contains(&app.name)
+                }
+        };
+        for app in config.app.iter().filter(served) {
+            let socket = (app.pool_socket.clone())
+                .unwrap_or_else(|| pool_cmd::socket_in(&pool.socket_dir, &app.name));
+            sockets.push((app, socket));
+        }
+    }
+    pool_status(&sockets, json)
+}
+
 /// The status of pools run by `portico pool`, asked on their sockets.
-fn pool_status(apps: &[&AppConfig], json: bool) -> ExitCode {
+fn pool_status(apps: &[(&AppConfig, PathBuf)], json: bool) -> ExitCode {
     let mut failed = false;
     let mut objects = Vec::new();
-    for app in apps {
-        let socket = app.pool_socket.as_deref().unwrap_or(Path::new(""));
+    for (app, socket) in apps {
         match portico_core::pool::remote::RemotePool::new(app, socket)
             .status(std::time::Duration::from_secs(5))
         {

@@ -113,7 +113,7 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         // Here the pool runs: the app's socket is where it listens, not where to connect.
         let path = match (app.pool_socket.take(), &args.socket_dir) {
             (Some(path), _) => path,
-            (None, Some(dir)) => dir.join(format!("{}.sock", app.name)),
+            (None, Some(dir)) => socket_in(dir, &app.name),
             (None, None) => {
                 return usage(format!(
                     "app `{}` has no pool_socket (set one, or give --socket-dir)",
@@ -429,4 +429,9 @@ fn watch_lifeline(fd: i32) {
     if let Err(e) = spawned {
         log::error!("cannot start the lifeline thread: {e}");
     }
+}
+
+/// The socket of an app without `pool_socket`, in the `--socket-dir` of its pool server.
+pub(crate) fn socket_in(dir: &std::path::Path, app: &str) -> PathBuf {
+    dir.join(format!("{app}.sock"))
 }
