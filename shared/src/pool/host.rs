@@ -765,9 +765,7 @@ impl HostStream {
                 match responder.try_recv_inbound_or_arm(&waker) {
                     Some(Inbound::Message(message)) => {
                         state.inbound_credit -= 1;
-                        for payload in wire::encode_ws_message(&message) {
-                            frames.push(Frame::new(Kind::WsIn, self.id, payload));
-                        }
+                        frames.extend(wire::ws_message_frames(Kind::WsIn, self.id, message));
                     }
                     Some(Inbound::Closed { code, reason }) => {
                         state.inbound_done = true;
@@ -983,8 +981,9 @@ mod tests {
         first_request(&theirs);
         let ws_send = |size: usize| {
             let mut out = bytes::BytesMut::new();
-            for payload in wire::encode_ws_message(&WsMessage::Binary(vec![b'x'; size].into())) {
-                Frame::new(Kind::WsSend, 1, payload).encode(&mut out);
+            let message = WsMessage::Binary(vec![b'x'; size].into());
+            for frame in wire::ws_message_frames(Kind::WsSend, 1, message) {
+                frame.encode(&mut out);
             }
             out
         };

@@ -50,7 +50,7 @@ pub enum Kind {
     Cancel = 6,
     /// Host → worker: `increment: u32`, more response body the worker may send.
     Window = 7,
-    /// Host → worker: a WebSocket message from the client (see [`encode_ws_message`]).
+    /// Host → worker: a WebSocket message from the client (see [`ws_message_frames`]).
     WsIn = 8,
     /// Host → worker: the WebSocket is over: `code: u16`, `reason`.
     WsClosed = 9,
@@ -79,7 +79,7 @@ pub enum Kind {
     EarlyHint = 23,
     /// Worker → host: the app accepts the WebSocket: subprotocol (an option), headers.
     WsAccept = 24,
-    /// Worker → host: a WebSocket message to the client (see [`encode_ws_message`]).
+    /// Worker → host: a WebSocket message to the client (see [`ws_message_frames`]).
     WsSend = 25,
     /// Worker → host: the app closes the WebSocket: `code: u16`, `reason`.
     WsClose = 26,
@@ -702,31 +702,30 @@ pub fn decode_links(payload: Bytes) -> Result<Vec<Bytes>, WireError> {
 /// frames (a message may be larger than any frame).
 pub const WS_PIECE: usize = 1 << 20;
 
-/// The payloads of [`Kind::WsIn`] or [`Kind::WsSend`] frames for one message: each starts with
-/// the message's type (`0` text, `1` binary), plus `0x80` while more pieces follow, then up to
-/// [`WS_PIECE`] bytes of the message.
-pub fn encode_ws_message(message: &WsMessage) -> Vec<Bytes> {
-    let (kind, data): (u8, &[u8]) = match message {
-        WsMessage::Text(text) => (0, text.as_bytes()),
+/// The [`Kind::WsIn`] or [`Kind::WsSend`] frames (`kind`) of one message: each payload starts
+/// with the message's type (`0` text, `1` binary), plus `0x80` while more pieces follow, then
+/// up to [`WS_PIECE`] bytes of the message, which a large message's frames share rather than
+/// copy.
+pub fn ws_message_frames(kind: Kind, stream: u32, message: WsMessage) -> Vec<Frame> {
+    let (type_byte, data) = match message {
+        WsMessage::Text(text) => (0, Bytes::from(text)),
         WsMessage::Binary(data) => (1, data),
     };
-    let mut pieces = Vec::with_capacity(data.len() / WS_PIECE + 1);
+    let mut frames = Vec::with_capacity(data.len() / WS_PIECE + 1);
     let mut at = 0;
     loop {
         let end = (at + WS_PIECE).min(data.len());
         let more = end < data.len();
-        let mut out = BytesMut::with_capacity(1 + end - at);
-        out.put_u8(kind | if more { 0x80 } else { 0 });
-        out.put_slice(&data[at..end]);
-        pieces.push(out.freeze());
+        let head = BytesMut::from(&[type_byte | if more { 0x80 } else { 0 }][..]);
+        frames.push(Frame::with_body(kind, stream, head, &[data.slice(at..end)]));
         if !more {
-            return pieces;
+            return frames;
         }
         at = end;
     }
 }
 
-/// Puts a WebSocket message back together from the payloads of [`encode_ws_message`].
+/// Puts a WebSocket message back together from the payloads of [`ws_message_frames`].
 #[derive(Debug, Default)]
 pub struct WsAssembler {
     kind: Option<u8>,
@@ -1138,15 +1137,16 @@ mod tests {
     #[test]
     fn a_large_message_goes_in_pieces_and_comes_back_whole() {
         let big = WsMessage::Text("é".repeat(WS_PIECE + 1));
-        let pieces = encode_ws_message(&big);
-        assert_eq!(pieces.len(), 3);
+        let frames = ws_message_frames(Kind::WsSend, 4, big.clone());
+        assert_eq!(frames.len(), 3);
         let mut assembler = WsAssembler::default();
-        assert_eq!(assembler.push(pieces[0].clone()).unwrap(), None);
-        assert_eq!(assembler.push(pieces[1].clone()).unwrap(), None);
-        assert_eq!(assembler.push(pieces[2].clone()).unwrap(), Some(big));
+        let mut arrive = |frame: &Frame| assembler.push(through_the_wire(frame).payload).unwrap();
+        assert_eq!(arrive(&frames[0]), None);
+        assert_eq!(arrive(&frames[1]), None);
+        assert_eq!(arrive(&frames[2]), Some(big));
         let small = WsMessage::Binary(Bytes::from_static(b"x"));
-        let mut again = encode_ws_message(&small);
-        assert_eq!(assembler.push(again.remove(0)).unwrap(), Some(small));
+        let again = ws_message_frames(Kind::WsIn, 4, small.clone());
+        assert_eq!(arrive(&again[0]), Some(small));
     }
 
     #[test]

@@ -542,8 +542,8 @@ fn send_event(event: Option<AppEvent>, out: &mut Paced<'_>) -> bool {
             // A message goes whole, as far as the window has any room (the host counts it
             // whole); its size is bounded by `websocket_max_message_size`.
             out.sent += message.len();
-            for payload in wire::encode_ws_message(&message) {
-                out.send(Kind::WsSend, payload);
+            for frame in wire::ws_message_frames(Kind::WsSend, out.id, message) {
+                out.push(frame);
             }
         }
         Some(AppEvent::WsClose { code, reason }) => {
