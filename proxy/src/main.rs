@@ -191,16 +191,16 @@ fn main() -> ExitCode {
         Command::Reload { config } => return reload(&config),
         Command::Pool(args) => return pool_cmd::run(*args),
         Command::Status {
-            nginx: Some(pid_file),
+            config,
+            nginx,
             json,
-            ..
-        } => return nginx_status(&pid_file, json),
-        Command::Status {
-            config: Some(config),
-            json,
-            ..
-        } => return status(&config, json),
-        Command::Status { .. } => unreachable!("clap requires --config or --nginx"),
+        } => {
+            return match (nginx, config) {
+                (Some(pid_file), _) => nginx_status(&pid_file, json),
+                (None, Some(config)) => status(&config, json),
+                (None, None) => unreachable!("clap requires --config or --nginx"),
+            }
+        }
         Command::Check { config, nginx } => {
             let routing = if nginx {
                 Routing::Elsewhere

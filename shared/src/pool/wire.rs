@@ -165,7 +165,7 @@ impl Frame {
 
     /// A frame whose payload is `head` and then `body`, copied behind `head` only when it is
     /// small.
-    pub fn with_body(kind: Kind, stream: u32, head: BytesMut, body: &[Bytes]) -> Frame {
+    pub fn with_body(kind: Kind, stream: u32, mut head: BytesMut, body: &[Bytes]) -> Frame {
         let len: usize = body.iter().map(Bytes::len).sum();
         if len >= SHARED_PAYLOAD {
             return Frame {
@@ -173,7 +173,6 @@ impl Frame {
                 ..Frame::new(kind, stream, head.freeze())
             };
         }
-        let mut head = head;
         head.reserve(len);
         for piece in body {
             head.put_slice(piece);
@@ -211,7 +210,7 @@ const SHARED_PAYLOAD: usize = 4096;
 /// small payloads copied into a buffer, larger payloads (bodies) shared with their frame, so
 /// a body is not copied on its way to the socket.
 #[derive(Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     parts: Vec<Bytes>,
     small: BytesMut,
     len: usize,
@@ -219,7 +218,7 @@ pub struct Batch {
 
 impl Batch {
     /// Adds `frame`; returns where it ends in the batch's bytes.
-    pub fn push(&mut self, frame: &Frame) -> usize {
+    pub(crate) fn push(&mut self, frame: &Frame) -> usize {
         self.small.reserve(HEADER_LEN);
         frame.encode_header(&mut self.small);
         for piece in std::iter::once(&frame.payload).chain(&frame.tail) {
@@ -237,17 +236,12 @@ impl Batch {
     }
 
     /// The batch's length in bytes.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Whether no frame was added.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The batch's bytes, in order, in as many slices as it holds.
-    pub fn parts(&mut self) -> &[Bytes] {
+    pub(crate) fn parts(&mut self) -> &[Bytes] {
         if !self.small.is_empty() {
             self.parts.push(self.small.split().freeze());
         }
@@ -255,7 +249,7 @@ impl Batch {
     }
 
     /// Empties the batch for the next frames.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.parts.clear();
         self.small.clear();
         self.len = 0;
@@ -263,7 +257,7 @@ impl Batch {
 }
 
 /// Bytes still to come of the frame at the front of `buf`, once its header is in; 0 before.
-pub fn missing(buf: &[u8]) -> usize {
+pub(crate) fn missing(buf: &[u8]) -> usize {
     if buf.len() < HEADER_LEN {
         return 0;
     }
