@@ -540,7 +540,8 @@ fn send_event(event: Option<AppEvent>, out: &mut Paced<'_>) -> bool {
         ),
         Some(AppEvent::WsSend(message)) => {
             // A message goes whole, as far as the window has any room (the host counts it
-            // whole); its size is bounded by `websocket_max_message_size`.
+            // whole), however large the app made it: `websocket_max_message_size` bounds
+            // only the client's messages.
             out.sent += message.len();
             for frame in wire::ws_message_frames(Kind::WsSend, out.id, message) {
                 out.push(frame);
