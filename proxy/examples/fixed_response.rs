@@ -12,6 +12,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
@@ -27,6 +28,10 @@ impl ProxyHttp for FixedResponse {
     type CTX = ();
 
     fn new_ctx(&self) {}
+
+    // No downstream modules, as `PorticoProxy`: Pingora's default adds a switched-off
+    // compression module that still runs for every request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
         // `request_filter` answers every request, so Pingora never asks for a peer.

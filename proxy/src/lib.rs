@@ -19,6 +19,7 @@ mod websocket;
 
 use access_log::AccessLog;
 use async_trait::async_trait;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use portico_core::Dispatcher;
@@ -126,6 +127,13 @@ impl ProxyHttp for PorticoProxy {
 
     /// Runs once per request, before anything else. Portico keeps no per-request context.
     fn new_ctx(&self) {}
+
+    /// Runs once, when the service is built, to choose the modules every response passes
+    /// through. Pingora's default adds its response compression module, switched off (level
+    /// 0), which still builds a context and runs its filters for every request. Portico adds
+    /// none: its apps compress what they want compressed, and a request costs about a
+    /// microsecond less.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// Runs after the request header is read. Portico answers every request here and returns
     /// `Ok(true)` ("response sent"), so Pingora never looks for an upstream. The default
