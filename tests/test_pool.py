@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (APPS, BINARY, VENV, Server, app_table, asgi_table, fill_connection_queue,
-                      free_port, needs, public_tmp, python_view, readable_by_nobody,  # noqa: F401
+                      embedded_libpython, free_port, needs, public_tmp, python_view,  # noqa: F401
+                      readable_by_nobody,
                       status_kib, wait_until)
 
 pytestmark = needs("binary")
@@ -307,6 +308,9 @@ def test_an_app_that_cannot_import_stops_the_start_with_its_error(portico, tmp_p
     assert "No module named 'no_such_module_here'" in log
     # One attempt per worker, not a storm of them.
     assert log.count("a pool worker could not start") == 3, log
+    # Its exit is told, not a timeout it never had.
+    assert log.count("could not start: the worker exited with code 70 before it was ready") == 3, log
+    assert "not ready in time" not in log
 
 
 VERSIONED_APP = '''
@@ -581,6 +585,35 @@ def test_a_stuck_request_gets_504_and_its_worker_is_replaced(portico):
     assert status == 200 and int(body) != stuck_pid
 
 
+def test_a_stuck_requests_worker_finishes_its_other_requests_before_it_goes(portico, tmp_path):
+    """The other requests of a worker replaced for a stuck one are untouched: they finish
+    (up to graceful_timeout), as any drained worker's do, rather than being cut with it."""
+    server = portico(pool_app(processes=1, threads=2, request_timeout="1s",
+                              graceful_timeout="30s"))
+    first = int(server.get("/pid")[2])
+    flag = tmp_path / "release"
+    held = {}
+    # A streamed response: its headers are out, so request_timeout no longer limits it.
+    holder = threading.Thread(
+        target=lambda: held.setdefault("r", server.get(f"/stream-hold?{flag}", timeout=30)))
+    holder.start()
+    try:
+        wait_until(lambda: Path(f"{flag}.started").exists(), what="the streamed request")
+        assert server.get(f"/hold?{tmp_path / 'never'}", timeout=15)[0] == 504
+        wait_until(lambda: int(server.get("/pid")[2]) != first, timeout=15,
+                   what="the replacement to serve")
+        # Still draining, its streamed request not cut.
+        assert first in worker_pids(server)
+        assert "cut after graceful_timeout" not in server.log()
+    finally:
+        flag.touch()
+        holder.join(30)
+    assert held["r"][0] == 200 and held["r"][2] == b"first,last", held
+    server.wait_for_log(f"pool worker {first} replaced (a request ran past request_timeout",
+                        timeout=20)
+    assert "cut after graceful_timeout" not in server.log()
+
+
 def test_an_asgi_request_that_only_awaits_past_request_timeout_costs_no_worker(portico):
     """An async handler that awaits past request_timeout (a long poll) gets 504, and that is
     all: its event loop serves on, so the worker and its other connections stay."""
@@ -665,6 +698,43 @@ def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
             "uid": nobody.pw_uid, "gid": nobody.pw_gid,
             "groups": sorted(os.getgrouplist("nobody", nobody.pw_gid)),
             "cwd": str(work), "prefix": str(venv), "venv_module": True}
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_a_worker_whose_user_cannot_read_the_servers_python_refuses_to_start(
+        tmp_path, public_tmp):
+    """A worker run as a `user` who cannot read the Python the server embeds (one under
+    /root) does not quietly run another of the same name that the loader finds in the
+    system's directories, with other packages: it refuses, and says which and why."""
+    libpython = embedded_libpython(BINARY)
+    if readable_by_nobody(libpython):
+        pytest.skip(f"the embedded Python ({libpython}) is readable by nobody")
+    worker = BINARY.parent / "portico-worker"
+    binary = BINARY
+    if not readable_by_nobody(worker):
+        (public_tmp / "bin").mkdir(mode=0o755)
+        for program in (BINARY, worker):
+            shutil.copy2(program, public_tmp / "bin" / program.name)
+        binary = public_tmp / "bin" / BINARY.name
+    app_dir = public_tmp / "app"
+    app_dir.mkdir(mode=0o755)
+    shutil.copy(APPS / "pool_app.py", app_dir)
+    port = free_port()
+    config = public_tmp / "portico.toml"
+    config.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\n[[app]]\nname = "pool"\n'
+        f'target = "pool_app:application"\npython_path = ["{app_dir}"]\nmode = "pool"\n'
+        f'processes = 1\nuser = "nobody"\n')
+    server = Server([str(binary), "serve", "--config", str(config)], tmp_path, port)
+    try:
+        assert server.proc.wait(30) == 70, server.log()
+        log = server.log()
+        if "cannot open shared object file" not in log:
+            # The loader found another libpython: the worker names both.
+            assert f"not {libpython} as the server does" in log, log
+        assert "could not start: the worker exited with code" in log, log
     finally:
         server.stop()
 

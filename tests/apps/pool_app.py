@@ -7,6 +7,15 @@ import time
 LEAK = []
 
 
+def stream_until(flag):
+    yield b"first,"
+    open(flag + ".started", "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield b"last"
+
+
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/pid":
@@ -23,6 +32,12 @@ def application(environ, start_response):
         while not os.path.exists(flag) and time.monotonic() < deadline:
             time.sleep(0.01)
         body = b"held"
+    elif path == "/stream-hold":
+        # As /hold, but its headers and first piece go out at once: a streamed response,
+        # which request_timeout no longer limits.
+        flag = environ["QUERY_STRING"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return stream_until(flag)
     elif path == "/crash":
         # The worker process dies mid-request, as a segfaulting extension would take it.
         os._exit(13)

@@ -49,6 +49,10 @@ fn main() -> ExitCode {
         eprintln!("portico-worker: needs --config FILE --app NAME (it is started by portico for mode = \"pool\")");
         return ExitCode::from(EXIT_CONFIG);
     };
+    if let Err(e) = portico_core::pool::check_libpython() {
+        eprintln!("portico-worker {}: {e}", std::process::id());
+        return ExitCode::from(EXIT_APP);
+    }
     // SAFETY: the host put our end of the socket on this descriptor (dup2 before exec), and
     // nothing else in this process owns it.
     let socket = unsafe { UnixStream::from_raw_fd(WORKER_FD) };

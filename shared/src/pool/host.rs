@@ -204,11 +204,26 @@ impl WorkerConn {
     }
 
     /// Asks the supervisor to replace a worker that is stuck in the app (a request past
-    /// `request_timeout`): as [`WorkerConn::request_recycle`], and once closed it gets no
-    /// time for a lifespan shutdown its app cannot run.
+    /// `request_timeout`): as [`WorkerConn::request_recycle`], except that it takes no new
+    /// request from now on, since one would wait behind the stuck thread (or blocked event
+    /// loop) and time out too: new requests go to the other workers, or wait for its
+    /// replacement. Its other requests finish as a drained worker's do; once closed, it gets
+    /// no time for a lifespan shutdown its app cannot run.
+    /// A connection to a pool server (pid 0) is no worker: the server sees the stuck worker
+    /// behind it for itself, and the connection serves on.
     pub(crate) fn request_recycle_stuck(&self, why: String) {
+        if self.pid == 0 {
+            return;
+        }
         self.stuck.store(true, Ordering::Release);
+        self.start_draining();
         self.request_recycle(why);
+    }
+
+    /// Whether the host closed the connection on purpose (the worker is being replaced or
+    /// stopped), rather than the worker going away.
+    pub(crate) fn is_closed_on_purpose(&self) -> bool {
+        self.closed_on_purpose.load(Ordering::Acquire)
     }
 
     /// Whether the worker was found stuck in the app.

@@ -39,7 +39,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use wire::{Frame, Kind, RequestKind};
 
@@ -458,9 +458,11 @@ impl Pool {
                 WorkerStatus {
                     pid: conn.pid,
                     generation: record.generation,
+                    // A worker closed on purpose is lost only in that its socket is shut
+                    // while it finishes and exits: it is still draining.
                     state: if conn.is_alive() {
                         WorkerState::Serving
-                    } else if conn.is_lost() {
+                    } else if conn.is_lost() && !conn.is_closed_on_purpose() {
                         WorkerState::Lost
                     } else {
                         WorkerState::Draining
@@ -527,12 +529,32 @@ impl Pool {
                         // The next try is a backoff away: the waiting requests do not wait.
                         self.fail_parked();
                     }
+                    // The worker to replace may have died meanwhile: it is lost, not
+                    // serving on.
+                    if let Some((old, mut old_child, _)) =
+                        outgoing.take_if(|(_, child, _)| !matches!(child.try_wait(), Ok(None)))
+                    {
+                        let how = old_child
+                            .try_wait()
+                            .ok()
+                            .flatten()
+                            .map_or_else(|| "could not be waited for".into(), describe_exit);
+                        old.lost("the worker exited");
+                        self.forget(generation, &old);
+                        self.restarts.fetch_add(1, Ordering::Relaxed);
+                        let event = format!("worker {} {how}", old.pid);
+                        log::warn!("app `{name}`: pool {event}");
+                        self.record_event(event);
+                    }
                     if let Some((old, _, _)) = &outgoing {
-                        // Replacing a worker that serves is no reason to stop serving.
-                        log::warn!(
-                            "app `{name}`: pool worker {} serves on until a replacement starts",
-                            old.pid
-                        );
+                        // Replacing a worker that serves is no reason to stop serving (a
+                        // stuck one takes no requests).
+                        if old.is_alive() {
+                            log::warn!(
+                                "app `{name}`: pool worker {} serves on until a replacement starts",
+                                old.pid
+                            );
+                        }
                     }
                     if let Some(first) = first.take() {
                         let _ = first.send(Err(why));
@@ -722,9 +744,9 @@ impl Pool {
         conn.start_draining();
         // 0: no limit, as a timeout of 0 means everywhere else.
         let deadline = graceful.map(|limit| Instant::now() + limit);
-        // A worker stuck in its app would not finish them.
+        // A stuck worker's other requests run on threads (or tasks) of their own and finish
+        // as any others do; its stuck request was given up on, so it is no longer counted.
         while conn.in_flight.load(Ordering::SeqCst) > 0
-            && !conn.is_stuck()
             && deadline.is_none_or(|deadline| Instant::now() < deadline)
         {
             if let Ok(Some(_)) = child.try_wait() {
@@ -1296,6 +1318,41 @@ const SERVICE_MANAGER_VARIABLES: [&str; 7] = [
     "WATCHDOG_PID",
 ];
 
+/// The variable that tells a worker the Python library its host runs.
+pub const LIBPYTHON_VARIABLE: &str = "PORTICO_LIBPYTHON";
+
+/// The host's Python library, looked up once.
+fn host_libpython() -> Option<&'static std::path::Path> {
+    static LIBRARY: OnceLock<Option<PathBuf>> = OnceLock::new();
+    LIBRARY
+        .get_or_init(crate::python::loaded_libpython)
+        .as_deref()
+}
+
+/// In a worker: an error when it runs another Python library than its host said it runs,
+/// which happens when the worker's `user` cannot read the host's (the loader then falls
+/// back to one of the same name elsewhere, a Python with other packages, or none).
+pub fn check_libpython() -> Result<(), String> {
+    let Some(expected) = std::env::var_os(LIBPYTHON_VARIABLE) else {
+        return Ok(());
+    };
+    let expected = PathBuf::from(expected);
+    match crate::python::loaded_libpython() {
+        Some(found) if found == expected => Ok(()),
+        found => {
+            let found = found.map_or_else(|| "none".to_owned(), |f| f.display().to_string());
+            // SAFETY: getuid() cannot fail and touches no memory of ours.
+            let uid = unsafe { libc::getuid() };
+            Err(format!(
+                "this worker (uid {uid}) runs the Python library {found}, not {} as the server \
+                 does: its user cannot read that file or a directory above it. Make the Python \
+                 Portico was built with readable to the app's `user`, or run without `user`",
+                expected.display()
+            ))
+        }
+    }
+}
+
 /// Starts one worker, gives it its settings and waits for its hello.
 fn spawn(
     settings: &PoolSettings,
@@ -1320,6 +1377,10 @@ fn spawn(
         command.env_remove(name);
     }
     command.envs(&config.env);
+    // The Python library the worker must find (see `check_libpython`).
+    if let Some(library) = host_libpython() {
+        command.env(LIBPYTHON_VARIABLE, library);
+    }
     // The workers keep their user's groups, as initgroups(3) gives nginx's and gunicorn's.
     let identity = identity.map(|(uid, gid)| ChildIdentity::new(uid, gid));
     // SAFETY: between fork and exec only async-signal-safe calls: setgroups, setgid, setuid,
@@ -1350,6 +1411,14 @@ fn spawn(
             return Err(format!("worker {} said it was {pid}", child.id()));
         }
         Err(why) => {
+            // A worker that closed its socket is on its way out (an app that cannot import
+            // exits 70): its exit, not a timeout, is what to tell, once it can be reaped.
+            if why == HELLO_CLOSED {
+                let until = Instant::now() + EXIT_SLACK;
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
             // Still running: it never said hello in time, and has nothing to say in the log.
             let stuck = matches!(child.try_wait(), Ok(None));
             let _ = child.kill();
@@ -1457,6 +1526,9 @@ fn send_settings(
 }
 
 /// Reads the worker's [`Kind::Hello`]; returns its pid.
+/// Why [`read_hello`] failed when the worker closed its socket first.
+const HELLO_CLOSED: &str = "it closed its socket";
+
 fn read_hello(mut socket: &UnixStream, limit: Option<Duration>) -> Result<u32, String> {
     socket
         .set_read_timeout(limit.map(|limit| limit.max(Duration::from_millis(1))))
@@ -1468,7 +1540,7 @@ fn read_hello(mut socket: &UnixStream, limit: Option<Duration>) -> Result<u32, S
             break frame;
         }
         match socket.read(&mut chunk) {
-            Ok(0) => return Err("it closed its socket".into()),
+            Ok(0) => return Err(HELLO_CLOSED.into()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
@@ -1476,6 +1548,9 @@ fn read_hello(mut socket: &UnixStream, limit: Option<Duration>) -> Result<u32, S
             {
                 let limit = limit.unwrap_or_default();
                 return Err(format!("no hello within startup_timeout ({limit:?})"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(HELLO_CLOSED.into())
             }
             Err(e) => return Err(e.to_string()),
         }

@@ -18,6 +18,25 @@ use pyo3::types::PyList;
 use std::path::Path;
 use std::sync::Once;
 
+/// The shared Python library this process runs, as the dynamic loader found it (from
+/// `/proc/self/maps`); `None` for a Python linked in statically.
+///
+/// A pool worker compares its own with its host's: run as another `user`, the loader may
+/// not be able to read the library the binary was built against (a Python under `/root`)
+/// and silently take another of the same name from the system's directories.
+pub fn loaded_libpython() -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            Path::new(path)
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("libpython") && name.contains(".so"))
+        })
+        .map(std::path::PathBuf::from)
+}
+
 /// Starts the interpreter once per process and activates `python_home` if given. Later calls
 /// do nothing. Must run after any fork the host does (daemonizing, nginx workers).
 pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), LoadError> {
