@@ -52,7 +52,8 @@ def test_type_errors_and_unknown_keys_are_all_named_in_one_pass(run_portico, tmp
     result = run_portico("check", "--config", str(cfg))
     assert result.returncode == 64
     for line, key, what in ((4, "app[0].proceses", "unknown field `proceses`"),
-                            (5, "app[0].threads", "invalid type"),
+                            (5, "app[0].threads",
+                             'invalid type: string "many", expected a whole number (0 or more)'),
                             (6, "app[0].max_body_size", "`lots` is not a size"),
                             (7, "app[0].mount", "must start with `/`")):
         assert f"{cfg}:{line}: {key}: " in result.stderr and what in result.stderr, \

@@ -653,6 +653,19 @@ def test_a_worker_over_max_memory_is_replaced_after_its_requests(portico):
     assert int(server.get("/pid")[2]) != pid
 
 
+def test_a_workers_sys_executable_is_the_embedded_python(portico):
+    """Not whatever `python3` PATH finds first (a pyenv shim, which may run another Python):
+    `subprocess` and `multiprocessing`'s spawn run sys.executable."""
+    server = portico(pool_app(processes=1))
+    base, minor = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c",
+         "import sys; print(sys.base_prefix, sys.version_info[1])"],
+        capture_output=True, text=True, check=True).stdout.split()
+    code, _, body = server.get("/whoami")
+    assert code == 200, body
+    assert json.loads(body)["executable"] == f"{base}/bin/python3.{minor}"
+
+
 def test_env_reaches_the_workers(portico):
     server = portico(pool_app(processes=1) + 'env = { PORTICO_POOL_GREETING = "bonjour" }\n')
     assert server.get("/env?PORTICO_POOL_GREETING")[2] == b"bonjour"
@@ -697,7 +710,8 @@ def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
         assert json.loads(body) == {
             "uid": nobody.pw_uid, "gid": nobody.pw_gid,
             "groups": sorted(os.getgrouplist("nobody", nobody.pw_gid)),
-            "cwd": str(work), "prefix": str(venv), "venv_module": True}
+            "cwd": str(work), "prefix": str(venv), "executable": str(venv / "bin" / "python"),
+            "venv_module": True}
     finally:
         server.stop()
 
@@ -763,6 +777,7 @@ def test_portico_status_lists_the_workers(portico, tmp_path):
 def test_workers_are_added_on_demand_and_stopped_when_idle(portico, tmp_path):
     server = portico(pool_app(processes=1, max_processes=3, threads=1, idle_timeout="1s"))
     wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    assert "pool of 1 (up to 3 on demand) worker processes" in server.log()
     [first] = worker_pids(server)
     release = tmp_path / "release"
     results = []

@@ -35,13 +35,53 @@ impl ConfigError {
         path: &Path,
         key: Option<String>,
     ) -> ConfigError {
+        let line = e.span().map(|span| line_of(text, span.start));
+        let mut message = in_words(e.message().trim());
+        // The parser names no key for a repeated one: its line does.
+        if message == "duplicate key" {
+            let named = line
+                .and_then(|line| text.lines().nth(line - 1))
+                .and_then(|source| source.split_once('='))
+                .map(|(name, _)| name.trim())
+                .filter(|name| !name.is_empty());
+            if let Some(name) = named {
+                message = format!("duplicate key `{name}`: a key may be given once per table");
+            }
+        }
         ConfigError {
             file: path.to_owned(),
-            line: e.span().map(|span| line_of(text, span.start)),
+            line,
             key,
-            message: e.message().trim().to_owned(),
+            message,
         }
     }
+}
+
+/// A deserializer's message with Rust's type names (`expected usize`) in a sysadmin's words.
+fn in_words(message: &str) -> String {
+    const NAMES: [(&str, &str); 10] = [
+        ("expected usize", "expected a whole number (0 or more)"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a sequence", "expected a list (`[...]`)"),
+    ];
+    let mut words = message.to_owned();
+    for (rust, plain) in NAMES {
+        // Whole words only: `expected u8` is not to touch `expected u8x`.
+        if let Some(at) = words.find(rust) {
+            let end = at + rust.len();
+            if !words[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                words.replace_range(at..end, plain);
+            }
+        }
+    }
+    words
 }
 
 impl fmt::Display for ConfigError {
@@ -207,4 +247,27 @@ fn entry_in(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_type_names_become_words_and_a_repeated_key_is_named() {
+        assert_eq!(
+            in_words("invalid type: string \"four\", expected usize"),
+            "invalid type: string \"four\", expected a whole number (0 or more)"
+        );
+        assert_eq!(in_words("expected u8x"), "expected u8x");
+        let text = "[[app]]\nname = \"a\"\nprocesses = 2\nprocesses = 3\n";
+        let e = toml::from_str::<toml::Table>(text).unwrap_err();
+        let error = ConfigError::from_toml(&e, text, Path::new("p.toml"), None);
+        assert_eq!(error.line, Some(4));
+        assert!(
+            error.message.starts_with("duplicate key `processes`"),
+            "{}",
+            error.message
+        );
+    }
 }

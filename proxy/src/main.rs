@@ -496,10 +496,16 @@ fn serve(
             (portico_config::Mode::Pool, Some(socket)) => {
                 format!("pool server at {}", socket.display())
             }
-            (portico_config::Mode::Pool, None) => format!(
-                "pool of {} worker processes, {} Python threads each",
-                c.processes, c.threads
-            ),
+            (portico_config::Mode::Pool, None) => {
+                let processes = match c.max_processes.filter(|&max| max > c.processes) {
+                    Some(max) => format!("{} (up to {max} on demand)", c.processes),
+                    None => c.processes.to_string(),
+                };
+                format!(
+                    "pool of {processes} worker processes, {} Python threads each",
+                    c.threads
+                )
+            }
         };
         log::info!(
             "mounted app `{}` at {} from {} ({:?}, {placement})",

@@ -59,6 +59,7 @@ def application(environ, start_response):
         import sys
         body = json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
                            "cwd": os.getcwd(), "prefix": sys.prefix,
+                           "executable": sys.executable,
                            "venv_module": venv_module}).encode()
     elif path == "/env":
         body = os.environ.get(environ.get("QUERY_STRING", ""), "").encode()

@@ -61,6 +61,20 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
             modules.set_item("portico", portico)?;
         }
         let Some(home) = python_home else {
+            // `sys.executable` is found on PATH by an embedded interpreter (a pyenv shim,
+            // say, which may run another Python); name the Python that is embedded, which
+            // `subprocess` and `multiprocessing`'s spawn then run.
+            let base: String = sys.getattr("base_prefix")?.extract()?;
+            let version_info = sys.getattr("version_info")?;
+            let version: (u8, u8) = (
+                version_info.getattr("major")?.extract()?,
+                version_info.getattr("minor")?.extract()?,
+            );
+            let embedded =
+                Path::new(&base).join(format!("bin/python{}.{}", version.0, version.1));
+            if embedded.is_file() {
+                sys.setattr("executable", embedded.to_string_lossy().as_ref())?;
+            }
             return Ok(Ok(()));
         };
         let version: (u8, u8) = (
@@ -91,6 +105,14 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
         }
         sys.setattr("prefix", home.to_string_lossy().as_ref())?;
         sys.setattr("exec_prefix", home.to_string_lossy().as_ref())?;
+        // The virtualenv's interpreter, as `sys.executable` says when it runs.
+        if let Some(python) = ["bin/python", "bin/python3"]
+            .iter()
+            .map(|name| home.join(name))
+            .find(|path| path.exists())
+        {
+            sys.setattr("executable", python.to_string_lossy().as_ref())?;
+        }
         Ok(Ok(()))
     })
     .map_err(|e| Python::attach(|py| format_exception(py, &e)))
