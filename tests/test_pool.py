@@ -309,7 +309,8 @@ def test_an_app_that_cannot_import_stops_the_start_with_its_error(portico, tmp_p
     # One attempt per worker, not a storm of them.
     assert log.count("a pool worker could not start") == 3, log
     # Its exit is told, not a timeout it never had.
-    assert log.count("could not start: the worker exited with code 70 before it was ready") == 3, log
+    told = "could not start: the worker exited with code 70 before it was ready"
+    assert log.count(told) == 3, log
     assert "not ready in time" not in log
 
 
@@ -533,6 +534,36 @@ def test_a_worker_whose_replacement_cannot_start_serves_on(portico, tmp_path):
     server.wait_for_log(f"pool worker {old} replaced (it was given max_requests (3))")
 
 
+def test_a_worker_that_serves_on_and_then_dies_is_told_as_lost(portico, tmp_path):
+    """The worker serving on while its replacement cannot start is killed: the log says so
+    and counts a restart, rather than calling a dead worker "serving on"; once the code
+    imports, the pool serves again."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v1"))
+    pid_file = tmp_path / "p.pid"
+    server = portico(app_table("v", "versioned:application", mode="pool", processes=1,
+                               max_requests=3)
+                     .replace('python_path = ["', f'python_path = ["{code}", "', 1),
+                     server_extra=f'pid_file = "{pid_file}"\nstatus_path = "/_portico/status"\n')
+    [old] = worker_pids(server)
+    (code / "versioned.py").write_text("this is not python\n")
+    for _ in range(3):
+        assert server.get("/")[::2] == (200, b"v1")
+    server.wait_for_log(f"pool worker {old} serves on until a replacement starts", timeout=15)
+    os.kill(old, signal.SIGKILL)
+    server.wait_for_log(f"pool worker {old} was killed by signal 9", timeout=15)
+    said = server.log().count(f"pool worker {old} serves on")
+    (code / "versioned.py").write_text(VERSIONED_APP.format(version="v2"))
+    wait_until(lambda: server.get("/")[2] == b"v2", timeout=40, what="the replacement")
+    assert server.log().count(f"pool worker {old} serves on") == said
+    assert f"pool worker {old} replaced" not in server.log()
+    done = subprocess.run([str(BINARY), "status", "--config", str(server_config(server))],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "1 restart(s)" in done.stdout, done.stdout
+
+
 def thread_names(pid):
     names = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -543,16 +574,22 @@ def thread_names(pid):
     return names
 
 
+def hold_in_background(server, path):
+    """GETs `path` (one of the app's holding paths) on a thread of its own; returns the
+    thread and a dict where its response lands under "r"."""
+    held = {}
+    holder = threading.Thread(target=lambda: held.setdefault("r", server.get(path, timeout=30)))
+    holder.start()
+    return holder, held
+
+
 def test_a_recycled_worker_finishes_its_requests_after_its_slot_ends(portico, tmp_path):
     """A worker replaced for max_requests drains on its own thread: a reload right after,
     which ends the slot that started it, does not cut the request it still runs. (A worker's
     parent-death signal follows the thread that forked it, not the process.)"""
     server = portico(pool_app(processes=1, max_requests=2, graceful_timeout="30s"))
     flag = tmp_path / "release"
-    held = {}
-    holder = threading.Thread(
-        target=lambda: held.setdefault("r", server.get(f"/hold?{flag}", timeout=30)))
-    holder.start()
+    holder, held = hold_in_background(server, f"/hold?{flag}")
     try:
         wait_until(lambda: Path(f"{flag}.started").exists(), what="the held request")
         [first] = worker_pids(server)
@@ -592,11 +629,8 @@ def test_a_stuck_requests_worker_finishes_its_other_requests_before_it_goes(port
                               graceful_timeout="30s"))
     first = int(server.get("/pid")[2])
     flag = tmp_path / "release"
-    held = {}
     # A streamed response: its headers are out, so request_timeout no longer limits it.
-    holder = threading.Thread(
-        target=lambda: held.setdefault("r", server.get(f"/stream-hold?{flag}", timeout=30)))
-    holder.start()
+    holder, held = hold_in_background(server, f"/stream-hold?{flag}")
     try:
         wait_until(lambda: Path(f"{flag}.started").exists(), what="the streamed request")
         assert server.get(f"/hold?{tmp_path / 'never'}", timeout=15)[0] == 504

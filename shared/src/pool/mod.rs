@@ -1319,7 +1319,7 @@ const SERVICE_MANAGER_VARIABLES: [&str; 7] = [
 ];
 
 /// The variable that tells a worker the Python library its host runs.
-pub const LIBPYTHON_VARIABLE: &str = "PORTICO_LIBPYTHON";
+const LIBPYTHON_VARIABLE: &str = "PORTICO_LIBPYTHON";
 
 /// The host's Python library, looked up once.
 fn host_libpython() -> Option<&'static std::path::Path> {
@@ -1525,10 +1525,10 @@ fn send_settings(
     socket.set_write_timeout(None)
 }
 
-/// Reads the worker's [`Kind::Hello`]; returns its pid.
 /// Why [`read_hello`] failed when the worker closed its socket first.
 const HELLO_CLOSED: &str = "it closed its socket";
 
+/// Reads the worker's [`Kind::Hello`]; returns its pid.
 fn read_hello(mut socket: &UnixStream, limit: Option<Duration>) -> Result<u32, String> {
     socket
         .set_read_timeout(limit.map(|limit| limit.max(Duration::from_millis(1))))
