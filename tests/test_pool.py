@@ -705,6 +705,18 @@ def test_env_reaches_the_workers(portico):
     assert server.get("/env?PORTICO_POOL_GREETING")[2] == b"bonjour"
 
 
+def binaries_nobody_can_run(public_tmp):
+    """The `portico` binary, copied with its worker into `public_tmp` when nobody cannot
+    read them where they are."""
+    worker = BINARY.parent / "portico-worker"
+    if readable_by_nobody(worker):
+        return BINARY
+    (public_tmp / "bin").mkdir(mode=0o755)
+    for program in (BINARY, worker):
+        shutil.copy2(program, public_tmp / "bin" / program.name)
+    return public_tmp / "bin" / BINARY.name
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
 def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
         tmp_path, public_tmp):
@@ -712,13 +724,7 @@ def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
     the workers run as nobody, with nobody's groups (initgroups(3), as nginx's and
     gunicorn's workers), in the directory given and in the virtualenv given. Everything the
     workers read is put where nobody can read it."""
-    worker = BINARY.parent / "portico-worker"
-    binary = BINARY
-    if not readable_by_nobody(worker):
-        (public_tmp / "bin").mkdir(mode=0o755)
-        for program in (BINARY, worker):
-            shutil.copy2(program, public_tmp / "bin" / program.name)
-        binary = public_tmp / "bin" / BINARY.name
+    binary = binaries_nobody_can_run(public_tmp)
     app_dir, work = public_tmp / "app", public_tmp / "work"
     for directory in (app_dir, work):
         directory.mkdir(mode=0o755)
@@ -759,13 +765,7 @@ def test_a_worker_whose_user_cannot_read_the_servers_python_refuses_to_start(
     libpython = embedded_libpython(BINARY)
     if readable_by_nobody(libpython):
         pytest.skip(f"the embedded Python ({libpython}) is readable by nobody")
-    worker = BINARY.parent / "portico-worker"
-    binary = BINARY
-    if not readable_by_nobody(worker):
-        (public_tmp / "bin").mkdir(mode=0o755)
-        for program in (BINARY, worker):
-            shutil.copy2(program, public_tmp / "bin" / program.name)
-        binary = public_tmp / "bin" / BINARY.name
+    binary = binaries_nobody_can_run(public_tmp)
     app_dir = public_tmp / "app"
     app_dir.mkdir(mode=0o755)
     shutil.copy(APPS / "pool_app.py", app_dir)
