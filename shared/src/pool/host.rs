@@ -209,13 +209,7 @@ impl WorkerConn {
     /// loop) and time out too: new requests go to the other workers, or wait for its
     /// replacement. Its other requests finish as a drained worker's do; once closed, it gets
     /// no time for a lifespan shutdown its app cannot run.
-    ///
-    /// A connection to a pool server (pid 0) is no worker: the server sees the stuck worker
-    /// behind it for itself, and the connection serves on.
     pub(crate) fn request_recycle_stuck(&self, why: String) {
-        if self.pid == 0 {
-            return;
-        }
         self.stuck.store(true, Ordering::Release);
         self.start_draining();
         self.request_recycle(why);

@@ -22,7 +22,6 @@ use std::time::Duration;
 pub struct RemotePool {
     app: String,
     socket: PathBuf,
-    request_timeout: Option<Duration>,
     /// The connection, made on first use and made again after the server went away.
     conn: Mutex<Option<Arc<WorkerConn>>>,
 }
@@ -35,7 +34,6 @@ impl RemotePool {
         Arc::new(RemotePool {
             app: config.name.clone(),
             socket: socket.to_owned(),
-            request_timeout: WorkerConn::stuck_after(config),
             conn: Mutex::new(None),
         })
     }
@@ -75,8 +73,9 @@ impl RemotePool {
             ))
         };
         let stream = super::connect_at_once(&self.socket).map_err(unreachable)?;
-        let fresh =
-            WorkerConn::start(stream, 0, &self.app, self.request_timeout).map_err(unreachable)?;
+        // No stuck limit: a pool server is no worker. It sees the stuck worker behind it
+        // (its own connection to the worker has the limit), and this connection serves on.
+        let fresh = WorkerConn::start(stream, 0, &self.app, None).map_err(unreachable)?;
         // What never reached a pool server that went away goes to the next one.
         let pool = Arc::downgrade(self);
         fresh.set_redirect(Box::new(move || pool.upgrade()?.connection().ok()));
