@@ -53,7 +53,8 @@ pub(crate) struct WorkerConn {
     recycle: Mutex<Option<String>>,
     /// The app's `request_timeout` for a WSGI app: a request cancelled unanswered past it
     /// means a thread stuck in the app, so a worker to replace. (`None` for ASGI: a task
-    /// that awaits past it blocks nothing; a stuck loop is reported by the worker itself.)
+    /// that awaits past it blocks nothing; a stuck loop is reported by the worker itself.
+    /// `None` too for a connection to a pool server, which finds its stuck workers itself.)
     request_timeout: Option<Duration>,
     /// Status queries waiting for their answer, by stream.
     status_waiters: Mutex<HashMap<u32, mpsc::Sender<Option<PoolStatus>>>>,

@@ -60,16 +60,16 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
             )?;
             modules.set_item("portico", portico)?;
         }
+        let version_info = sys.getattr("version_info")?;
+        let version: (u8, u8) = (
+            version_info.getattr("major")?.extract()?,
+            version_info.getattr("minor")?.extract()?,
+        );
         let Some(home) = python_home else {
             // `sys.executable` is found on PATH by an embedded interpreter (a pyenv shim,
             // say, which may run another Python); name the Python that is embedded, which
             // `subprocess` and `multiprocessing`'s spawn then run.
             let base: String = sys.getattr("base_prefix")?.extract()?;
-            let version_info = sys.getattr("version_info")?;
-            let version: (u8, u8) = (
-                version_info.getattr("major")?.extract()?,
-                version_info.getattr("minor")?.extract()?,
-            );
             let embedded =
                 Path::new(&base).join(format!("bin/python{}.{}", version.0, version.1));
             if embedded.is_file() {
@@ -77,10 +77,6 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
             }
             return Ok(Ok(()));
         };
-        let version: (u8, u8) = (
-            sys.getattr("version_info")?.getattr("major")?.extract()?,
-            sys.getattr("version_info")?.getattr("minor")?.extract()?,
-        );
         let site_packages = home.join(format!("lib/python{}.{}/site-packages", version.0, version.1));
         if !site_packages.is_dir() {
             return Ok(Err(format!(
