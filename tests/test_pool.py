@@ -583,6 +583,38 @@ def hold_in_background(server, path):
     return holder, held
 
 
+def test_a_request_goes_to_the_first_free_worker_not_behind_a_slow_one(portico, tmp_path):
+    """Requests that find every thread busy wait in the pool's one queue, and the first
+    thread to come free takes the next, on whichever worker: none waits behind a slow
+    request while another worker could serve it (as mod_wsgi's daemon processes and
+    gunicorn's workers take theirs from one listen queue)."""
+    server = portico(pool_app(processes=2, threads=1))
+    flag = tmp_path / "release"
+    holder, held = hold_in_background(server, f"/hold?{flag}")
+    results = []
+    quick = [threading.Thread(target=lambda: results.append(server.get("/slow?0.1", timeout=30)))
+             for _ in range(6)]
+    try:
+        wait_until(lambda: Path(f"{flag}.started").exists(), what="the slow request")
+        for t in quick:
+            t.start()
+        # All six are served, one after another, by the worker that is not held, while the
+        # slow request still runs.
+        deadline = time.monotonic() + 15
+        for t in quick:
+            t.join(max(0.0, deadline - time.monotonic()))
+        done = [r[0] for r in results]
+        assert done == [200] * 6, f"{len(done)} of 6 quick requests served beside the slow one"
+        assert "r" not in held
+        assert len({r[1]["X-Pid"] for r in results}) == 1
+    finally:
+        flag.touch()
+        holder.join(30)
+        for t in quick:
+            t.join(30)
+    assert held["r"][0] == 200 and held["r"][2] == b"held"
+
+
 def test_a_recycled_worker_finishes_its_requests_after_its_slot_ends(portico, tmp_path):
     """A worker replaced for max_requests drains on its own thread: a reload right after,
     which ends the slot that started it, does not cut the request it still runs. (A worker's
@@ -820,10 +852,14 @@ def test_workers_are_added_on_demand_and_stopped_when_idle(portico, tmp_path):
     try:
         for t in busy:
             t.start()
-        # Every thread of the one worker is taken: more workers start, up to max_processes.
+        # Every thread of the one worker is taken: more workers start, up to max_processes,
+        # and the request that found it busy runs on one of them, not queued behind the
+        # first worker's.
         wait_until(lambda: [p for p in worker_pids(server)
                             if p != first and f"pool worker {p} started" in server.log()],
                    timeout=10, what="a worker on demand")
+        wait_until(lambda: all(Path(f"{release}-{n}.started").exists() for n in range(2)),
+                   timeout=10, what="both held requests to run while neither is released")
         assert len(worker_pids(server)) <= 3
         # The first worker is busy: a new request goes to one started on demand.
         status, headers, _ = server.get("/hello")

@@ -40,6 +40,9 @@ pub(crate) struct WorkerConn {
     pub(crate) in_flight: AtomicUsize,
     /// Requests this worker has finished.
     pub(crate) served: AtomicU64,
+    /// When it finished each of its last [`RECENT`] requests (as [`crate::clock::stamp`]s),
+    /// the one at `served % RECENT` the oldest.
+    recent_answers: [AtomicU64; RECENT],
     /// The socket, to close it from the host's side.
     socket: UnixStream,
     /// Requests this worker was given.
@@ -67,6 +70,8 @@ pub(crate) struct WorkerConn {
     redirect: OnceLock<Redirect>,
     /// Where such a request waits when no worker is live (see [`Park`]).
     park: OnceLock<Park>,
+    /// Told each time a request ends, so that one waiting in the pool can have its place.
+    on_free: OnceLock<OnFree>,
     /// The host closed the connection on purpose (the worker is being replaced or stopped,
     /// or the host stops), rather than the worker going away.
     closed_on_purpose: AtomicBool,
@@ -80,6 +85,12 @@ pub(crate) type Redirect = Box<dyn Fn() -> Option<Arc<WorkerConn>> + Send + Sync
 /// Keeps a request that never reached a lost worker until a worker is ready, when
 /// [`Redirect`] finds none live; gives it back when it cannot.
 pub(crate) type Park = Box<dyn Fn(Moved) -> Result<(), Box<Moved>> + Send + Sync>;
+
+/// How many of a worker's last answers tell whether it answers quickly.
+const RECENT: usize = 8;
+
+/// Tells the pool that a request on the connection ended.
+pub(crate) type OnFree = Box<dyn Fn() + Send + Sync>;
 
 /// How often one request may be moved to another connection.
 const MOST_MOVES: u8 = 2;
@@ -104,7 +115,7 @@ fn held_body(pieces: &[Bytes]) -> VecDeque<BodyPiece> {
 
 /// How many connections one move may try: one picked can refuse (lost, or draining since it
 /// was picked), and the next pick passes it over.
-const REDIRECT_TRIES: usize = 3;
+pub(crate) const REDIRECT_TRIES: usize = 3;
 
 impl WorkerConn {
     /// The limit past which a request given up on unanswered means a stuck worker, for the
@@ -135,6 +146,7 @@ impl WorkerConn {
             alive: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            recent_answers: Default::default(),
             taken: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             on_demand: AtomicBool::new(false),
@@ -145,6 +157,7 @@ impl WorkerConn {
             queued: AtomicU64::new(0),
             redirect: OnceLock::new(),
             park: OnceLock::new(),
+            on_free: OnceLock::new(),
             closed_on_purpose: AtomicBool::new(false),
             stuck: AtomicBool::new(false),
         });
@@ -182,6 +195,14 @@ impl WorkerConn {
     /// Whether the worker can take requests.
     pub(crate) fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the worker finished its last [`RECENT`] requests within `within`: it is
+    /// busy with quick ones.
+    pub(crate) fn answers_quickly(&self, within: Duration) -> bool {
+        let served = self.served.load(Ordering::Relaxed);
+        let oldest = self.recent_answers[served as usize % RECENT].load(Ordering::Relaxed);
+        served >= RECENT as u64 && crate::clock::since(oldest) < within
     }
 
     /// Whether the worker is gone (exited, or its socket failed).
@@ -289,7 +310,7 @@ impl WorkerConn {
                 id,
                 me: me.clone(),
                 conn: Arc::downgrade(self),
-                started: request.started,
+                started: Instant::now(),
                 request: request.request.clone(),
                 state: Mutex::new(request.state),
                 wakes: AtomicUsize::new(0),
@@ -319,6 +340,11 @@ impl WorkerConn {
         let _ = self.park.set(park);
     }
 
+    /// Sets what to tell when a request ends.
+    pub(crate) fn set_on_free(&self, on_free: OnFree) {
+        let _ = self.on_free.set(on_free);
+    }
+
     /// Asks the peer (a pool server) for its pool's status and waits up to `limit` for the
     /// answer; `None` when it has no pool, errors when it does not answer.
     pub(crate) fn query_status(&self, limit: Duration) -> Result<Option<PoolStatus>, String> {
@@ -343,8 +369,14 @@ impl WorkerConn {
 
     fn remove(&self, id: u32) {
         if self.lock_streams().remove(&id).is_some() {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.served.fetch_add(1, Ordering::Relaxed);
+            // Sequentially consistent: see the pool's `waiting`.
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let served = self.served.fetch_add(1, Ordering::Relaxed);
+            self.recent_answers[served as usize % RECENT]
+                .store(crate::clock::stamp(), Ordering::Relaxed);
+            if let Some(on_free) = self.on_free.get() {
+                on_free();
+            }
         }
     }
 
@@ -409,7 +441,6 @@ impl WorkerConn {
                 return false;
             }
             Moved {
-                started: stream.started,
                 state: std::mem::take(&mut *state),
                 request: stream.request.clone(),
             }
@@ -572,7 +603,6 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
 
 /// A request on its way to a worker: its exchange's app side, and what is sent.
 pub(crate) struct Moved {
-    started: Instant,
     state: StreamState,
     /// The request frame, numbered when it is sent.
     request: Frame,
@@ -595,7 +625,6 @@ impl Moved {
             _ => (body, None),
         };
         let request = Moved {
-            started: Instant::now(),
             state: StreamState {
                 responder: Some(responder),
                 websocket: kind == RequestKind::WebSocket,
@@ -624,6 +653,8 @@ impl Moved {
 /// One request on a worker, from the host's side.
 struct HostStream {
     id: u32,
+    /// When this worker was given it: past `request_timeout` unanswered, the worker's thread
+    /// is stuck. The time it waited in the pool's queue does not count.
     started: Instant,
     /// The request as sent, for another worker if this one never got it.
     request: Frame,

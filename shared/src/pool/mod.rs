@@ -107,11 +107,16 @@ pub struct Pool {
     /// Worker exits and replacements, newest last, for the status.
     events: Mutex<VecDeque<String>>,
     restarts: AtomicU64,
-    /// Requests that came while no worker was live (every one starting or restarting, as
-    /// with `processes = 1` after a crash), oldest first: the first worker ready takes them,
-    /// as a daemon's listen queue holds them for mod_wsgi and gunicorn. If a worker cannot
-    /// start they get 503 at once.
+    /// Requests no worker could take when they came, oldest first: every WSGI thread was
+    /// busy, or no worker was live (every one starting or restarting, as with
+    /// `processes = 1` after a crash). The first thread to come free, or the first worker
+    /// ready, takes them, as a daemon's listen queue holds them for mod_wsgi and gunicorn.
+    /// If no worker can start they get 503 at once.
     parked: Mutex<VecDeque<host::Moved>>,
+    /// How many wait in `parked`, for a look without its lock. (Sequentially consistent,
+    /// as is a worker's `in_flight`: a request that parks while a thread comes free is
+    /// seen either by the parker's look for a free thread or by the freed one's look here.)
+    waiting: AtomicUsize,
     /// Workers fail to start (or die young) and the next try is a backoff away: requests
     /// that find no live worker get 503 at once rather than wait for it.
     failing: AtomicBool,
@@ -175,6 +180,7 @@ impl Pool {
             events: Mutex::new(VecDeque::new()),
             restarts: AtomicU64::new(0),
             parked: Mutex::new(VecDeque::new()),
+            waiting: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
             reloading: Mutex::new(()),
             touch_watched: AtomicBool::new(false),
@@ -312,7 +318,12 @@ impl Pool {
         Ok(())
     }
 
-    /// Sends a request to the least busy live worker of the current generation.
+    /// Sends a request to the least busy live worker of the current generation that can
+    /// take it now ([`takes_now`]); when none can, the request waits in the pool's queue
+    /// (`parked`) for the first worker that can, as requests wait in the one listen queue
+    /// that mod_wsgi's daemon processes (and gunicorn's workers) accept from. Handed to a
+    /// busy worker at once, it would wait behind that worker's requests, a slow one
+    /// included, while another worker might be idle.
     pub(crate) fn submit(
         self: &Arc<Self>,
         kind: RequestKind,
@@ -323,18 +334,23 @@ impl Pool {
         // A worker that starts draining between the pick and the submit refuses: pick again.
         for _ in 0..4 {
             let generation = self.current();
-            let Some(conn) = least_busy(&generation, &self.turn) else {
-                // Every worker is starting or restarting: the request waits for one.
+            let (least, taker) = pick_for(&generation, &self.turn);
+            if least.is_some_and(|conn| {
+                conn.in_flight.load(Ordering::Acquire) >= generation.settings.app.threads
+            }) {
+                // Even the least busy worker has every thread taken.
+                self.grow(&generation);
+            }
+            // Those already waiting go first.
+            let taker = taker.filter(|_| self.waiting.load(Ordering::SeqCst) == 0);
+            let Some(conn) = taker else {
+                // Every worker is busy, starting or restarting: the request waits for one.
                 let (exchange, request) = host::Moved::new(kind, &head, &route, body.as_deref());
                 return match self.park(request) {
                     Ok(()) => Ok(exchange),
                     Err(_) => Err(DispatchError::Overloaded),
                 };
             };
-            if conn.in_flight.load(Ordering::Acquire) >= generation.settings.app.threads {
-                // Even the least busy worker has every thread taken.
-                self.grow(&generation);
-            }
             match conn.submit(kind, &head, &route, body.as_deref()) {
                 Err(DispatchError::WorkerLost(_)) => continue,
                 submitted => return submitted,
@@ -345,15 +361,26 @@ impl Pool {
 
     /// The worker a request goes to now (the least busy live one), if any.
     fn pick(&self) -> Option<Arc<WorkerConn>> {
-        least_busy(&self.current(), &self.turn)
+        pick_for(&self.current(), &self.turn).0
     }
 
-    /// Keeps a request until a worker is ready (see `parked`); gives it back when the pool
-    /// stops or as many wait as its workers would queue.
+    /// Keeps a request until a worker can take it (see `parked`); gives it back when the
+    /// pool stops, or when the pool has as many requests unanswered as its workers take
+    /// (`threads + queue_size` each).
     fn park(&self, request: host::Moved) -> Result<(), Box<host::Moved>> {
         let generation = self.current();
         let app = &generation.settings.app;
-        let room = app.processes * (app.threads + app.queue_size);
+        let (live, running) = {
+            let conns = generation.conns.read().unwrap_or_else(|e| e.into_inner());
+            let live = conns.iter().filter(|conn| conn.is_alive());
+            (
+                live.clone().count(),
+                live.map(|conn| conn.in_flight.load(Ordering::Acquire))
+                    .sum::<usize>(),
+            )
+        };
+        let room =
+            (live.max(app.processes) * (app.threads + app.queue_size)).saturating_sub(running);
         {
             let mut parked = self.lock_parked();
             // Checked under the lock that `stop` and `fail_parked` take: none is left behind.
@@ -363,36 +390,44 @@ impl Pool {
             // Those whose client left (or timed out) take no room and go to no worker.
             parked.retain(|waiting| !waiting.abandoned());
             if parked.len() >= room {
+                self.waiting.store(parked.len(), Ordering::SeqCst);
                 return Err(Box::new(request));
             }
             parked.push_back(request);
+            self.waiting.store(parked.len(), Ordering::SeqCst);
         }
-        // A worker registered between the caller's pick and the push has flushed already.
-        if self.pick().is_some() {
-            self.flush_parked();
-        }
+        // A thread that came free between the caller's pick and the push has looked at the
+        // queue already.
+        self.flush_parked();
         Ok(())
     }
 
-    /// Hands the waiting requests to the live workers, least busy first.
+    /// Hands waiting requests, oldest first, to the least busy live workers for as long as
+    /// one can take them ([`takes_now`]). Runs whenever a worker is ready and whenever a
+    /// request ends.
     fn flush_parked(&self) {
-        let waiting = std::mem::take(&mut *self.lock_parked());
-        let mut left = VecDeque::new();
-        'requests: for mut request in waiting.into_iter().filter(|r| !r.abandoned()) {
-            // A worker picked may be lost or begin draining since: the next pick passes it.
-            for _ in 0..3 {
-                let Some(conn) = self.pick() else { break };
-                match conn.enqueue(request) {
-                    Ok(()) => continue 'requests,
-                    Err(back) => request = *back,
-                }
+        let mut refused = 0;
+        while refused < host::REDIRECT_TRIES {
+            let generation = self.current();
+            let (_, Some(conn)) = pick_for(&generation, &self.turn) else {
+                return;
+            };
+            let request = {
+                let mut parked = self.lock_parked();
+                let next = std::iter::from_fn(|| parked.pop_front()).find(|r| !r.abandoned());
+                self.waiting.store(parked.len(), Ordering::SeqCst);
+                next
+            };
+            let Some(request) = request else { return };
+            // Outside the lock: giving a request its stream may end another (its client
+            // gone), which comes back here.
+            if let Err(back) = conn.enqueue(request) {
+                // Lost or draining since the pick, so not picked again: back to the front.
+                let mut parked = self.lock_parked();
+                parked.push_front(*back);
+                self.waiting.store(parked.len(), Ordering::SeqCst);
+                refused += 1;
             }
-            left.push_back(request);
-        }
-        if !left.is_empty() {
-            let mut parked = self.lock_parked();
-            left.append(&mut parked);
-            *parked = left;
         }
     }
 
@@ -402,6 +437,7 @@ impl Pool {
         let waiting = {
             let mut parked = self.lock_parked();
             self.failing.store(true, Ordering::Release);
+            self.waiting.store(0, Ordering::SeqCst);
             std::mem::take(&mut *parked)
         };
         for request in waiting {
@@ -573,6 +609,14 @@ impl Pool {
             conn.set_park(Box::new(move |request| match pool.upgrade() {
                 Some(pool) => pool.park(request),
                 None => Err(Box::new(request)),
+            }));
+            let pool = Arc::downgrade(&self);
+            conn.set_on_free(Box::new(move || {
+                if let Some(pool) = pool.upgrade() {
+                    if pool.waiting.load(Ordering::SeqCst) > 0 {
+                        pool.flush_parked();
+                    }
+                }
             }));
             generation
                 .conns
@@ -857,21 +901,48 @@ pub(crate) fn one_at_a_time(wakes: &AtomicUsize, mut work: impl FnMut()) {
     }
 }
 
-/// The least busy live worker of a generation; `turn` rotates where the search starts, so
-/// that idle workers share the requests.
-fn least_busy(generation: &Generation, turn: &AtomicUsize) -> Option<Arc<WorkerConn>> {
+/// A WSGI worker with every thread busy is still given more requests to queue while its
+/// last few answers all came within this time. One that answers that often is busy with
+/// quick requests: queueing on it keeps its threads fed without a round trip through the
+/// pool's queue for each request (which costs a hello-world app more than half its
+/// throughput). One that answers more slowly may be held by slow requests, which a queued
+/// one would wait behind while another worker's thread comes free first; and for requests
+/// that slow, the round trip is a small part of their time.
+const QUICK: Duration = Duration::from_millis(10);
+
+/// Whether `conn` takes one more request now: a WSGI worker while it has a thread free or
+/// answers quickly ([`QUICK`]). An ASGI worker's requests are tasks on its event loop,
+/// which takes them as they come (up to its `queue_size`, which it enforces itself).
+fn takes_now(generation: &Generation, conn: &WorkerConn) -> bool {
+    let app = &generation.settings.app;
+    app.interface != portico_config::Interface::Wsgi
+        || conn.in_flight.load(Ordering::SeqCst) < app.threads
+        || conn.answers_quickly(QUICK)
+}
+
+/// The least busy live worker of `generation`, and the least busy one that
+/// [`takes_now`], if any; ties go by `turn`, so that idle workers share the work.
+fn pick_for(
+    generation: &Generation,
+    turn: &AtomicUsize,
+) -> (Option<Arc<WorkerConn>>, Option<Arc<WorkerConn>>) {
     let conns = generation.conns.read().unwrap_or_else(|e| e.into_inner());
     let start = turn.fetch_add(1, Ordering::Relaxed);
-    (0..conns.len())
+    let key = |c: &&Arc<WorkerConn>| {
+        (
+            c.in_flight.load(Ordering::Acquire),
+            c.on_demand.load(Ordering::Relaxed),
+        )
+    };
+    let live = (0..conns.len())
         .map(|i| &conns[(start + i) % conns.len()])
-        .filter(|c| c.is_alive())
-        .min_by_key(|c| {
-            (
-                c.in_flight.load(Ordering::Acquire),
-                c.on_demand.load(Ordering::Relaxed),
-            )
-        })
-        .cloned()
+        .filter(|c| c.is_alive());
+    let least = live.clone().min_by_key(key).cloned();
+    let taker = live
+        .filter(|c| takes_now(generation, c))
+        .min_by_key(key)
+        .cloned();
+    (least, taker)
 }
 
 /// Connects to the Unix socket at `path` without waiting. A blocking connect to a Unix
