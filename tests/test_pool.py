@@ -754,7 +754,8 @@ def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
         tmp_path, public_tmp):
     """`user`, `chdir` and `python_home`, as mod_wsgi's `user=`, `home=` and `python-home=`:
     the workers run as nobody, with nobody's groups (initgroups(3), as nginx's and
-    gunicorn's workers), in the directory given and in the virtualenv given. Everything the
+    gunicorn's workers) and nobody's HOME and USER, in the directory given and in the
+    virtualenv given. Everything the
     workers read is put where nobody can read it."""
     binary = binaries_nobody_can_run(public_tmp)
     app_dir, work = public_tmp / "app", public_tmp / "work"
@@ -771,7 +772,8 @@ def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
     config.write_text(
         f'[server]\nlisten = ["127.0.0.1:{port}"]\n[[app]]\nname = "pool"\n'
         f'target = "pool_app:application"\npython_path = ["{app_dir}"]\nmode = "pool"\n'
-        f'processes = 1\nuser = "nobody"\nchdir = "{work}"\npython_home = "{venv}"\n')
+        f'processes = 1\nuser = "nobody"\nchdir = "{work}"\npython_home = "{venv}"\n'
+        f'env = {{ LOGNAME = "set-by-the-app" }}\n')
     server = Server(python_view(public_tmp, binary) + [str(binary), "serve", "--config",
                                                        str(config)], tmp_path, port)
     try:
@@ -784,6 +786,11 @@ def test_workers_run_as_the_pool_user_with_its_groups_in_chdir_and_python_home(
             "groups": sorted(os.getgrouplist("nobody", nobody.pw_gid)),
             "cwd": str(work), "prefix": str(venv), "executable": str(venv / "bin" / "python"),
             "venv_module": True}
+        # Its login's variables are nobody's, as mod_wsgi gives its daemon processes, not
+        # the server's (root's); those the app sets in `env` win.
+        assert server.get("/env?HOME")[2].decode() == nobody.pw_dir
+        assert server.get("/env?USER")[2] == b"nobody"
+        assert server.get("/env?LOGNAME")[2] == b"set-by-the-app"
     finally:
         server.stop()
 

@@ -110,8 +110,24 @@ pub fn user_name(uid: u32) -> Option<String> {
     name_entry(uid).map(|name| name.to_string_lossy().into_owned())
 }
 
-/// The name in the user entry of `uid` (getpwuid_r(3)).
+/// The name and home directory of user `uid`, as the environment's `USER`, `LOGNAME` and
+/// `HOME` give them to a login (login(1)); `None` when no entry has that id.
+pub fn login_of(uid: u32) -> Option<(String, std::path::PathBuf)> {
+    use std::os::unix::ffi::OsStringExt;
+    let (name, home) = user_entry(uid)?;
+    Some((
+        name.to_string_lossy().into_owned(),
+        std::ffi::OsString::from_vec(home.into_bytes()).into(),
+    ))
+}
+
+/// The name in the user entry of `uid`.
 fn name_entry(uid: u32) -> Option<CString> {
+    user_entry(uid).map(|(name, _)| name)
+}
+
+/// The name and home directory in the user entry of `uid` (getpwuid_r(3)).
+fn user_entry(uid: u32) -> Option<(CString, CString)> {
     with_growing_buffer(|buf| {
         // SAFETY: a passwd is plain data (integers and pointers), valid all zero.
         let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
@@ -119,10 +135,15 @@ fn name_entry(uid: u32) -> Option<CString> {
         // SAFETY: as in lookup_user, with getpwuid_r.
         let rc =
             unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: a found entry's pw_name points at a NUL-terminated string in `buf`, which
-        // is copied out (CString::from) before `buf` changes.
-        let name = (!found.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(entry.pw_name) });
-        (rc, name.map(CString::from))
+        // SAFETY: a found entry's pw_name and pw_dir point at NUL-terminated strings in
+        // `buf`, which are copied out (CString::from) before `buf` changes.
+        let strings = (!found.is_null()).then(|| unsafe {
+            (
+                CString::from(std::ffi::CStr::from_ptr(entry.pw_name)),
+                CString::from(std::ffi::CStr::from_ptr(entry.pw_dir)),
+            )
+        });
+        (rc, strings)
     })
     .ok()
     .flatten()

@@ -14,7 +14,7 @@ mod proxies;
 mod units;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use identity::{groups_of, lookup_group, lookup_user, user_name};
+pub use identity::{groups_of, login_of, lookup_group, lookup_user, user_name};
 pub use proxies::TrustedProxies;
 pub use units::{ByteSize, Seconds};
 

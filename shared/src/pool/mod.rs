@@ -1447,6 +1447,9 @@ fn spawn(
     for name in SERVICE_MANAGER_VARIABLES {
         command.env_remove(name);
     }
+    if let Some((uid, _)) = identity {
+        login_variables(&mut command, uid);
+    }
     command.envs(&config.env);
     // The Python library the worker must find (see `check_libpython`).
     if let Some(library) = host_libpython() {
@@ -1552,6 +1555,27 @@ fn spawn_from_lasting_thread(mut command: Command) -> std::io::Result<Child> {
     answer
         .recv()
         .map_err(|_| std::io::Error::other("the pool's spawner thread is gone"))?
+}
+
+/// A worker that runs as another user than the server gets that user's `HOME`, `USER` and
+/// `LOGNAME` (and `USERNAME`, if the server has one), as mod_wsgi's daemon processes do:
+/// the server's would send `~`, `.netrc`, caches and `getpass.getuser()` to the wrong user.
+/// The app's `env` still wins. A uid with no user entry keeps the server's.
+fn login_variables(command: &mut Command, uid: u32) {
+    // SAFETY: geteuid has no preconditions.
+    if uid == unsafe { libc::geteuid() } {
+        return;
+    }
+    let Some((name, home)) = portico_config::login_of(uid) else {
+        return;
+    };
+    command
+        .env("HOME", home)
+        .env("USER", &name)
+        .env("LOGNAME", &name);
+    if std::env::var_os("USERNAME").is_some() {
+        command.env("USERNAME", &name);
+    }
 }
 
 /// The user and group an app's pool workers switch to (`user`, `group`), by name or number;
