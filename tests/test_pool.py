@@ -615,6 +615,32 @@ def test_a_request_goes_to_the_first_free_worker_not_behind_a_slow_one(portico, 
     assert held["r"][0] == 200 and held["r"][2] == b"held"
 
 
+def test_a_request_waiting_in_the_pools_queue_goes_to_the_next_generation(portico, tmp_path):
+    """A request that waits in the pool's queue (every thread busy, as `portico status`
+    shows) when a reload brings a new generation is served by the new workers at once, not
+    left for the old worker's thread after its slow request."""
+    server = portico(pool_app(processes=1, threads=1, graceful_timeout="30s"),
+                     server_extra='status_path = "/_portico/status"')
+    old = int(server.get("/pid")[2])
+    flag = tmp_path / "release"
+    holder, held = hold_in_background(server, f"/hold?{flag}")
+    try:
+        wait_until(lambda: Path(f"{flag}.started").exists(), what="the slow request")
+        waiting, waited = hold_in_background(server, "/pid")
+        status = lambda: json.loads(server.get("/_portico/status")[2])[0]  # noqa: E731
+        wait_until(lambda: status()["queued"] == 1, what="the request to wait in the queue")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        waiting.join(15)
+        assert waited.get("r", (None,))[0] == 200, "the waiting request was not served"
+        assert int(waited["r"][2]) != old
+        assert "r" not in held
+        assert status()["queued"] == 0
+    finally:
+        flag.touch()
+        holder.join(30)
+    assert held["r"][0] == 200 and held["r"][2] == b"held"
+
+
 def test_a_recycled_worker_finishes_its_requests_after_its_slot_ends(portico, tmp_path):
     """A worker replaced for max_requests drains on its own thread: a reload right after,
     which ends the slot that started it, does not cut the request it still runs. (A worker's

@@ -135,14 +135,14 @@ fn user_entry(uid: u32) -> Option<(CString, CString)> {
         // SAFETY: as in lookup_user, with getpwuid_r.
         let rc =
             unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: a found entry's pw_name and pw_dir point at NUL-terminated strings in
-        // `buf`, which are copied out (CString::from) before `buf` changes.
-        let strings = (!found.is_null()).then(|| unsafe {
-            (
-                CString::from(std::ffi::CStr::from_ptr(entry.pw_name)),
-                CString::from(std::ffi::CStr::from_ptr(entry.pw_dir)),
-            )
-        });
+        let copy = |field: *const libc::c_char| {
+            // SAFETY: a found entry's pw_name and pw_dir, when not null, point at
+            // NUL-terminated strings in `buf`, copied out (CString::from) before it changes.
+            (!field.is_null()).then(|| CString::from(unsafe { std::ffi::CStr::from_ptr(field) }))
+        };
+        let strings = (!found.is_null())
+            .then(|| Some((copy(entry.pw_name)?, copy(entry.pw_dir)?)))
+            .flatten();
         (rc, strings)
     })
     .ok()

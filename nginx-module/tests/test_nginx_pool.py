@@ -159,7 +159,8 @@ def test_nginx_starts_the_pool_and_its_workers_serve(tmp_path):
         shown = portico_status("--nginx", pid_file)
         assert shown.returncode == 0, shown.stderr
         head, *rows = shown.stdout.splitlines()
-        assert head == f"app ver: generation 1, 0 restart(s), supervised by pid {pool}", head
+        assert head == (f"app ver: generation 1, 0 restart(s), 0 request(s) queued, "
+                        f"supervised by pid {pool}"), head
         listed = {int(row.split()[0]) for row in rows if row.split()[0].isdigit()}
         assert listed == workers, shown.stdout
         shown = portico_status("--nginx", pid_file, "--json")

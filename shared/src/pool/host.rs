@@ -70,7 +70,8 @@ pub(crate) struct WorkerConn {
     redirect: OnceLock<Redirect>,
     /// Where such a request waits when no worker is live (see [`Park`]).
     park: OnceLock<Park>,
-    /// Told each time a request ends, so that one waiting in the pool can have its place.
+    /// Told each time a request ends, and when the worker is lost, so that one waiting in
+    /// the pool can have its place.
     on_free: OnceLock<OnFree>,
     /// The host closed the connection on purpose (the worker is being replaced or stopped,
     /// or the host stops), rather than the worker going away.
@@ -409,7 +410,7 @@ impl WorkerConn {
         let unwritten = self.delivery.unwritten(queued, Duration::from_secs(1));
         let on_purpose = self.closed_on_purpose.load(Ordering::Acquire);
         for stream in streams {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if unwritten.contains(&stream.id) && self.move_elsewhere(&stream) {
                 continue;
             }
@@ -426,6 +427,10 @@ impl WorkerConn {
                 self.app,
                 self.peer()
             ))));
+        }
+        // Requests waiting in the pool may now go elsewhere (or make the pool grow).
+        if let Some(on_free) = self.on_free.get() {
+            on_free();
         }
     }
 

@@ -309,6 +309,8 @@ impl Pool {
             generation,
         );
         old.retired.store(true, Ordering::Release);
+        // Its workers looked at the queue while the old generation was still current.
+        self.flush_parked();
         log::info!(
             "app `{}`: generation {number} serves; generation {} finishes its requests",
             self.name,
@@ -359,7 +361,16 @@ impl Pool {
         Err(DispatchError::Overloaded)
     }
 
-    /// The worker a request goes to now (the least busy live one), if any.
+    /// The worker a request that never reached a lost one goes to: one that takes it now,
+    /// as `submit` picks, while none waits in the queue; else it waits there too.
+    fn taker(&self) -> Option<Arc<WorkerConn>> {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        pick_for(&self.current(), &self.turn).1
+    }
+
+    /// The least busy live worker, if any.
     fn pick(&self) -> Option<Arc<WorkerConn>> {
         pick_for(&self.current(), &self.turn).0
     }
@@ -367,7 +378,7 @@ impl Pool {
     /// Keeps a request until a worker can take it (see `parked`); gives it back when the
     /// pool stops, or when the pool has as many requests unanswered as its workers take
     /// (`threads + queue_size` each).
-    fn park(&self, request: host::Moved) -> Result<(), Box<host::Moved>> {
+    fn park(self: &Arc<Self>, request: host::Moved) -> Result<(), Box<host::Moved>> {
         let generation = self.current();
         let app = &generation.settings.app;
         let (live, running) = {
@@ -384,7 +395,10 @@ impl Pool {
         {
             let mut parked = self.lock_parked();
             // Checked under the lock that `stop` and `fail_parked` take: none is left behind.
-            if self.stopping.load(Ordering::Acquire) || self.failing.load(Ordering::Acquire) {
+            // (`failing` may outlast a worker that got ready meanwhile: a live one says more.)
+            if self.stopping.load(Ordering::Acquire)
+                || (self.failing.load(Ordering::Acquire) && live == 0)
+            {
                 return Err(Box::new(request));
             }
             // Those whose client left (or timed out) take no room and go to no worker.
@@ -405,11 +419,17 @@ impl Pool {
     /// Hands waiting requests, oldest first, to the least busy live workers for as long as
     /// one can take them ([`takes_now`]). Runs whenever a worker is ready and whenever a
     /// request ends.
-    fn flush_parked(&self) {
+    fn flush_parked(self: &Arc<Self>) {
         let mut refused = 0;
         while refused < host::REDIRECT_TRIES {
             let generation = self.current();
-            let (_, Some(conn)) = pick_for(&generation, &self.turn) else {
+            let (least, taker) = pick_for(&generation, &self.turn);
+            let Some(conn) = taker else {
+                if least.is_some() {
+                    // Requests wait while every worker is busy: one more, on demand (as in
+                    // `submit`; one started on demand may have gone since).
+                    self.grow(&generation);
+                }
                 return;
             };
             let request = {
@@ -422,8 +442,14 @@ impl Pool {
             // Outside the lock: giving a request its stream may end another (its client
             // gone), which comes back here.
             if let Err(back) = conn.enqueue(request) {
-                // Lost or draining since the pick, so not picked again: back to the front.
+                // Lost or draining since the pick, so not picked again: back to the front,
+                // unless the pool stopped or gave up on its waiting requests meanwhile.
                 let mut parked = self.lock_parked();
+                if self.stopping.load(Ordering::Acquire) || self.failing.load(Ordering::Acquire) {
+                    drop(parked);
+                    back.fail(DispatchError::Overloaded);
+                    return;
+                }
                 parked.push_front(*back);
                 self.waiting.store(parked.len(), Ordering::SeqCst);
                 refused += 1;
@@ -518,6 +544,7 @@ impl Pool {
             generation: self.current().number,
             restarts: self.restarts.load(Ordering::Relaxed),
             server_pid: std::process::id(),
+            queued: self.waiting.load(Ordering::SeqCst),
             workers,
             events: self
                 .events
@@ -604,7 +631,7 @@ impl Pool {
             conn.on_demand.store(extra, Ordering::Relaxed);
             let ready_at = Instant::now();
             let pool = Arc::downgrade(&self);
-            conn.set_redirect(Box::new(move || pool.upgrade()?.pick()));
+            conn.set_redirect(Box::new(move || pool.upgrade()?.taker()));
             let pool = Arc::downgrade(&self);
             conn.set_park(Box::new(move |request| match pool.upgrade() {
                 Some(pool) => pool.park(request),
@@ -910,14 +937,17 @@ pub(crate) fn one_at_a_time(wakes: &AtomicUsize, mut work: impl FnMut()) {
 /// that slow, the round trip is a small part of their time.
 const QUICK: Duration = Duration::from_millis(10);
 
-/// Whether `conn` takes one more request now: a WSGI worker while it has a thread free or
-/// answers quickly ([`QUICK`]). An ASGI worker's requests are tasks on its event loop,
+/// Whether `conn` takes one more request now: a WSGI worker while it has a thread free, or
+/// answers quickly ([`QUICK`]) and its own queue has room. An ASGI worker's requests are tasks on its event loop,
 /// which takes them as they come (up to its `queue_size`, which it enforces itself).
 fn takes_now(generation: &Generation, conn: &WorkerConn) -> bool {
     let app = &generation.settings.app;
-    app.interface != portico_config::Interface::Wsgi
-        || conn.in_flight.load(Ordering::SeqCst) < app.threads
-        || conn.answers_quickly(QUICK)
+    if app.interface != portico_config::Interface::Wsgi {
+        return true;
+    }
+    let in_flight = conn.in_flight.load(Ordering::SeqCst);
+    in_flight < app.threads
+        || (in_flight < app.threads + app.queue_size && conn.answers_quickly(QUICK))
 }
 
 /// The least busy live worker of `generation`, and the least busy one that
@@ -1147,6 +1177,9 @@ pub struct PoolStatus {
     /// the `portico pool` server (the one nginx starts, or one run on its own), so that a
     /// sysadmin can tell which process to signal or look for in the logs.
     pub server_pid: u32,
+    /// Requests waiting in the pool's queue for a worker to take them (Passenger's
+    /// "requests in queue").
+    pub queued: usize,
     /// Live workers, serving or draining.
     pub workers: Vec<WorkerStatus>,
     /// The latest exits and replacements with their reasons, oldest first.
@@ -1198,11 +1231,12 @@ impl PoolStatus {
     /// As a JSON object.
     pub fn to_json(&self) -> String {
         let mut out = format!(
-            "{{\"app\":{},\"generation\":{},\"restarts\":{},\"server_pid\":{},\"workers\":[",
+            "{{\"app\":{},\"generation\":{},\"restarts\":{},\"server_pid\":{},\"queued\":{},\"workers\":[",
             json_str(&self.app),
             self.generation,
             self.restarts,
-            self.server_pid
+            self.server_pid,
+            self.queued
         );
         for (i, w) in self.workers.iter().enumerate() {
             let _ = write!(
@@ -1228,10 +1262,11 @@ impl PoolStatus {
     /// As lines for a terminal.
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "app {}: generation {}, {} restart(s), supervised by pid {}\n  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9}\n",
+            "app {}: generation {}, {} restart(s), {} request(s) queued, supervised by pid {}\n  {:>8} {:>4} {:<9} {:>9} {:>9} {:>9}\n",
             self.app,
             self.generation,
             self.restarts,
+            self.queued,
             self.server_pid,
             "PID",
             "GEN",

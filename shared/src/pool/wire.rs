@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -883,6 +883,7 @@ pub fn encode_status(status: Option<&PoolStatus>) -> Bytes {
     out.put_u64_le(status.generation);
     out.put_u64_le(status.restarts);
     out.put_u32_le(status.server_pid);
+    out.put_u64_le(status.queued as u64);
     out.put_u32_le(status.workers.len() as u32);
     for w in &status.workers {
         out.put_u32_le(w.pid);
@@ -914,6 +915,7 @@ pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
     let generation = r.u64()?;
     let restarts = r.u64()?;
     let server_pid = r.u32()?;
+    let queued = usize::try_from(r.u64()?).map_err(|_| bad("queued overflows"))?;
     let n = r.count(45)?;
     let mut workers = Vec::with_capacity(n);
     for _ in 0..n {
@@ -940,6 +942,7 @@ pub fn decode_status(payload: Bytes) -> Result<Option<PoolStatus>, WireError> {
         generation,
         restarts,
         server_pid,
+        queued,
         workers,
         events,
     }))
@@ -1205,6 +1208,7 @@ mod tests {
             generation: 3,
             restarts: 1,
             server_pid: 40,
+            queued: 5,
             workers: vec![WorkerStatus {
                 pid: 42,
                 generation: 3,
