@@ -938,8 +938,9 @@ pub(crate) fn one_at_a_time(wakes: &AtomicUsize, mut work: impl FnMut()) {
 const QUICK: Duration = Duration::from_millis(10);
 
 /// Whether `conn` takes one more request now: a WSGI worker while it has a thread free, or
-/// answers quickly ([`QUICK`]) and its own queue has room. An ASGI worker's requests are tasks on its event loop,
-/// which takes them as they come (up to its `queue_size`, which it enforces itself).
+/// answers quickly ([`QUICK`]) and its own queue has room. An ASGI worker's requests are
+/// tasks on its event loop, which takes them as they come (up to its `queue_size`, which it
+/// enforces itself).
 fn takes_now(generation: &Generation, conn: &WorkerConn) -> bool {
     let app = &generation.settings.app;
     if app.interface != portico_config::Interface::Wsgi {
