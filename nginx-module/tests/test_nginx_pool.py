@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,9 +43,8 @@ pytestmark = [
 
 def portico_toml(path, app_dir, **extra):
     lines = ['[server]', 'listen = ["127.0.0.1:1"]', '[[app]]', 'name = "ver"',
-             'target = "ver:application"', f'python_path = ["{app_dir}"]', 'mode = "pool"',
-             'processes = 2', 'threads = 4']
-    for key, value in extra.items():
+             'target = "ver:application"', f'python_path = ["{app_dir}"]', 'mode = "pool"']
+    for key, value in {"processes": 2, "threads": 4, **extra}.items():
         lines.append(f'{key} = {json.dumps(value)}')
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -884,6 +884,58 @@ def test_nginx_t_checks_a_pooled_app_as_the_user_its_workers_run_as(tmp_path):
     assert done.returncode != 0, done.stderr
     assert f"as the workers' user nobody (uid {NOBODY_UID}, the app's `user`)" in done.stderr, \
         done.stderr
+
+
+QUEUE_APP = """
+import os, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/hold":
+        # Runs until the test writes `release`.
+        open(os.path.join(HERE, "started"), "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(HERE, "release")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    elif path == "/quick":
+        time.sleep(0.1)
+    body = b"v1" if path == "/" else str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+"""
+
+
+def test_a_request_waits_in_the_pool_for_the_first_free_worker(tmp_path):
+    """Under nginx too, a request that finds every worker thread busy waits in the pool
+    server's one queue for the first thread to come free: with one worker held by a slow
+    request, concurrent quick ones are all served by the other, none behind the slow one."""
+    server, pool, app_dir, _ = start_pooled(tmp_path, source=QUEUE_APP, threads=1)
+    held = {}
+    holder = threading.Thread(target=lambda: held.setdefault("r", server.get("/hold", timeout=30)))
+    results = []
+    quick = [threading.Thread(target=lambda: results.append(server.get("/quick")))
+             for _ in range(6)]
+    try:
+        holder.start()
+        wait_until((app_dir / "started").exists, what="the slow request")
+        for t in quick:
+            t.start()
+        deadline = time.monotonic() + 15
+        for t in quick:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert [r[0] for r in results] == [200] * 6, \
+            f"{len(results)} of 6 quick requests served beside the slow one"
+        assert len({r[1] for r in results}) == 1 and "r" not in held
+    finally:
+        (app_dir / "release").touch()
+        holder.join(30)
+        for t in quick:
+            t.join(30)
+        server.stop()
+    assert held["r"][0] == 200
 
 
 def test_a_stuck_worker_is_replaced_though_its_client_gave_up(tmp_path):
