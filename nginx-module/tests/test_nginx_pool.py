@@ -938,6 +938,27 @@ def test_a_request_waits_in_the_pool_for_the_first_free_worker(tmp_path):
     assert held["r"][0] == 200
 
 
+def test_a_request_its_client_left_keeps_its_thread_until_the_app_lets_go(tmp_path):
+    """A client that leaves (nginx sees it at once) does not free the thread that runs its
+    request: WSGI cannot stop the app. The pool counts it until the worker says the app let
+    go, so the next requests go to the other worker rather than wait behind it."""
+    server, pool, app_dir, _ = start_pooled(tmp_path, source=QUEUE_APP, threads=1)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until((app_dir / "started").exists, what="the slow request")
+            # Closed with a reset: nginx sees the client gone at once.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_until(lambda: all(w["in_flight"] == 0 for w in status(server)[0]["workers"]),
+                   what="the pool to give the request up")
+        served = [server.get("/pid", timeout=5) for _ in range(6)]
+        assert [r[0] for r in served] == [200] * 6
+        assert len({r[1] for r in served}) == 1, "a request went to the worker still held"
+    finally:
+        (app_dir / "release").touch()
+        server.stop()
+
+
 def test_a_stuck_worker_is_replaced_though_its_client_gave_up(tmp_path):
     """A client that leaves before `request_timeout` (a health check, a load balancer with a
     shorter timeout) does not save a stuck worker: its thread is still in the app, so the

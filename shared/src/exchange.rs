@@ -380,6 +380,22 @@ impl Exchange {
         false
     }
 
+    /// Gives up on the request as dropping the exchange does (the app side sees the host
+    /// gone, and what it sent is dropped), but goes on watching it: true when the app side
+    /// has let go of the request already, else `waker` fires once it does (a WSGI thread
+    /// still in the app, say). Called again from that wake-up, it answers the same way.
+    pub fn abandon_and_watch(&self, waker: &Waker) -> bool {
+        let mut state = self.shared.lock();
+        state.host_gone = true;
+        state.events.clear();
+        let released = state.app_gone;
+        if !released {
+            state.host_waker = Some(waker.clone());
+        }
+        self.shared.wake_app(state);
+        released
+    }
+
     /// Answers a [`AppEvent::NeedBody`]. Never blocks: only one piece is ever outstanding.
     pub fn send_body(&self, piece: BodyPiece) {
         let mut state = self.shared.lock();

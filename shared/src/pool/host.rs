@@ -38,6 +38,10 @@ pub(crate) struct WorkerConn {
     alive: AtomicBool,
     /// Requests on this worker now.
     pub(crate) in_flight: AtomicUsize,
+    /// Requests the host gave up on (their client left, or timed out) that the app may
+    /// still run: they take a thread until the worker says the app let go
+    /// ([`Kind::Released`]).
+    cancelled_running: AtomicUsize,
     /// Requests this worker has finished.
     pub(crate) served: AtomicU64,
     /// When it finished each of its last [`RECENT`] requests (as [`crate::clock::stamp`]s),
@@ -146,6 +150,7 @@ impl WorkerConn {
             next_stream: AtomicU32::new(1),
             alive: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
+            cancelled_running: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             recent_answers: Default::default(),
             taken: AtomicU64::new(0),
@@ -375,10 +380,21 @@ impl WorkerConn {
             let served = self.served.fetch_add(1, Ordering::Relaxed);
             self.recent_answers[served as usize % RECENT]
                 .store(crate::clock::stamp(), Ordering::Relaxed);
-            if let Some(on_free) = self.on_free.get() {
-                on_free();
-            }
+            self.tell_free();
         }
+    }
+
+    /// Tells the pool that a request no longer takes a place here (see [`OnFree`]).
+    fn tell_free(&self) {
+        if let Some(on_free) = self.on_free.get() {
+            on_free();
+        }
+    }
+
+    /// The worker's threads taken: requests in flight, and those given up on that the app
+    /// may still run.
+    pub(crate) fn busy(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst) + self.cancelled_running.load(Ordering::SeqCst)
     }
 
     fn send(&self, frame: Frame) {
@@ -429,9 +445,8 @@ impl WorkerConn {
             ))));
         }
         // Requests waiting in the pool may now go elsewhere (or make the pool grow).
-        if let Some(on_free) = self.on_free.get() {
-            on_free();
-        }
+        self.cancelled_running.store(0, Ordering::SeqCst);
+        self.tell_free();
     }
 
     /// Moves a request that never reached this worker to where [`WorkerConn::set_redirect`]
@@ -499,6 +514,17 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
         }
         Kind::Recycle => {
             conn.request_recycle_stuck(String::from_utf8_lossy(&frame.payload).into_owned());
+            return Ok(());
+        }
+        Kind::Released => {
+            // The thread of a request given up on is free (a worker that sends more than it
+            // was asked for frees none).
+            let released =
+                conn.cancelled_running
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if released.is_ok() {
+                conn.tell_free();
+            }
             return Ok(());
         }
         Kind::Status => {
@@ -842,6 +868,10 @@ impl HostStream {
                             ));
                         }
                     }
+                }
+                if let Some(conn) = self.conn.upgrade() {
+                    // Counted before its place in flight is given back (below).
+                    conn.cancelled_running.fetch_add(1, Ordering::SeqCst);
                 }
                 frames.push(Frame::bare(Kind::Cancel, self.id));
                 state.queue.clear();

@@ -946,9 +946,8 @@ fn takes_now(generation: &Generation, conn: &WorkerConn) -> bool {
     if app.interface != portico_config::Interface::Wsgi {
         return true;
     }
-    let in_flight = conn.in_flight.load(Ordering::SeqCst);
-    in_flight < app.threads
-        || (in_flight < app.threads + app.queue_size && conn.answers_quickly(QUICK))
+    let busy = conn.busy();
+    busy < app.threads || (busy < app.threads + app.queue_size && conn.answers_quickly(QUICK))
 }
 
 /// The least busy live worker of `generation`, and the least busy one that

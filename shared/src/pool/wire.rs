@@ -46,7 +46,8 @@ pub enum Kind {
     BodyEnd = 4,
     /// Host → worker: the request body cannot be read (an encoded [`DispatchError`]).
     BodyFailed = 5,
-    /// Host → worker: the client is gone; the worker drops the request.
+    /// Host → worker: the client is gone; the worker drops the request, and answers with
+    /// [`Kind::Released`] once the app has let go of it.
     Cancel = 6,
     /// Host → worker: `increment: u32`, more response body the worker may send.
     Window = 7,
@@ -93,6 +94,10 @@ pub enum Kind {
     /// its threads has run a request past `request_timeout`, whether or not the host still
     /// waits for that request.
     Recycle = 29,
+    /// Worker → host: the app has let go of a request the host cancelled, so the thread
+    /// that ran it is free (at once when the app had let go already). The answer to every
+    /// [`Kind::Cancel`].
+    Released = 30,
 }
 
 /// Client WebSocket messages the host may send on a stream before the worker acknowledges
@@ -127,6 +132,7 @@ impl Kind {
             27 => Kind::WsAck,
             28 => Kind::Status,
             29 => Kind::Recycle,
+            30 => Kind::Released,
             _ => return None,
         })
     }

@@ -121,6 +121,27 @@ impl Wake for StreamWaker {
     }
 }
 
+/// Watches a request the host cancelled until the app lets go of it, then tells the host
+/// ([`Kind::Released`]). It keeps the stream (and so its exchange) until then.
+struct ReleaseWatch {
+    id: u32,
+    stream: Arc<WorkerStream>,
+    out: Sender<Frame>,
+}
+
+impl Wake for ReleaseWatch {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let waker = Waker::from(self.clone());
+        if self.stream.exchange.abandon_and_watch(&waker) {
+            let _ = self.out.send(Frame::bare(Kind::Released, self.id));
+        }
+    }
+}
+
 /// Runs [`pump`] for `stream` unless another thread is running it, which then looks again.
 fn wake_stream(id: u32, stream: &Arc<WorkerStream>, link: &Link) {
     super::one_at_a_time(&stream.wakes, || pump(id, stream, link));
@@ -319,6 +340,24 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
+            }
+            // The host counts the request against the worker's threads until the app lets
+            // go of it. A WebSocket (ASGI's only: a task, no thread) and a stream already
+            // over are released at once.
+            match stream.filter(|_| !waiting) {
+                Some(stream) => {
+                    let watch = Waker::from(Arc::new(ReleaseWatch {
+                        id,
+                        stream: stream.clone(),
+                        out: link.out.clone(),
+                    }));
+                    if stream.exchange.abandon_and_watch(&watch) {
+                        let _ = link.out.send(Frame::bare(Kind::Released, id));
+                    }
+                }
+                None => {
+                    let _ = link.out.send(Frame::bare(Kind::Released, id));
+                }
             }
         }
         Kind::WsIn | Kind::WsClosed => {
