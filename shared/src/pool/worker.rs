@@ -342,8 +342,8 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
                     .remove(&id);
             }
             // The host counts the request against the worker's threads until the app lets
-            // go of it. A WebSocket (ASGI's only: a task, no thread) and a stream already
-            // over are released at once.
+            // go of it. A WebSocket whose client messages still wait for the app (ASGI's: a
+            // task, no thread) and a stream already over are released at once.
             match stream.filter(|_| !waiting) {
                 Some(stream) => {
                     let watch = Waker::from(Arc::new(ReleaseWatch {
