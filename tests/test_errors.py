@@ -261,6 +261,36 @@ def test_full_queue_is_503_with_retry_after(portico):
                                ("/ok", 503, "1"), ("/ok", 503, "1")]
 
 
+def test_a_request_that_waited_past_queue_timeout_gets_504_and_never_reaches_the_app(portico):
+    """queue_timeout, as mod_wsgi's queue-timeout: a request that waited longer than that for
+    a thread (for a worker, in pool mode) is answered 504 when its turn comes, and the app
+    never runs it; the log says so, and the next request is served as usual."""
+    server = portico(app_table("bad", "misbehaving:application", threads=1,
+                               queue_timeout="1s"))
+    results = {}
+
+    def call(path):
+        results[path] = server.get(path, timeout=30)
+
+    busy = threading.Thread(target=call, args=("/block",))
+    busy.start()
+    server.wait_for_log("blocking in /block")
+    # /block holds the only thread for 3 s: /stderr waits past its 1 s, then gets its turn.
+    waiting = threading.Thread(target=call, args=("/stderr",))
+    waiting.start()
+    for t in (busy, waiting):
+        t.join(30)
+    assert results["/block"][0] == 200 and results["/block"][2] == b"unblocked"
+    status, _, body = results["/stderr"]
+    assert status == 504, body
+    log = server.log()
+    assert "a line for wsgi.errors" not in log, "the app ran the request that timed out"
+    assert "in app `bad`'s queue, past its queue_timeout (1000 ms)" in log, log
+    status, _, body = server.get("/stderr")
+    assert (status, body) == (200, b"logged")
+    server.wait_for_log("a line for wsgi.errors")
+
+
 def test_as_many_clients_as_threads_and_queue_are_never_refused(portico):
     """threads = 1 and queue_size = 1 take two requests at a time. Two keep-alive clients
     never have more than two unanswered, so neither is ever refused, even though each

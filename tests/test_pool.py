@@ -641,6 +641,38 @@ def test_a_request_waiting_in_the_pools_queue_goes_to_the_next_generation(portic
     assert held["r"][0] == 200 and held["r"][2] == b"held"
 
 
+def test_a_request_past_queue_timeout_in_the_pools_queue_gets_504_and_leaves_the_queue(
+        portico, tmp_path):
+    """A request waiting in the pool's queue (as `portico status` shows) past the app's
+    queue_timeout is answered 504 when a thread comes free, and no worker runs it: the
+    worker's request count does not move."""
+    server = portico(pool_app(processes=1, threads=1, queue_timeout="1s"),
+                     server_extra='status_path = "/_portico/status"')
+    status = lambda: json.loads(server.get("/_portico/status")[2])[0]  # noqa: E731
+    flag = tmp_path / "release"
+    holder, held = hold_in_background(server, f"/hold?{flag}")
+    try:
+        wait_until(lambda: Path(f"{flag}.started").exists(), what="the slow request")
+        waiting, waited = hold_in_background(server, "/pid")
+        wait_until(lambda: status()["queued"] == 1, what="the request to wait in the queue")
+        served = status()["workers"][0]["served"]
+        # Past its queue_timeout while the one thread is held; then the thread comes free.
+        time.sleep(1.5)
+        flag.touch()
+        holder.join(30)
+        waiting.join(30)
+        assert held["r"][0] == 200 and held["r"][2] == b"held"
+        assert waited["r"][0] == 504, waited["r"]
+        assert status()["queued"] == 0
+        # The held request is the only one served since.
+        assert status()["workers"][0]["served"] == served + 1
+        assert "past its queue_timeout (1000 ms)" in server.log()
+        assert server.get("/pid")[0] == 200
+    finally:
+        flag.touch()
+        holder.join(30)
+
+
 def test_a_recycled_worker_finishes_its_requests_after_its_slot_ends(portico, tmp_path):
     """A worker replaced for max_requests drains on its own thread: a reload right after,
     which ends the slot that started it, does not cut the request it still runs. (A worker's
@@ -743,6 +775,27 @@ def test_a_worker_over_max_memory_is_replaced_after_its_requests(portico):
     assert server.get("/grow")[0] == 200
     server.wait_for_log(f"pool worker {pid} replaced (its memory", timeout=10)
     assert int(server.get("/pid")[2]) != pid
+
+
+def test_max_lifetime_replaces_each_worker_in_turn_without_a_failed_request(portico):
+    """max_lifetime (mod_wsgi's restart-interval, uWSGI's max-worker-lifetime): a worker that
+    has served that long is replaced as for max_requests, its replacement first, while
+    requests go on; and the replacement is replaced in its turn."""
+    server = portico(pool_app(processes=1, max_lifetime="1s"))
+    first = int(server.get("/pid")[2])
+    statuses, pids = [], []
+
+    def two_replacements():
+        status, _, body = server.get("/pid")
+        statuses.append(status)
+        if status == 200 and int(body) not in pids:
+            pids.append(int(body))
+        return len(pids) >= 3
+    wait_until(two_replacements, timeout=20, interval=0.01, what="two replacements")
+    assert set(statuses) == {200}, statuses
+    assert pids[0] == first, pids
+    server.wait_for_log(f"pool worker {first} replaced (it served for max_lifetime (1s))")
+    server.wait_for_log(f"pool worker {pids[1]} replaced (it served for max_lifetime (1s))")
 
 
 def test_a_workers_sys_executable_is_the_embedded_python(portico):

@@ -224,6 +224,13 @@ pub struct AppConfig {
     /// gets 503 with `Retry-After`. Default: 1024.
     #[serde(default = "AppConfig::default_queue_size")]
     pub queue_size: usize,
+    /// How long a request may wait for a free Python thread (in pool mode, for a worker)
+    /// before it gets 504 without reaching the app, as mod_wsgi's `queue-timeout`: after a
+    /// burst, the app serves the clients still waiting, not a backlog whose clients gave up.
+    /// Checked when a thread takes the request. `0` means no limit (`request_timeout` still
+    /// bounds the wait). Default: 0.
+    #[serde(default)]
+    pub queue_timeout: Seconds,
     /// Largest request body accepted; larger ones get 413. `0` means no limit. Default: `"100M"`.
     #[serde(default = "AppConfig::default_max_body_size")]
     pub max_body_size: ByteSize,
@@ -287,6 +294,12 @@ pub struct AppConfig {
     /// current requests. `0` means no limit. Default: 0.
     #[serde(default = "AppConfig::default_max_memory")]
     pub max_memory: ByteSize,
+    /// Pool only: a worker that has served this long is replaced after its current requests,
+    /// as for `max_requests` (mod_wsgi's `restart-interval`, uWSGI's `max-worker-lifetime`);
+    /// each worker's limit is up to a tenth longer, at random, so that workers started
+    /// together are not replaced together. `0` means no limit. Default: 0.
+    #[serde(default)]
+    pub max_lifetime: Seconds,
     /// Pool only: how long a worker being replaced (reload, `max_requests`, `max_memory`, a
     /// request past `request_timeout`) gets to finish its requests before it is killed.
     /// Default: 30 s.
@@ -382,6 +395,7 @@ impl AppConfig {
             chdir: None,
             threads: Self::default_threads(),
             queue_size: Self::default_queue_size(),
+            queue_timeout: Seconds::default(),
             max_body_size: Self::default_max_body_size(),
             request_timeout: Self::default_request_timeout(),
             body_timeout: Self::default_body_timeout(),
@@ -397,6 +411,7 @@ impl AppConfig {
             max_requests: 0,
             max_requests_jitter: 0,
             max_memory: ByteSize(0),
+            max_lifetime: Seconds::default(),
             graceful_timeout: Self::default_graceful_timeout(),
             user: None,
             group: None,
@@ -883,6 +898,14 @@ impl Config {
                         );
                     }
                 }
+                // An in-process ASGI app's requests go to its event loop at once: none waits
+                // for a thread, so a queue_timeout there would be a limit that never acts.
+                if app.interface == Interface::Asgi && locator.app_sets(i, "queue_timeout") {
+                    err(
+                        key("queue_timeout"),
+                        "is for WSGI apps and pooled apps (an in-process ASGI app's requests wait for no thread)".into(),
+                    );
+                }
                 // The pool's own settings mean nothing in-process: said, not ignored, so a
                 // pool left at `mode`'s default is not taken for one that recycles its workers.
                 for k in POOL_ONLY {
@@ -962,7 +985,7 @@ impl Config {
 
 /// The pool's settings that an in-process app cannot have (besides `user`, `group`, `env`
 /// and `pool_socket`, refused with their own reasons).
-const POOL_ONLY: [&str; 9] = [
+const POOL_ONLY: [&str; 10] = [
     "processes",
     "max_processes",
     "idle_timeout",
@@ -970,6 +993,7 @@ const POOL_ONLY: [&str; 9] = [
     "max_requests",
     "max_requests_jitter",
     "max_memory",
+    "max_lifetime",
     "graceful_timeout",
     "touch_reload",
 ];

@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Duration;
 
 fn load(text: &str) -> Result<Config, ConfigErrors> {
     let path = Path::new("/etc/portico.toml");
@@ -386,6 +387,41 @@ fn pool_settings_on_an_in_process_app_are_refused() {
             (Some(5), Some("app[0].max_requests"))
         ],
         "{errors:?}"
+    );
+}
+
+#[test]
+fn queue_timeout_is_refused_where_no_request_waits_for_a_thread() {
+    let path = Path::new("/etc/portico.toml");
+    let text = "[[app]]\nname = \"w\"\ntarget = \"m:app\"\nqueue_timeout = \"5s\"\n\
+         [[app]]\nname = \"a\"\ntarget = \"m:app\"\nmount = \"/a\"\ninterface = \"asgi\"\n\
+         queue_timeout = \"5s\"\nmax_lifetime = \"1h\"\n\
+         [[app]]\nname = \"p\"\ntarget = \"m:app\"\nmount = \"/p\"\ninterface = \"asgi\"\n\
+         mode = \"pool\"\nqueue_timeout = \"500ms\"\nmax_lifetime = \"1h\"\n";
+    let errors = Config::from_text(text, path, Routing::Mounts)
+        .unwrap_err()
+        .0;
+    let found = line_key_message(&errors);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].0, Some(10), "{found:?}");
+    assert_eq!(found[0].1, Some("app[1].queue_timeout"), "{found:?}");
+    assert!(found[0].2.starts_with("is for WSGI apps and pooled apps"));
+    assert_eq!(found[1].1, Some("app[1].max_lifetime"), "{found:?}");
+    assert!(found[1].2.starts_with("is only for mode = \"pool\""));
+    // The WSGI app and the pooled ASGI app keep theirs.
+    let fixed = text.replace("queue_timeout = \"5s\"\nmax_lifetime = \"1h\"\n", "");
+    let config = Config::from_text(&fixed, path, Routing::Mounts).unwrap();
+    assert_eq!(
+        config.app[0].queue_timeout.as_limit(),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        config.app[2].queue_timeout.as_limit(),
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        config.app[2].max_lifetime.as_limit(),
+        Some(Duration::from_secs(3600))
     );
 }
 

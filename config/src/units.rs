@@ -10,7 +10,7 @@ pub struct ByteSize(pub u64);
 
 /// A duration: an integer or float number of seconds, or a string with an `ms`, `s`, `m` or
 /// `h` suffix.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Seconds(pub Duration);
 
 impl Seconds {

@@ -192,6 +192,7 @@ impl App {
             route,
             responder,
             body,
+            queued: None,
         };
         let queued = match &self.placement {
             Placement::Threads(threads) => threads.submit(job),
@@ -289,13 +290,8 @@ impl Dispatcher {
                         .map_err(|e| fail(python::format_exception(py, &e)))
                     })?;
                     Placement::Threads(
-                        ThreadPool::start(
-                            &config.name,
-                            config.threads,
-                            config.queue_size,
-                            Arc::new(runner),
-                        )
-                        .map_err(|e| fail(format!("cannot start threads: {e}")))?,
+                        ThreadPool::start(config, Arc::new(runner))
+                            .map_err(|e| fail(format!("cannot start threads: {e}")))?,
                     )
                 }
                 Interface::Asgi => {

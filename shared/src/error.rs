@@ -26,6 +26,9 @@ pub enum DispatchError {
     Overloaded,
     /// The app did not start its response within `request_timeout`.
     AppTimeout,
+    /// The request waited for a thread (or a pool worker) longer than the app's
+    /// `queue_timeout`, and never reached the app; how long, and for which app.
+    QueueTimeout(String),
     /// The app raised (its traceback is already in the log).
     AppRaised(String),
     /// The app broke the gateway protocol: a bad status or header, a `str` body, etc.
@@ -44,6 +47,21 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
+    /// A request that waited `waited` in app `app`'s queue, past its `queue_timeout`
+    /// (`limit`): the text names both for the log.
+    pub fn queue_timeout(
+        app: &str,
+        waited: std::time::Duration,
+        limit: std::time::Duration,
+    ) -> Self {
+        DispatchError::QueueTimeout(format!(
+            "a request waited {} ms in app `{app}`'s queue, past its queue_timeout ({} ms); \
+             answered 504 without calling the app",
+            waited.as_millis(),
+            limit.as_millis()
+        ))
+    }
+
     /// The HTTP status the client gets for this error (RFC 9110, section 15).
     pub fn status(&self) -> u16 {
         match self {
@@ -59,7 +77,8 @@ impl DispatchError {
             DispatchError::WorkerLost(_) | DispatchError::PoolUnreachable(_) => 502,
             DispatchError::Overloaded => 503,
             DispatchError::MethodNotAllowed => 405,
-            DispatchError::AppTimeout => 504,
+            // As mod_wsgi's queue-timeout and Passenger's max_request_queue_time answer.
+            DispatchError::AppTimeout | DispatchError::QueueTimeout(_) => 504,
         }
     }
 
@@ -71,6 +90,8 @@ impl DispatchError {
             DispatchError::WorkerLost(_)
             | DispatchError::PoolUnreachable(_)
             | DispatchError::BodyStore(_) => Some(log::Level::Error),
+            // The app is falling behind: a sysadmin wants to see it, though nothing failed.
+            DispatchError::QueueTimeout(_) => Some(log::Level::Warn),
             _ => None,
         }
     }
@@ -107,6 +128,7 @@ impl fmt::Display for DispatchError {
             DispatchError::AppTimeout => {
                 write!(f, "the app did not respond within request_timeout")
             }
+            DispatchError::QueueTimeout(why) => write!(f, "{why}"),
             DispatchError::AppRaised(why) => write!(f, "the app raised: {why}"),
             DispatchError::BadResponse(why) => write!(f, "invalid response from the app: {why}"),
             DispatchError::WorkerLost(why) => write!(f, "the app's worker process was lost: {why}"),

@@ -10,8 +10,8 @@
 //! - a worker that exits costs the requests it had in flight (502); the slot starts another
 //!   at once, or after a pause (0.5 s doubling to 30 s) when workers die young or never get
 //!   ready, as an app that cannot import does: one clear error per attempt, no spawn storm;
-//! - a worker to be replaced (`max_requests`, `max_memory`, a request stuck past
-//!   `request_timeout`) is replaced first, then drained: it takes no new requests, finishes
+//! - a worker to be replaced (`max_requests`, `max_memory`, `max_lifetime`, a request stuck
+//!   past `request_timeout`) is replaced first, then drained: it takes no new requests, finishes
 //!   those it has (up to `graceful_timeout`), and is stopped;
 //! - a reload starts a new generation; once it has loaded the app it takes every new request
 //!   and the old generation drains the same way. If the new code cannot be loaded, the old
@@ -112,7 +112,7 @@ pub struct Pool {
     /// `processes = 1` after a crash). The first thread to come free, or the first worker
     /// ready, takes them, as a daemon's listen queue holds them for mod_wsgi and gunicorn.
     /// If no worker can start they get 503 at once.
-    parked: Mutex<VecDeque<host::Moved>>,
+    parked: Mutex<VecDeque<Parked>>,
     /// How many wait in `parked`, for a look without its lock. (Sequentially consistent,
     /// as is a worker's `in_flight`: a request that parks while a thread comes free is
     /// seen either by the parker's look for a free thread or by the freed one's look here.)
@@ -150,6 +150,29 @@ impl Generation {
             slots: AtomicUsize::new(0),
             growing: AtomicBool::new(false),
         }
+    }
+}
+
+/// A request in the pool's queue, and since when it waits there.
+struct Parked {
+    since: Instant,
+    request: host::Moved,
+}
+
+impl Parked {
+    fn new(request: host::Moved) -> Parked {
+        Parked {
+            since: Instant::now(),
+            request,
+        }
+    }
+
+    /// How long it has waited, with the limit, when that is past `limit` (the app's
+    /// `queue_timeout`; `None`: no limit).
+    fn past(&self, limit: Option<Duration>) -> Option<(Duration, Duration)> {
+        let limit = limit?;
+        let waited = self.since.elapsed();
+        (waited > limit).then_some((waited, limit))
     }
 }
 
@@ -392,6 +415,7 @@ impl Pool {
         };
         let room =
             (live.max(app.processes) * (app.threads + app.queue_size)).saturating_sub(running);
+        let mut expired = Vec::new();
         {
             let mut parked = self.lock_parked();
             // Checked under the lock that `stop` and `fail_parked` take: none is left behind.
@@ -401,15 +425,28 @@ impl Pool {
             {
                 return Err(Box::new(request));
             }
-            // Those whose client left (or timed out) take no room and go to no worker.
-            parked.retain(|waiting| !waiting.abandoned());
+            // Those whose client left (or timed out) take no room and go to no worker; those
+            // past the app's queue_timeout get their 504 now.
+            let limit = app.queue_timeout.as_limit();
+            for waiting in std::mem::take(&mut *parked) {
+                if waiting.request.abandoned() {
+                    continue;
+                }
+                match waiting.past(limit) {
+                    Some((waited, limit)) => expired.push((waiting.request, waited, limit)),
+                    None => parked.push_back(waiting),
+                }
+            }
             if parked.len() >= room {
                 self.waiting.store(parked.len(), Ordering::SeqCst);
+                drop(parked);
+                self.expire(expired);
                 return Err(Box::new(request));
             }
-            parked.push_back(request);
+            parked.push_back(Parked::new(request));
             self.waiting.store(parked.len(), Ordering::SeqCst);
         }
+        self.expire(expired);
         // A thread that came free between the caller's pick and the push has looked at the
         // queue already.
         self.flush_parked();
@@ -432,13 +469,29 @@ impl Pool {
                 }
                 return;
             };
+            let limit = generation.settings.app.queue_timeout.as_limit();
+            let mut expired = Vec::new();
             let request = {
                 let mut parked = self.lock_parked();
-                let next = std::iter::from_fn(|| parked.pop_front()).find(|r| !r.abandoned());
+                let next = loop {
+                    let Some(waiting) = parked.pop_front() else {
+                        break None;
+                    };
+                    if waiting.request.abandoned() {
+                        continue;
+                    }
+                    match waiting.past(limit) {
+                        Some((waited, limit)) => expired.push((waiting.request, waited, limit)),
+                        None => break Some(waiting),
+                    }
+                };
                 self.waiting.store(parked.len(), Ordering::SeqCst);
                 next
             };
-            let Some(request) = request else { return };
+            self.expire(expired);
+            let Some(Parked { since, request }) = request else {
+                return;
+            };
             // Outside the lock: giving a request its stream may end another (its client
             // gone), which comes back here.
             if let Err(back) = conn.enqueue(request) {
@@ -450,7 +503,10 @@ impl Pool {
                     back.fail(DispatchError::Overloaded);
                     return;
                 }
-                parked.push_front(*back);
+                parked.push_front(Parked {
+                    since,
+                    request: *back,
+                });
                 self.waiting.store(parked.len(), Ordering::SeqCst);
                 refused += 1;
             }
@@ -466,12 +522,20 @@ impl Pool {
             self.waiting.store(0, Ordering::SeqCst);
             std::mem::take(&mut *parked)
         };
-        for request in waiting {
-            request.fail(DispatchError::Overloaded);
+        for waiting in waiting {
+            waiting.request.fail(DispatchError::Overloaded);
         }
     }
 
-    fn lock_parked(&self) -> std::sync::MutexGuard<'_, VecDeque<host::Moved>> {
+    /// Answers requests that waited past the app's `queue_timeout` (504); outside the
+    /// queue's lock, as answering may end a stream.
+    fn expire(&self, expired: Vec<(host::Moved, Duration, Duration)>) {
+        for (request, waited, limit) in expired {
+            request.fail(DispatchError::queue_timeout(&self.name, waited, limit));
+        }
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -674,6 +738,7 @@ impl Pool {
             }
             let max_requests = max_requests_for(&settings.app, pid);
             let max_memory = settings.app.max_memory.0;
+            let max_lifetime = max_lifetime_for(&settings.app, pid);
             let mut memory_checked = Instant::now();
             let idle_limit = settings.app.idle_timeout.as_limit();
             let mut idle_since: Option<Instant> = None;
@@ -718,6 +783,12 @@ impl Pool {
                             max_memory >> 20
                         ));
                     }
+                }
+                if max_lifetime.is_some_and(|limit| ready_at.elapsed() >= limit) {
+                    conn.request_recycle(format!(
+                        "it served for max_lifetime ({:?})",
+                        settings.app.max_lifetime.0
+                    ));
                 }
                 if conn.recycle_reason().is_some() {
                     // The replacement starts now (the loop goes round); this worker serves
@@ -893,11 +964,23 @@ fn max_requests_for(app: &AppConfig, pid: u32) -> u64 {
     if jitter == 0 {
         return base;
     }
-    let seed = SystemTime::now()
+    base + worker_seed(pid) % (jitter + 1)
+}
+
+/// `max_lifetime` plus up to a tenth more for this worker, so that workers started together
+/// are not all replaced at once; `None`: no limit.
+fn max_lifetime_for(app: &AppConfig, pid: u32) -> Option<Duration> {
+    let base = app.max_lifetime.as_limit()?;
+    let tenth = (base.as_millis() / 10) as u64;
+    Some(base + Duration::from_millis(worker_seed(pid) % (tenth + 1)))
+}
+
+/// A number that differs from worker to worker: for the random share of a limit.
+fn worker_seed(pid: u32) -> u64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64)
-        ^ (u64::from(pid) << 17);
-    base + seed % (jitter + 1)
+        ^ (u64::from(pid) << 17)
 }
 
 /// How a socket's reading ended.

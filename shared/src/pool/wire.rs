@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 8;
+pub const VERSION: u16 = 9;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -829,6 +829,7 @@ pub fn encode_error(e: &DispatchError) -> Bytes {
         DispatchError::PoolUnreachable(why) => (11, why, 0),
         DispatchError::MethodNotAllowed => (12, "", 0),
         DispatchError::BodyStore(why) => (13, why, 0),
+        DispatchError::QueueTimeout(why) => (14, why, 0),
     };
     out.put_u8(tag);
     put_bytes(&mut out, clip(text, ERROR_TEXT_LIMIT).as_bytes());
@@ -875,6 +876,7 @@ pub fn decode_error(payload: Bytes) -> Result<DispatchError, WireError> {
         11 => DispatchError::PoolUnreachable(text),
         12 => DispatchError::MethodNotAllowed,
         13 => DispatchError::BodyStore(text),
+        14 => DispatchError::QueueTimeout(text),
         other => return Err(bad(format!("an error tag {other}"))),
     })
 }
@@ -1159,6 +1161,7 @@ mod tests {
             DispatchError::BodyTooLarge { limit: 10 },
             DispatchError::WorkerLost("killed".into()),
             DispatchError::Overloaded,
+            DispatchError::QueueTimeout("waited".into()),
         ] {
             let back = decode_error(encode_error(&e)).unwrap();
             assert_eq!(back, e);

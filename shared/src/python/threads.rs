@@ -3,7 +3,8 @@
 //! again, so `threads + queue_size` unanswered requests are always taken.
 
 use crate::clock;
-use crate::exchange::{AdmissionTicket, Responder};
+use crate::error::DispatchError;
+use crate::exchange::{AdmissionTicket, AppEvent, Responder};
 use crate::model::RequestHead;
 use crate::router::Route;
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What kind of connection a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub(crate) struct Job {
     pub(crate) responder: Responder,
     /// The whole request body, when the host read it before submitting.
     pub(crate) body: Option<Vec<Bytes>>,
+    /// When it was queued for a thread, if the app has a `queue_timeout` (set by
+    /// [`ThreadPool::submit`]).
+    pub(crate) queued: Option<Instant>,
 }
 
 /// What runs a job on a Python thread.
@@ -48,6 +52,8 @@ pub(crate) struct ThreadPool {
     /// Per thread, since when it runs the app on a request whose response has not started
     /// (a [`clock::stamp`]); 0 while it waits for a job or sends a response.
     busy_since: Arc<Vec<AtomicU64>>,
+    /// The app's `queue_timeout`, if it has one.
+    queue_timeout: Option<Duration>,
 }
 
 thread_local! {
@@ -67,14 +73,15 @@ pub(crate) fn response_started() {
 }
 
 impl ThreadPool {
-    /// Starts `threads` Python threads named after the app.
+    /// Starts the app's `threads` Python threads, named after it, behind a queue of
+    /// `queue_size`.
     pub(crate) fn start(
-        name: &str,
-        threads: usize,
-        backlog: usize,
+        config: &portico_config::AppConfig,
         runner: Arc<dyn Runner>,
     ) -> std::io::Result<ThreadPool> {
-        let limit = threads + backlog;
+        let (name, threads) = (config.name.as_str(), config.threads);
+        let limit = threads + config.queue_size;
+        let queue_timeout = config.queue_timeout.as_limit();
         // Every queued job holds a ticket, so the channel never holds more than `limit`.
         let (jobs, queue) = crossbeam_channel::bounded(limit);
         let busy_since: Arc<Vec<AtomicU64>> =
@@ -83,11 +90,12 @@ impl ThreadPool {
             let queue = queue.clone();
             let runner = runner.clone();
             let busy_since = busy_since.clone();
+            let app = name.to_owned();
             std::thread::Builder::new()
                 .name(format!("py-{name}-{i}"))
                 .spawn(move || {
                     BUSY_SLOT.set(Some((busy_since.clone(), i)));
-                    thread_main(queue, runner, &busy_since[i])
+                    thread_main(queue, runner, &busy_since[i], &app, queue_timeout)
                 })?;
         }
         Ok(ThreadPool {
@@ -95,6 +103,7 @@ impl ThreadPool {
             admitted: Arc::new(AtomicUsize::new(0)),
             limit,
             busy_since,
+            queue_timeout,
         })
     }
 
@@ -118,7 +127,10 @@ impl ThreadPool {
     }
 
     /// Queues a job admitted by [`ThreadPool::admit`]; `false` when the threads are gone.
-    pub(crate) fn submit(&self, job: Job) -> bool {
+    pub(crate) fn submit(&self, mut job: Job) -> bool {
+        if self.queue_timeout.is_some() {
+            job.queued = Some(Instant::now());
+        }
         match self.jobs.try_send(job) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
@@ -126,7 +138,13 @@ impl ThreadPool {
     }
 }
 
-fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>, busy_since: &AtomicU64) {
+fn thread_main(
+    queue: Receiver<Job>,
+    runner: Arc<dyn Runner>,
+    busy_since: &AtomicU64,
+    app: &str,
+    queue_timeout: Option<Duration>,
+) {
     block_signals();
     Python::attach(|py| loop {
         // Stay attached while work is queued; release the GIL only to wait.
@@ -145,6 +163,13 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>, busy_since: &Atomi
             // Timed out or abandoned while queued: the app never sees it.
             continue;
         }
+        if let Some((waited, limit)) = waited_too_long(&job, queue_timeout) {
+            // As mod_wsgi's daemon does with a request past its queue-timeout: answered
+            // here, so the threads catch up with the clients still waiting.
+            let error = DispatchError::queue_timeout(app, waited, limit);
+            let _ = job.responder.try_send(AppEvent::Failed(error));
+            continue;
+        }
         // A bug of ours must cost one request, not the thread: the job's responder drops
         // while unwinding, so the host answers 500 and this thread takes the next job.
         busy_since.store(clock::stamp(), Ordering::Relaxed);
@@ -154,6 +179,14 @@ fn thread_main(queue: Receiver<Job>, runner: Arc<dyn Runner>, busy_since: &Atomi
         }
         busy_since.store(0, Ordering::Relaxed);
     });
+}
+
+/// How long `job` waited for a thread, with the limit, when that is past `limit` (the
+/// app's `queue_timeout`; `None`: no limit).
+fn waited_too_long(job: &Job, limit: Option<Duration>) -> Option<(Duration, Duration)> {
+    let limit = limit?;
+    let waited = job.queued?.elapsed();
+    (waited > limit).then_some((waited, limit))
 }
 
 /// Signals belong to the host's own thread (nginx's master/worker signals, Pingora's
