@@ -900,7 +900,7 @@ impl Config {
                 }
                 // An in-process ASGI app's requests go to its event loop at once: none waits
                 // for a thread, so a queue_timeout there would be a limit that never acts.
-                if app.interface == Interface::Asgi && locator.app_sets(i, "queue_timeout") {
+                if app.interface == Interface::Asgi && app.queue_timeout.as_limit().is_some() {
                     err(
                         key("queue_timeout"),
                         "is for WSGI apps and pooled apps (an in-process ASGI app's requests wait for no thread)".into(),

@@ -409,7 +409,11 @@ fn queue_timeout_is_refused_where_no_request_waits_for_a_thread() {
     assert_eq!(found[1].1, Some("app[1].max_lifetime"), "{found:?}");
     assert!(found[1].2.starts_with("is only for mode = \"pool\""));
     // The WSGI app and the pooled ASGI app keep theirs.
-    let fixed = text.replace("queue_timeout = \"5s\"\nmax_lifetime = \"1h\"\n", "");
+    // (0, no limit, is a queue_timeout that an in-process ASGI app has anyway.)
+    let fixed = text.replace(
+        "queue_timeout = \"5s\"\nmax_lifetime = \"1h\"\n",
+        "queue_timeout = 0\n",
+    );
     let config = Config::from_text(&fixed, path, Routing::Mounts).unwrap();
     assert_eq!(
         config.app[0].queue_timeout.as_limit(),

@@ -24,6 +24,20 @@ impl Seconds {
     }
 }
 
+/// As a sysadmin would write it: `"6h"`, `"30m"`, `"45s"`, `"1.5s"`, `"500ms"`.
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (secs, millis) = (self.0.as_secs(), self.0.subsec_millis());
+        match (secs, millis) {
+            (0, ms) => write!(f, "{ms}ms"),
+            (s, 0) if s % 3600 == 0 => write!(f, "{}h", s / 3600),
+            (s, 0) if s % 60 == 0 => write!(f, "{}m", s / 60),
+            (s, 0) => write!(f, "{s}s"),
+            (s, ms) => write!(f, "{}s", s as f64 + f64::from(ms) / 1000.0),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum NumberOrString {
@@ -103,4 +117,16 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     (secs.is_finite() && (0.0..=MAX_SECS).contains(&secs)).then(|| Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+
+    #[test]
+    fn a_duration_reads_as_written() {
+        for text in ["6h", "30m", "45s", "90s", "1.5s", "500ms", "0ms"] {
+            assert_eq!(Seconds(parse_duration(text).unwrap()).to_string(), text);
+        }
+    }
 }

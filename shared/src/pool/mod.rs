@@ -488,8 +488,8 @@ impl Pool {
                 self.waiting.store(parked.len(), Ordering::SeqCst);
                 next
             };
-            self.expire(expired);
             let Some(Parked { since, request }) = request else {
+                self.expire(expired);
                 return;
             };
             // Outside the lock: giving a request its stream may end another (its client
@@ -501,6 +501,7 @@ impl Pool {
                 if self.stopping.load(Ordering::Acquire) || self.failing.load(Ordering::Acquire) {
                     drop(parked);
                     back.fail(DispatchError::Overloaded);
+                    self.expire(expired);
                     return;
                 }
                 parked.push_front(Parked {
@@ -510,6 +511,9 @@ impl Pool {
                 self.waiting.store(parked.len(), Ordering::SeqCst);
                 refused += 1;
             }
+            // Answered only now: answering may end a stream, whose worker then looks at the
+            // queue again, and the request popped above must reach its worker first.
+            self.expire(expired);
         }
     }
 
@@ -786,8 +790,8 @@ impl Pool {
                 }
                 if max_lifetime.is_some_and(|limit| ready_at.elapsed() >= limit) {
                     conn.request_recycle(format!(
-                        "it served for max_lifetime ({:?})",
-                        settings.app.max_lifetime.0
+                        "it served for max_lifetime ({})",
+                        settings.app.max_lifetime
                     ));
                 }
                 if conn.recycle_reason().is_some() {
