@@ -641,31 +641,42 @@ def test_a_request_waiting_in_the_pools_queue_goes_to_the_next_generation(portic
     assert held["r"][0] == 200 and held["r"][2] == b"held"
 
 
+@pytest.mark.parametrize("checked_when", ["a thread comes free", "another request joins"])
 def test_a_request_past_queue_timeout_in_the_pools_queue_gets_504_and_leaves_the_queue(
-        portico, tmp_path):
+        portico, tmp_path, checked_when):
     """A request waiting in the pool's queue (as `portico status` shows) past the app's
-    queue_timeout is answered 504 when a thread comes free, and no worker runs it: the
-    worker's request count does not move."""
+    queue_timeout is answered 504 when a thread comes free, or as soon as another request
+    joins the queue, and no worker runs it: the worker's request count does not move."""
     server = portico(pool_app(processes=1, threads=1, queue_timeout="1s"),
                      server_extra='status_path = "/_portico/status"')
     status = lambda: json.loads(server.get("/_portico/status")[2])[0]  # noqa: E731
     flag = tmp_path / "release"
     holder, held = hold_in_background(server, f"/hold?{flag}")
+    later = None
     try:
         wait_until(lambda: Path(f"{flag}.started").exists(), what="the slow request")
         waiting, waited = hold_in_background(server, "/pid")
         wait_until(lambda: status()["queued"] == 1, what="the request to wait in the queue")
         served = status()["workers"][0]["served"]
-        # Past its queue_timeout while the one thread is held; then the thread comes free.
+        # Past its queue_timeout while the one thread is held.
         time.sleep(1.5)
+        if checked_when == "another request joins":
+            later, got = hold_in_background(server, "/pid")
+            waiting.join(10)
+            assert waited.get("r", (None,))[0] == 504, "not answered when the next one queued"
+            assert "r" not in held
+            wait_until(lambda: status()["queued"] == 1, what="the later request to queue")
         flag.touch()
         holder.join(30)
         waiting.join(30)
         assert held["r"][0] == 200 and held["r"][2] == b"held"
         assert waited["r"][0] == 504, waited["r"]
+        if later is not None:
+            later.join(30)
+            assert got["r"][0] == 200
         assert status()["queued"] == 0
-        # The held request is the only one served since.
-        assert status()["workers"][0]["served"] == served + 1
+        # Only the held request (and the later one) were served since.
+        assert status()["workers"][0]["served"] == served + 1 + (later is not None)
         assert "past its queue_timeout (1000 ms)" in server.log()
         assert server.get("/pid")[0] == 200
     finally:

@@ -427,14 +427,16 @@ impl Pool {
             }
             // Those whose client left (or timed out) take no room and go to no worker; those
             // past the app's queue_timeout get their 504 now.
+            parked.retain(|waiting| !waiting.request.abandoned());
+            // The queue is oldest first, so those past queue_timeout are at its front.
             let limit = app.queue_timeout.as_limit();
-            for waiting in std::mem::take(&mut *parked) {
-                if waiting.request.abandoned() {
-                    continue;
-                }
-                match waiting.past(limit) {
-                    Some((waited, limit)) => expired.push((waiting.request, waited, limit)),
-                    None => parked.push_back(waiting),
+            while let Some(first) = parked.pop_front() {
+                match first.past(limit) {
+                    Some((waited, limit)) => expired.push((first.request, waited, limit)),
+                    None => {
+                        parked.push_front(first);
+                        break;
+                    }
                 }
             }
             if parked.len() >= room {
