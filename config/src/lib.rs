@@ -227,8 +227,9 @@ pub struct AppConfig {
     /// How long a request may wait for a free Python thread (in pool mode, for a worker)
     /// before it gets 504 without reaching the app, as mod_wsgi's `queue-timeout`: after a
     /// burst, the app serves the clients still waiting, not a backlog whose clients gave up.
-    /// Checked when a thread takes the request. `0` means no limit (`request_timeout` still
-    /// bounds the wait). Default: 0.
+    /// Checked when a thread takes the request (in a pool, also when the pool's queue hands
+    /// one out or takes one in). `0` means no limit (`request_timeout` still bounds the
+    /// wait). Default: 0.
     #[serde(default)]
     pub queue_timeout: Seconds,
     /// Largest request body accepted; larger ones get 413. `0` means no limit. Default: `"100M"`.
@@ -300,8 +301,8 @@ pub struct AppConfig {
     /// together are not replaced together. `0` means no limit. Default: 0.
     #[serde(default)]
     pub max_lifetime: Seconds,
-    /// Pool only: how long a worker being replaced (reload, `max_requests`, `max_memory`, a
-    /// request past `request_timeout`) gets to finish its requests before it is killed.
+    /// Pool only: how long a worker being replaced (reload, `max_requests`, `max_memory`,
+    /// `max_lifetime`, a request past `request_timeout`) gets to finish its requests before it is killed.
     /// Default: 30 s.
     #[serde(default = "AppConfig::default_graceful_timeout")]
     pub graceful_timeout: Seconds,

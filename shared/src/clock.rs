@@ -2,7 +2,7 @@
 //! monotonic stamps that fit an atomic, for how long something has run.
 
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since this process first asked, plus one: a time that fits an atomic, in
 /// which 0 can mean "none".
@@ -14,6 +14,14 @@ pub(crate) fn stamp() -> u64 {
 /// How long ago `stamp` (from [`stamp`], not 0) was.
 pub(crate) fn since(stamp: u64) -> std::time::Duration {
     std::time::Duration::from_millis(self::stamp().saturating_sub(stamp))
+}
+
+/// How long since `since`, with `limit`, when that is past `limit` (`None`: no limit); for
+/// the `queue_timeout` checks of the thread queue and of the pool's queue.
+pub(crate) fn waited_past(since: Instant, limit: Option<Duration>) -> Option<(Duration, Duration)> {
+    let limit = limit?;
+    let waited = since.elapsed();
+    (waited > limit).then_some((waited, limit))
 }
 
 /// `2026-11-23T07:20:01Z` (RFC 3339, whole seconds).

@@ -170,9 +170,7 @@ impl Parked {
     /// How long it has waited, with the limit, when that is past `limit` (the app's
     /// `queue_timeout`; `None`: no limit).
     fn past(&self, limit: Option<Duration>) -> Option<(Duration, Duration)> {
-        let limit = limit?;
-        let waited = self.since.elapsed();
-        (waited > limit).then_some((waited, limit))
+        crate::clock::waited_past(self.since, limit)
     }
 }
 
@@ -426,9 +424,8 @@ impl Pool {
                 return Err(Box::new(request));
             }
             // Those whose client left (or timed out) take no room and go to no worker; those
-            // past the app's queue_timeout get their 504 now.
+            // past the app's queue_timeout, at the front (oldest first), get their 504 now.
             parked.retain(|waiting| !waiting.request.abandoned());
-            // The queue is oldest first, so those past queue_timeout are at its front.
             let limit = app.queue_timeout.as_limit();
             while let Some(first) = parked.pop_front() {
                 match first.past(limit) {

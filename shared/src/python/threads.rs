@@ -163,7 +163,10 @@ fn thread_main(
             // Timed out or abandoned while queued: the app never sees it.
             continue;
         }
-        if let Some((waited, limit)) = waited_too_long(&job, queue_timeout) {
+        let past = job
+            .queued
+            .and_then(|at| clock::waited_past(at, queue_timeout));
+        if let Some((waited, limit)) = past {
             // As mod_wsgi's daemon does with a request past its queue-timeout: answered
             // here, so the threads catch up with the clients still waiting.
             let error = DispatchError::queue_timeout(app, waited, limit);
@@ -179,14 +182,6 @@ fn thread_main(
         }
         busy_since.store(0, Ordering::Relaxed);
     });
-}
-
-/// How long `job` waited for a thread, with the limit, when that is past `limit` (the
-/// app's `queue_timeout`; `None`: no limit).
-fn waited_too_long(job: &Job, limit: Option<Duration>) -> Option<(Duration, Duration)> {
-    let limit = limit?;
-    let waited = job.queued?.elapsed();
-    (waited > limit).then_some((waited, limit))
 }
 
 /// Signals belong to the host's own thread (nginx's master/worker signals, Pingora's
