@@ -79,8 +79,7 @@ class Server:
             stdout=open(self.out_path, "wb"),
             stderr=open(self.err_path, "wb"),
             env={**os.environ, **(env or {})},
-            cwd=tmp_path,
-            **popen,
+            **{"cwd": tmp_path, **popen},
         )
 
     def wait_ready(self, timeout=20.0):

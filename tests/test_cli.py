@@ -1,12 +1,15 @@
 """The command line and portico.toml: clear errors, the right exit codes, nothing bound."""
 
+import json
 import os
 import signal
 import socket
+import subprocess
 
+import pytest
 import trustme
 
-from conftest import APPS, BINARY, Server, app_table, free_port, needs, wait_until
+from conftest import APPS, BINARY, VENV, Server, app_table, free_port, needs, wait_until
 
 pytestmark = needs("binary")
 
@@ -53,7 +56,7 @@ def test_type_errors_and_unknown_keys_are_all_named_in_one_pass(run_portico, tmp
     assert result.returncode == 64
     for line, key, what in ((4, "app[0].proceses", "unknown field `proceses`"),
                             (5, "app[0].threads",
-                             'invalid type: string "many", expected a whole number (0 or more)'),
+                             'invalid type: string "many", expected a whole number'),
                             (6, "app[0].max_body_size", "`lots` is not a size"),
                             (7, "app[0].mount", "must start with `/`")):
         assert f"{cfg}:{line}: {key}: " in result.stderr and what in result.stderr, \
@@ -113,6 +116,47 @@ def test_port_in_use(run_portico):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
+def test_a_port_in_use_is_found_before_any_app_starts(run_portico, tmp_path):
+    """The listen addresses are tried before the apps are imported: an ASGI app never runs a
+    lifespan startup that no shutdown would follow (uvicorn runs the shutdown; here the
+    startup never happens)."""
+    (tmp_path / "lifespan_probe.py").write_text(
+        "import pathlib\n"
+        "MARK = pathlib.Path(__file__).with_name('imported')\n"
+        "MARK.write_text('imported')\n"
+        "async def app(scope, receive, send):\n"
+        "    pass\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_portico("run", "lifespan_probe:app", "--interface", "asgi",
+                             "--python-path", str(tmp_path), "--bind", f"127.0.0.1:{port}")
+    assert result.returncode == 71, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "imported").exists()
+
+
+def test_reload_refuses_a_pid_file_whose_pid_is_not_portico(run_portico, tmp_path):
+    """A pid file left by a server killed with -9, its pid since taken by another program:
+    `portico reload` says so and signals nothing (it would kill that program with SIGHUP)."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file = tmp_path / "portico.pid"
+        pid_file.write_text(f"{bystander.pid}\n")
+        cfg = tmp_path / "portico.toml"
+        cfg.write_text(f'[server]\npid_file = "{pid_file}"\n\n'
+                       + app_table("a", "validated:application"))
+        result = run_portico("reload", "--config", str(cfg))
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"pid {bystander.pid} in {pid_file} is not a running portico process" \
+            in result.stderr
+        assert bystander.poll() is None, "the bystander got the SIGHUP"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_status_of_an_nginx_says_when_it_is_not_running_or_runs_no_pool(run_portico, tmp_path):
     pid_file = tmp_path / "nginx.pid"
     result = run_portico("status", "--nginx", str(pid_file))
@@ -170,6 +214,33 @@ def test_run_with_workers_serves_from_a_pool_of_that_many_processes(tmp_path):
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(30)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["in-process", "pool"])
+def test_the_embedded_python_finds_its_own_standard_library_from_any_directory(
+        tmp_path, workers):
+    """Started from `/` with systemd's PATH (as nginx and `portico pool` are by their units),
+    the app runs on the standard library of the Python portico embeds, not on whichever
+    `lib/python3.X` the directory or PATH leads CPython's guess to (Debian's, which lacks
+    the `math` that pyenv's libpython needs): its sys.base_prefix is that Python's."""
+    (tmp_path / "probe.py").write_text(
+        "import json, math, sys\n"
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'application/json')])\n"
+        "    return [json.dumps([sys.base_prefix, sys.argv, math.floor(2.5)]).encode()]\n")
+    base = subprocess.run([str(VENV / "bin" / "python"), "-c", "import sys; print(sys.base_prefix)"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    port = free_port()
+    server = Server([str(BINARY), "run", "probe:app", "--python-path", str(tmp_path),
+                     "--bind", f"127.0.0.1:{port}", *workers], tmp_path, port, cwd="/",
+                    env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+    try:
+        server.wait_ready()
+        code, _, body = server.get("/")
+        assert code == 200, server.log()
+        assert json.loads(body) == [base, ["portico"], 2]
+    finally:
+        server.stop()
 
 
 def test_run_workers_must_be_at_least_one(run_portico):

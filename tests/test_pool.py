@@ -717,6 +717,11 @@ def test_a_stuck_request_gets_504_and_its_worker_is_replaced(portico):
     server = portico(pool_app(processes=1, threads=2, request_timeout="1s"))
     stuck_pid = int(server.get("/pid")[2])
     assert server.get("/slow?30", timeout=15)[0] == 504
+    # Logged as gunicorn's WORKER TIMEOUT is, naming the request (nginx adds its request line).
+    line = "app `pool` gave no response within its request_timeout (1s); answered 504"
+    server.wait_for_log(line)
+    assert any(line in entry and "/slow" in entry for entry in server.log().splitlines()), \
+        server.log()
     server.wait_for_log(f"pool worker {stuck_pid} replaced (a request ran past request_timeout",
                         timeout=10)
     status, _, body = server.get("/pid")
@@ -778,6 +783,21 @@ def test_an_asgi_worker_whose_event_loop_is_blocked_is_replaced(portico):
     server.wait_for_log(f"pool worker {worker} replaced (its event loop has run nothing else "
                         "for longer than request_timeout (1s))", timeout=20)
     assert server.get("/hello")[2] == b"Hello, world!"
+
+
+def test_a_max_memory_below_what_a_worker_starts_with_backs_off_with_a_warning(portico):
+    """A worker already past max_memory when it is ready is not replaced at once, over and
+    over (each replacement as big as the last): the log says why, and it serves on."""
+    server = portico(pool_app(processes=1, max_memory="1M"))
+    pid = int(server.get("/pid")[2])
+    server.wait_for_log(f"pool worker {pid} uses")
+    assert "past max_memory (1 MiB): it is replaced for its memory only after 10 s" \
+        in server.log()
+    # Three seconds of requests: the old code replaced the worker every second.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert server.get("/pid")[2] == str(pid).encode()
+    assert server.log().count(" started (generation 1)") == 1, server.log()
 
 
 def test_a_worker_over_max_memory_is_replaced_after_its_requests(portico):
@@ -937,6 +957,91 @@ def test_portico_status_lists_the_workers(portico, tmp_path):
     assert (code, headers["Allow"]) == (405, "GET, HEAD")
 
 
+def test_a_burst_grows_the_pool_one_worker_after_another_up_to_max_processes(portico,
+                                                                              tmp_path):
+    """Four requests that each hold their thread, at once, on a pool of one worker of one
+    thread that may grow to four: each worker, once ready, starts the next while requests
+    still wait, so all four run at once on four workers. (Growth used to wait for a request
+    that came later: two of the four waited for the first two to end.)"""
+    server = portico(pool_app(processes=1, max_processes=4, threads=1))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    release = tmp_path / "release"
+    results = []
+    held = [threading.Thread(target=lambda n=n: results.append(
+                server.get(f"/hold?{release}-{n}", timeout=60))) for n in range(4)]
+    try:
+        for t in held:
+            t.start()
+        wait_until(lambda: all(Path(f"{release}-{n}.started").exists() for n in range(4)),
+                   timeout=20, what="all four held requests to run at once")
+        assert len(worker_pids(server)) == 4
+    finally:
+        for n in range(4):
+            Path(f"{release}-{n}").touch()
+        for t in held:
+            t.join(60)
+    assert [r[0] for r in results] == [200] * 4
+    assert len({r[1]["X-Pid"] for r in results}) == 4
+
+
+def test_a_reload_while_every_worker_is_busy_starts_no_worker_for_the_old_generation(
+        portico, tmp_path):
+    """The new generation's first worker looks at the pool's queue while the old generation
+    is still current (until the second is ready too): with no request waiting, the busy old
+    generation must not grow (a worker that loads the new code under the old settings, only
+    to be replaced at once)."""
+    server = portico(pool_app(processes=2, max_processes=3, threads=1))
+    wait_until(lambda: len(worker_pids(server)) == 2, what="two workers")
+    release = tmp_path / "release"
+    holders = [hold_in_background(server, f"/hold?{release}-{n}") for n in range(2)]
+    try:
+        wait_until(lambda: all(Path(f"{release}-{n}.started").exists() for n in range(2)),
+                   what="both workers busy")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        server.wait_for_log("generation 2 serves", timeout=20)
+    finally:
+        for n in range(2):
+            Path(f"{release}-{n}").touch()
+        for holder, _ in holders:
+            holder.join(30)
+    assert [held["r"][0] for _, held in holders] == [200, 200]
+    wait_until(lambda: server.log().count("(a reload replaced it)") == 2, timeout=15,
+               what="both old workers to go")
+    assert server.log().count("started (generation 1)") == 2, server.log()
+
+
+@pytest.mark.parametrize("when", ["as its generation retires", "while it drains"])
+def test_a_draining_worker_killed_is_told_as_a_death(portico, tmp_path, when):
+    """A worker killed while it drains (the OOM killer, say, after max_memory) is logged and
+    counted as the death it is, with the requests it took along, not as a quiet
+    replacement."""
+    server = portico(pool_app(processes=1, threads=1),
+                     server_extra='status_path = "/_portico/status"')
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    [old] = worker_pids(server)
+    release = tmp_path / "release"
+    holder, held = hold_in_background(server, f"/hold?{release}")
+
+    def old_worker_drains():
+        workers = json.loads(server.get("/_portico/status")[2])[0]["workers"]
+        return any(w["pid"] == old and w["state"] == "draining" for w in workers)
+    try:
+        wait_until(lambda: Path(f"{release}.started").exists(), what="the held request")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        server.wait_for_log("generation 2 serves", timeout=20)
+        if when == "while it drains":
+            wait_until(old_worker_drains, what="the old worker to drain")
+        os.kill(old, signal.SIGKILL)
+        holder.join(30)
+    finally:
+        release.touch()
+        holder.join(30)
+    assert held["r"][0] == 502
+    server.wait_for_log(f"pool worker {old} was killed by signal 9 while it drained (a reload "
+                        "replaced it); 1 request(s) in flight failed with it", timeout=15)
+    assert f"pool worker {old} replaced" not in server.log()
+
+
 def test_workers_are_added_on_demand_and_stopped_when_idle(portico, tmp_path):
     server = portico(pool_app(processes=1, max_processes=3, threads=1, idle_timeout="1s"))
     wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
@@ -1027,16 +1132,19 @@ def test_a_websocket_cut_by_its_workers_replacement_is_closed_with_1012(portico)
     1011 (internal error) tells them the server is broken."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
-    server = portico(asgi_table("echo", "asgi_echo:app", mode="pool", processes=1,
+    server = portico(asgi_table("ws", "asgi_ws:app", mode="pool", processes=1,
                                 graceful_timeout="1s"))
     wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
-    with connect(f"ws://127.0.0.1:{server.port}/", open_timeout=10, close_timeout=10) as ws:
+    with connect(f"ws://127.0.0.1:{server.port}/echo", open_timeout=10,
+                 close_timeout=10) as ws:
         ws.send("before")
         assert ws.recv(timeout=10) == "before"
         os.kill(server.proc.pid, 1)
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=20)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, closed.value
+    # The app hears the same code as its client, as when the server stops (not 1006).
+    server.wait_for_log("ws: disconnect code=1012", timeout=10)
 
 
 def test_a_workers_lifespan_shutdown_is_bounded_by_the_apps_graceful_timeout(portico):

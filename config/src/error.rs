@@ -60,9 +60,9 @@ impl ConfigError {
 /// A deserializer's message with Rust's type names (`expected usize`) in a sysadmin's words.
 fn in_words(message: &str) -> String {
     const NAMES: [(&str, &str); 10] = [
-        ("expected usize", "expected a whole number (0 or more)"),
-        ("expected u64", "expected a whole number (0 or more)"),
-        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
         ("expected u16", "expected a whole number from 0 to 65535"),
         ("expected u8", "expected a whole number from 0 to 255"),
         ("expected i64", "expected a whole number"),
@@ -257,7 +257,7 @@ mod tests {
     fn rust_type_names_become_words_and_a_repeated_key_is_named() {
         assert_eq!(
             in_words("invalid type: string \"four\", expected usize"),
-            "invalid type: string \"four\", expected a whole number (0 or more)"
+            "invalid type: string \"four\", expected a whole number"
         );
         assert_eq!(in_words("expected u8x"), "expected u8x");
         let text = "[[app]]\nname = \"a\"\nprocesses = 2\nprocesses = 3\n";

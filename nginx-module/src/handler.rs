@@ -43,7 +43,7 @@ use nginx_sys::{
     ngx_pool_cleanup_add, ngx_str_t, ngx_table_elt_t, NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST,
     NGX_HTTP_FLUSH, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
     NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_REQUEST_TIME_OUT, NGX_HTTP_SPECIAL_RESPONSE,
-    NGX_LOG_ERR, NGX_LOG_INFO, NGX_OK,
+    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, NgxHttpCoreModule};
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange};
@@ -74,6 +74,9 @@ pub struct RequestCtx {
     pub(crate) waker: Waker,
     pub(crate) timer: ngx_event_t,
     request_timeout: Option<Duration>,
+    /// The app's index among the dispatcher's apps (`None`: the status page), to name it in
+    /// the log line of a request past `request_timeout`.
+    app: Option<usize>,
     /// The app's `body_timeout`: how long the client may pause while the app waits for body.
     body_timeout: Option<Duration>,
     started: Instant,
@@ -248,7 +251,7 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
                 let text = query_is(r, b"format=text");
                 let exchange = w.dispatcher.status_exchange(&head.method, text);
                 let (id, waker) = w.register(r);
-                return Ok((exchange, None, id, waker, (None, None, 0)));
+                return Ok((exchange, None, id, waker, (None, None, 0, None)));
             };
             let app = &w.dispatcher.apps()[index];
             let route = route_of(r, index, &app.config().mount);
@@ -257,6 +260,7 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
                 app.config().request_timeout.as_limit(),
                 app.config().body_timeout.as_limit(),
                 limit,
+                Some(index),
             );
             let whole: u64 = first.iter().map(BodyPart::size).sum();
             if !more && limit > 0 && whole > limit {
@@ -295,7 +299,8 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
                 (exchange, ws, id, waker, timeout)
             })
         });
-        let (exchange, ws, id, waker, (request_timeout, body_timeout, limit)) = match submitted {
+        let (exchange, ws, id, waker, (request_timeout, body_timeout, limit, app)) = match submitted
+        {
             Some(Ok(parts)) => parts,
             Some(Err(e)) => {
                 // Nothing of ours is attached to the request yet.
@@ -314,6 +319,7 @@ unsafe extern "C" fn body_started(r: *mut ngx_http_request_t) {
             // An all-zero ngx_event_t is nginx's own initial state (ngx_pcalloc'd).
             timer: core::mem::zeroed(),
             request_timeout,
+            app,
             body_timeout,
             started: Instant::now(),
             finished: false,
@@ -444,16 +450,10 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
                     // The client's body failed first and the app has been told, but has not
                     // answered yet: the client's failure (408, 413...) is the answer, not the
                     // app's timeout, as the Pingora host decides.
-                    fail(r, ctx, DispatchError::AppTimeout);
+                    fail(r, ctx, app_timeout((*ctx).app, limit));
                 } else {
-                    ngx::ngx_log_error!(
-                        NGX_LOG_ERR,
-                        (*c).log,
-                        "portico: the app did not respond within {:?}",
-                        limit
-                    );
                     finish(ctx);
-                    finalize_error(r, &DispatchError::AppTimeout);
+                    finalize_error(r, &app_timeout((*ctx).app, limit));
                 }
             }
             _ => ngx_add_timer(ev, TICK.as_millis() as usize),
@@ -623,7 +623,7 @@ unsafe fn fail(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, e: DispatchErro
             ngx_http_finalize_request(r, NGX_ERROR as ngx_int_t);
         } else if let Some((rc, body_error)) = body_failure {
             if let Some(level) = body_error.log_level() {
-                log::log!(level, "{body_error}");
+                log_for_request(r, level, &body_error);
             }
             // Answered, not just closed as nginx's finalize would for 408: the client that
             // paused gets told why (and error_page applies).
@@ -881,6 +881,32 @@ pub(crate) unsafe fn finish(ctx: *mut RequestCtx) {
     worker::with(|w| w.unregister(state.id));
 }
 
+/// The error `request_timeout` gives for the app at `index` among the dispatcher's apps.
+fn app_timeout(index: Option<usize>, limit: Duration) -> DispatchError {
+    let name = index
+        .and_then(|i| worker::with(|w| w.dispatcher.apps().get(i).map(|app| app.config().name.clone())))
+        .flatten()
+        .unwrap_or_default();
+    DispatchError::app_timeout(&name, limit)
+}
+
+/// Logs `e` at `level` on the request's connection log, so that nginx adds the client, the
+/// server and the request line, as it does to its own lines about a request.
+///
+/// # Safety
+/// `r` is live; nginx thread only.
+unsafe fn log_for_request(r: *mut ngx_http_request_t, level: log::Level, e: &DispatchError) {
+    let level = match level {
+        log::Level::Error => NGX_LOG_ERR,
+        log::Level::Warn => NGX_LOG_WARN,
+        _ => NGX_LOG_INFO,
+    };
+    // SAFETY: the caller's: a live request has its connection and that connection's log.
+    unsafe {
+        ngx::ngx_log_error!(level, (*(*r).connection).log, "portico: {}", e);
+    }
+}
+
 /// Answers with the error's status (nginx's error page, so `error_page` applies) and the
 /// headers that go with it.
 ///
@@ -888,7 +914,8 @@ pub(crate) unsafe fn finish(ctx: *mut RequestCtx) {
 /// `r` is live and has no response head sent; nginx thread only. `r` may be freed on return.
 pub(crate) unsafe fn finalize_error(r: *mut ngx_http_request_t, e: &DispatchError) {
     if let Some(level) = e.log_level() {
-        log::log!(level, "{e}");
+        // SAFETY: the caller's; the request's log names the client and the request line.
+        unsafe { log_for_request(r, level, e) };
     }
     // SAFETY: the caller's.
     unsafe {

@@ -247,7 +247,9 @@ pub(crate) fn check_prerequisites(binary: Option<&Path>) -> Result<(), String> {
         Some(binary) => binary.to_path_buf(),
         None => {
             let found = resolve_binary(Path::new("portico"));
-            if !found.is_file() {
+            // Not found, `found` is the bare name, which `is_file` would look for in the
+            // current directory: whatever directory `nginx -t` happens to run in.
+            if !found.is_absolute() || !found.is_file() {
                 return Err("the pooled apps need the `portico` program, and there is none at \"portico\" in the PATH (set portico_pool_binary)".into());
             }
             found

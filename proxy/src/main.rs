@@ -381,14 +381,6 @@ fn serve(
         multiprocess: false,
         pool,
     };
-    // Apps first: an app that cannot import must fail before any port is bound.
-    let dispatcher = match Dispatcher::load(&config.app, &host) {
-        Ok(d) => Arc::new(d),
-        Err(e) => {
-            eprintln!("portico: {e}");
-            return ExitCode::from(EXIT_APP);
-        }
-    };
     if let Some(tls) = &config.server.tls {
         // Pingora reads these files inside its listener thread and panics there, leaving a
         // process that serves nothing: check them here instead.
@@ -415,12 +407,27 @@ fn serve(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The apps once all that can fail without them has been checked: an app that has run its
+    // lifespan startup gets its shutdown whatever happens next (ASGI lifespan spec).
+    // (Ports are only tried above, not held: none is bound while an app imports.)
+    let dispatcher = match Dispatcher::load(&config.app, &host) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::from(EXIT_APP);
+        }
+    };
+    let grace = config.server.graceful_timeout.0;
+    let give_up = |dispatcher: &Dispatcher, code: u8| {
+        dispatcher.shutdown(grace);
+        ExitCode::from(code)
+    };
 
     let pid_file = match PidFile::write(config.server.pid_file.as_deref()) {
         Ok(pid_file) => pid_file,
         Err(e) => {
             eprintln!("portico: {source}: server.pid_file: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return give_up(&dispatcher, EXIT_CONFIG);
         }
     };
     reload_on_sighup(dispatcher.clone(), snapshot);
@@ -480,7 +487,7 @@ fn serve(
                 Ok(settings) => settings,
                 Err(e) => {
                     eprintln!("portico: {source}: server.tls: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
+                    return give_up(&dispatcher, EXIT_CONFIG);
                 }
             };
             // ALPN offers h2 and http/1.1 (RFC 7301).
@@ -492,7 +499,10 @@ fn serve(
     for app in dispatcher.apps() {
         let c = app.config();
         let placement = match (c.mode, &c.pool_socket) {
-            (portico_config::Mode::InProcess, _) => format!("{} Python threads", c.threads),
+            (portico_config::Mode::InProcess, _) => match c.threads {
+                1 => "1 Python thread".to_owned(),
+                threads => format!("{threads} Python threads"),
+            },
             (portico_config::Mode::Pool, Some(socket)) => {
                 format!("pool server at {}", socket.display())
             }
@@ -502,8 +512,14 @@ fn serve(
                     None => c.processes.to_string(),
                 };
                 format!(
-                    "pool of {processes} worker processes, {} Python threads each",
-                    c.threads
+                    "pool of {processes} worker {}, {} Python {} each",
+                    if c.processes == 1 && c.max_processes.is_none_or(|max| max <= 1) {
+                        "process"
+                    } else {
+                        "processes"
+                    },
+                    c.threads,
+                    if c.threads == 1 { "thread" } else { "threads" }
                 )
             }
         };
@@ -516,7 +532,6 @@ fn serve(
         );
     }
     server.add_service(service);
-    let grace = config.server.graceful_timeout.0;
     // With no request left, the ASGI apps get their lifespan shutdown.
     let finish = stop::Finish::new(move || {
         dispatcher.shutdown(grace);
@@ -618,7 +633,18 @@ fn running_server(config_path: &Path) -> Result<(Config, u32), ExitCode> {
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
     match pid {
-        Some(pid) => Ok((config, pid)),
+        Some(pid) if is_portico(pid) => Ok((config, pid)),
+        Some(pid) => {
+            // A pid file left by a server that was killed, its pid since taken by another
+            // program: signalling that would harm it and tell the user nothing.
+            eprintln!(
+                "portico: no server is running for {}: pid {pid} in {} is not a running \
+                 portico process (a stale pid file?)",
+                config_path.display(),
+                pid_file.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
         None => {
             eprintln!(
                 "portico: no server is running for {} (no pid in {})",
@@ -628,6 +654,26 @@ fn running_server(config_path: &Path) -> Result<(Config, u32), ExitCode> {
             Err(ExitCode::FAILURE)
         }
     }
+}
+
+/// Whether process `pid` runs a portico binary: the program its command line names (or, if
+/// that cannot be read, its executable) is this one or is named like it.
+fn is_portico(pid: u32) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let own = std::env::current_exe().ok();
+    let named_portico = |path: &Path| {
+        own.as_deref() == Some(path)
+            || path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("portico"))
+    };
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    if let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) {
+        let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        return named_portico(Path::new(std::ffi::OsStr::from_bytes(program)));
+    }
+    std::fs::read_link(proc_dir.join("exe")).is_ok_and(|exe| named_portico(&exe))
 }
 
 fn reload(config_path: &Path) -> ExitCode {
@@ -645,6 +691,20 @@ fn reload(config_path: &Path) -> ExitCode {
     }
     println!("portico: reload requested (SIGHUP to pid {pid}); the server's log tells how it went");
     ExitCode::SUCCESS
+}
+
+/// Writes a report to standard output. A reader that has had enough (`portico status | head`)
+/// ends the command quietly, as it ends Unix tools, instead of a panic on the broken pipe.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("portico: cannot write the report: {e}");
+        std::process::exit(1);
+    }
 }
 
 fn status(config_path: &Path, json: bool) -> ExitCode {
@@ -684,9 +744,9 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
     };
     match http_get(addr, &target) {
         Ok(body) => {
-            print!("{body}");
+            emit(&body);
             if json {
-                println!();
+                emit("\n");
             }
             ExitCode::SUCCESS
         }
@@ -706,6 +766,14 @@ fn nginx_status(pid_file: &Path, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !nginx_pools::is_running(master) {
+        eprintln!(
+            "portico: nginx is not running: no process has pid {master}, from {} (a stale pid \
+             file?)",
+            pid_file.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let pools = nginx_pools::pools_of(master);
     if pools.is_empty() {
         eprintln!(
@@ -717,7 +785,8 @@ fn nginx_status(pid_file: &Path, json: bool) -> ExitCode {
     // Each pool's apps, from the config its watchdog was started with.
     let mut configs = Vec::new();
     for pool in &pools {
-        match Config::load(&pool.config) {
+        // As nginx reads it: its locations route the requests (`portico check --nginx`).
+        match Config::load_for(&pool.config, Routing::Elsewhere) {
             Ok(config) => configs.push(config),
             Err(e) => return config_failed(&e),
         }
@@ -750,7 +819,7 @@ fn pool_status(apps: &[(&AppConfig, PathBuf)], json: bool) -> ExitCode {
             .status(std::time::Duration::from_secs(5))
         {
             Ok(status) if json => objects.push(status.to_json()),
-            Ok(status) => print!("{}", status.to_text()),
+            Ok(status) => emit(&status.to_text()),
             Err(e) => {
                 eprintln!("portico: app `{}`: {e}", app.name);
                 failed = true;
@@ -758,7 +827,7 @@ fn pool_status(apps: &[(&AppConfig, PathBuf)], json: bool) -> ExitCode {
         }
     }
     if json {
-        println!("[{}]", objects.join(","));
+        emit(&format!("[{}]\n", objects.join(",")));
     }
     if failed {
         ExitCode::FAILURE

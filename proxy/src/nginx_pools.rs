@@ -31,14 +31,20 @@ pub(crate) fn master_pid(pid_file: &Path) -> Result<u32, String> {
 
 /// The pools `master` runs, oldest first: two for a moment after a reload that changed
 /// their settings, while the old one finishes its requests.
+///
+/// A watchdog is the master's when it is its child (nginx with `daemon off`, or a pool a
+/// reload started), or when it holds the other end of a pipe the master holds: the
+/// lifeline. With `daemon on` the process that read the configuration first, and started
+/// the pool, exits as nginx daemonizes; its watchdog then belongs to init, and only the
+/// lifeline, which the master inherited, ties the two.
 pub(crate) fn pools_of(master: u32) -> Vec<NginxPool> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let master_pipes = pipes_of(master);
     let mut pools: Vec<NginxPool> = entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| parent_of(pid) == Some(master))
         .filter_map(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let args = cmdline
@@ -47,9 +53,38 @@ pub(crate) fn pools_of(master: u32) -> Vec<NginxPool> {
                 .map(|arg| OsString::from_vec(arg.to_vec()));
             parse_watchdog(pid, args)
         })
+        .filter(|pool| {
+            parent_of(pool.pid) == Some(master)
+                || pipes_of(pool.pid)
+                    .iter()
+                    .any(|pipe| master_pipes.contains(pipe))
+        })
         .collect();
     pools.sort_by_key(|pool| pool.pid);
     pools
+}
+
+/// Whether a process with this pid runs.
+pub(crate) fn is_running(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// The pipes process `pid` has open, by inode (`/proc/PID/fd/N` links read `pipe:[INODE]`).
+fn pipes_of(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("pipe:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// The parent of `pid`, from `/proc/PID/stat` (proc(5): the field after the state, which

@@ -27,8 +27,9 @@ pub(crate) struct PoolArgs {
     /// Where the sockets of apps without `pool_socket` go: DIR/NAME.sock.
     #[arg(long)]
     socket_dir: Option<PathBuf>,
-    /// UID:GID that owns the sockets (only it may connect) and that workers run as when
-    /// their app sets no `user`: what nginx passes for its workers' user.
+    /// USER:GROUP (names or numbers) that owns the sockets (only it may connect) and that
+    /// workers run as when their app sets no `user`: what nginx passes for its workers'
+    /// user.
     #[arg(long)]
     user: Option<String>,
     /// Stop when this descriptor reads end-of-file (the nginx module's lifeline).
@@ -266,8 +267,11 @@ fn notify_systemd(state: &str) {
 /// Sends `message` to the sd_notify socket `path` (nothing when there is none).
 pub(crate) fn notify_systemd_raw(path: Option<&std::ffi::OsStr>, message: &[u8]) {
     if let Err(e) = notify_with_fds(path, message, &[]) {
+        // NOTIFY_SOCKET is systemd's, or the watchdog's that started this server (nginx's
+        // pools): a refused message there means that watchdog is gone.
         log::warn!(
-            "cannot notify systemd ({}): {e}",
+            "cannot notify the supervisor at NOTIFY_SOCKET ({}; systemd, or the watchdog that \
+             started this pool server, which is then gone): {e}",
             String::from_utf8_lossy(message)
         );
     }
@@ -388,13 +392,21 @@ fn store_sockets(server: &PoolServer) -> bool {
     }
 }
 
-/// `UID:GID`, numbers (or a bare UID, whose group is the same number).
+/// `USER:GROUP` or `USER`, each a name or a number, as the config's `user` and `group` are
+/// read (and chown(1) reads its argument): a bare user means its primary group; a bare
+/// number, the group of the same number, which is what nginx passes for its workers.
 fn parse_ids(text: &str) -> Result<(u32, u32), String> {
-    let (uid, gid) = text.split_once(':').unwrap_or((text, text));
-    match (uid.parse(), gid.parse()) {
-        (Ok(uid), Ok(gid)) => Ok((uid, gid)),
-        _ => Err(format!("`{text}` is not UID:GID")),
-    }
+    let (user, group) = match text.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (text, None),
+    };
+    let (uid, primary) = portico_config::lookup_user(user)?;
+    let gid = match group {
+        Some(group) => portico_config::lookup_group(group)?,
+        None if user.parse::<u32>().is_ok() => uid,
+        None => primary,
+    };
+    Ok((uid, gid))
 }
 
 /// A thread that stops the server (SIGTERM to itself) when `fd` reads end-of-file.

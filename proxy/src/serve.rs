@@ -267,7 +267,9 @@ fn cipher_suite_number(name: &str) -> Option<u16> {
 /// text body, and any headers the error carries (`Retry-After`).
 pub(crate) async fn respond_error(session: &mut Session, e: &DispatchError) -> Result<()> {
     if let Some(level) = e.log_level() {
-        log::log!(level, "{e}");
+        // Which request, as the app's own lines name it (and nginx's error log does).
+        let req = session.req_header();
+        log::log!(level, "{} {}: {e}", req.method, req.uri.path());
     }
     let status = e.status();
     let body = Bytes::from(format!(
@@ -300,6 +302,8 @@ struct Transfer<'a> {
     body_read: u64,
     body_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
+    /// The app's name, for the log line of a request past `request_timeout`.
+    app_name: &'a str,
     /// Why the request body could not be read, if it could not: it decides the status when
     /// the app then fails (413 rather than 500).
     body_error: Option<DispatchError>,
@@ -317,7 +321,7 @@ struct Transfer<'a> {
 }
 
 impl<'a> Transfer<'a> {
-    fn new(app: &App, session: &'a mut Session) -> Transfer<'a> {
+    fn new(app: &'a App, session: &'a mut Session) -> Transfer<'a> {
         let body_empty = session.is_body_empty();
         let req = session.req_header();
         let is_head = req.method == Method::HEAD;
@@ -335,6 +339,7 @@ impl<'a> Transfer<'a> {
             body_read: 0,
             body_timeout: config.body_timeout.as_limit(),
             request_timeout: config.request_timeout.as_limit(),
+            app_name: &config.name,
             body_error: None,
             head_sent: false,
             body_done: body_empty,
@@ -394,7 +399,10 @@ impl<'a> Transfer<'a> {
                 }
             };
             let Some(event) = waited else {
-                return self.fail(DispatchError::AppTimeout).await;
+                let limit = self.request_timeout.unwrap_or_default();
+                return self
+                    .fail(DispatchError::app_timeout(self.app_name, limit))
+                    .await;
             };
             match event {
                 Some(AppEvent::NeedBody) if self.spooled.is_some() => {

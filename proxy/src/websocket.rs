@@ -43,7 +43,11 @@ pub(crate) async fn serve(
                 let left = deadline.saturating_duration_since(Instant::now());
                 match fast_timeout(left, exchange.next()).await {
                     Ok(event) => event,
-                    Err(_) => return respond_error(session, &DispatchError::AppTimeout).await,
+                    Err(_) => {
+                        let config = app.config();
+                        let e = DispatchError::app_timeout(&config.name, config.request_timeout.0);
+                        return respond_error(session, &e).await;
+                    }
                 }
             }
             _ => exchange.next().await,

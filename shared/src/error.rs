@@ -24,8 +24,9 @@ pub enum DispatchError {
     WebSocketDenied,
     /// The app's queue is full: every thread is busy and the backlog is at its limit.
     Overloaded,
-    /// The app did not start its response within `request_timeout`.
-    AppTimeout,
+    /// The app did not start its response within `request_timeout`; for which app, and the
+    /// limit, for the log.
+    AppTimeout(String),
     /// The request waited for a thread (or a pool worker) longer than the app's
     /// `queue_timeout`, and never reached the app; how long, and for which app.
     QueueTimeout(String),
@@ -62,6 +63,14 @@ impl DispatchError {
         ))
     }
 
+    /// A request app `app` gave no response head within its `request_timeout` (`limit`).
+    pub fn app_timeout(app: &str, limit: std::time::Duration) -> Self {
+        DispatchError::AppTimeout(format!(
+            "app `{app}` gave no response within its request_timeout ({}); answered 504",
+            portico_config::Seconds(limit)
+        ))
+    }
+
     /// The HTTP status the client gets for this error (RFC 9110, section 15).
     pub fn status(&self) -> u16 {
         match self {
@@ -78,7 +87,7 @@ impl DispatchError {
             DispatchError::Overloaded => 503,
             DispatchError::MethodNotAllowed => 405,
             // As mod_wsgi's queue-timeout and Passenger's max_request_queue_time answer.
-            DispatchError::AppTimeout | DispatchError::QueueTimeout(_) => 504,
+            DispatchError::AppTimeout(_) | DispatchError::QueueTimeout(_) => 504,
         }
     }
 
@@ -90,8 +99,9 @@ impl DispatchError {
             DispatchError::WorkerLost(_)
             | DispatchError::PoolUnreachable(_)
             | DispatchError::BodyStore(_) => Some(log::Level::Error),
-            // The app is falling behind: a sysadmin wants to see it, though nothing failed.
-            DispatchError::QueueTimeout(_) => Some(log::Level::Warn),
+            // The app is falling behind, or stuck: a sysadmin wants to see it (gunicorn's
+            // WORKER TIMEOUT, mod_wsgi's "Timeout when reading response headers").
+            DispatchError::QueueTimeout(_) | DispatchError::AppTimeout(_) => Some(log::Level::Warn),
             _ => None,
         }
     }
@@ -125,9 +135,7 @@ impl fmt::Display for DispatchError {
             DispatchError::WebSocketDenied => {
                 write!(f, "the app closed the WebSocket before accepting it")
             }
-            DispatchError::AppTimeout => {
-                write!(f, "the app did not respond within request_timeout")
-            }
+            DispatchError::AppTimeout(why) => write!(f, "{why}"),
             DispatchError::QueueTimeout(why) => write!(f, "{why}"),
             DispatchError::AppRaised(why) => write!(f, "the app raised: {why}"),
             DispatchError::BadResponse(why) => write!(f, "invalid response from the app: {why}"),

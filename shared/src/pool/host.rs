@@ -51,6 +51,8 @@ pub(crate) struct WorkerConn {
     socket: UnixStream,
     /// Requests this worker was given.
     pub(crate) taken: AtomicU64,
+    /// Requests that failed because it was lost (each got 502, or was cut after its head).
+    pub(crate) requests_lost: AtomicU64,
     /// Being replaced: it takes no new requests and finishes those it has.
     draining: AtomicBool,
     /// Started on demand, above `processes`: it gets a request only when the others are
@@ -154,6 +156,7 @@ impl WorkerConn {
             served: AtomicU64::new(0),
             recent_answers: Default::default(),
             taken: AtomicU64::new(0),
+            requests_lost: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             on_demand: AtomicBool::new(false),
             recycle: Mutex::new(None),
@@ -438,6 +441,7 @@ impl WorkerConn {
                 stream.deliver(AppEvent::End);
                 continue;
             }
+            self.requests_lost.fetch_add(1, Ordering::Relaxed);
             stream.deliver(AppEvent::Failed(DispatchError::WorkerLost(format!(
                 "app `{}`, {}: {why}",
                 self.app,

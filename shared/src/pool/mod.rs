@@ -61,6 +61,12 @@ const EXIT_SLACK: Duration = Duration::from_secs(5);
 /// How often a worker's memory is read.
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
 
+/// The first time a worker past `max_memory` from its start serves before it is replaced
+/// for it; doubled with each such worker in a slot, up to `MEMORY_GRACE_MAX`.
+const MEMORY_GRACE: Duration = Duration::from_secs(10);
+/// The longest time a worker past `max_memory` from its start serves before it is replaced.
+const MEMORY_GRACE_MAX: Duration = Duration::from_secs(600);
+
 /// How a host starts its pool workers.
 #[derive(Debug, Clone)]
 pub struct PoolHost {
@@ -276,28 +282,24 @@ impl Pool {
         Ok(())
     }
 
-    /// Every worker is busy: one more, up to `max_processes`, if none is starting already.
+    /// Every worker is busy: one more, up to `max_processes`, if none is starting already
+    /// (its slot clears `growing` once its worker is ready or has failed, and looks at the
+    /// queue again then). A retired generation grows no more: the current one takes the
+    /// requests.
     fn grow(self: &Arc<Self>, generation: &Arc<Generation>) {
         let app = &generation.settings.app;
         let max = app.max_processes.unwrap_or(app.processes);
-        if generation.slots.load(Ordering::Acquire) >= max
+        if generation.retired.load(Ordering::Acquire)
+            || generation.slots.load(Ordering::Acquire) >= max
             || generation.growing.swap(true, Ordering::AcqRel)
         {
             return;
         }
-        let (ready_tx, ready_rx) = mpsc::channel();
+        // No one waits for an extra slot's first worker: its slot reports to `growing`.
+        let (ready_tx, _) = mpsc::channel();
         if self.add_slot(generation, ready_tx, true).is_err() {
             generation.growing.store(false, Ordering::Release);
-            return;
         }
-        // Another may grow once this one is ready (or failed).
-        let generation = generation.clone();
-        let _ = std::thread::Builder::new()
-            .name(format!("{}-pool-grow", self.name))
-            .spawn(move || {
-                let _ = ready_rx.recv();
-                generation.growing.store(false, Ordering::Release);
-            });
     }
 
     /// Starts a new generation of workers with the app's code as it is now, and `settings`
@@ -461,9 +463,11 @@ impl Pool {
             let generation = self.current();
             let (least, taker) = pick_for(&generation, &self.turn);
             let Some(conn) = taker else {
-                if least.is_some() {
+                if least.is_some() && self.waiting.load(Ordering::SeqCst) > 0 {
                     // Requests wait while every worker is busy: one more, on demand (as in
-                    // `submit`; one started on demand may have gone since).
+                    // `submit`; one started on demand may have gone since). None waiting,
+                    // none is needed (a new generation's worker looks here before its
+                    // generation is current, while the old one's workers are still busy).
                     self.grow(&generation);
                 }
                 return;
@@ -646,6 +650,10 @@ impl Pool {
         let startup = settings.app.startup_timeout.as_limit();
         let mut first = Some(first);
         let mut pause = Duration::from_millis(500);
+        // How long a worker already past max_memory when it got ready serves before it is
+        // replaced for it: doubled each time one is, so that a limit below what the app needs
+        // to start replaces workers now and then, not one after another.
+        let mut memory_grace = Duration::ZERO;
         // A worker to replace: it serves on until its replacement is ready, then drains.
         let mut outgoing: Option<(Arc<WorkerConn>, Child, String)> = None;
         while !self.stopping.load(Ordering::Acquire) && !generation.retired.load(Ordering::Acquire)
@@ -688,6 +696,9 @@ impl Pool {
                     }
                     if let Some(first) = first.take() {
                         let _ = first.send(Err(why));
+                        if extra {
+                            generation.growing.store(false, Ordering::Release);
+                        }
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(30));
@@ -730,6 +741,12 @@ impl Pool {
                 generation.number
             );
             self.failing.store(false, Ordering::Release);
+            if extra && first.is_some() {
+                // Ready: the next may grow, and the look at the queue below starts it if
+                // requests still wait with every thread busy (a burst grows the pool one
+                // worker after another, not by one per request that comes later).
+                generation.growing.store(false, Ordering::Release);
+            }
             self.flush_parked();
             // Only now, with its replacement taking requests, does a recycled worker drain:
             // no request finds the pool without a live worker meanwhile.
@@ -743,6 +760,21 @@ impl Pool {
             let max_memory = settings.app.max_memory.0;
             let max_lifetime = max_lifetime_for(&settings.app, pid);
             let mut memory_checked = Instant::now();
+            let rss_at_start = if max_memory > 0 { rss_bytes(pid) } else { None };
+            match rss_at_start.filter(|rss| *rss > max_memory) {
+                Some(rss) => {
+                    memory_grace = (memory_grace * 2).clamp(MEMORY_GRACE, MEMORY_GRACE_MAX);
+                    log::warn!(
+                        "app `{name}`: pool worker {pid} uses {} MiB already as it starts, past \
+                         max_memory ({} MiB): it is replaced for its memory only after {} s, \
+                         and so is each next one (raise max_memory above what the app needs)",
+                        rss >> 20,
+                        max_memory >> 20,
+                        memory_grace.as_secs()
+                    );
+                }
+                None => memory_grace = Duration::ZERO,
+            }
             let idle_limit = settings.app.idle_timeout.as_limit();
             let mut idle_since: Option<Instant> = None;
             let mut taken_before = 0;
@@ -777,7 +809,10 @@ impl Pool {
                 if max_requests > 0 && conn.taken.load(Ordering::Relaxed) >= max_requests {
                     conn.request_recycle(format!("it was given max_requests ({max_requests})"));
                 }
-                if max_memory > 0 && memory_checked.elapsed() >= MEMORY_CHECK {
+                if max_memory > 0
+                    && memory_checked.elapsed() >= MEMORY_CHECK
+                    && ready_at.elapsed() >= memory_grace
+                {
                     memory_checked = Instant::now();
                     if let Some(rss) = rss_bytes(pid).filter(|rss| *rss > max_memory) {
                         conn.request_recycle(format!(
@@ -813,15 +848,26 @@ impl Pool {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
+            if generation.retired.load(Ordering::Acquire) {
+                // Died as a reload replaced it, before its drain began: as in `retire`.
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                let event = format!(
+                    "worker {pid} {how} while it drained (a reload replaced it){}",
+                    lost_requests(&conn)
+                );
+                log::warn!("app `{name}`: pool {event}");
+                self.record_event(event);
+                return;
+            }
             if extra {
                 // Demand brings it back if it is still needed.
-                let event = format!("worker {pid} {how}");
+                let event = format!("worker {pid} {how}{}", lost_requests(&conn));
                 log::warn!("app `{name}`: pool {event}");
                 self.record_event(event);
                 return;
             }
             self.restarts.fetch_add(1, Ordering::Relaxed);
-            let event = format!("worker {pid} {how}");
+            let event = format!("worker {pid} {how}{}", lost_requests(&conn));
             log::warn!("app `{name}`: pool {event}; starting another");
             self.record_event(event);
             if young {
@@ -903,10 +949,16 @@ impl Pool {
         // Closing its socket ends the worker the way it ends itself (an ASGI app gets its
         // lifespan shutdown, which graceful_timeout bounds in the worker too); SIGTERM, then
         // SIGKILL, for one that has not gone some seconds after that. One that has exited
-        // already (it crashed while draining) is lost, not closed on purpose.
-        if matches!(child.try_wait(), Ok(None)) {
-            conn.close();
-        }
+        // already (it crashed while draining, or the OOM killer took it) is lost, not closed
+        // on purpose, and told as a death.
+        let died = match child.try_wait() {
+            Ok(None) => {
+                conn.close();
+                None
+            }
+            Ok(Some(status)) => Some(describe_exit(status)),
+            Err(e) => Some(format!("could not be waited for: {e}")),
+        };
         // A worker stuck in its app cannot run a lifespan shutdown either.
         let shutdown_limit = match conn.is_stuck() {
             true => Some(Duration::ZERO),
@@ -932,6 +984,16 @@ impl Pool {
         }
         conn.lost("the worker was replaced");
         self.forget(generation, conn);
+        if let Some(how) = died {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+            let event = format!(
+                "worker {pid} {how} while it drained ({why}){}",
+                lost_requests(conn)
+            );
+            log::warn!("app `{name}`: pool {event}");
+            self.record_event(event);
+            return;
+        }
         let done = if why == "idle" { "stopped" } else { "replaced" };
         let event = if left > 0 {
             format!("worker {pid} {done} ({why}); {left} request(s) cut after graceful_timeout")
@@ -954,6 +1016,14 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|r| !Arc::ptr_eq(&r.conn, conn));
+    }
+}
+
+/// For a lost worker's event: how many requests failed with it, if any did.
+fn lost_requests(conn: &WorkerConn) -> String {
+    match conn.requests_lost.load(Ordering::Relaxed) {
+        0 => String::new(),
+        lost => format!("; {lost} request(s) in flight failed with it"),
     }
 }
 

@@ -191,8 +191,9 @@ fn bind(path: &Path, owner: Option<(u32, u32)>) -> Result<UnixListener, String> 
     let listener = UnixListener::bind(path).map_err(at)?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(at)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(at)?;
     }
+    // Only its owner may connect (a connect needs write permission), whatever the umask.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(at)?;
     Ok(listener)
 }
 

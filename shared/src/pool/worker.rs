@@ -33,6 +33,8 @@ use std::time::Duration;
 /// One request in this worker.
 struct WorkerStream {
     exchange: Exchange,
+    /// A WebSocket: told "service restart" (1012) when the host closes the connection.
+    websocket: bool,
     /// Response body bytes the host still lets us send.
     credit: AtomicI64,
     waker: Waker,
@@ -221,8 +223,20 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
         }
         result
     });
-    // The host is gone: every request with it.
-    streams.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    // The host is gone: every request with it. One that closed the connection cleanly
+    // replaces or stops this worker (a reload's drain past graceful_timeout, the server's
+    // stop): its WebSockets are told so (1012), as the client is and as SIGTERM tells them;
+    // a broken connection leaves them 1006 (closed without a close frame).
+    let streams = std::mem::take(&mut *streams.lock().unwrap_or_else(|e| e.into_inner()));
+    if result.is_ok() {
+        for stream in streams.values().filter(|stream| stream.websocket) {
+            let _ = stream.exchange.try_push(Inbound::Closed {
+                code: crate::websocket::close_code::SERVICE_RESTART,
+                reason: "service restart".into(),
+            });
+        }
+    }
+    drop(streams);
     result
 }
 
@@ -275,6 +289,7 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
     match frame.kind {
         Kind::Request => {
             let request = wire::decode_request(frame.payload)?;
+            let websocket = request.kind == RequestKind::WebSocket;
             let submitted = match request.kind {
                 RequestKind::Http => app.submit(
                     request.head,
@@ -287,6 +302,7 @@ fn handle(frame: Frame, app: &App, link: &Arc<Link>) -> Result<(), wire::WireErr
                 Ok(exchange) => {
                     let stream = Arc::new_cyclic(|me| WorkerStream {
                         exchange,
+                        websocket,
                         credit: AtomicI64::new(i64::from(INITIAL_WINDOW)),
                         waker: Waker::from(Arc::new(StreamWaker {
                             id,

@@ -37,12 +37,86 @@ pub fn loaded_libpython() -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
+/// Where the standard library of the loaded libpython lies (its `sys.base_prefix`): the
+/// nearest directory above the library with `lib/pythonX.Y/os.py`. `None` when no library is
+/// loaded, or it has no such directory above it.
+///
+/// An embedded interpreter that is not told its home guesses it from `PATH` or from the
+/// current directory (CPython's getpath): nginx started by systemd from `/` found Debian's
+/// `/lib/python3.11` beside a pyenv libpython, and every app failed to import `math`.
+/// mod_wsgi's `WSGIPythonHome` and uWSGI's `home` pin it the same way.
+fn stdlib_home() -> Option<std::path::PathBuf> {
+    if std::env::var_os("PYTHONHOME").is_some() {
+        // The user's own choice, which CPython reads itself.
+        return None;
+    }
+    let library = loaded_libpython()?;
+    let name = library.file_name()?.to_str()?;
+    // `libpython3.11.so.1.0`, or `libpython3.13t.so` for a free-threaded build.
+    let version = name
+        .strip_prefix("libpython")?
+        .split(".so")
+        .next()?
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    library
+        .ancestors()
+        .skip(1)
+        .find(|dir| dir.join(format!("lib/python{version}/os.py")).is_file())
+        .map(Path::to_path_buf)
+}
+
+/// Starts the interpreter with `home` as its `PyConfig.home` (when the process has none yet
+/// and `home` is known), the way `Python::initialize` starts it otherwise: no signal handlers
+/// of Python's (the host's threads take the signals), the GIL released once started.
+/// `sys.argv` is `['portico']`, as mod_wsgi gives `['mod_wsgi']`. On any failure it leaves
+/// the start to `Python::initialize`.
+fn start_with_home(home: Option<&Path>) {
+    use pyo3::ffi;
+    use std::os::unix::ffi::OsStrExt;
+    let Some(home) = home else {
+        return;
+    };
+    let Ok(home) = std::ffi::CString::new(home.as_os_str().as_bytes()) else {
+        return;
+    };
+    let argv0 = c"portico";
+    // SAFETY: the CPython C API for an embedding program (PEP 587), called once (the caller's
+    // `Once`) before any other Python call of this process. The config is initialized by
+    // `PyConfig_InitPythonConfig` before use and cleared after; the strings it is given are
+    // copied by CPython and outlive the calls.
+    unsafe {
+        if ffi::Py_IsInitialized() != 0 {
+            return;
+        }
+        let mut config = std::mem::MaybeUninit::<ffi::PyConfig>::uninit();
+        ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
+        let mut config = config.assume_init();
+        config.install_signal_handlers = 0;
+        config.parse_argv = 0;
+        let home_set = ffi::PyConfig_SetBytesString(&mut config, &mut config.home, home.as_ptr());
+        let mut argv = [argv0.as_ptr()];
+        let argv_set = ffi::PyConfig_SetBytesArgv(&mut config, 1, argv.as_mut_ptr());
+        if ffi::PyStatus_Exception(home_set) != 0 || ffi::PyStatus_Exception(argv_set) != 0 {
+            ffi::PyConfig_Clear(&mut config);
+            return;
+        }
+        let started = ffi::Py_InitializeFromConfig(&config);
+        ffi::PyConfig_Clear(&mut config);
+        if ffi::PyStatus_Exception(started) == 0 {
+            // As `Python::initialize` does: the GIL goes back for any thread to take.
+            ffi::PyEval_SaveThread();
+        }
+    }
+}
+
 /// Starts the interpreter once per process and activates `python_home` if given. Later calls
 /// do nothing. Must run after any fork the host does (daemonizing, nginx workers).
 pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), LoadError> {
     static START: Once = Once::new();
     START.call_once(|| {
-        // `initialize` leaves the GIL released, so any thread can attach afterwards.
+        start_with_home(stdlib_home().as_deref());
+        // Does nothing if the interpreter runs already; else starts it as CPython guesses.
+        // Either way the GIL is released, so any thread can attach afterwards.
         Python::initialize();
     });
     Python::attach(|py| -> PyResult<Result<(), String>> {
