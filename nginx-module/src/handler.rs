@@ -884,7 +884,14 @@ pub(crate) unsafe fn finish(ctx: *mut RequestCtx) {
 /// The error `request_timeout` gives for the app at `index` among the dispatcher's apps.
 fn app_timeout(index: Option<usize>, limit: Duration) -> DispatchError {
     let name = index
-        .and_then(|i| worker::with(|w| w.dispatcher.apps().get(i).map(|app| app.config().name.clone())))
+        .and_then(|i| {
+            worker::with(|w| {
+                w.dispatcher
+                    .apps()
+                    .get(i)
+                    .map(|app| app.config().name.clone())
+            })
+        })
         .flatten()
         .unwrap_or_default();
     DispatchError::app_timeout(&name, limit)

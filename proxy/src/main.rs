@@ -390,7 +390,7 @@ fn serve(
         }
     }
     let tls_listen = config.server.tls.iter().flat_map(|t| t.listen.iter());
-    for addr in config.server.listen.iter().chain(tls_listen) {
+    for addr in config.server.listen.iter().chain(tls_listen.clone()) {
         // Fail with a clear message now rather than a panic inside Pingora later.
         if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
             eprintln!("portico: cannot listen on {addr}: {e}");
@@ -422,6 +422,13 @@ fn serve(
         dispatcher.shutdown(grace);
         ExitCode::from(code)
     };
+    // Again, for a port taken while the apps imported: Pingora would panic on it.
+    for addr in config.server.listen.iter().chain(tls_listen.clone()) {
+        if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
+            eprintln!("portico: cannot listen on {addr}: {e}");
+            return give_up(&dispatcher, EXIT_BIND);
+        }
+    }
 
     let pid_file = match PidFile::write(config.server.pid_file.as_deref()) {
         Ok(pid_file) => pid_file,

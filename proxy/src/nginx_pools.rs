@@ -18,6 +18,8 @@ pub(crate) struct NginxPool {
     pub socket_dir: PathBuf,
     /// The apps it serves; empty: every pooled app of `config` without a `pool_socket`.
     pub apps: Vec<String>,
+    /// The descriptor its end of the master's lifeline is on (`--lifeline-fd`).
+    pub lifeline_fd: Option<u32>,
 }
 
 /// The master's pid, from nginx's pid file.
@@ -33,10 +35,11 @@ pub(crate) fn master_pid(pid_file: &Path) -> Result<u32, String> {
 /// their settings, while the old one finishes its requests.
 ///
 /// A watchdog is the master's when it is its child (nginx with `daemon off`, or a pool a
-/// reload started), or when it holds the other end of a pipe the master holds: the
-/// lifeline. With `daemon on` the process that read the configuration first, and started
+/// reload started), or when its lifeline (`--lifeline-fd`) is a pipe the master holds the
+/// other end of. With `daemon on` the process that read the configuration first, and started
 /// the pool, exits as nginx daemonizes; its watchdog then belongs to init, and only the
-/// lifeline, which the master inherited, ties the two.
+/// lifeline, which the master inherited, ties the two. (Reading the master's descriptors
+/// needs root, or nginx's master user.)
 pub(crate) fn pools_of(master: u32) -> Vec<NginxPool> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -55,9 +58,10 @@ pub(crate) fn pools_of(master: u32) -> Vec<NginxPool> {
         })
         .filter(|pool| {
             parent_of(pool.pid) == Some(master)
-                || pipes_of(pool.pid)
-                    .iter()
-                    .any(|pipe| master_pipes.contains(pipe))
+                || pool
+                    .lifeline_fd
+                    .and_then(|fd| pipe_at(pool.pid, fd))
+                    .is_some_and(|pipe| master_pipes.contains(&pipe))
         })
         .collect();
     pools.sort_by_key(|pool| pool.pid);
@@ -69,22 +73,30 @@ pub(crate) fn is_running(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// The pipes process `pid` has open, by inode (`/proc/PID/fd/N` links read `pipe:[INODE]`).
+/// The pipes process `pid` has open, by inode.
 fn pipes_of(pid: u32) -> Vec<u64> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
     fds.flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_str()?;
-            target
-                .strip_prefix("pipe:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
+        .filter_map(|fd| pipe_inode(&fd.path()))
         .collect()
+}
+
+/// The inode of the pipe on descriptor `fd` of process `pid`, if it is one.
+fn pipe_at(pid: u32, fd: u32) -> Option<u64> {
+    pipe_inode(Path::new(&format!("/proc/{pid}/fd/{fd}")))
+}
+
+/// A `/proc/PID/fd/N` link's pipe inode (the link reads `pipe:[INODE]`).
+fn pipe_inode(link: &Path) -> Option<u64> {
+    let target = std::fs::read_link(link).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("pipe:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The parent of `pid`, from `/proc/PID/stat` (proc(5): the field after the state, which
@@ -102,12 +114,14 @@ fn parse_watchdog(pid: u32, args: impl IntoIterator<Item = OsString>) -> Option<
         return None;
     }
     let (mut watchdog, mut config, mut socket_dir, mut apps) = (false, None, None, Vec::new());
+    let mut lifeline_fd = None;
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--watchdog") => watchdog = true,
             Some("--config") => config = args.next().map(PathBuf::from),
             Some("--socket-dir") => socket_dir = args.next().map(PathBuf::from),
             Some("--app") => apps.extend(args.next()?.into_string().ok()),
+            Some("--lifeline-fd") => lifeline_fd = args.next()?.to_str()?.parse().ok(),
             _ => {}
         }
     }
@@ -116,6 +130,7 @@ fn parse_watchdog(pid: u32, args: impl IntoIterator<Item = OsString>) -> Option<
         config: config?,
         socket_dir: socket_dir?,
         apps,
+        lifeline_fd,
     })
     .filter(|_| watchdog)
 }
@@ -139,6 +154,7 @@ mod tests {
                 config: "/etc/p.toml".into(),
                 socket_dir: "/tmp/portico-nginx-a1".into(),
                 apps: vec!["site".into(), "api".into()],
+                lifeline_fd: Some(3),
             })
         );
     }

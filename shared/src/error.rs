@@ -96,12 +96,15 @@ impl DispatchError {
     /// mistakes and for errors the app's thread has logged already (with the traceback).
     pub fn log_level(&self) -> Option<log::Level> {
         match self {
+            // A request past request_timeout is a fault, logged as nginx logs "upstream timed
+            // out", gunicorn its WORKER TIMEOUT and mod_wsgi "Timeout when reading response
+            // headers": at a level a default `error_log` keeps.
             DispatchError::WorkerLost(_)
             | DispatchError::PoolUnreachable(_)
-            | DispatchError::BodyStore(_) => Some(log::Level::Error),
-            // The app is falling behind, or stuck: a sysadmin wants to see it (gunicorn's
-            // WORKER TIMEOUT, mod_wsgi's "Timeout when reading response headers").
-            DispatchError::QueueTimeout(_) | DispatchError::AppTimeout(_) => Some(log::Level::Warn),
+            | DispatchError::BodyStore(_)
+            | DispatchError::AppTimeout(_) => Some(log::Level::Error),
+            // The app is falling behind: a sysadmin wants to see it, though nothing failed.
+            DispatchError::QueueTimeout(_) => Some(log::Level::Warn),
             _ => None,
         }
     }

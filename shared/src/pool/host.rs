@@ -53,6 +53,9 @@ pub(crate) struct WorkerConn {
     pub(crate) taken: AtomicU64,
     /// Requests that failed because it was lost (each got 502, or was cut after its head).
     pub(crate) requests_lost: AtomicU64,
+    /// Held through [`WorkerConn::lost`]: its reader and its supervisor may both find it gone,
+    /// and the one that comes second returns only once the first has counted what failed.
+    losing: Mutex<()>,
     /// Being replaced: it takes no new requests and finishes those it has.
     draining: AtomicBool,
     /// Started on demand, above `processes`: it gets a request only when the others are
@@ -157,6 +160,7 @@ impl WorkerConn {
             recent_answers: Default::default(),
             taken: AtomicU64::new(0),
             requests_lost: AtomicU64::new(0),
+            losing: Mutex::new(()),
             draining: AtomicBool::new(false),
             on_demand: AtomicBool::new(false),
             recycle: Mutex::new(None),
@@ -413,6 +417,9 @@ impl WorkerConn {
     /// not send to the next upstream. One written whole may have been read and acted on,
     /// even if the worker died a moment later: it fails like any other in flight.
     pub(crate) fn lost(&self, why: &str) {
+        // Called only by the connection's reader and its pool's supervisor threads, never
+        // from inside itself.
+        let _one_at_a_time = self.losing.lock().unwrap_or_else(|e| e.into_inner());
         let (streams, queued) = {
             let mut table = self.lock_streams();
             self.alive.store(false, Ordering::Release);

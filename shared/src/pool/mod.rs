@@ -144,6 +144,8 @@ struct Generation {
     slots: AtomicUsize,
     /// A slot is being added on demand (one at a time).
     growing: AtomicBool,
+    /// A reload is starting the generation that will replace this one: it grows no more.
+    superseded: AtomicBool,
 }
 
 impl Generation {
@@ -155,6 +157,7 @@ impl Generation {
             retired: AtomicBool::new(false),
             slots: AtomicUsize::new(0),
             growing: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
         }
     }
 }
@@ -272,6 +275,17 @@ impl Pool {
         let spawned = std::thread::Builder::new()
             .name(format!("{}-pool-g{}-{slot}", self.name, generation.number))
             .spawn(move || {
+                // A slot that panics before its first worker is ready must not leave the
+                // generation unable to grow.
+                struct ClearGrowing<'a>(&'a Generation, bool);
+                impl Drop for ClearGrowing<'_> {
+                    fn drop(&mut self) {
+                        if self.1 && std::thread::panicking() {
+                            self.0.growing.store(false, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let _clear = ClearGrowing(&thread_generation, extra);
                 pool.supervise(&thread_generation, first, extra);
                 thread_generation.slots.fetch_sub(1, Ordering::AcqRel);
             });
@@ -289,16 +303,20 @@ impl Pool {
     fn grow(self: &Arc<Self>, generation: &Arc<Generation>) {
         let app = &generation.settings.app;
         let max = app.max_processes.unwrap_or(app.processes);
+        // `growing` is sequentially consistent, as `waiting` is: a slot that clears it and
+        // then looks at the queue, and a request that joins the queue and then tries to grow,
+        // cannot both miss the other.
         if generation.retired.load(Ordering::Acquire)
+            || generation.superseded.load(Ordering::Acquire)
             || generation.slots.load(Ordering::Acquire) >= max
-            || generation.growing.swap(true, Ordering::AcqRel)
+            || generation.growing.swap(true, Ordering::SeqCst)
         {
             return;
         }
         // No one waits for an extra slot's first worker: its slot reports to `growing`.
         let (ready_tx, _) = mpsc::channel();
         if self.add_slot(generation, ready_tx, true).is_err() {
-            generation.growing.store(false, Ordering::Release);
+            generation.growing.store(false, Ordering::SeqCst);
         }
     }
 
@@ -315,7 +333,11 @@ impl Pool {
             "app `{}`: reloading: starting generation {number}",
             self.name
         );
+        // Requests that come meanwhile do not grow what is about to be replaced.
+        let replaced = self.current();
+        replaced.superseded.store(true, Ordering::Release);
         if let Err(e) = self.start_generation(&generation) {
+            replaced.superseded.store(false, Ordering::Release);
             log::error!(
                 "app `{}`: generation {number} could not load the app; generation {} goes on serving: {e}",
                 self.name,
@@ -697,7 +719,7 @@ impl Pool {
                     if let Some(first) = first.take() {
                         let _ = first.send(Err(why));
                         if extra {
-                            generation.growing.store(false, Ordering::Release);
+                            generation.growing.store(false, Ordering::SeqCst);
                         }
                     }
                     std::thread::sleep(pause);
@@ -745,7 +767,7 @@ impl Pool {
                 // Ready: the next may grow, and the look at the queue below starts it if
                 // requests still wait with every thread busy (a burst grows the pool one
                 // worker after another, not by one per request that comes later).
-                generation.growing.store(false, Ordering::Release);
+                generation.growing.store(false, Ordering::SeqCst);
             }
             self.flush_parked();
             // Only now, with its replacement taking requests, does a recycled worker drain:
@@ -849,10 +871,11 @@ impl Pool {
                 return;
             }
             if generation.retired.load(Ordering::Acquire) {
-                // Died as a reload replaced it, before its drain began: as in `retire`.
+                // Died as a reload replaced it, before its drain began: a death, as in
+                // `retire`.
                 self.restarts.fetch_add(1, Ordering::Relaxed);
                 let event = format!(
-                    "worker {pid} {how} while it drained (a reload replaced it){}",
+                    "worker {pid} {how} as a reload replaced it{}",
                     lost_requests(&conn)
                 );
                 log::warn!("app `{name}`: pool {event}");
@@ -984,7 +1007,9 @@ impl Pool {
         }
         conn.lost("the worker was replaced");
         self.forget(generation, conn);
-        if let Some(how) = died {
+        // One that dies as the server stops (systemd's stop signals every process of the
+        // unit) is not worth a warning.
+        if let Some(how) = died.filter(|_| !self.stopping.load(Ordering::Acquire)) {
             self.restarts.fetch_add(1, Ordering::Relaxed);
             let event = format!(
                 "worker {pid} {how} while it drained ({why}){}",

@@ -225,8 +225,10 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     });
     // The host is gone: every request with it. One that closed the connection cleanly
     // replaces or stops this worker (a reload's drain past graceful_timeout, the server's
-    // stop): its WebSockets are told so (1012), as the client is and as SIGTERM tells them;
-    // a broken connection leaves them 1006 (closed without a close frame).
+    // stop), or has exited (its process closes the socket the same way): its WebSockets are
+    // told so (1012, service restart), as their clients are; a broken connection leaves them
+    // 1006 (closed without a close frame). A close that finds the app's queue full is
+    // dropped, and the app sees 1006 instead.
     let streams = std::mem::take(&mut *streams.lock().unwrap_or_else(|e| e.into_inner()));
     if result.is_ok() {
         for stream in streams.values().filter(|stream| stream.websocket) {

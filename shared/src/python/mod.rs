@@ -38,87 +38,153 @@ pub fn loaded_libpython() -> Option<std::path::PathBuf> {
 }
 
 /// Where the standard library of the loaded libpython lies (its `sys.base_prefix`): the
-/// nearest directory above the library with `lib/pythonX.Y/os.py`. `None` when no library is
-/// loaded, or it has no such directory above it.
+/// library's own prefix (`PREFIX/lib/libpython...`, or `PREFIX/lib/TRIPLET/libpython...` as
+/// Debian lays it out) when it holds `lib/pythonX.Y/os.py` (or `lib64/...`) and its
+/// `lib-dynload`. `None` when no library is loaded, or its prefix holds no such library.
 ///
 /// An embedded interpreter that is not told its home guesses it from `PATH` or from the
 /// current directory (CPython's getpath): nginx started by systemd from `/` found Debian's
 /// `/lib/python3.11` beside a pyenv libpython, and every app failed to import `math`.
 /// mod_wsgi's `WSGIPythonHome` and uWSGI's `home` pin it the same way.
 fn stdlib_home() -> Option<std::path::PathBuf> {
-    if std::env::var_os("PYTHONHOME").is_some() {
-        // The user's own choice, which CPython reads itself.
-        return None;
-    }
     let library = loaded_libpython()?;
     let name = library.file_name()?.to_str()?;
-    // `libpython3.11.so.1.0`, or `libpython3.13t.so` for a free-threaded build.
+    // `libpython3.11.so.1.0`; `libpython3.13t.so` (free-threaded) keeps its `t`, which its
+    // library directory has too (`lib/python3.13t`); a debug build's `d` is not in it.
     let version = name
         .strip_prefix("libpython")?
         .split(".so")
         .next()?
-        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    library
+        .trim_end_matches('d');
+    let holds_stdlib = |prefix: &Path| {
+        ["lib", "lib64"].iter().any(|lib| {
+            let stdlib = prefix.join(lib).join(format!("python{version}"));
+            stdlib.join("os.py").is_file() && stdlib.join("lib-dynload").is_dir()
+        })
+    };
+    // The library's directory's parent, and its grandparent (Debian's multiarch directory).
+    let prefixes: Vec<std::path::PathBuf> = library
+        .parent()?
         .ancestors()
         .skip(1)
-        .find(|dir| dir.join(format!("lib/python{version}/os.py")).is_file())
+        .take(2)
         .map(Path::to_path_buf)
+        .collect();
+    prefixes.into_iter().find(|prefix| holds_stdlib(prefix))
 }
 
-/// Starts the interpreter with `home` as its `PyConfig.home` (when the process has none yet
-/// and `home` is known), the way `Python::initialize` starts it otherwise: no signal handlers
-/// of Python's (the host's threads take the signals), the GIL released once started.
-/// `sys.argv` is `['portico']`, as mod_wsgi gives `['mod_wsgi']`. On any failure it leaves
-/// the start to `Python::initialize`.
-fn start_with_home(home: Option<&Path>) {
+/// Starts the interpreter (PEP 587) the way an embedding server should, whatever directory
+/// and `PATH` it was started with: with its home pinned to the loaded library's standard
+/// library ([`stdlib_home`]) unless the user set `PYTHONHOME`; with no signal handlers of
+/// Python's (the host's threads take the signals); leaving the process's locale and C stdio
+/// as they are (no C locale coercion: nginx's environment is not Python's to change); with
+/// `sys.argv` `['portico']`, as mod_wsgi gives `['mod_wsgi']`. As `python3` itself, it runs in
+/// UTF-8 mode under the C or POSIX locale. The GIL is released once it has started. Does
+/// nothing if the process runs an interpreter already.
+fn start_interpreter() -> Result<(), String> {
     use pyo3::ffi;
     use std::os::unix::ffi::OsStrExt;
-    let Some(home) = home else {
-        return;
-    };
-    let Ok(home) = std::ffi::CString::new(home.as_os_str().as_bytes()) else {
-        return;
-    };
+    let user_home = std::env::var_os("PYTHONHOME").is_some_and(|home| !home.is_empty());
+    let home = if user_home { None } else { stdlib_home() };
+    let home = home
+        .map(|home| std::ffi::CString::new(home.as_os_str().as_bytes()))
+        .transpose()
+        .map_err(|_| "the Python library's path has a NUL byte".to_owned())?;
     let argv0 = c"portico";
+    let failed = |status: ffi::PyStatus, what: &str| -> String {
+        // SAFETY: a status CPython returned; its `err_msg` is null or a static C string.
+        let message = unsafe {
+            (!status.err_msg.is_null()).then(|| {
+                std::ffi::CStr::from_ptr(status.err_msg)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        };
+        format!(
+            "cannot start Python ({what}): {}",
+            message.unwrap_or_default()
+        )
+    };
     // SAFETY: the CPython C API for an embedding program (PEP 587), called once (the caller's
-    // `Once`) before any other Python call of this process. The config is initialized by
-    // `PyConfig_InitPythonConfig` before use and cleared after; the strings it is given are
-    // copied by CPython and outlive the calls.
+    // `Once`) before any other Python call of this process. The preconfig and the config are
+    // initialized by their `_Init` functions before use, accessed through one raw pointer
+    // each and not moved meanwhile, and the config is cleared after use; the strings given
+    // are copied by CPython.
     unsafe {
         if ffi::Py_IsInitialized() != 0 {
-            return;
+            return Ok(());
+        }
+        let mut preconfig = std::mem::MaybeUninit::<ffi::PyPreConfig>::uninit();
+        let pre = preconfig.as_mut_ptr();
+        ffi::PyPreConfig_InitPythonConfig(pre);
+        (*pre).coerce_c_locale = 0;
+        (*pre).coerce_c_locale_warn = 0;
+        (*pre).parse_argv = 0;
+        let status = ffi::Py_PreInitialize(pre);
+        if ffi::PyStatus_Exception(status) != 0 {
+            return Err(failed(status, "pre-initialization"));
         }
         let mut config = std::mem::MaybeUninit::<ffi::PyConfig>::uninit();
-        ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
-        let mut config = config.assume_init();
-        config.install_signal_handlers = 0;
-        config.parse_argv = 0;
-        let home_set = ffi::PyConfig_SetBytesString(&mut config, &mut config.home, home.as_ptr());
+        let c = config.as_mut_ptr();
+        ffi::PyConfig_InitPythonConfig(c);
+        (*c).install_signal_handlers = 0;
+        (*c).parse_argv = 0;
+        (*c).configure_c_stdio = 0;
         let mut argv = [argv0.as_ptr()];
-        let argv_set = ffi::PyConfig_SetBytesArgv(&mut config, 1, argv.as_mut_ptr());
-        if ffi::PyStatus_Exception(home_set) != 0 || ffi::PyStatus_Exception(argv_set) != 0 {
-            ffi::PyConfig_Clear(&mut config);
-            return;
+        let mut status = ffi::PyConfig_SetBytesArgv(c, 1, argv.as_mut_ptr());
+        if let Some(home) = &home {
+            if ffi::PyStatus_Exception(status) == 0 {
+                status = ffi::PyConfig_SetBytesString(c, &raw mut (*c).home, home.as_ptr());
+            }
         }
-        let started = ffi::Py_InitializeFromConfig(&config);
-        ffi::PyConfig_Clear(&mut config);
-        if ffi::PyStatus_Exception(started) == 0 {
-            // As `Python::initialize` does: the GIL goes back for any thread to take.
-            ffi::PyEval_SaveThread();
+        if ffi::PyStatus_Exception(status) == 0 {
+            status = ffi::Py_InitializeFromConfig(c);
         }
+        ffi::PyConfig_Clear(c);
+        if ffi::PyStatus_Exception(status) != 0 {
+            // Not retried: a half-started runtime cannot be started again.
+            return Err(failed(status, "initialization"));
+        }
+        // As `Python::initialize` does: the GIL goes back for any thread to take.
+        ffi::PyEval_SaveThread();
     }
+    Ok(())
+}
+
+/// The virtualenv an activated shell names (`VIRTUAL_ENV`, set by its `activate`), when no
+/// `python_home` is given: an embedded interpreter with its home pinned does not find it
+/// through `PATH` as `python3` would, and apps run from an activated shell expect its
+/// packages, as gunicorn and uvicorn installed there see them.
+fn activated_virtualenv() -> Option<std::path::PathBuf> {
+    let venv = std::path::PathBuf::from(std::env::var_os("VIRTUAL_ENV")?);
+    venv.join("pyvenv.cfg").is_file().then_some(venv)
 }
 
 /// Starts the interpreter once per process and activates `python_home` if given. Later calls
 /// do nothing. Must run after any fork the host does (daemonizing, nginx workers).
 pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), LoadError> {
     static START: Once = Once::new();
+    static STARTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     START.call_once(|| {
-        start_with_home(stdlib_home().as_deref());
-        // Does nothing if the interpreter runs already; else starts it as CPython guesses.
-        // Either way the GIL is released, so any thread can attach afterwards.
-        Python::initialize();
+        let _ = STARTED.set(start_interpreter());
     });
+    if let Some(Err(message)) = STARTED.get() {
+        return Err(LoadError {
+            app: app.to_owned(),
+            message: message.clone(),
+        });
+    }
+    let venv = match python_home {
+        Some(_) => None,
+        None => activated_virtualenv(),
+    };
+    if let Some(venv) = &venv {
+        log::info!(
+            "app `{app}`: no python_home: using the activated virtualenv {} (VIRTUAL_ENV)",
+            venv.display()
+        );
+    }
+    let python_home = python_home.or(venv.as_deref());
     Python::attach(|py| -> PyResult<Result<(), String>> {
         let sys = py.import("sys")?;
         if !sys.hasattr("argv")? {
