@@ -873,13 +873,10 @@ impl Pool {
             if generation.retired.load(Ordering::Acquire) {
                 // Died as a reload replaced it, before its drain began: a death, as in
                 // `retire`.
-                self.restarts.fetch_add(1, Ordering::Relaxed);
-                let event = format!(
+                self.tell_death(format!(
                     "worker {pid} {how} as a reload replaced it{}",
                     lost_requests(&conn)
-                );
-                log::warn!("app `{name}`: pool {event}");
-                self.record_event(event);
+                ));
                 return;
             }
             if extra {
@@ -1010,13 +1007,10 @@ impl Pool {
         // One that dies as the server stops (systemd's stop signals every process of the
         // unit) is not worth a warning.
         if let Some(how) = died.filter(|_| !self.stopping.load(Ordering::Acquire)) {
-            self.restarts.fetch_add(1, Ordering::Relaxed);
-            let event = format!(
+            self.tell_death(format!(
                 "worker {pid} {how} while it drained ({why}){}",
                 lost_requests(conn)
-            );
-            log::warn!("app `{name}`: pool {event}");
-            self.record_event(event);
+            ));
             return;
         }
         let done = if why == "idle" { "stopped" } else { "replaced" };
@@ -1029,6 +1023,14 @@ impl Pool {
             log::info!("app `{name}`: pool {event}");
             self.record_event(event);
         }
+    }
+
+    /// Counts, logs and records the death of a worker that is not to be started again (its
+    /// replacement runs already).
+    fn tell_death(&self, event: String) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        log::warn!("app `{}`: pool {event}", self.name);
+        self.record_event(event);
     }
 
     fn forget(&self, generation: &Generation, conn: &Arc<WorkerConn>) {

@@ -16,7 +16,7 @@ use portico_config::AppConfig;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use std::path::Path;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 /// The shared Python library this process runs, as the dynamic loader found it (from
 /// `/proc/self/maps`); `None` for a Python linked in statically.
@@ -106,7 +106,7 @@ fn start_interpreter() -> Result<(), String> {
         )
     };
     // SAFETY: the CPython C API for an embedding program (PEP 587), called once (the caller's
-    // `Once`) before any other Python call of this process. The preconfig and the config are
+    // `OnceLock`) before any other Python call of this process. The preconfig and the config are
     // initialized by their `_Init` functions before use, accessed through one raw pointer
     // each and not moved meanwhile, and the config is cleared after use; the strings given
     // are copied by CPython.
@@ -163,12 +163,8 @@ fn activated_virtualenv() -> Option<std::path::PathBuf> {
 /// Starts the interpreter once per process and activates `python_home` if given. Later calls
 /// do nothing. Must run after any fork the host does (daemonizing, nginx workers).
 pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), LoadError> {
-    static START: Once = Once::new();
-    static STARTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    START.call_once(|| {
-        let _ = STARTED.set(start_interpreter());
-    });
-    if let Some(Err(message)) = STARTED.get() {
+    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(message) = STARTED.get_or_init(start_interpreter) {
         return Err(LoadError {
             app: app.to_owned(),
             message: message.clone(),
@@ -187,9 +183,6 @@ pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), Loa
     let python_home = python_home.or(venv.as_deref());
     Python::attach(|py| -> PyResult<Result<(), String>> {
         let sys = py.import("sys")?;
-        if !sys.hasattr("argv")? {
-            sys.setattr("argv", vec!["portico"])?;
-        }
         // `import portico` gives apps the server's own exception types.
         let modules = sys.getattr("modules")?;
         if !modules.contains("portico")? {
