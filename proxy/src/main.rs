@@ -389,13 +389,10 @@ fn serve(
             return ExitCode::from(EXIT_CONFIG);
         }
     }
-    let tls_listen = config.server.tls.iter().flat_map(|t| t.listen.iter());
-    for addr in config.server.listen.iter().chain(tls_listen.clone()) {
-        // Fail with a clear message now rather than a panic inside Pingora later.
-        if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
-            eprintln!("portico: cannot listen on {addr}: {e}");
-            return ExitCode::from(EXIT_BIND);
-        }
+    // Fail with a clear message now rather than a panic inside Pingora later.
+    if let Err(e) = try_listen_addresses(&config.server) {
+        eprintln!("portico: {e}");
+        return ExitCode::from(EXIT_BIND);
     }
     let access_log = match AccessLog::open(&config.server.access_log) {
         Ok(log) => log,
@@ -423,11 +420,9 @@ fn serve(
         ExitCode::from(code)
     };
     // Again, for a port taken while the apps imported: Pingora would panic on it.
-    for addr in config.server.listen.iter().chain(tls_listen.clone()) {
-        if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
-            eprintln!("portico: cannot listen on {addr}: {e}");
-            return give_up(&dispatcher, EXIT_BIND);
-        }
+    if let Err(e) = try_listen_addresses(&config.server) {
+        eprintln!("portico: {e}");
+        return give_up(&dispatcher, EXIT_BIND);
     }
 
     let pid_file = match PidFile::write(config.server.pid_file.as_deref()) {
@@ -506,10 +501,7 @@ fn serve(
     for app in dispatcher.apps() {
         let c = app.config();
         let placement = match (c.mode, &c.pool_socket) {
-            (portico_config::Mode::InProcess, _) => match c.threads {
-                1 => "1 Python thread".to_owned(),
-                threads => format!("{threads} Python threads"),
-            },
+            (portico_config::Mode::InProcess, _) => counted(c.threads, "Python thread"),
             (portico_config::Mode::Pool, Some(socket)) => {
                 format!("pool server at {}", socket.display())
             }
@@ -518,15 +510,11 @@ fn serve(
                     Some(max) => format!("{} (up to {max} on demand)", c.processes),
                     None => c.processes.to_string(),
                 };
+                let several = c.processes > 1 || c.max_processes.is_some_and(|max| max > 1);
                 format!(
-                    "pool of {processes} worker {}, {} Python {} each",
-                    if c.processes == 1 && c.max_processes.is_none_or(|max| max <= 1) {
-                        "process"
-                    } else {
-                        "processes"
-                    },
-                    c.threads,
-                    if c.threads == 1 { "thread" } else { "threads" }
+                    "pool of {processes} worker {}, {} each",
+                    if several { "processes" } else { "process" },
+                    counted(c.threads, "Python thread")
                 )
             }
         };
@@ -660,6 +648,24 @@ fn running_server(config_path: &Path) -> Result<(Config, u32), ExitCode> {
             );
             Err(ExitCode::FAILURE)
         }
+    }
+}
+
+/// Binds each listen address once and lets it go: the first that cannot be bound, and why.
+fn try_listen_addresses(server: &portico_config::ServerConfig) -> Result<(), String> {
+    let tls_listen = server.tls.iter().flat_map(|t| t.listen.iter());
+    for addr in server.listen.iter().chain(tls_listen) {
+        std::net::TcpListener::bind(addr.as_str())
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `1 Python thread`, `4 Python threads`.
+fn counted(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
     }
 }
 
