@@ -243,6 +243,39 @@ def test_the_embedded_python_finds_its_own_standard_library_from_any_directory(
         server.stop()
 
 
+@pytest.mark.parametrize("mode", ["in-process", "pool"])
+def test_relative_paths_are_taken_from_the_config_file_named_without_a_directory(tmp_path, mode):
+    """`--config portico.toml`, run from its own directory, with a relative python_path,
+    chdir, pid_file and access_log: the app imports after its chdir, and the pid file and
+    access log land beside the config file, where `portico reload` run from `/` finds them."""
+    site = tmp_path / "site"
+    (site / "app").mkdir(parents=True)
+    (site / "app" / "main.py").write_text(
+        "import os\n"
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [os.getcwd().encode()]\n")
+    port = free_port()
+    (site / "portico.toml").write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\npid_file = "portico.pid"\n'
+        f'access_log = "access.log"\n\n[[app]]\nname = "site"\ntarget = "main:app"\n'
+        f'python_path = ["app"]\nchdir = "app"\nmode = "{mode}"\n')
+    server = Server([str(BINARY), "serve", "--config", "portico.toml"], tmp_path, port, cwd=site)
+    try:
+        server.wait_ready()
+        code, _, body = server.get("/")
+        assert (code, body) == (200, str(site / "app").encode()), server.log()
+        wait_until(lambda: (site / "access.log").exists()
+                   and "GET / HTTP/1.1" in (site / "access.log").read_text(), 10,
+                   what="the access log beside the config file")
+        assert (site / "portico.pid").read_text().strip() == str(server.proc.pid)
+        reload = subprocess.run([str(BINARY), "reload", "--config", str(site / "portico.toml")],
+                                capture_output=True, text=True, timeout=30, cwd="/")
+        assert reload.returncode == 0, reload.stderr
+    finally:
+        server.stop()
+
+
 def test_run_workers_must_be_at_least_one(run_portico):
     result = run_portico("run", "pool_app:application", "--workers", "0")
     assert result.returncode == 64

@@ -1170,6 +1170,99 @@ def test_a_workers_lifespan_shutdown_is_bounded_by_the_apps_graceful_timeout(por
     wait_until(lambda: old not in worker_pids(server), what="the old worker to go")
 
 
+@pytest.mark.parametrize("mode", ["in-process", "pool"])
+def test_a_background_task_after_the_response_finishes_before_the_lifespan_shutdown(portico,
+                                                                                     mode):
+    """A request's work after its response (Starlette's BackgroundTasks) is part of its app
+    call: a stopping server waits for it, then runs the lifespan shutdown, as uvicorn waits
+    for its tasks. Before, the task was cut without a word (an e-mail, a write lost)."""
+    pooled = {"mode": "pool", "processes": 1} if mode == "pool" else {"mode": mode}
+    server = portico(asgi_table("bg", "asgi_background:app", **pooled))
+    code, _, body = server.get("/later")
+    assert (code, body) == (200, b"answered")
+    server.wait_for_log("background: task begun")
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    log = server.log()
+    assert "background: task done" in log, log
+    assert log.index("background: task done") < log.index("background: lifespan shutdown"), log
+    assert "waiting up to" in log and "request(s) still running in the app" in log, log
+
+
+def test_a_task_still_running_past_graceful_timeout_is_cancelled_before_the_lifespan_shutdown(
+        portico):
+    """Past the app's graceful_timeout a worker being replaced cancels what still runs, and
+    its `finally` runs while the lifespan's resources are still there: then the shutdown."""
+    server = portico(asgi_table("bg", "asgi_background:app", mode="pool", processes=1,
+                                graceful_timeout="1s"))
+    code, _, _ = server.get("/forever")
+    assert code == 200
+    server.wait_for_log("background: forever begun")
+    os.kill(server.proc.pid, signal.SIGHUP)
+    server.wait_for_log("background: lifespan shutdown", timeout=20)
+    log = server.log()
+    assert "app `bg`: 1 request(s) still running after 1s: cancelled" in log, log
+    assert log.index("background: forever cleaned up") \
+        < log.index("background: lifespan shutdown"), log
+
+
+def test_sigterm_to_a_worker_replaces_it_after_its_requests(portico, tmp_path):
+    """`kill PID` of one worker is a graceful stop, as for a gunicorn worker: it serves on
+    until its replacement is ready, finishes what it has, and goes; no request fails."""
+    server = portico(pool_app(processes=1))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    old = worker_pids(server)[0]
+    flag = tmp_path / "release"
+    holder, held = hold_in_background(server, f"/hold?{flag}")
+    wait_until(lambda: Path(f"{flag}.started").exists(), what="the request to start")
+    os.kill(old, signal.SIGTERM)
+    server.wait_for_log(f"pool worker {old}: SIGTERM: the server replaces it")
+    # Once its replacement is ready, new requests go there.
+    def served_by_another():
+        code, _, body = server.get("/pid")
+        assert code == 200, body
+        return int(body) != old
+    wait_until(served_by_another, what="requests served by its replacement")
+    flag.touch()
+    holder.join(30)
+    assert held["r"][0] == 200 and held["r"][2] == b"held", held
+    server.wait_for_log(f"pool worker {old} replaced (it was sent SIGTERM)")
+    assert "killed by signal 15" not in server.log()
+
+
+def test_sigterm_to_the_server_and_its_workers_at_once_lets_requests_finish(portico, tmp_path):
+    """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
+    unit together: the workers drain with the server instead of dying with their requests."""
+    server = portico(pool_app(processes=1))
+    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
+    flag = tmp_path / "release"
+    holder, held = hold_in_background(server, f"/hold?{flag}")
+    wait_until(lambda: Path(f"{flag}.started").exists(), what="the request to start")
+    for pid in [server.proc.pid, *worker_pids(server)]:
+        os.kill(pid, signal.SIGTERM)
+    server.wait_for_log("SIGTERM: the server replaces it")
+    flag.touch()
+    holder.join(30)
+    assert held["r"][0] == 200 and held["r"][2] == b"held", (held, server.log())
+    server.proc.wait(30)
+    assert "killed by signal 15" not in server.log()
+
+
+@pytest.mark.parametrize("mode", ["in-process", "pool"])
+def test_the_apps_atexit_functions_run_as_the_server_stops(portico, mode):
+    """What an app registers with `atexit` (logging's last flush, a metrics push) runs when
+    the process that ran the app stops, as under gunicorn and mod_wsgi; the embedded
+    interpreter is never finalized, so before nothing ran it."""
+    pooled = {"mode": "pool", "processes": 1} if mode == "pool" else {"mode": mode}
+    server = portico(app_table("pool", "pool_app:application", **pooled),
+                     env={"PROBE_ATEXIT": "1"})
+    code, _, body = server.get("/pid")
+    assert code == 200
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    assert f"pool_app: atexit in {int(body)}" in server.log()
+
+
 def kill_with_children(proc):
     """Kills a process and its children (a watchdog's pool server would outlive it: without
     nginx's lifeline, nothing tells it that its watchdog is gone)."""

@@ -44,8 +44,8 @@ pub struct ServerConfig {
     /// Default: 1.
     #[serde(default = "ServerConfig::default_threads")]
     pub threads: usize,
-    /// Where the access log goes: `"-"` for standard output, a file path, or `"off"`.
-    /// Default: `"-"`.
+    /// Where the access log goes: `"-"` for standard output, a file path (relative to the
+    /// config file), or `"off"`. Default: `"-"`.
     #[serde(default = "ServerConfig::default_access_log")]
     pub access_log: String,
     /// How long an idle keep-alive connection waits for its next request header; also the
@@ -67,7 +67,7 @@ pub struct ServerConfig {
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// A file the server writes its process id to, for `portico reload` and `portico
-    /// status`. Default: none.
+    /// status`; relative to the config file. Default: none.
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
     /// A path on the listeners that answers with the pools' status (JSON), as
@@ -593,9 +593,13 @@ impl Config {
         let Some(mut config) = config else {
             return Err(ConfigErrors(errors));
         };
-        if let Some(dir) = path.parent() {
-            config.resolve_paths(dir);
-        }
+        // Absolute, so that a relative `--config` (whose directory is "") still gives
+        // absolute paths: an app's `chdir` moves the working directory after they are read.
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        config.resolve_paths(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()));
         if let Err(more) = config.validate_for(text, path, routing) {
             // A refused key was read as its default: what is said of that default is moot.
             errors.extend(
@@ -653,8 +657,9 @@ impl Config {
     }
 
     /// Makes relative paths (`python_path`, `python_home`, `chdir`, `pool_socket`,
-    /// `touch_reload`, the TLS files) relative to `base` (the config file's directory), so a
-    /// config means the same from any working directory.
+    /// `touch_reload`, the TLS files, `pid_file` and an `access_log` file) relative to `base`
+    /// (the config file's directory), so a config means the same from any working directory,
+    /// as nginx takes its relative paths from its prefix.
     pub fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -671,6 +676,12 @@ impl Config {
         if let Some(tls) = &mut self.server.tls {
             resolve(&mut tls.certificate);
             resolve(&mut tls.key);
+        }
+        self.server.pid_file.iter_mut().for_each(resolve);
+        if !matches!(self.server.access_log.as_str(), "-" | "off") {
+            let mut file = PathBuf::from(&self.server.access_log);
+            resolve(&mut file);
+            self.server.access_log = file.to_string_lossy().into_owned();
         }
     }
 

@@ -273,6 +273,38 @@ fn relative_paths_are_relative_to_the_config_file() {
     assert_eq!(c.app[0].chdir, Some(PathBuf::from("/etc/portico/work")));
 }
 
+const APP: &str = "[[app]]\nname=\"a\"\ntarget=\"a:app\"\n";
+
+#[test]
+fn the_pid_file_and_an_access_log_file_are_relative_to_the_config_file() {
+    let mut c = load(&format!(
+        "[server]\npid_file = \"run/p.pid\"\naccess_log = \"logs/a.log\"\n{APP}"
+    ))
+    .unwrap();
+    c.resolve_paths(Path::new("/etc/portico"));
+    assert_eq!(
+        c.server.pid_file,
+        Some(PathBuf::from("/etc/portico/run/p.pid"))
+    );
+    assert_eq!(c.server.access_log, "/etc/portico/logs/a.log");
+    for kept in ["-", "off"] {
+        let mut c = load(&format!("[server]\naccess_log = \"{kept}\"\n{APP}")).unwrap();
+        c.resolve_paths(Path::new("/etc/portico"));
+        assert_eq!(c.server.access_log, kept);
+    }
+}
+
+#[test]
+fn a_config_file_named_without_a_directory_gives_absolute_paths() {
+    // As `--config portico.toml` names it: its directory is the working directory, which an
+    // app's `chdir` changes later.
+    let text = "[server]\npid_file = \"p.pid\"\n[[app]]\nname=\"a\"\ntarget=\"a:app\"\npython_path=[\"src\"]\n";
+    let c = Config::from_text(text, Path::new("portico.toml"), Routing::Mounts).unwrap();
+    let here = std::env::current_dir().unwrap();
+    assert_eq!(c.app[0].python_path, vec![here.join("src")]);
+    assert_eq!(c.server.pid_file, Some(here.join("p.pid")));
+}
+
 #[test]
 fn pool_socket_is_for_pools_and_one_per_app() {
     let errors = load(

@@ -90,6 +90,49 @@ impl Portico {
         self
     }
 
+    /// Writes `session`'s line to the access log given to [`Portico::new`] (nothing when it
+    /// is off). [`PorticoProxy`] calls it from its `logging` for every request; a proxy of
+    /// your own calls it from its `logging` for the requests [`Portico::serve`] answered
+    /// (`serve` itself writes no line, since the request's status is known only at the end).
+    pub fn log_access(&self, session: &Session) {
+        if !self.access_log.enabled() {
+            return;
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        // The client the app saw: the one a trusted proxy names, else the peer (as uvicorn
+        // logs it behind --proxy-headers).
+        let client = session.client_addr().and_then(|a| a.as_inet()).map_or_else(
+            || "-".to_owned(),
+            |peer| {
+                portico_core::forwarded::client_address(
+                    peer.ip(),
+                    req.headers
+                        .get_all("x-forwarded-for")
+                        .iter()
+                        .map(|v| v.as_bytes()),
+                    &self.trusted_proxies,
+                )
+                .to_string()
+            },
+        );
+        let protocol = match req.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            _ => "HTTP/1.1",
+        };
+        self.access_log.log(&access_log::Entry {
+            client: &client,
+            method: req.method.as_str(),
+            target: req.raw_path(),
+            protocol,
+            status,
+            bytes: session.body_bytes_sent(),
+            referer: req.headers.get("referer").map(|v| v.as_bytes()),
+            user_agent: req.headers.get("user-agent").map(|v| v.as_bytes()),
+        });
+    }
+
     /// The dispatcher behind this host.
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
@@ -139,8 +182,8 @@ impl ProxyHttp for PorticoProxy {
     /// `Ok(true)` ("response sent"), so Pingora never looks for an upstream. The default
     /// (Pingora's) returns `Ok(false)`.
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
-        // HTTP/1.1 pipelining (RFC 9112 section 9.3): bytes of the next request read along
-        // with this one's body are kept for it, not treated as garbage.
+        // A request under no mount, answered 404, may be followed by pipelined ones too
+        // (`Portico::serve` enables pipelining for those it serves).
         session.as_downstream_mut().set_pipelining_enabled(true);
         if !self.portico.serve(session).await? {
             serve::respond_error(session, &portico_core::DispatchError::NoRoute).await?;
@@ -183,43 +226,9 @@ impl ProxyHttp for PorticoProxy {
         )
     }
 
-    /// Runs last for every request, also failed ones: writes the access-log line.
+    /// Runs last for every request, also failed ones: writes the access-log line
+    /// ([`Portico::log_access`]).
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut ()) {
-        if !self.portico.access_log.enabled() {
-            return;
-        }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let req = session.req_header();
-        // The client the app saw: the one a trusted proxy names, else the peer (as uvicorn
-        // logs it behind --proxy-headers).
-        let client = session.client_addr().and_then(|a| a.as_inet()).map_or_else(
-            || "-".to_owned(),
-            |peer| {
-                portico_core::forwarded::client_address(
-                    peer.ip(),
-                    req.headers
-                        .get_all("x-forwarded-for")
-                        .iter()
-                        .map(|v| v.as_bytes()),
-                    &self.portico.trusted_proxies,
-                )
-                .to_string()
-            },
-        );
-        let protocol = match req.version {
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_2 => "HTTP/2.0",
-            _ => "HTTP/1.1",
-        };
-        self.portico.access_log.log(&access_log::Entry {
-            client: &client,
-            method: req.method.as_str(),
-            target: req.raw_path(),
-            protocol,
-            status,
-            bytes: session.body_bytes_sent(),
-            referer: req.headers.get("referer").map(|v| v.as_bytes()),
-            user_agent: req.headers.get("user-agent").map(|v| v.as_bytes()),
-        });
+        self.portico.log_access(session);
     }
 }

@@ -155,7 +155,9 @@ pub(crate) fn run(args: PoolArgs) -> ExitCode {
         }
     };
     let host = HostInfo {
-        server_software: format!("portico/{}", env!("CARGO_PKG_VERSION")),
+        // nginx names itself to the pool it starts, for its apps' SERVER_SOFTWARE.
+        server_software: std::env::var("PORTICO_SERVER_SOFTWARE")
+            .unwrap_or_else(|_| format!("portico/{}", env!("CARGO_PKG_VERSION"))),
         multiprocess: true,
         pool: Some(PoolHost {
             worker_binary,

@@ -60,6 +60,10 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     let Some((app, route)) = portico.dispatcher.route(raw_path) else {
         return Ok(false);
     };
+    // HTTP/1.1 pipelining (RFC 9112 section 9.3): bytes of the next request read along with
+    // this one's body are kept for it, not treated as garbage (for a proxy that mixes
+    // Portico in as for `PorticoProxy`).
+    session.as_downstream_mut().set_pipelining_enabled(true);
     if session.get_keepalive().is_some() {
         session.set_keepalive(Some(portico.keepalive_timeout.as_secs().max(1)));
     }

@@ -18,7 +18,7 @@ use portico_config::{AppConfig, Interface, LifespanMode, Mode};
 use pyo3::prelude::*;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the host tells apps about itself.
 #[derive(Debug, Clone)]
@@ -261,7 +261,7 @@ impl Dispatcher {
             if config.mode == Mode::Pool {
                 let placement = match (&config.pool_socket, &host.pool) {
                     (Some(socket), _) => Placement::Remote(RemotePool::new(config, socket)),
-                    (None, Some(pool_host)) => Placement::Pool(Pool::start(config, pool_host)?),
+                    (None, Some(pool_host)) => Placement::Pool(Pool::start(config, pool_host, &host.server_software)?),
                     (None, None) => {
                         return Err(fail(
                             "mode = \"pool\" needs a pool_socket on this host (a `portico pool` to connect to)"
@@ -371,7 +371,9 @@ impl Dispatcher {
     }
 
     /// Runs the ASGI lifespan shutdown of every app that completed its startup, waiting up to
-    /// `timeout` for each. Call once, after the last request has been served.
+    /// `timeout` for each (and before it, as long for ASGI requests still running: see
+    /// `finish_running_calls`), then the apps' `atexit` functions. Call once, after the last
+    /// request has been served.
     pub fn shutdown(&self, timeout: Duration) {
         for app in &self.apps {
             if let Placement::Pool(pool) = &app.placement {
@@ -381,11 +383,13 @@ impl Dispatcher {
                 remote.close();
             }
             if let Placement::Loop {
-                shared,
-                lifespan: true,
-                ..
+                shared, lifespan, ..
             } = &app.placement
             {
+                finish_running_calls(&app.config.name, shared, timeout);
+                if !lifespan {
+                    continue;
+                }
                 let (tx, rx) = mpsc::channel();
                 shared.push(Work::LifespanShutdown(tx));
                 if rx.recv_timeout(timeout).is_err() {
@@ -396,6 +400,7 @@ impl Dispatcher {
                 }
             }
         }
+        python::run_exit_functions();
     }
 
     /// Reloads every pooled app: a new generation of workers with the app's code as it is
@@ -536,5 +541,52 @@ impl Dispatcher {
     /// The loaded apps, in config order.
     pub fn apps(&self) -> &[App] {
         &self.apps
+    }
+}
+
+/// How long requests cancelled as the server stops get to run their `finally` and return.
+const CANCELLED_GRACE: Duration = Duration::from_secs(1);
+
+/// Before an ASGI app's lifespan shutdown: waits up to `timeout` for the calls of requests
+/// whose responses have ended but whose app has not returned (Starlette's `BackgroundTasks`
+/// run there, after the response), and for those cut short as the server stopped; then
+/// cancels what is left and gives it [`CANCELLED_GRACE`] for its cleanup. So the lifespan's
+/// resources (a database, a client) are still there for them, as uvicorn waits for its tasks
+/// before the lifespan shutdown (ASGI lifespan spec: shutdown comes once the server has
+/// stopped serving requests).
+fn finish_running_calls(name: &str, shared: &LoopShared, timeout: Duration) {
+    let running = || shared.in_flight.load(Ordering::Acquire);
+    let settled = |limit: Duration| {
+        let deadline = Instant::now().checked_add(limit);
+        while running() > 0 {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    };
+    let count = running();
+    if count == 0 {
+        return;
+    }
+    log::info!(
+        "app `{name}`: waiting up to {timeout:?} for {count} request(s) still running in the \
+         app (background tasks, say) before its lifespan shutdown"
+    );
+    if settled(timeout) {
+        return;
+    }
+    log::warn!(
+        "app `{name}`: {} request(s) still running after {timeout:?}: cancelled",
+        running()
+    );
+    shared.push(Work::CancelRunning);
+    if !settled(CANCELLED_GRACE) {
+        log::warn!(
+            "app `{name}`: {} request(s) still running {CANCELLED_GRACE:?} after they were \
+             cancelled; the lifespan shutdown goes ahead",
+            running()
+        );
     }
 }

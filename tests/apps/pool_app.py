@@ -1,10 +1,16 @@
 """A WSGI app for the pool tests: it tells which process answered, and can be slow, crash its
 process or raise."""
 
+import atexit
 import os
+import sys
 import time
 
 LEAK = []
+
+if os.environ.get("PROBE_ATEXIT"):
+    atexit.register(lambda: print(f"pool_app: atexit in {os.getpid()}", file=sys.stderr,
+                                  flush=True))
 
 
 def stream_until(flag):

@@ -25,7 +25,11 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_APP: u8 = 70;
 
 fn main() -> ExitCode {
+    // Before any thread starts: SIGTERM is a graceful stop, taken by `worker::serve`.
+    worker::hold_sigterm();
     portico_core::tune_allocator();
+    // Every line through the logger: one write each, with its time, so that the lines of
+    // workers starting together do not interleave on the stderr they share.
     env_logger::Builder::new()
         .filter_level(log::LevelFilter::Info)
         .parse_env("PORTICO_LOG")
@@ -40,17 +44,17 @@ fn main() -> ExitCode {
             "--config" => config_file = args.next().map(PathBuf::from),
             "--app" => app_name = args.next(),
             other => {
-                eprintln!("portico-worker: unknown argument {other:?} (it is started by portico for mode = \"pool\")");
+                log::error!("portico-worker: unknown argument {other:?} (it is started by portico for mode = \"pool\")");
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
     }
     let (Some(config_file), Some(app_name)) = (config_file, app_name) else {
-        eprintln!("portico-worker: needs --config FILE --app NAME (it is started by portico for mode = \"pool\")");
+        log::error!("portico-worker: needs --config FILE --app NAME (it is started by portico for mode = \"pool\")");
         return ExitCode::from(EXIT_CONFIG);
     };
     if let Err(e) = portico_core::pool::check_libpython() {
-        eprintln!("portico-worker {}: {e}", std::process::id());
+        log::error!("portico-worker {}: {e}", std::process::id());
         return ExitCode::from(EXIT_APP);
     }
     // SAFETY: the host put our end of the socket on this descriptor (dup2 before exec), and
@@ -61,22 +65,23 @@ fn main() -> ExitCode {
     let text = match worker::read_settings(&socket) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("portico-worker: {e}");
+            log::error!("portico-worker: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let config = match Config::from_text(&text, &config_file, Routing::Elsewhere) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!("portico-worker: invalid configuration:");
-            for error in &errors.0 {
-                eprintln!("  {error}");
-            }
+            let lines: Vec<String> = errors.0.iter().map(|e| format!("  {e}")).collect();
+            log::error!(
+                "portico-worker: invalid configuration:\n{}",
+                lines.join("\n")
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let Some(mut app) = config.app.into_iter().find(|a| a.name == app_name) else {
-        eprintln!(
+        log::error!(
             "portico-worker: {} has no app named `{app_name}`",
             config_file.display()
         );
@@ -102,7 +107,7 @@ fn main() -> ExitCode {
     let dispatcher = match Dispatcher::load(std::slice::from_ref(&app), &host) {
         Ok(dispatcher) => dispatcher,
         Err(e) => {
-            eprintln!("portico-worker {}: {e}", std::process::id());
+            log::error!("portico-worker {}: {e}", std::process::id());
             return ExitCode::from(EXIT_APP);
         }
     };

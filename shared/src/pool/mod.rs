@@ -100,6 +100,8 @@ pub struct Pool {
     /// The app's name (which a reload keeps).
     name: String,
     host: PoolHost,
+    /// The host's `SERVER_SOFTWARE`, given to the workers (`PORTICO_SERVER_SOFTWARE`).
+    server_software: String,
     /// The generation that takes new requests.
     current: RwLock<Arc<Generation>>,
     /// Generations started so far.
@@ -192,10 +194,16 @@ struct WorkerRecord {
 impl Pool {
     /// Starts `processes` workers for `config` and waits until each has loaded the app (or
     /// failed once). If none could, the app cannot be loaded: the error is the workers'.
-    pub fn start(config: &AppConfig, host: &PoolHost) -> Result<Arc<Pool>, LoadError> {
+    /// `server_software` is what the apps see as `SERVER_SOFTWARE` (the host's).
+    pub fn start(
+        config: &AppConfig,
+        host: &PoolHost,
+        server_software: &str,
+    ) -> Result<Arc<Pool>, LoadError> {
         let pool = Arc::new(Pool {
             name: config.name.clone(),
             host: host.clone(),
+            server_software: server_software.into(),
             current: RwLock::new(Arc::new(Generation::new(
                 1,
                 PoolSettings {
@@ -578,9 +586,10 @@ impl Pool {
         self.fail_parked();
         // The workers' own graceful_timeout (for their requests, then their lifespan
         // shutdown) is theirs to use, whatever the caller's wait.
-        // Its requests, then its lifespan shutdown, then SIGTERM and SIGKILL (see `retire`).
+        // Its requests, then its app calls still running, then its lifespan shutdown, then
+        // SIGTERM and SIGKILL (see `retire`).
         let wait = match self.current().settings.app.graceful_timeout.as_limit() {
-            Some(grace) => wait.max(2 * grace + 2 * EXIT_SLACK),
+            Some(grace) => wait.max(3 * grace + 2 * EXIT_SLACK),
             None => Duration::MAX,
         };
         let deadline = Instant::now().checked_add(wait);
@@ -680,7 +689,7 @@ impl Pool {
         let mut outgoing: Option<(Arc<WorkerConn>, Child, String)> = None;
         while !self.stopping.load(Ordering::Acquire) && !generation.retired.load(Ordering::Acquire)
         {
-            let (mut child, conn) = match spawn(settings, &self.host, startup) {
+            let (mut child, conn) = match spawn(settings, &self, startup) {
                 Ok(started) => started,
                 Err(why) => {
                     log::error!("app `{name}`: a pool worker could not start: {why}");
@@ -984,7 +993,9 @@ impl Pool {
             true => Some(Duration::ZERO),
             false => graceful,
         };
-        let term_at = shutdown_limit.map(|limit| Instant::now() + limit + EXIT_SLACK);
+        // Closed, it finishes the app calls still running (background tasks), then runs its
+        // lifespan shutdown: up to graceful_timeout each (`Dispatcher::shutdown`).
+        let term_at = shutdown_limit.map(|limit| Instant::now() + 2 * limit + EXIT_SLACK);
         let mut kill_at = None;
         loop {
             match child.try_wait() {
@@ -1634,8 +1645,11 @@ pub fn check_libpython() -> Result<(), String> {
             let uid = unsafe { libc::getuid() };
             Err(format!(
                 "this worker (uid {uid}) runs the Python library {found}, not {} as the server \
-                 does: its user cannot read that file or a directory above it. Make the Python \
-                 Portico was built with readable to the app's `user`, or run without `user`",
+                 does: its user cannot read that file or a directory above it, or the server \
+                 and portico-worker were linked against different Pythons (a binary of your \
+                 own needs the rpath to the same libpython: see docs/embedding.md). Make the \
+                 Python Portico was built with readable to the app's `user`, or run without \
+                 `user`",
                 expected.display()
             ))
         }
@@ -1645,9 +1659,10 @@ pub fn check_libpython() -> Result<(), String> {
 /// Starts one worker, gives it its settings and waits for its hello.
 fn spawn(
     settings: &PoolSettings,
-    host: &PoolHost,
+    pool: &Pool,
     startup: Option<Duration>,
 ) -> Result<(Child, Arc<WorkerConn>), String> {
+    let host = &pool.host;
     let config = &settings.app;
     let identity = match worker_identity(config)? {
         Some(identity) => Some(identity),
@@ -1668,6 +1683,8 @@ fn spawn(
     if let Some((uid, _)) = identity {
         login_variables(&mut command, uid);
     }
+    // The host's name, so that a pooled app sees the SERVER_SOFTWARE an in-process one does.
+    command.env("PORTICO_SERVER_SOFTWARE", &pool.server_software);
     command.envs(&config.env);
     // The Python library the worker must find (see `check_libpython`).
     if let Some(library) = host_libpython() {

@@ -229,6 +229,32 @@ impl Conn {
         }
     }
 
+    /// Cancels the task running the app's call for this request (none for the lifespan,
+    /// whose shutdown follows).
+    pub(crate) fn cancel(&self, py: Python<'_>) -> PyResult<()> {
+        let task = match self {
+            Conn::Http(c) => c
+                .bind(py)
+                .borrow()
+                .link
+                .task
+                .as_ref()
+                .map(|t| t.clone_ref(py)),
+            Conn::Ws(c) => c
+                .bind(py)
+                .borrow()
+                .link
+                .task
+                .as_ref()
+                .map(|t| t.clone_ref(py)),
+            Conn::Lifespan(_) => None,
+        };
+        if let Some(task) = task {
+            task.bind(py).call_method0(intern!(py, "cancel"))?;
+        }
+        Ok(())
+    }
+
     /// Calls the app with `scope` and this connection's `receive`/`send`, and runs the
     /// coroutine as an asyncio task, wrapped so that its end reaches this connection at once.
     fn run_app(&self, py: Python<'_>, ctx: &AsgiContext, scope: Bound<'_, PyDict>) -> PyResult<()> {

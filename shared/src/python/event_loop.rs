@@ -31,6 +31,9 @@ pub(crate) enum Work {
     LifespanStartup(mpsc::Sender<LifespanOutcome>),
     /// Send `lifespan.shutdown` and report when the app has answered.
     LifespanShutdown(mpsc::Sender<()>),
+    /// Cancel the task of every request still running (the server stops, and their time is
+    /// up): each gets `CancelledError` at its next `await`, and its `finally` runs.
+    CancelRunning,
     /// Nothing to do: that the loop got to it shows it is not stuck (see
     /// [`LoopShared::unanswered_ping`]).
     Ping,
@@ -184,6 +187,11 @@ impl Driver {
                 Work::Ping => {
                     self.shared.ping_sent.store(0, Ordering::Release);
                     Ok(())
+                }
+                Work::CancelRunning => {
+                    let running: Vec<Conn> =
+                        CONNS.with_borrow(|m| m.values().map(|c| c.clone_ref(py)).collect());
+                    running.iter().try_for_each(|conn| conn.cancel(py))
                 }
                 Work::LifespanStartup(reply) => {
                     asgi::start_lifespan(py, &self.ctx, &self.shared, reply)

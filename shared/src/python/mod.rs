@@ -160,10 +160,37 @@ fn activated_virtualenv() -> Option<std::path::PathBuf> {
     venv.join("pyvenv.cfg").is_file().then_some(venv)
 }
 
+/// Whether this process started its interpreter, and how that went.
+static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Runs what the apps registered with `atexit` (`logging`'s final flush among them) once, as
+/// CPython does as it exits: the embedded interpreter is never finalized, so nothing would
+/// run them otherwise (mod_wsgi and gunicorn's workers run them). Call it last, once no app
+/// serves any more and their lifespan shutdowns are done; a process with no interpreter
+/// skips it.
+pub fn run_exit_functions() {
+    static RAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !matches!(STARTED.get(), Some(Ok(()))) || RAN.swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
+    Python::attach(|py| {
+        // It prints what a function raised itself, and goes on with the next.
+        let ran = py
+            .import("atexit")
+            .and_then(|atexit| atexit.call_method0("_run_exitfuncs"));
+        if let Err(e) = ran {
+            log::warn!(
+                "the apps' atexit functions failed:\n{}",
+                format_exception(py, &e)
+            );
+        }
+    });
+}
+
 /// Starts the interpreter once per process and activates `python_home` if given. Later calls
 /// do nothing. Must run after any fork the host does (daemonizing, nginx workers).
 pub fn init_interpreter(python_home: Option<&Path>, app: &str) -> Result<(), LoadError> {
-    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
     if let Err(message) = STARTED.get_or_init(start_interpreter) {
         return Err(LoadError {
             app: app.to_owned(),
