@@ -1206,48 +1206,6 @@ def test_a_task_still_running_past_graceful_timeout_is_cancelled_before_the_life
         < log.index("background: lifespan shutdown"), log
 
 
-def test_sigterm_to_a_worker_replaces_it_after_its_requests(portico, tmp_path):
-    """`kill PID` of one worker is a graceful stop, as for a gunicorn worker: it serves on
-    until its replacement is ready, finishes what it has, and goes; no request fails."""
-    server = portico(pool_app(processes=1))
-    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
-    old = worker_pids(server)[0]
-    flag = tmp_path / "release"
-    holder, held = hold_in_background(server, f"/hold?{flag}")
-    wait_until(lambda: Path(f"{flag}.started").exists(), what="the request to start")
-    os.kill(old, signal.SIGTERM)
-    server.wait_for_log(f"pool worker {old}: SIGTERM: the server replaces it")
-    # Once its replacement is ready, new requests go there.
-    def served_by_another():
-        code, _, body = server.get("/pid")
-        assert code == 200, body
-        return int(body) != old
-    wait_until(served_by_another, what="requests served by its replacement")
-    flag.touch()
-    holder.join(30)
-    assert held["r"][0] == 200 and held["r"][2] == b"held", held
-    server.wait_for_log(f"pool worker {old} replaced (it was sent SIGTERM)")
-    assert "killed by signal 15" not in server.log()
-
-
-def test_sigterm_to_the_server_and_its_workers_at_once_lets_requests_finish(portico, tmp_path):
-    """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
-    unit together: the workers drain with the server instead of dying with their requests."""
-    server = portico(pool_app(processes=1))
-    wait_until(lambda: len(worker_pids(server)) == 1, what="one worker")
-    flag = tmp_path / "release"
-    holder, held = hold_in_background(server, f"/hold?{flag}")
-    wait_until(lambda: Path(f"{flag}.started").exists(), what="the request to start")
-    for pid in [server.proc.pid, *worker_pids(server)]:
-        os.kill(pid, signal.SIGTERM)
-    server.wait_for_log("SIGTERM: the server replaces it")
-    flag.touch()
-    holder.join(30)
-    assert held["r"][0] == 200 and held["r"][2] == b"held", (held, server.log())
-    server.proc.wait(30)
-    assert "killed by signal 15" not in server.log()
-
-
 @pytest.mark.parametrize("mode", ["in-process", "pool"])
 def test_the_apps_atexit_functions_run_as_the_server_stops(portico, mode):
     """What an app registers with `atexit` (logging's last flush, a metrics push) runs when

@@ -201,6 +201,9 @@ pub unsafe extern "C" fn exit_master(_cycle: *mut ngx_cycle_t) {
         .filter_map(|a| a.graceful_timeout.as_limit())
         .max()
         .unwrap_or(Duration::from_secs(30))
+        // As `Pool::stop` waits: the requests, then the app calls still running, then the
+        // lifespan shutdown, each up to graceful_timeout, then SIGTERM and SIGKILL.
+        * 3
         + Duration::from_secs(10);
     let started = Instant::now();
     while started.elapsed() < limit {

@@ -400,7 +400,7 @@ impl Dispatcher {
                 }
             }
         }
-        python::run_exit_functions();
+        python::run_exit_functions(timeout.min(ATEXIT_LIMIT));
     }
 
     /// Reloads every pooled app: a new generation of workers with the app's code as it is
@@ -543,6 +543,9 @@ impl Dispatcher {
         &self.apps
     }
 }
+
+/// The longest the apps' `atexit` functions may take as the process stops.
+const ATEXIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// How long requests cancelled as the server stops get to run their `finally` and return.
 const CANCELLED_GRACE: Duration = Duration::from_secs(1);

@@ -25,8 +25,6 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_APP: u8 = 70;
 
 fn main() -> ExitCode {
-    // Before any thread starts: SIGTERM is a graceful stop, taken by `worker::serve`.
-    worker::hold_sigterm();
     portico_core::tune_allocator();
     // Every line through the logger: one write each, with its time, so that the lines of
     // workers starting together do not interleave on the stderr they share.

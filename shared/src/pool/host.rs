@@ -527,10 +527,6 @@ fn dispatch(conn: &Arc<WorkerConn>, frame: Frame) -> Result<(), WireError> {
             conn.request_recycle_stuck(String::from_utf8_lossy(&frame.payload).into_owned());
             return Ok(());
         }
-        Kind::Leave => {
-            conn.request_recycle(String::from_utf8_lossy(&frame.payload).into_owned());
-            return Ok(());
-        }
         Kind::Released => {
             // The thread of a request given up on is free (a worker that sends more than it
             // was asked for frees none).

@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::{SocketAddr, SocketAddrV6};
 
 /// The protocol version a worker announces in its [`Kind::Hello`]; a host refuses others.
-pub const VERSION: u16 = 10;
+pub const VERSION: u16 = 9;
 
 /// Bytes before a frame's payload.
 pub const HEADER_LEN: usize = 9;
@@ -98,10 +98,6 @@ pub enum Kind {
     /// that ran it is free (at once when the app had let go already). The answer to every
     /// [`Kind::Cancel`].
     Released = 30,
-    /// Worker → host, stream 0: replace this worker, which was asked to stop (SIGTERM), for
-    /// the reason given (UTF-8); it serves on until its replacement is ready, then drains
-    /// as any replaced worker does.
-    Leave = 31,
 }
 
 /// Client WebSocket messages the host may send on a stream before the worker acknowledges
@@ -137,7 +133,6 @@ impl Kind {
             28 => Kind::Status,
             29 => Kind::Recycle,
             30 => Kind::Released,
-            31 => Kind::Leave,
             _ => return None,
         })
     }

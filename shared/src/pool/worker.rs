@@ -201,13 +201,6 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
         streams: streams.clone(),
         out: out.clone(),
     });
-    let serving = Arc::new(AtomicBool::new(true));
-    {
-        let (out, serving) = (out.clone(), serving.clone());
-        std::thread::Builder::new()
-            .name("sigterm".into())
-            .spawn(move || leave_on_sigterm(&out, &serving))?;
-    }
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|scope| {
         let watch = match app.config().request_timeout.as_limit() {
@@ -236,7 +229,6 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     // told so (1012, service restart), as their clients are; a broken connection leaves them
     // 1006 (closed without a close frame). A close that finds the app's queue full is
     // dropped, and the app sees 1006 instead.
-    serving.store(false, Ordering::Release);
     let streams = std::mem::take(&mut *streams.lock().unwrap_or_else(|e| e.into_inner()));
     if result.is_ok() {
         for stream in streams.values().filter(|stream| stream.websocket) {
@@ -248,56 +240,6 @@ pub fn serve(socket: UnixStream, app: &App) -> std::io::Result<()> {
     }
     drop(streams);
     result
-}
-
-/// Holds SIGTERM for [`serve`]'s signal thread: blocked in the calling thread and in every
-/// thread started after it. Call it first in a worker's `main`, before any thread exists,
-/// so that no thread takes the signal's default action (death, cutting every request).
-pub fn hold_sigterm() {
-    // SAFETY: `set` is a plain C struct that sigemptyset initialises before use, and
-    // pthread_sigmask only changes the calling thread's own mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-}
-
-/// SIGTERM to a worker (systemd's stop signals every process of the unit; an admin's
-/// `kill`) is a graceful stop, as for a gunicorn worker: while it serves, it asks the host
-/// to replace it ([`Kind::Leave`]), and the host drains it once the replacement is ready, or
-/// as it drains every worker when the server is stopping too. A second SIGTERM, or one
-/// once the host has closed the connection, ends the process at once (the signal's default
-/// action), as the host's own escalation expects.
-fn leave_on_sigterm(out: &Sender<Frame>, serving: &AtomicBool) {
-    // SAFETY: as in `hold_sigterm`; sigwait stores the signal taken into a live integer.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let mut taken = 0;
-        while libc::sigwait(&set, &mut taken) != 0 {}
-        set
-    };
-    if serving.load(Ordering::Acquire) {
-        log::info!(
-            "pool worker {}: SIGTERM: the server replaces it once its requests are done",
-            std::process::id()
-        );
-        let why = Bytes::from_static(b"it was sent SIGTERM");
-        let _ = out.send(Frame::new(Kind::Leave, 0, why));
-    } else {
-        // SAFETY: raises a signal at this process, whose default action ends it once the
-        // unblock below lets it in.
-        unsafe { libc::raise(libc::SIGTERM) };
-    }
-    // SAFETY: as in `hold_sigterm`, unblocking for this thread only: the next SIGTERM is
-    // delivered here, with its default action.
-    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
-    loop {
-        std::thread::park();
-    }
 }
 
 /// Asks the host to replace this worker once it is stuck past `request_timeout` (see

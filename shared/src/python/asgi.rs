@@ -233,20 +233,8 @@ impl Conn {
     /// whose shutdown follows).
     pub(crate) fn cancel(&self, py: Python<'_>) -> PyResult<()> {
         let task = match self {
-            Conn::Http(c) => c
-                .bind(py)
-                .borrow()
-                .link
-                .task
-                .as_ref()
-                .map(|t| t.clone_ref(py)),
-            Conn::Ws(c) => c
-                .bind(py)
-                .borrow()
-                .link
-                .task
-                .as_ref()
-                .map(|t| t.clone_ref(py)),
+            Conn::Http(c) => c.bind(py).borrow().link.task_ref(py),
+            Conn::Ws(c) => c.bind(py).borrow().link.task_ref(py),
             Conn::Lifespan(_) => None,
         };
         if let Some(task) = task {
@@ -386,6 +374,11 @@ struct Link {
 }
 
 impl Link {
+    /// The task running the app's call, once it runs.
+    fn task_ref(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.task.as_ref().map(|task| task.clone_ref(py))
+    }
+
     fn new(
         id: u64,
         waker: Arc<dyn AppWaker>,

@@ -191,7 +191,17 @@ impl Driver {
                 Work::CancelRunning => {
                     let running: Vec<Conn> =
                         CONNS.with_borrow(|m| m.values().map(|c| c.clone_ref(py)).collect());
-                    running.iter().try_for_each(|conn| conn.cancel(py))
+                    // Each on its own: one that cannot be cancelled leaves the others to be.
+                    for conn in running {
+                        if let Err(e) = conn.cancel(py) {
+                            log::warn!(
+                                "app `{}`: a request could not be cancelled:\n{}",
+                                self.ctx.name,
+                                super::format_exception(py, &e)
+                            );
+                        }
+                    }
+                    Ok(())
                 }
                 Work::LifespanStartup(reply) => {
                     asgi::start_lifespan(py, &self.ctx, &self.shared, reply)

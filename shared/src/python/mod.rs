@@ -167,25 +167,37 @@ static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
 /// CPython does as it exits: the embedded interpreter is never finalized, so nothing would
 /// run them otherwise (mod_wsgi and gunicorn's workers run them). Call it last, once no app
 /// serves any more and their lifespan shutdowns are done; a process with no interpreter
-/// skips it.
-pub fn run_exit_functions() {
+/// skips it. Waits up to `limit`: a function that hangs (a join of a child process, a thread
+/// that never lets go of the GIL) must not keep the server from stopping.
+pub fn run_exit_functions(limit: std::time::Duration) {
     static RAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !matches!(STARTED.get(), Some(Ok(()))) || RAN.swap(true, std::sync::atomic::Ordering::AcqRel)
     {
         return;
     }
-    Python::attach(|py| {
-        // It prints what a function raised itself, and goes on with the next.
-        let ran = py
-            .import("atexit")
-            .and_then(|atexit| atexit.call_method0("_run_exitfuncs"));
-        if let Err(e) = ran {
-            log::warn!(
-                "the apps' atexit functions failed:\n{}",
-                format_exception(py, &e)
-            );
-        }
-    });
+    let (done, finished) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("py-atexit".into())
+        .spawn(move || {
+            Python::attach(|py| {
+                // It prints what a function raised itself, and goes on with the next.
+                let ran = py
+                    .import("atexit")
+                    .and_then(|atexit| atexit.call_method0("_run_exitfuncs"));
+                if let Err(e) = ran {
+                    log::warn!(
+                        "the apps' atexit functions failed:\n{}",
+                        format_exception(py, &e)
+                    );
+                }
+            });
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start a thread for the apps' atexit functions: {e}");
+    } else if finished.recv_timeout(limit).is_err() {
+        log::warn!("the apps' atexit functions did not finish within {limit:?}; going on");
+    }
 }
 
 /// Starts the interpreter once per process and activates `python_home` if given. Later calls
