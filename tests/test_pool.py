@@ -174,6 +174,8 @@ def test_an_exception_is_a_500_with_its_traceback_and_the_worker_lives(portico):
     assert server.get("/raise")[0] == 500
     server.wait_for_log("raised on purpose in a pool worker")
     assert server.get("/pid")[2] == pid
+    # The traceback's first line names the worker it came from, as gunicorn's lines do.
+    assert re.search(rf"ERROR worker {pid.decode()}\] .*/raise", server.log()), server.log()
 
 
 def test_a_worker_killed_under_load_costs_only_its_own_requests(portico):

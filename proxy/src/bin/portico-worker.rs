@@ -27,11 +27,22 @@ const EXIT_APP: u8 = 70;
 fn main() -> ExitCode {
     portico_core::tune_allocator();
     // Every line through the logger: one write each, with its time, so that the lines of
-    // workers starting together do not interleave on the stderr they share.
+    // workers starting together do not interleave on the stderr they share; and with the
+    // worker's pid, as gunicorn's lines carry theirs, to tell whose traceback a line is.
+    let pid = std::process::id();
     env_logger::Builder::new()
         .filter_level(log::LevelFilter::Info)
         .parse_env("PORTICO_LOG")
-        .format_target(false)
+        .format(move |out, record| {
+            use std::io::Write;
+            writeln!(
+                out,
+                "[{} {:<5} worker {pid}] {}",
+                out.timestamp(),
+                record.level(),
+                record.args()
+            )
+        })
         .init();
     portico_proxy::error_log::follow_from_environment();
     let mut config_file = None;
@@ -52,7 +63,7 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     };
     if let Err(e) = portico_core::pool::check_libpython() {
-        log::error!("portico-worker {}: {e}", std::process::id());
+        log::error!("portico-worker: {e}");
         return ExitCode::from(EXIT_APP);
     }
     // SAFETY: the host put our end of the socket on this descriptor (dup2 before exec), and
@@ -105,7 +116,7 @@ fn main() -> ExitCode {
     let dispatcher = match Dispatcher::load(std::slice::from_ref(&app), &host) {
         Ok(dispatcher) => dispatcher,
         Err(e) => {
-            log::error!("portico-worker {}: {e}", std::process::id());
+            log::error!("portico-worker: {e}");
             return ExitCode::from(EXIT_APP);
         }
     };
