@@ -124,6 +124,20 @@ def test_asgi_app_giving_up_on_a_refused_body_is_one_log_line_not_a_traceback(po
     assert "Traceback" not in server.log()
 
 
+@needs("binary")
+def test_asgi_app_returning_on_a_refused_body_is_not_logged_as_an_error(portico):
+    """An app that simply returns when `receive()` says `http.disconnect` has done nothing
+    wrong: the client gets 413, and the log holds no error about the app."""
+    server = portico(app_table("probe", "asgi_probe:app", interface="asgi", max_body_size="1K"))
+    wire = b"400\r\n" + b"y" * 1024 + b"\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n0\r\n\r\n"
+    data = server.raw(b"POST /return-on-disconnect HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n" + wire)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    server.wait_for_log("return-on-disconnect told http.disconnect")
+    assert server.get("/hello")[0] == 200  # the loop has finished with the refused request
+    assert "ERROR" not in server.log(), server.log()
+
+
 def test_stalled_body_is_408(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"POST /bad/slow-read HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly some")
@@ -181,6 +195,21 @@ def test_access_log_combined_format(server):
 def test_malformed_request_is_400(server):
     data = server.raw(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400")
+
+
+@needs("server_config")
+def test_a_client_that_reads_nothing_lets_the_app_go_after_send_timeout(portico):
+    """As nginx's send_timeout: a response that waits on its client past send_timeout ends,
+    with its connection, and the app's iterable is closed; its thread serves the next."""
+    server = portico(app_table("raw", "misbehaving:application", threads=1),
+                     server_extra='send_timeout = "1s"')
+    with socket.create_connection(("127.0.0.1", server.port)) as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for_log("endless stream closed")
+        server.wait_for_log("GET /endless: the client took none of the response for send_timeout")
+        # The app's one thread is free again.
+        assert server.get("/content-length")[0] == 200
 
 
 @needs("server_config")
@@ -325,6 +354,45 @@ def test_no_content_length_on_204(raw_app):
     data = raw_app.raw(b"GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 204")
     assert b"content-length" not in data.lower()
+
+
+@pytest.mark.parametrize("path", ["/no-content-with-body", "/not-modified-with-body"])
+def test_a_body_given_with_204_or_304_never_reaches_the_wire(raw_app, path):
+    """RFC 9112 section 6.3: a 204 or 304 ends at its head. Sent, the app's body would be
+    read as the start of the next response on the connection."""
+    data = raw_app.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+                       "GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert b"never on the wire" not in data, data
+    first, second = data.split(b"\r\n\r\n", 1)
+    assert first.split(b" ")[1] in (b"204", b"304"), data
+    assert second.startswith(b"HTTP/1.1 200"), data
+    assert second.endswith(b"misbehaving app: |/next"), data
+
+
+def test_a_body_short_of_its_content_length_ends_with_the_connection(raw_app):
+    """PEP 3333 (Buffering and Streaming): an app that does not send the Content-Length it
+    stated gets its connection closed, and the error logged, so the client sees the body cut
+    short instead of waiting for the rest."""
+    with socket.create_connection(("127.0.0.1", raw_app.port), timeout=10) as s:
+        s.sendall(b"GET /short-of-content-length HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = read_all(s)
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert b"content-length: 10\r\n" in data.lower(), data
+    assert data.endswith(b"\r\n\r\n12345"), data
+    raw_app.wait_for_log("Content-Length")
+
+
+
+def test_a_body_past_its_content_length_is_cut_there(raw_app):
+    """PEP 3333: no more bytes than the app's Content-Length go out; the rest would be read
+    as the next response on the connection."""
+    data = raw_app.raw(b"GET /past-content-length HTTP/1.1\r\nHost: x\r\n\r\n"
+                       b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"and-more" not in data, data
+    first, rest = data.split(b"\r\n\r\n", 1)
+    assert rest.startswith(b"0123456789"), data
+    # Either the next response follows at once, or the connection ended after the ten bytes.
+    assert rest[10:] == b"" or rest[10:].startswith(b"HTTP/1.1 200"), data
 
 
 def test_file_wrapper_after_write(raw_app, tmp_path):

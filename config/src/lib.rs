@@ -53,6 +53,11 @@ pub struct ServerConfig {
     /// fixed 60 s.) Default: 5 s.
     #[serde(default = "ServerConfig::default_keepalive_timeout")]
     pub keepalive_timeout: Seconds,
+    /// How long a response waits on a client that takes none of it (between two successful
+    /// writes) before the connection is closed, as nginx's `send_timeout`: the app's thread
+    /// and iterable are let go. `0`: no limit. Default: 60 s.
+    #[serde(default = "ServerConfig::default_send_timeout")]
+    pub send_timeout: Seconds,
     /// On SIGTERM, how long in-flight requests get to finish before the server exits.
     /// Default: 10 s.
     #[serde(default = "ServerConfig::default_graceful_timeout")]
@@ -111,6 +116,9 @@ impl ServerConfig {
     fn default_graceful_timeout() -> Seconds {
         Seconds::from_secs(10)
     }
+    fn default_send_timeout() -> Seconds {
+        Seconds::from_secs(60)
+    }
     fn default_h2c() -> bool {
         true
     }
@@ -132,6 +140,7 @@ impl Default for ServerConfig {
             threads: Self::default_threads(),
             access_log: Self::default_access_log(),
             keepalive_timeout: Self::default_keepalive_timeout(),
+            send_timeout: Self::default_send_timeout(),
             graceful_timeout: Self::default_graceful_timeout(),
             pid_file: None,
             status_path: None,

@@ -47,7 +47,7 @@ use nginx_sys::{
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, NgxHttpCoreModule};
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange};
-use portico_core::model::{BodyLength, ResponseHead};
+use portico_core::model::{BodyLength, ResponseHead, StatedLength};
 use portico_core::DispatchError;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -127,6 +127,8 @@ struct Output {
     /// HTTP/1.1 without a length of the app's), even when every piece came before the head
     /// went out: which one it gets must not depend on how fast the app was.
     complete: bool,
+    /// The body held to the app's `Content-Length`, once the head went out.
+    stated: StatedLength,
 }
 
 impl Default for Output {
@@ -142,6 +144,7 @@ impl Default for Output {
             free: core::ptr::null_mut(),
             busy: core::ptr::null_mut(),
             blocked: false,
+            stated: StatedLength::default(),
         }
     }
 }
@@ -853,6 +856,12 @@ unsafe fn end_response(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
             }
         }
         let rc = write_body(r, ctx, true);
+        if let Some(e) = (*ctx).out.stated.shortfall() {
+            // PEP 3333: the client sees the body cut short, and the connection goes, rather
+            // than wait for bytes that never come (or read the next response as them).
+            log_for_request(r, log::Level::Error, &e);
+            (*r).set_keepalive(0);
+        }
         // The last use of `r`: finalizing may free it, and `ctx` with it.
         ngx_http_finalize_request(r, rc);
     }
@@ -1033,14 +1042,20 @@ unsafe fn send_head(
             // what the app said.
             _ if head.status == 204 => -1,
             (_, app) if head.status == 304 => app.unwrap_or(-1),
-            // A HEAD answer announces the length a GET would have (RFC 9110 section 9.3.2);
-            // with no body and no length from the app, that length is unknown.
-            (Some(0), Some(n)) if is_head => n,
+            // The app's own length, which its body is held to (PEP 3333), as `portico serve`
+            // does; a HEAD answer announces the length a GET would have (RFC 9110 9.3.2).
+            (_, Some(n)) => n,
+            // With no body and no length from the app, that length is unknown.
             (Some(0), None) if is_head => -1,
-            (Some(n), _) => n as i64,
-            (None, Some(n)) => n,
+            (Some(n), None) => n as i64,
             (None, None) => -1,
         };
+        if matches!(head.status, 204 | 304) {
+            // RFC 9112 section 6.3: they end at their head. nginx's header filter knows
+            // that only when it writes the status line itself, not the app's own.
+            (*r).set_header_only(1);
+        }
+        state.out.stated = StatedLength::new(&head, !is_head);
         ngx_http_send_header(r)
     }
 }
@@ -1112,6 +1127,7 @@ unsafe fn write_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, last: boo
             // HEAD, or a status without a body: nginx sends no body.
             return NGX_OK as ngx_int_t;
         }
+        let pieces = held_to_stated_length(r, &mut out.stated, pieces);
         // One filter call per piece, so that each of the app's pieces is one chunk on
         // HTTP/1.1, as the app sent it; nginx's write filter still gathers them into one
         // write, which the closing flush (or last) buffer sets off.
@@ -1177,6 +1193,38 @@ unsafe fn write_body(r: *mut ngx_http_request_t, ctx: *mut RequestCtx, last: boo
         }
         NGX_OK as ngx_int_t
     }
+}
+
+/// The pieces as far as the app's `Content-Length` allows; the first cut is logged.
+///
+/// # Safety
+/// `r` is live; nginx thread only.
+unsafe fn held_to_stated_length(
+    r: *mut ngx_http_request_t,
+    stated: &mut StatedLength,
+    pieces: Vec<Piece>,
+) -> Vec<Piece> {
+    let mut kept = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let len = match &piece {
+            Piece::Bytes(bytes) => bytes.len() as u64,
+            Piece::File(_, len) => *len,
+        };
+        let (admitted, cut) = stated.admit(len);
+        if let Some(e) = cut {
+            // SAFETY: the caller's.
+            unsafe { log_for_request(r, log::Level::Error, &e) };
+        }
+        match piece {
+            _ if admitted == 0 => {}
+            Piece::Bytes(mut bytes) => {
+                bytes.truncate(admitted as usize);
+                kept.push(Piece::Bytes(bytes));
+            }
+            Piece::File(body, _) => kept.push(Piece::File(body, admitted)),
+        }
+    }
+    kept
 }
 
 /// After nginx took buffers: the pieces of those it has consumed are dropped (the buffers

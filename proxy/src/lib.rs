@@ -26,12 +26,17 @@ use portico_core::Dispatcher;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `server.send_timeout`'s default, as nginx's.
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The apps of one server and how requests to them are served. Cheap to clone.
 #[derive(Clone)]
 pub struct Portico {
     dispatcher: Arc<Dispatcher>,
     access_log: AccessLog,
     keepalive_timeout: Duration,
+    /// How long a write to the client may wait (`server.send_timeout`); `None`: no limit.
+    send_timeout: Option<Duration>,
     server_cert: Option<Arc<str>>,
     status_path: Option<Arc<str>>,
     /// Peers whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
@@ -52,6 +57,7 @@ impl Portico {
             dispatcher,
             access_log,
             keepalive_timeout,
+            send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             server_cert: None,
             status_path: None,
             trusted_proxies: Arc::default(),
@@ -67,6 +73,14 @@ impl Portico {
     /// Pingora server with a `ServerApp` of its own calls it from its `cleanup`.
     pub fn stop_websockets(&self) {
         self.stopping.send_replace(true);
+    }
+
+    /// How long a response may wait on a client that takes none of it before the connection
+    /// is closed (`server.send_timeout`, as nginx's `send_timeout`); `None`: no limit.
+    /// Default: 60 s.
+    pub fn with_send_timeout(mut self, timeout: Option<Duration>) -> Portico {
+        self.send_timeout = timeout;
+        self
     }
 
     /// The PEM certificate the TLS listeners present, for the ASGI `tls` extension's

@@ -457,6 +457,7 @@ fn serve(
             .and_then(|t| leaf_certificate(&t.certificate)),
     )
     .with_status_path(config.server.status_path.clone())
+    .with_send_timeout(config.server.send_timeout.as_limit())
     .with_trusted_proxies(config.server.trusted_proxies());
     let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
     // Larger flow-control windows than HTTP/2's 64 KiB default, so uploads are not throttled

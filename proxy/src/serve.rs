@@ -10,7 +10,9 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::time::fast_timeout::fast_timeout;
 use portico_core::exchange::{AppEvent, BodyPiece, Exchange, FileBody};
-use portico_core::model::{BodyLength, HttpVersion, RequestHead, ResponseHead, TlsInfo};
+use portico_core::model::{
+    BodyLength, HttpVersion, RequestHead, ResponseHead, StatedLength, TlsInfo,
+};
 use portico_core::{App, DispatchError};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -64,6 +66,9 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
     // this one's body are kept for it, not treated as garbage (for a proxy that mixes
     // Portico in as for `PorticoProxy`).
     session.as_downstream_mut().set_pipelining_enabled(true);
+    // A client that takes none of the response frees the app's thread after this, rather
+    // than hold it for as long as it keeps the connection open.
+    session.set_write_timeout(portico.send_timeout);
     if session.get_keepalive().is_some() {
         session.set_keepalive(Some(portico.keepalive_timeout.as_secs().max(1)));
     }
@@ -114,7 +119,22 @@ pub(crate) async fn serve(portico: &Portico, session: &mut Session) -> Result<bo
         }
     };
     match app.submit(head, route, body) {
-        Ok(exchange) => transfer.run(exchange).await?,
+        Ok(exchange) => match transfer.run(exchange).await {
+            // The client took none of the response for send_timeout: its request ends (the
+            // app's part dropped with the exchange), told at info level as nginx tells it.
+            Err(e) if e.etype() == &ErrorType::WriteTimedout => {
+                let req = session.req_header();
+                log::info!(
+                    "{} {}: the client took none of the response for send_timeout ({}s); \
+                     closed",
+                    req.method,
+                    req.uri.path(),
+                    session.get_write_timeout().unwrap_or_default().as_secs()
+                );
+                session.set_keepalive(None);
+            }
+            result => result?,
+        },
         Err(e) => transfer.fail(e).await?,
     }
     Ok(true)
@@ -319,6 +339,8 @@ struct Transfer<'a> {
     watch_client: bool,
     /// Trailers went out: on HTTP/2 they end the stream.
     trailers_sent: bool,
+    /// The body held to the app's `Content-Length`, once the head is out.
+    stated: StatedLength,
     /// The body, read whole into a file before the app was called: the app reads it from
     /// there.
     spooled: Option<SpooledFile>,
@@ -349,6 +371,7 @@ impl<'a> Transfer<'a> {
             body_done: body_empty,
             watch_client: app.accepts_websockets(),
             trailers_sent: false,
+            stated: StatedLength::default(),
             spooled: None,
         }
     }
@@ -436,11 +459,11 @@ impl<'a> Transfer<'a> {
                         .await?;
                 }
                 Some(AppEvent::EarlyHint(_)) => {}
-                Some(AppEvent::Head(head)) => self.write_head(head, false).await?,
+                Some(AppEvent::Head(head)) => {
+                    self.write_head(head, false).await?;
+                }
                 Some(AppEvent::Whole(head, body)) => {
-                    let empty = body.is_empty();
-                    self.write_head(head, empty).await?;
-                    if !empty {
+                    if !self.write_head(head, body.is_empty()).await? {
                         self.write_body(body, true).await?;
                     }
                     return Ok(());
@@ -448,9 +471,7 @@ impl<'a> Transfer<'a> {
                 Some(AppEvent::Body(chunk)) => self.write_body(chunk, false).await?,
                 Some(AppEvent::File(file)) => self.send_file(file).await?,
                 Some(AppEvent::End) if self.trailers_sent => return Ok(()),
-                Some(AppEvent::End) => {
-                    return self.session.write_response_body(None, true).await;
-                }
+                Some(AppEvent::End) => return self.write_body(Bytes::new(), true).await,
                 Some(
                     AppEvent::WsAccept { .. } | AppEvent::WsSend(_) | AppEvent::WsClose { .. },
                 ) => {
@@ -566,7 +587,11 @@ impl<'a> Transfer<'a> {
         BodyPiece::Failed(e)
     }
 
-    async fn write_head(&mut self, head: ResponseHead, end: bool) -> Result<()> {
+    /// Sends the head; `end` if the app's body is empty. Returns whether the head ended the
+    /// response (not when the app's `Content-Length` stated a body).
+    async fn write_head(&mut self, head: ResponseHead, end: bool) -> Result<bool> {
+        self.stated = StatedLength::new(&head, !self.is_head);
+        let end = end && self.stated.shortfall().is_none();
         let mut resp = ResponseHeader::build_no_case(head.status, Some(head.headers.len() + 1))?;
         if !head.reason.is_empty() {
             // Keep the app's own phrase; one Pingora refuses falls back to the canonical one.
@@ -586,7 +611,8 @@ impl<'a> Transfer<'a> {
         self.head_sent = true;
         self.session
             .write_response_header(Box::new(resp), end)
-            .await
+            .await?;
+        Ok(end)
     }
 
     /// Response trailers (RFC 9110 section 6.5), sent after the body; they end the stream.
@@ -606,16 +632,44 @@ impl<'a> Transfer<'a> {
             .await
     }
 
-    async fn write_body(&mut self, chunk: Bytes, end: bool) -> Result<()> {
+    /// Sends a piece of the body, held to the app's `Content-Length`; `end` ends the body.
+    async fn write_body(&mut self, mut chunk: Bytes, end: bool) -> Result<()> {
         if self.is_head {
             // RFC 9110 section 9.3.2: same head as GET, no content.
-            return if end {
-                self.session.write_response_body(None, true).await
-            } else {
-                Ok(())
-            };
+            chunk.clear();
+        } else {
+            let (admitted, cut) = self.stated.admit(chunk.len() as u64);
+            if let Some(e) = cut {
+                self.log_bad_framing(&e);
+            }
+            chunk.truncate(admitted as usize);
         }
-        self.session.write_response_body(Some(chunk), end).await
+        if let Some(e) = self.stated.shortfall().filter(|_| end) {
+            self.log_bad_framing(&e);
+            // Not ended: Pingora then closes the connection rather than reuse it, and the
+            // client sees the body cut short (PEP 3333).
+            self.session.set_keepalive(None);
+            if !chunk.is_empty() {
+                self.session.write_response_body(Some(chunk), false).await?;
+            }
+            return Ok(());
+        }
+        match (chunk.is_empty(), end) {
+            (true, false) => Ok(()),
+            (true, true) => self.session.write_response_body(None, true).await,
+            (false, end) => self.session.write_response_body(Some(chunk), end).await,
+        }
+    }
+
+    /// Logs a body that does not match its `Content-Length`, naming the request and the app.
+    fn log_bad_framing(&self, e: &DispatchError) {
+        let req = self.session.req_header();
+        log::error!(
+            "{} {}: app `{}`: {e}",
+            req.method,
+            req.uri.path(),
+            self.app_name
+        );
     }
 
     async fn send_file(&mut self, file: FileBody) -> Result<()> {
@@ -645,9 +699,7 @@ impl<'a> Transfer<'a> {
             let n = buf.len() as u64;
             offset += n;
             left -= n;
-            self.session
-                .write_response_body(Some(Bytes::from(buf)), false)
-                .await?;
+            self.write_body(Bytes::from(buf), false).await?;
         }
         Ok(())
     }

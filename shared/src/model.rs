@@ -5,6 +5,7 @@
 //! which refuses anything that is not valid HTTP (RFC 9110 section 5), so no app header
 //! reaches the wire unchecked.
 
+use crate::error::DispatchError;
 use bytes::Bytes;
 use std::net::SocketAddr;
 
@@ -221,6 +222,69 @@ impl ResponseHead {
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
     }
+
+    /// The body length the app's `Content-Length` states, when it gave a valid one.
+    pub fn content_length(&self) -> Option<u64> {
+        let (_, value) = self
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))?;
+        std::str::from_utf8(value).ok()?.trim().parse().ok()
+    }
+}
+
+/// Holds a response body to the `Content-Length` its app stated, as PEP 3333 asks ("Buffering
+/// and Streaming": no more bytes than the header allows; too few, and the connection is
+/// closed and the error reported). Past the stated length the bytes would be read as the next
+/// response on the connection (RFC 9112 section 6.3); short of it, the client would wait for
+/// the rest. Each host counts its body through one of these.
+#[derive(Debug, Default)]
+pub struct StatedLength {
+    /// The length stated, and how much of it is still to come; `None`: no length to hold to
+    /// (none stated, or a response without a body: HEAD, 204, 304).
+    stated: Option<(u64, u64)>,
+    /// Bytes were dropped already (so that it is told once).
+    cut: bool,
+}
+
+impl StatedLength {
+    /// For a response with `head`; `body_allowed` is false for an answer to HEAD.
+    pub fn new(head: &ResponseHead, body_allowed: bool) -> StatedLength {
+        let has_body = body_allowed && !matches!(head.status, 204 | 304);
+        StatedLength {
+            stated: head.content_length().filter(|_| has_body).map(|n| (n, n)),
+            cut: false,
+        }
+    }
+
+    /// How many of the next `len` bytes of the body may go out; the rest are to be dropped.
+    /// The first time some are, the error to log comes with it.
+    pub fn admit(&mut self, len: u64) -> (u64, Option<DispatchError>) {
+        let Some((stated, left)) = self.stated.as_mut() else {
+            return (len, None);
+        };
+        let admitted = len.min(*left);
+        *left -= admitted;
+        if admitted == len || std::mem::replace(&mut self.cut, true) {
+            return (admitted, None);
+        }
+        let why = format!(
+            "the body goes on past the {stated} bytes its Content-Length states; the rest was \
+             dropped"
+        );
+        (admitted, Some(DispatchError::BadResponse(why)))
+    }
+
+    /// At the body's end: the error to log when it fell short of the stated length. The
+    /// connection must then be closed, not reused.
+    pub fn shortfall(&self) -> Option<DispatchError> {
+        let (stated, left) = self.stated.filter(|&(_, left)| left > 0)?;
+        Some(DispatchError::BadResponse(format!(
+            "the body ended after {} of the {stated} bytes its Content-Length states; the \
+             connection was closed",
+            stated - left
+        )))
+    }
 }
 
 /// RFC 9110 section 5.1 (field names are tokens) and 5.5 (values: no CR, LF, NUL or other
@@ -274,6 +338,27 @@ mod tests {
         assert_eq!(head.status, 201);
         assert_eq!(head.reason, "Created");
         assert_eq!(head.headers, vec![h("X-A", "1"), h("Set-Cookie", "a=b")]);
+    }
+
+    #[test]
+    fn a_body_is_held_to_its_stated_length() {
+        let head = ResponseHead::new("200 OK", vec![h("Content-Length", "10")]).unwrap();
+        let mut stated = StatedLength::new(&head, true);
+        assert_eq!(stated.admit(4).0, 4);
+        assert!(stated.shortfall().is_some(), "6 bytes are still owed");
+        let (admitted, cut) = stated.admit(8);
+        assert_eq!(admitted, 6);
+        assert!(cut.is_some(), "the first cut is told");
+        assert!(stated.admit(5) == (0, None), "and only the first");
+        assert!(stated.shortfall().is_none());
+        // No length stated, or no body allowed: nothing to hold to.
+        let free = ResponseHead::new("200 OK", vec![]).unwrap();
+        assert_eq!(StatedLength::new(&free, true).admit(99).0, 99);
+        assert!(StatedLength::new(&head, false).shortfall().is_none());
+        let not_modified = ResponseHead::new("304 Not Modified", vec![h("Content-Length", "10")]);
+        assert!(StatedLength::new(&not_modified.unwrap(), true)
+            .shortfall()
+            .is_none());
     }
 
     #[test]

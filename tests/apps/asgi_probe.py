@@ -251,6 +251,16 @@ async def app(scope, receive, send):
         time.sleep(float(query.get("seconds", "30")))
         return await respond(send, 200, b"unblocked")
 
+    if path == "/return-on-disconnect":
+        # Told its body was refused, it just returns, as uvicorn lets an app do.
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                log("return-on-disconnect told http.disconnect")
+                return
+            if not message.get("more_body", False):
+                return await respond(send, 200, b"read it all")
+
     if path == "/wait-disconnect":
         # Reads the whole body, then only waits: the client leaving must end the wait.
         body, _ = await read_body(receive)

@@ -105,6 +105,21 @@ def application(environ, start_response):
     if path == "/no-content":
         start_response("204 No Content", [])
         return []
+    if path in ("/no-content-with-body", "/not-modified-with-body"):
+        # RFC 9110 sections 15.3.5 and 15.4.5: neither status has a body, whatever the app
+        # returns.
+        status = "204 No Content" if path == "/no-content-with-body" else "304 Not Modified"
+        start_response(status, [("ETag", '"x"')])
+        return [b"never on the wire"]
+    if path in ("/short-of-content-length", "/past-content-length"):
+        # Streamed (a generator), so the host frames it by the app's own Content-Length.
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+        body = b"12345" if path == "/short-of-content-length" else b"0123456789-and-more"
+
+        def pieces():
+            yield body
+
+        return pieces()
     if path == "/read-after-error":
         outcomes = []
         for _ in range(2):
@@ -131,6 +146,22 @@ def application(environ, start_response):
             return [b"the app's own 500"]
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"read it all"]
+    if path == "/endless":
+        # A download with no end, for a client that reads none of it.
+        errors = environ["wsgi.errors"]
+
+        def pieces():
+            sent = 0
+            try:
+                while sent < 1 << 34:
+                    yield b"x" * 65536
+                    sent += 65536
+            finally:
+                errors.write("endless stream closed\n")
+                errors.flush()
+
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return pieces()
     if path == "/slow-close":
         # Not a mistake either: work after the answer, in close() (PEP 3333), as Flask's
         # teardown handlers and Django's request_finished run there.

@@ -1211,7 +1211,12 @@ impl HttpConn {
                 Phase::Done => None,
                 Phase::Start | Phase::Body { head: Some(_), .. } => {
                     let why = "the ASGI app returned without starting a response";
-                    log::error!("app `{}`: {}: {why}", self.link.ctx.name, self.link.what);
+                    // Told `http.disconnect` as its body was refused (cut short, too slow,
+                    // too large), the app may just return, as uvicorn expects: the host
+                    // answers with the body's error (400, 408, 413).
+                    if !(self.link.told_gone || self.body_refused) {
+                        log::error!("app `{}`: {}: {why}", self.link.ctx.name, self.link.what);
+                    }
                     Some(AppEvent::Failed(DispatchError::BadResponse(why.into())))
                 }
                 _ => {
