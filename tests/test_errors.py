@@ -5,6 +5,7 @@ import http.client
 import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -210,6 +211,29 @@ def test_a_client_that_reads_nothing_lets_the_app_go_after_send_timeout(portico)
         server.wait_for_log("GET /endless: the client took none of the response for send_timeout")
         # The app's one thread is free again.
         assert server.get("/content-length")[0] == 200
+
+
+@needs("server_config")
+def test_a_slow_but_steady_client_gets_a_big_body_whole_past_send_timeout(portico):
+    """send_timeout bounds a stall, not a download: a client that takes 16 MiB, given at once
+    by the app, at a steady 5 MiB/s (over 3 s) gets all of it with a send_timeout of 2 s."""
+    size, rate = 16 * 1024 * 1024, 5 * 1024 * 1024
+    server = portico(app_table("raw", "misbehaving:application"),
+                     server_extra='send_timeout = "2s"')
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(f"GET /one-big-item?{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(65536)
+        head, body = head.split(b"\r\n\r\n", 1)
+        got, started = len(body), time.monotonic()
+        while got < size:
+            piece = client.recv(65536)
+            assert piece, f"the response ended after {got} of {size} bytes: {server.log()}"
+            got += len(piece)
+            # Paced: never ahead of the steady rate.
+            time.sleep(max(0.0, started + got / rate - time.monotonic()))
+    assert head.startswith(b"HTTP/1.1 200"), head
 
 
 @needs("server_config")

@@ -25,6 +25,11 @@ const WATCH_AFTER: Duration = Duration::from_millis(20);
 /// Largest piece of a file read at once for `wsgi.file_wrapper`.
 const FILE_CHUNK: usize = 64 * 1024;
 
+/// The most one write to the client carries: Pingora's `send_timeout` bounds each write as a
+/// whole, so that in slices it bounds a stall, not a slow but steady client (nginx's counts
+/// from the last progress). 256 KiB in 60 s is about 4 KiB/s.
+const SEND_SLICE: usize = 256 * 1024;
+
 /// Bodies with a `Content-Length` up to this size are read before the app is called, so it
 /// gets them whole without a round trip per piece (nginx buffers small bodies the same way).
 /// Larger and chunked bodies stream to the app as it reads, unless the app buffers them all
@@ -643,6 +648,10 @@ impl<'a> Transfer<'a> {
                 self.log_bad_framing(&e);
             }
             chunk.truncate(admitted as usize);
+        }
+        while chunk.len() > SEND_SLICE {
+            let slice = chunk.split_to(SEND_SLICE);
+            self.session.write_response_body(Some(slice), false).await?;
         }
         if let Some(e) = self.stated.shortfall().filter(|_| end) {
             self.log_bad_framing(&e);
