@@ -53,9 +53,9 @@ pub struct ServerConfig {
     /// fixed 60 s.) Default: 5 s.
     #[serde(default = "ServerConfig::default_keepalive_timeout")]
     pub keepalive_timeout: Seconds,
-    /// How long a response waits on a client that takes none of it (between two successful
-    /// writes) before the connection is closed, as nginx's `send_timeout`: the app's thread
-    /// and iterable are let go. `0`: no limit. Default: 60 s.
+    /// How long a response waits on a client that takes none of it (for one write of at most
+    /// 256 KiB to be taken) before the connection is closed, as nginx's `send_timeout`: the
+    /// app's thread and iterable are let go. `0`: no limit. Default: 60 s.
     #[serde(default = "ServerConfig::default_send_timeout")]
     pub send_timeout: Seconds,
     /// On SIGTERM, how long in-flight requests get to finish before the server exits.

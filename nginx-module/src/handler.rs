@@ -1030,12 +1030,7 @@ unsafe fn send_head(
         if rc != NGX_OK as ngx_int_t {
             return rc;
         }
-        let app_length = head
-            .headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(b"content-length"))
-            .and_then(|(_, value)| std::str::from_utf8(value).ok())
-            .and_then(|v| v.trim().parse::<i64>().ok());
+        let app_length = head.content_length().and_then(|n| i64::try_from(n).ok());
         let is_head = (*r).method == NGX_HTTP_HEAD as usize;
         (*r).headers_out.content_length_n = match (whole, app_length) {
             // RFC 9110 sections 8.6, 15.3.5: no Content-Length with 204; a 304 keeps only

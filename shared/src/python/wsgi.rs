@@ -298,12 +298,7 @@ fn send_result(
 }
 
 fn clamp_to_content_length(head: &ResponseHead, mut file: FileBody) -> FileBody {
-    let declared = head
-        .headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
-    if let Some(declared) = declared {
+    if let Some(declared) = head.content_length() {
         file.len = Some(file.len.map_or(declared, |len| len.min(declared)));
     }
     file
